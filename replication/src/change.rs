@@ -1,0 +1,147 @@
+//! Change records: the unit of replication. Every local write appends one,
+//! in the same store transaction as the write. A change is immutable and
+//! applying it twice has the effect of applying it once.
+
+use std::cmp::Ordering;
+
+pub use ocmesh_proto::federation::{Change, ChangeKind};
+
+use crate::hlc::Timestamp;
+
+/// Largest accepted document body in a change (bytes of JSON).
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why a change record was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChangeError {
+    #[error("change has an empty origin")]
+    EmptyOrigin,
+    #[error("change from {origin} has sequence 0; sequences start at 1")]
+    ZeroSequence { origin: String },
+    #[error("change {origin}:{seq} has an unknown kind {kind}")]
+    UnknownKind { origin: String, seq: u64, kind: i32 },
+    #[error("change {origin}:{seq} has an empty collection or document id")]
+    MissingTarget { origin: String, seq: u64 },
+    #[error("change {origin}:{seq} body is {len} bytes, over the {MAX_BODY_BYTES} byte limit")]
+    BodyTooLarge { origin: String, seq: u64, len: usize },
+}
+
+/// Checks the fields a receiver relies on; does not look at the body's JSON.
+pub fn validate(change: &Change) -> Result<(), ChangeError> {
+    let origin = || change.origin.clone();
+    if change.origin.is_empty() {
+        return Err(ChangeError::EmptyOrigin);
+    }
+    if change.seq == 0 {
+        return Err(ChangeError::ZeroSequence { origin: origin() });
+    }
+    match ChangeKind::try_from(change.kind) {
+        Ok(ChangeKind::Insert | ChangeKind::Update | ChangeKind::Delete) => {}
+        _ => {
+            return Err(ChangeError::UnknownKind {
+                origin: origin(),
+                seq: change.seq,
+                kind: change.kind,
+            });
+        }
+    }
+    if change.collection.is_empty() || change.doc_id.is_empty() {
+        return Err(ChangeError::MissingTarget {
+            origin: origin(),
+            seq: change.seq,
+        });
+    }
+    if change.body.len() > MAX_BODY_BYTES {
+        return Err(ChangeError::BodyTooLarge {
+            origin: origin(),
+            seq: change.seq,
+            len: change.body.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Identifies one version of a document and orders versions: by HLC, then
+/// by origin name. The greatest key is the current version, on every site,
+/// whatever order the changes arrived in. Two versions never share a key: a
+/// site's clock never issues the same timestamp twice.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct VersionKey {
+    pub hlc: Timestamp,
+    pub origin: String,
+}
+
+impl VersionKey {
+    /// The key of the version a change writes.
+    pub fn of(change: &Change) -> Self {
+        VersionKey {
+            hlc: Timestamp::from_raw(change.hlc),
+            origin: change.origin.clone(),
+        }
+    }
+}
+
+impl Ord for VersionKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.hlc.cmp(&other.hlc).then_with(|| self.origin.cmp(&other.origin))
+    }
+}
+
+impl PartialOrd for VersionKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn change(origin: &str, seq: u64) -> Change {
+        Change {
+            origin: origin.into(),
+            seq,
+            hlc: 1,
+            kind: ChangeKind::Insert as i32,
+            collection: "entities".into(),
+            doc_id: "0123456789abcdef01234567".into(),
+            body: b"{}".to_vec(),
+            author: "u".into(),
+        }
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        assert_eq!(validate(&change("a", 1)), Ok(()));
+        assert_eq!(validate(&change("", 1)), Err(ChangeError::EmptyOrigin));
+        assert_eq!(
+            validate(&change("a", 0)),
+            Err(ChangeError::ZeroSequence { origin: "a".into() })
+        );
+        let mut c = change("a", 1);
+        c.kind = 99;
+        assert!(matches!(validate(&c), Err(ChangeError::UnknownKind { kind: 99, .. })));
+        let mut c = change("a", 1);
+        c.collection.clear();
+        assert!(matches!(validate(&c), Err(ChangeError::MissingTarget { .. })));
+    }
+
+    proptest! {
+        /// The winner of a set of versions is the same whatever order they
+        /// are considered in.
+        #[test]
+        fn winner_is_order_independent(mut keys in proptest::collection::vec((any::<u64>(), "[a-c]"), 1..20), seed in any::<u64>()) {
+            let as_keys = |ks: &[(u64, String)]| ks.iter().map(|(h, o)| VersionKey { hlc: Timestamp::from_raw(*h), origin: o.clone() }).collect::<Vec<_>>();
+            let first = as_keys(&keys).into_iter().max();
+            // A deterministic shuffle from the seed.
+            let n = keys.len();
+            let mut s = seed;
+            for i in (1..n).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                keys.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            prop_assert_eq!(as_keys(&keys).into_iter().max(), first);
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! ocmesh-replication: the sans-IO core of ocmesh's replication.
+//!
+//! - [`hlc`]: the hybrid logical clock that orders writes across sites.
+//! - [`change`]: change records, their validation, and the version order
+//!   (`VersionKey`: HLC, then origin) that picks a document's current version.
+//! - [`vv`]: version vectors, one contiguous sequence number per origin.
+//! - [`session`]: the sync session state machine run on each side of a link.
+//!
+//! Invariants: nothing here performs I/O, reads a clock, or draws random
+//! numbers; time comes in as arguments. Each origin numbers its changes
+//! 1, 2, 3, ... without gaps, and a site holds, per origin, exactly the
+//! prefix its version vector says. Applying a change twice is the same as
+//! applying it once.
+
+pub mod change;
+pub mod hlc;
+pub mod session;
+pub mod vv;
+
+pub use change::{Change, ChangeKind, VersionKey};
+pub use hlc::{Clock, Timestamp};
+pub use session::{FetchRequest, Input, Output, SessionConfig, SessionError, SyncSession};
+pub use vv::VersionVector;

@@ -1,0 +1,393 @@
+//! The sync session between two linked sites, as a state machine with no I/O.
+//!
+//! Each side of a link runs one `SyncSession`. The shell (federation/) feeds
+//! it frames from the peer and results of store reads and writes, and
+//! carries out what it asks for: frames to send, changes to read from the
+//! local log, changes to apply durably. Both sides run the same protocol:
+//!
+//! 1. each sends `Hello` with the version vector of what it holds;
+//! 2. each streams the changes the other lacks, oldest first per origin, in
+//!    batches of bounded size with at most `max_in_flight` unacknowledged;
+//! 3. the receiver applies a batch durably, then acknowledges it with its
+//!    new version vector;
+//! 4. afterwards new local changes (written here or received from a third
+//!    site) are pushed as they appear: the live tail.
+//!
+//! Invariants: a change the peer is known to hold (from its `Hello`, its
+//! acks, or because it sent it to us) is never sent to it, so relayed
+//! changes do not loop back; per origin, changes go out in sequence order
+//! with no gaps, starting right after what the peer holds.
+
+use ocmesh_proto::federation::{self as pb, frame::Kind};
+
+use crate::change::{self, Change, ChangeError};
+use crate::vv::{VersionVector, VersionVectorError};
+
+/// Limits of one session.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Most changes in one batch.
+    pub max_batch_changes: usize,
+    /// Most body bytes in one batch (a single larger change still goes alone).
+    pub max_batch_bytes: usize,
+    /// Most batches sent and not yet acknowledged.
+    pub max_in_flight: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_batch_changes: 1024,
+            max_batch_bytes: 1024 * 1024,
+            max_in_flight: 4,
+        }
+    }
+}
+
+/// What the shell tells the session.
+#[derive(Debug)]
+pub enum Input {
+    /// A frame decoded from the peer.
+    Frame(pb::Frame),
+    /// The answer to `Output::Fetch`: changes from the local log.
+    Fetched(Vec<Change>),
+    /// `Output::Apply { batch }` is durable; `have` is what the site now holds.
+    Applied { batch: u64, have: VersionVector },
+    /// The local log has grown (local writes, or changes from other peers).
+    LocalAdvanced(VersionVector),
+}
+
+/// Read request for the local log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// For every origin, return changes with a sequence above this one,
+    /// per origin in sequence order.
+    pub after: VersionVector,
+    pub max_changes: usize,
+    pub max_bytes: usize,
+}
+
+/// What the session asks of the shell.
+#[derive(Debug)]
+pub enum Output {
+    /// Send this frame to the peer.
+    Send(pb::Frame),
+    /// Read changes from the local log and answer with `Input::Fetched`.
+    Fetch(FetchRequest),
+    /// Apply these changes durably (skipping any already held), then answer
+    /// with `Input::Applied`. Batches must be applied in the order given.
+    Apply { batch: u64, changes: Vec<Change> },
+    /// The peer has acknowledged holding (at least) this.
+    PeerHas(VersionVector),
+    /// The session is over: close the link and log the reason.
+    Close(SessionError),
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SessionError {
+    #[error("peer sent {0} before Hello")]
+    BeforeHello(&'static str),
+    #[error("peer sent a second Hello")]
+    DuplicateHello,
+    #[error("peer sent a frame with no content")]
+    EmptyFrame,
+    #[error("peer speaks protocol version {0}, which this site does not")]
+    UnsupportedVersion(u32),
+    #[error("peer sent a malformed version vector: {0}")]
+    BadVersionVector(#[from] VersionVectorError),
+    #[error("peer claims {claimed} changes from this site ({origin}), which has only made {ours}")]
+    ImpossibleClaim { origin: String, claimed: u64, ours: u64 },
+    #[error("peer sent batch {got}, expected {expected}")]
+    BatchOutOfOrder { expected: u64, got: u64 },
+    #[error("peer acknowledged batch {got}, but only {sent} were sent")]
+    AckForUnsentBatch { got: u64, sent: u64 },
+    #[error("peer sent an invalid change: {0}")]
+    InvalidChange(#[from] ChangeError),
+    #[error("peer sent {origin}:{seq} out of order (expected {expected})")]
+    ChangeOutOfOrder { origin: String, seq: u64, expected: u64 },
+    #[error("local log returned {origin}:{seq}, expected {expected}")]
+    LocalLogGap { origin: String, seq: u64, expected: u64 },
+}
+
+/// Counters of one session.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    pub batches_sent: u64,
+    pub changes_sent: u64,
+    pub batches_received: u64,
+    pub changes_received: u64,
+}
+
+/// One side of a sync session.
+#[derive(Debug)]
+pub struct SyncSession {
+    config: SessionConfig,
+    local_site: String,
+    /// What this site holds, as last told.
+    local: VersionVector,
+    /// What the peer holds or has been sent: nothing at or below this is
+    /// ever sent again.
+    sent: VersionVector,
+    /// What the peer has acknowledged holding.
+    acked: VersionVector,
+    peer_hello: bool,
+    hello_sent: bool,
+    fetching: bool,
+    /// Last batch number sent, and last acknowledged.
+    last_batch_sent: u64,
+    last_batch_acked: u64,
+    /// Last batch number received from the peer.
+    last_batch_received: u64,
+    /// Everything we have told the peer we hold (in Hello, acks, or by
+    /// sending it): the peer sends each origin's changes from just above
+    /// this, so a received change above it + 1 is a gap.
+    told: VersionVector,
+    /// When each unacknowledged batch went out (caller's milliseconds),
+    /// oldest first; at most `max_in_flight` long.
+    in_flight_since: std::collections::VecDeque<u64>,
+    closed: bool,
+    stats: SessionStats,
+}
+
+impl SyncSession {
+    /// A session for `local_site`, which holds `local`.
+    pub fn new(config: SessionConfig, local_site: impl Into<String>, local: VersionVector) -> Self {
+        SyncSession {
+            config,
+            local_site: local_site.into(),
+            local,
+            sent: VersionVector::new(),
+            acked: VersionVector::new(),
+            peer_hello: false,
+            hello_sent: false,
+            fetching: false,
+            last_batch_sent: 0,
+            last_batch_acked: 0,
+            last_batch_received: 0,
+            told: VersionVector::new(),
+            in_flight_since: std::collections::VecDeque::new(),
+            closed: false,
+            stats: SessionStats::default(),
+        }
+    }
+
+    /// The opening frame. Call once, when the link is up.
+    pub fn open(&mut self) -> Vec<Output> {
+        if self.hello_sent {
+            return Vec::new();
+        }
+        self.hello_sent = true;
+        self.told = self.local.clone();
+        vec![Output::Send(frame(Kind::Hello(pb::Hello {
+            protocol_version: pb::PROTOCOL_VERSION,
+            have: Some(self.local.to_proto()),
+        })))]
+    }
+
+    /// Feeds one input at the caller's time `now_ms`; returns what to do,
+    /// in order.
+    pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Output> {
+        let mut out = Vec::new();
+        if self.closed {
+            return out;
+        }
+        if let Err(e) = self.step(input, now_ms, &mut out) {
+            self.closed = true;
+            out.push(Output::Close(e));
+        }
+        out
+    }
+
+    /// True once the session has asked to close.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// What the peer has acknowledged.
+    pub fn peer_acked(&self) -> &VersionVector {
+        &self.acked
+    }
+
+    /// Changes held here that the peer has not acknowledged.
+    pub fn unacked(&self) -> u64 {
+        self.local.missing_from(&self.acked)
+    }
+
+    /// True when the peer's hello has arrived and nothing is in flight or
+    /// waiting to be sent.
+    pub fn is_idle(&self) -> bool {
+        self.peer_hello
+            && !self.fetching
+            && self.last_batch_acked == self.last_batch_sent
+            && !self.local.exceeds(&self.sent)
+    }
+
+    pub fn stats(&self) -> &SessionStats {
+        &self.stats
+    }
+
+    /// How long the oldest unacknowledged batch has waited for its ack, at
+    /// `now_ms`: a growing figure means the peer is not keeping up.
+    pub fn ack_wait_ms(&self, now_ms: u64) -> Option<u64> {
+        self.in_flight_since.front().map(|&t| now_ms.saturating_sub(t))
+    }
+
+    fn step(&mut self, input: Input, now_ms: u64, out: &mut Vec<Output>) -> Result<(), SessionError> {
+        match input {
+            Input::Frame(f) => self.on_frame(f, out)?,
+            Input::Fetched(changes) => self.on_fetched(changes, now_ms, out)?,
+            Input::Applied { batch, have } => {
+                self.local.merge(&have);
+                self.told.merge(&self.local);
+                out.push(Output::Send(frame(Kind::Ack(pb::Ack {
+                    batch,
+                    have: Some(self.local.to_proto()),
+                }))));
+            }
+            Input::LocalAdvanced(have) => self.local.merge(&have),
+        }
+        self.maybe_fetch(out);
+        Ok(())
+    }
+
+    fn on_frame(&mut self, f: pb::Frame, out: &mut Vec<Output>) -> Result<(), SessionError> {
+        let kind = f.kind.ok_or(SessionError::EmptyFrame)?;
+        match kind {
+            Kind::Hello(h) => {
+                if self.peer_hello {
+                    return Err(SessionError::DuplicateHello);
+                }
+                if h.protocol_version != pb::PROTOCOL_VERSION {
+                    return Err(SessionError::UnsupportedVersion(h.protocol_version));
+                }
+                let have = self.check_claim(h.have.unwrap_or_default())?;
+                self.peer_hello = true;
+                self.sent.merge(&have);
+                self.acked.merge(&have);
+                out.push(Output::PeerHas(have));
+            }
+            Kind::Batch(b) => {
+                if !self.peer_hello {
+                    return Err(SessionError::BeforeHello("a batch"));
+                }
+                let expected = self.last_batch_received + 1;
+                if b.batch != expected {
+                    return Err(SessionError::BatchOutOfOrder { expected, got: b.batch });
+                }
+                for c in &b.changes {
+                    change::validate(c)?;
+                    let next = self.told.get(&c.origin) + 1;
+                    if c.seq > next {
+                        return Err(SessionError::ChangeOutOfOrder {
+                            origin: c.origin.clone(),
+                            seq: c.seq,
+                            expected: next,
+                        });
+                    }
+                    self.told.advance(&c.origin, c.seq);
+                    // The peer holds it: never send it back.
+                    self.sent.advance(&c.origin, c.seq);
+                    self.acked.advance(&c.origin, c.seq);
+                }
+                self.last_batch_received = b.batch;
+                self.stats.batches_received += 1;
+                self.stats.changes_received += b.changes.len() as u64;
+                out.push(Output::Apply {
+                    batch: b.batch,
+                    changes: b.changes,
+                });
+            }
+            Kind::Ack(a) => {
+                if !self.peer_hello {
+                    return Err(SessionError::BeforeHello("an ack"));
+                }
+                if a.batch > self.last_batch_sent {
+                    return Err(SessionError::AckForUnsentBatch {
+                        got: a.batch,
+                        sent: self.last_batch_sent,
+                    });
+                }
+                let have = self.check_claim(a.have.unwrap_or_default())?;
+                while self.last_batch_acked < a.batch {
+                    self.last_batch_acked += 1;
+                    self.in_flight_since.pop_front();
+                }
+                self.acked.merge(&have);
+                self.sent.merge(&have);
+                out.push(Output::PeerHas(self.acked.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a vector that claims more of our own changes than we made.
+    fn check_claim(&self, v: pb::VersionVector) -> Result<VersionVector, SessionError> {
+        let have = VersionVector::from_proto(&v)?;
+        let claimed = have.get(&self.local_site);
+        let ours = self.local.get(&self.local_site);
+        if claimed > ours {
+            return Err(SessionError::ImpossibleClaim {
+                origin: self.local_site.clone(),
+                claimed,
+                ours,
+            });
+        }
+        Ok(have)
+    }
+
+    fn on_fetched(&mut self, changes: Vec<Change>, now_ms: u64, out: &mut Vec<Output>) -> Result<(), SessionError> {
+        self.fetching = false;
+        let mut batch = Vec::with_capacity(changes.len());
+        for c in changes {
+            let next = self.sent.get(&c.origin) + 1;
+            if c.seq < next {
+                // Learnt meanwhile that the peer holds it.
+                continue;
+            }
+            if c.seq > next {
+                return Err(SessionError::LocalLogGap {
+                    origin: c.origin.clone(),
+                    seq: c.seq,
+                    expected: next,
+                });
+            }
+            self.sent.advance(&c.origin, c.seq);
+            self.local.advance(&c.origin, c.seq);
+            self.told.advance(&c.origin, c.seq);
+            batch.push(c);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.last_batch_sent += 1;
+        self.in_flight_since.push_back(now_ms);
+        self.stats.batches_sent += 1;
+        self.stats.changes_sent += batch.len() as u64;
+        out.push(Output::Send(frame(Kind::Batch(pb::Batch {
+            batch: self.last_batch_sent,
+            changes: batch,
+        }))));
+        Ok(())
+    }
+
+    fn maybe_fetch(&mut self, out: &mut Vec<Output>) {
+        let in_flight = self.last_batch_sent - self.last_batch_acked;
+        if self.peer_hello && !self.fetching && in_flight < self.config.max_in_flight && self.local.exceeds(&self.sent)
+        {
+            self.fetching = true;
+            out.push(Output::Fetch(FetchRequest {
+                after: self.sent.clone(),
+                max_changes: self.config.max_batch_changes,
+                max_bytes: self.config.max_batch_bytes,
+            }));
+        }
+    }
+}
+
+fn frame(kind: Kind) -> pb::Frame {
+    pb::Frame { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests;

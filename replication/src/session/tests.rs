@@ -1,0 +1,534 @@
+//! The sync session driven with no I/O: in-memory logs, frames carried by
+//! hand, every delivery order chosen by the test.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use proptest::prelude::*;
+use prost::Message;
+
+use super::*;
+use crate::change::ChangeKind;
+
+/// A site's log in memory: per origin, its changes in sequence order.
+#[derive(Default)]
+struct MemLog {
+    name: String,
+    by_origin: BTreeMap<String, Vec<Change>>,
+    /// Changes offered to `apply` that were already held.
+    duplicates: u64,
+}
+
+impl MemLog {
+    fn new(name: &str) -> Self {
+        MemLog {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    fn vv(&self) -> VersionVector {
+        self.by_origin
+            .iter()
+            .map(|(o, cs)| (o.clone(), cs.len() as u64))
+            .collect()
+    }
+
+    fn write(&mut self, n: usize) {
+        for _ in 0..n {
+            let log = self.by_origin.entry(self.name.clone()).or_default();
+            let seq = log.len() as u64 + 1;
+            log.push(Change {
+                origin: self.name.clone(),
+                seq,
+                hlc: seq,
+                kind: ChangeKind::Insert as i32,
+                collection: "entities".into(),
+                doc_id: format!("{:024x}", seq),
+                body: vec![b'x'; 100],
+                author: "admin".into(),
+            });
+        }
+    }
+
+    fn fetch(&self, req: &FetchRequest) -> Vec<Change> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (origin, cs) in &self.by_origin {
+            for c in cs.iter().skip(req.after.get(origin) as usize) {
+                if out.len() >= req.max_changes || (bytes > 0 && bytes + c.body.len() > req.max_bytes) {
+                    return out;
+                }
+                bytes += c.body.len();
+                out.push(c.clone());
+            }
+        }
+        out
+    }
+
+    fn apply(&mut self, changes: Vec<Change>) {
+        for c in changes {
+            let log = self.by_origin.entry(c.origin.clone()).or_default();
+            let held = log.len() as u64;
+            if c.seq <= held {
+                self.duplicates += 1;
+            } else {
+                assert_eq!(c.seq, held + 1, "gap applying {}:{} at {}", c.origin, c.seq, self.name);
+                log.push(c);
+            }
+        }
+    }
+}
+
+/// One direction of a link: frames in flight, in order (a QUIC stream).
+type Wire = VecDeque<pb::Frame>;
+
+/// A link between sites `a` and `b`: a session at each end and a wire each way.
+struct Link {
+    a: usize,
+    b: usize,
+    session_a: SyncSession,
+    session_b: SyncSession,
+    to_a: Wire,
+    to_b: Wire,
+    bytes: usize,
+    frames: usize,
+    closed: Vec<SessionError>,
+}
+
+struct Net {
+    logs: Vec<MemLog>,
+    links: Vec<Link>,
+    config: SessionConfig,
+    max_in_flight_seen: u64,
+}
+
+impl Net {
+    fn new(names: &[&str], config: SessionConfig) -> Self {
+        Net {
+            logs: names.iter().map(|n| MemLog::new(n)).collect(),
+            links: Vec::new(),
+            config,
+            max_in_flight_seen: 0,
+        }
+    }
+
+    fn connect(&mut self, a: usize, b: usize) {
+        let mut session_a = SyncSession::new(self.config.clone(), self.logs[a].name.clone(), self.logs[a].vv());
+        let mut session_b = SyncSession::new(self.config.clone(), self.logs[b].name.clone(), self.logs[b].vv());
+        let mut link = Link {
+            a,
+            b,
+            to_a: Wire::new(),
+            to_b: Wire::new(),
+            bytes: 0,
+            frames: 0,
+            closed: Vec::new(),
+            session_a: SyncSession::new(self.config.clone(), "", VersionVector::new()),
+            session_b: SyncSession::new(self.config.clone(), "", VersionVector::new()),
+        };
+        let oa = session_a.open();
+        let ob = session_b.open();
+        link.session_a = session_a;
+        link.session_b = session_b;
+        self.links.push(link);
+        let l = self.links.len() - 1;
+        self.run_outputs(l, true, oa);
+        self.run_outputs(l, false, ob);
+    }
+
+    /// Carries out a session's outputs; `at_a` says which end produced them.
+    fn run_outputs(&mut self, l: usize, at_a: bool, outputs: Vec<Output>) {
+        let mut queue: VecDeque<Output> = outputs.into();
+        while let Some(o) = queue.pop_front() {
+            let site = if at_a { self.links[l].a } else { self.links[l].b };
+            let more = match o {
+                Output::Send(f) => {
+                    let link = &mut self.links[l];
+                    link.bytes += f.encoded_len();
+                    link.frames += 1;
+                    if at_a {
+                        link.to_b.push_back(f)
+                    } else {
+                        link.to_a.push_back(f)
+                    }
+                    Vec::new()
+                }
+                Output::Fetch(req) => {
+                    let got = self.logs[site].fetch(&req);
+                    assert!(got.len() <= req.max_changes);
+                    self.session(l, at_a).handle(Input::Fetched(got), 0)
+                }
+                Output::Apply { batch, changes } => {
+                    self.logs[site].apply(changes);
+                    let have = self.logs[site].vv();
+                    let out = self.session(l, at_a).handle(
+                        Input::Applied {
+                            batch,
+                            have: have.clone(),
+                        },
+                        0,
+                    );
+                    self.advance_others(site, l);
+                    out
+                }
+                Output::PeerHas(_) => Vec::new(),
+                Output::Close(e) => {
+                    self.links[l].closed.push(e);
+                    Vec::new()
+                }
+            };
+            queue.extend(more);
+            let s = self.session(l, at_a);
+            let in_flight = s.last_batch_sent - s.last_batch_acked;
+            self.max_in_flight_seen = self.max_in_flight_seen.max(in_flight);
+        }
+    }
+
+    fn session(&mut self, l: usize, at_a: bool) -> &mut SyncSession {
+        if at_a {
+            &mut self.links[l].session_a
+        } else {
+            &mut self.links[l].session_b
+        }
+    }
+
+    /// Tells every other session at `site` that its log grew.
+    fn advance_others(&mut self, site: usize, except: usize) {
+        let have = self.logs[site].vv();
+        for l in 0..self.links.len() {
+            if l == except {
+                continue;
+            }
+            for at_a in [true, false] {
+                let end = if at_a { self.links[l].a } else { self.links[l].b };
+                if end == site {
+                    let out = self.session(l, at_a).handle(Input::LocalAdvanced(have.clone()), 0);
+                    self.run_outputs(l, at_a, out);
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, site: usize, n: usize) {
+        self.logs[site].write(n);
+        self.advance_others(site, usize::MAX);
+    }
+
+    /// Delivers one frame on link `l` towards `to_a` if any; true if it did.
+    fn deliver(&mut self, l: usize, to_a: bool) -> bool {
+        let link = &mut self.links[l];
+        let Some(f) = (if to_a {
+            link.to_a.pop_front()
+        } else {
+            link.to_b.pop_front()
+        }) else {
+            return false;
+        };
+        let out = self.session(l, to_a).handle(Input::Frame(f), 0);
+        self.run_outputs(l, to_a, out);
+        true
+    }
+
+    /// Delivers everything until no frame is in flight.
+    fn settle(&mut self) {
+        let mut progress = true;
+        let mut rounds = 0;
+        while progress {
+            rounds += 1;
+            assert!(rounds < 1_000_000, "did not settle");
+            progress = false;
+            for l in 0..self.links.len() {
+                progress |= self.deliver(l, true);
+                progress |= self.deliver(l, false);
+            }
+        }
+    }
+
+    fn closed(&self) -> Vec<&SessionError> {
+        self.links.iter().flat_map(|l| l.closed.iter()).collect()
+    }
+}
+
+fn small_batches() -> SessionConfig {
+    SessionConfig {
+        max_batch_changes: 64,
+        max_batch_bytes: 4096,
+        max_in_flight: 3,
+    }
+}
+
+#[test]
+fn catch_up_sends_exactly_what_is_missing() {
+    let mut net = Net::new(&["a", "b"], small_batches());
+    net.write(0, 2_500);
+    net.write(1, 300);
+    net.connect(0, 1);
+    net.settle();
+    assert!(net.closed().is_empty(), "{:?}", net.closed());
+    assert_eq!(net.logs[0].vv(), net.logs[1].vv());
+    assert_eq!(net.logs[1].vv().total(), 2_800);
+    let link = &net.links[0];
+    assert_eq!(link.session_a.stats().changes_sent, 2_500);
+    assert_eq!(link.session_b.stats().changes_sent, 300);
+    assert_eq!(net.logs[0].duplicates + net.logs[1].duplicates, 0);
+    assert!(net.max_in_flight_seen <= 3, "in flight {}", net.max_in_flight_seen);
+    assert!(link.session_a.is_idle() && link.session_b.is_idle());
+    assert_eq!(link.session_a.unacked(), 0);
+}
+
+#[test]
+fn batches_respect_limits() {
+    let mut net = Net::new(&["a", "b"], small_batches());
+    net.write(0, 1_000);
+    net.connect(0, 1);
+    // Deliver only a's hello to b and b's hello to a: a may then have at
+    // most max_in_flight batches on the wire before any ack.
+    net.deliver(0, true);
+    net.deliver(0, false);
+    let link = &net.links[0];
+    let batches: Vec<usize> = link
+        .to_b
+        .iter()
+        .filter_map(|f| match &f.kind {
+            Some(Kind::Batch(b)) => Some(b.changes.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(batches.len(), 3, "window of 3 batches");
+    // 100-byte bodies, 4096-byte budget: 40 changes per batch.
+    assert!(batches.iter().all(|&n| n == 40), "{batches:?}");
+    assert_eq!(link.session_a.ack_wait_ms(5), Some(5));
+    net.settle();
+    assert_eq!(net.logs[1].vv().total(), 1_000);
+}
+
+#[test]
+fn reconnect_in_sync_is_one_exchange_under_a_kilobyte() {
+    let names: Vec<String> = (0..10).map(|i| format!("site-{i:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    let mut net = Net::new(&refs, SessionConfig::default());
+    // Everyone writes, and the star around site 0 spreads it to all.
+    for i in 0..10 {
+        net.write(i, 1_000 + i);
+    }
+    for i in 1..10 {
+        net.connect(0, i);
+    }
+    net.settle();
+    let all = net.logs[0].vv();
+    assert!(net.logs.iter().all(|l| l.vv() == all));
+    // A new link between two sites already in sync.
+    net.connect(1, 2);
+    net.settle();
+    let link = net.links.last().expect("link");
+    assert_eq!(link.frames, 2, "only the two hellos");
+    assert!(link.bytes < 1024, "{} bytes", link.bytes);
+}
+
+#[test]
+fn live_tail_pushes_new_writes() {
+    let mut net = Net::new(&["a", "b"], small_batches());
+    net.connect(0, 1);
+    net.settle();
+    net.write(0, 5);
+    net.settle();
+    assert_eq!(net.logs[1].vv().get("a"), 5);
+    net.write(1, 7);
+    net.settle();
+    assert_eq!(net.logs[0].vv().get("b"), 7);
+    assert_eq!(net.links[0].session_a.unacked(), 0);
+}
+
+#[test]
+fn relay_through_a_middle_site_without_loops_or_duplicates() {
+    let mut net = Net::new(&["a", "b", "c"], small_batches());
+    net.write(0, 200);
+    net.write(2, 150);
+    net.connect(0, 1);
+    net.connect(1, 2);
+    net.settle();
+    net.write(0, 10);
+    net.write(2, 10);
+    net.settle();
+    for l in &net.logs {
+        assert_eq!(l.vv().get("a"), 210);
+        assert_eq!(l.vv().get("c"), 160);
+        assert_eq!(l.duplicates, 0, "{} got duplicates", l.name);
+    }
+    // a's changes crossed each link once, and c's back once.
+    assert_eq!(net.links[0].session_a.stats().changes_sent, 210);
+    assert_eq!(net.links[0].session_b.stats().changes_sent, 160);
+    assert_eq!(net.links[1].session_a.stats().changes_sent, 210);
+    assert_eq!(net.links[1].session_b.stats().changes_sent, 160);
+}
+
+fn opened(local_site: &str, local: VersionVector) -> SyncSession {
+    let mut s = SyncSession::new(small_batches(), local_site, local);
+    s.open();
+    s
+}
+
+fn hello(have: &[(&str, u64)]) -> pb::Frame {
+    frame(Kind::Hello(pb::Hello {
+        protocol_version: pb::PROTOCOL_VERSION,
+        have: Some(
+            have.iter()
+                .map(|(o, s)| (o.to_string(), *s))
+                .collect::<VersionVector>()
+                .to_proto(),
+        ),
+    }))
+}
+
+fn close_reason(out: Vec<Output>) -> Option<SessionError> {
+    out.into_iter().find_map(|o| match o {
+        Output::Close(e) => Some(e),
+        _ => None,
+    })
+}
+
+fn change(origin: &str, seq: u64) -> Change {
+    let mut log = MemLog::new(origin);
+    log.write(seq as usize);
+    log.by_origin.remove(origin).and_then(|mut v| v.pop()).expect("change")
+}
+
+#[test]
+fn protocol_violations_close_the_session_with_a_reason() {
+    let batch = |n: u64, changes: Vec<Change>| frame(Kind::Batch(pb::Batch { batch: n, changes }));
+
+    let mut s = opened("a", VersionVector::new());
+    assert_eq!(
+        close_reason(s.handle(Input::Frame(batch(1, vec![])), 0)),
+        Some(SessionError::BeforeHello("a batch"))
+    );
+    assert!(s.is_closed());
+    assert!(
+        s.handle(Input::Frame(hello(&[])), 0).is_empty(),
+        "closed sessions ignore input"
+    );
+
+    let mut s = opened("a", VersionVector::new());
+    s.handle(Input::Frame(hello(&[])), 0);
+    assert_eq!(
+        close_reason(s.handle(Input::Frame(hello(&[])), 0)),
+        Some(SessionError::DuplicateHello)
+    );
+
+    let mut s = opened("a", VersionVector::new());
+    assert_eq!(
+        close_reason(s.handle(Input::Frame(pb::Frame { kind: None }), 0)),
+        Some(SessionError::EmptyFrame)
+    );
+
+    let local: VersionVector = [("a".to_string(), 5)].into_iter().collect();
+    let mut s = opened("a", local);
+    assert_eq!(
+        close_reason(s.handle(Input::Frame(hello(&[("a", 9)])), 0)),
+        Some(SessionError::ImpossibleClaim {
+            origin: "a".into(),
+            claimed: 9,
+            ours: 5
+        })
+    );
+
+    let mut s = opened("a", VersionVector::new());
+    s.handle(Input::Frame(hello(&[])), 0);
+    assert_eq!(
+        close_reason(s.handle(Input::Frame(batch(2, vec![])), 0)),
+        Some(SessionError::BatchOutOfOrder { expected: 1, got: 2 })
+    );
+
+    let mut s = opened("a", VersionVector::new());
+    s.handle(Input::Frame(hello(&[])), 0);
+    assert_eq!(
+        close_reason(s.handle(Input::Frame(batch(1, vec![change("b", 1), change("b", 3)])), 0)),
+        Some(SessionError::ChangeOutOfOrder {
+            origin: "b".into(),
+            seq: 3,
+            expected: 2
+        })
+    );
+
+    let mut s = opened("a", VersionVector::new());
+    s.handle(Input::Frame(hello(&[])), 0);
+    let ack = frame(Kind::Ack(pb::Ack { batch: 1, have: None }));
+    assert_eq!(
+        close_reason(s.handle(Input::Frame(ack), 0)),
+        Some(SessionError::AckForUnsentBatch { got: 1, sent: 0 })
+    );
+
+    let mut s = opened("a", VersionVector::new());
+    let v2 = frame(Kind::Hello(pb::Hello {
+        protocol_version: 2,
+        have: None,
+    }));
+    assert_eq!(
+        close_reason(s.handle(Input::Frame(v2), 0)),
+        Some(SessionError::UnsupportedVersion(2))
+    );
+
+    let mut s = opened("a", VersionVector::new());
+    s.handle(Input::Frame(hello(&[])), 0);
+    let mut bad = change("b", 1);
+    bad.kind = 42;
+    assert!(matches!(
+        close_reason(s.handle(Input::Frame(batch(1, vec![bad])), 0)),
+        Some(SessionError::InvalidChange(_))
+    ));
+}
+
+#[test]
+fn duplicated_changes_from_two_peers_are_offered_but_never_gapped() {
+    // A triangle: c hears a's changes from both a and b.
+    let mut net = Net::new(&["a", "b", "c"], small_batches());
+    net.write(0, 300);
+    net.connect(0, 1);
+    net.connect(0, 2);
+    net.connect(1, 2);
+    net.settle();
+    assert!(net.closed().is_empty(), "{:?}", net.closed());
+    assert!(net.logs.iter().all(|l| l.vv().get("a") == 300));
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Write { site: usize, n: usize },
+    Deliver { link: usize, to_a: bool },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        1 => (0usize..3, 1usize..30).prop_map(|(site, n)| Step::Write { site, n }),
+        4 => (0usize..3, any::<bool>()).prop_map(|(link, to_a)| Step::Deliver { link, to_a }),
+    ]
+}
+
+proptest! {
+    /// Three fully linked sites, random writes, frames delivered in any
+    /// interleaving across links (in order within a link): no session ever
+    /// closes, no gap is applied, and all sites end with the same log.
+    #[test]
+    fn any_interleaving_converges(steps in proptest::collection::vec(step(), 1..300)) {
+        let mut net = Net::new(&["a", "b", "c"], small_batches());
+        net.connect(0, 1);
+        net.connect(1, 2);
+        net.connect(0, 2);
+        for s in steps {
+            match s {
+                Step::Write { site, n } => net.write(site, n),
+                Step::Deliver { link, to_a } => { net.deliver(link, to_a); }
+            }
+        }
+        net.settle();
+        prop_assert!(net.closed().is_empty(), "{:?}", net.closed());
+        let first = net.logs[0].vv();
+        for l in &net.logs {
+            prop_assert_eq!(l.vv(), first.clone());
+        }
+        for link in &net.links {
+            prop_assert_eq!(link.session_a.unacked(), 0);
+            prop_assert_eq!(link.session_b.unacked(), 0);
+        }
+    }
+}
