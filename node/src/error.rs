@@ -1,0 +1,97 @@
+//! Typed errors, one enum per kind of operation.
+
+use crate::ids::NameError;
+pub use crate::store::StorageError;
+
+/// Why a write was refused. Everything but `Storage` and `Closed` is the
+/// caller's input; nothing was written in any case.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("`_id` must be a string, not {0}")]
+    IdNotString(String),
+    #[error("`_id` in the body ({body}) differs from the id in the path ({path})")]
+    IdMismatch { path: String, body: String },
+    #[error("document {collection}/{id} already exists")]
+    AlreadyExists { collection: String, id: String },
+    #[error("document {collection}/{id} not found")]
+    NotFound { collection: String, id: String },
+    #[error("refused a peer's changes: {0}")]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("the node is shutting down")]
+    Closed,
+}
+
+/// Why a peer's batch was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Invalid(#[from] ocmesh_replication::change::ChangeError),
+    #[error("change {origin}:{seq} would leave a gap: the next change from {origin} must be {expected}")]
+    Gap { origin: String, seq: u64, expected: u64 },
+    #[error("a peer sent change {seq} under this site's own name, which has made only {held}")]
+    OwnOrigin { seq: u64, held: u64 },
+    #[error("change names an invalid document: {0}")]
+    Name(NameError),
+    #[error("change {origin}:{seq} has a body that is not a JSON object")]
+    BodyNotObject { origin: String, seq: u64 },
+}
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("document {collection}/{id} not found")]
+    NotFound { collection: String, id: String },
+    #[error("document {collection}/{id} has no version {version}")]
+    NoSuchVersion {
+        collection: String,
+        id: String,
+        version: u64,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+macro_rules! read_storage_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for ReadError {
+            fn from(e: $t) -> Self {
+                ReadError::Storage(StorageError::from(e))
+            }
+        }
+    )*};
+}
+read_storage_from!(redb::StorageError, redb::TableError, redb::TransactionError);
+
+/// Why a node could not open its data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("cannot open database {path}: {source}")]
+    Database { path: String, source: redb::DatabaseError },
+    #[error("data directory belongs to site {stored:?}, not {configured:?}; use another --data directory")]
+    SiteMismatch { stored: String, configured: String },
+    #[error("invalid site name {0:?}: use lowercase letters, digits and '-'")]
+    BadSiteName(String),
+    #[error("stored credentials are damaged: {0}")]
+    Credentials(String),
+    #[error("cannot hash the admin password: {0}")]
+    Hash(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Why a sign-in failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("unknown user or wrong password")]
+    BadCredentials,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}

@@ -1,0 +1,127 @@
+//! Names and identifiers: document ids (ObjectId strings), collection
+//! names, and the ISO-8601 timestamps OpenCore puts in documents.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use rand::Rng;
+
+/// Why a name or id was refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("collection name is empty")]
+    EmptyCollection,
+    #[error("collection name {0:?} is longer than 120 characters")]
+    LongCollection(String),
+    #[error("collection name {name:?} contains {bad:?}; use letters, digits, '_', '-' and '.'")]
+    BadCollectionChar { name: String, bad: char },
+    #[error("collection name {0:?} may not start with 'system.' or '.'")]
+    ReservedCollection(String),
+    #[error("document id {0:?} is not an ObjectId: 24 hexadecimal characters")]
+    BadId(String),
+}
+
+/// Checks a collection name: letters, digits, '_', '-', '.'; 1 to 120 long.
+pub fn validate_collection(name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::EmptyCollection);
+    }
+    if name.chars().count() > 120 {
+        return Err(NameError::LongCollection(name.to_owned()));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        return Err(NameError::BadCollectionChar {
+            name: name.to_owned(),
+            bad,
+        });
+    }
+    if name.starts_with("system.") || name.starts_with('.') {
+        return Err(NameError::ReservedCollection(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Checks a document id: 24 hexadecimal characters, as a MongoDB ObjectId.
+pub fn validate_id(id: &str) -> Result<(), NameError> {
+    if id.len() == 24 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(NameError::BadId(id.to_owned()))
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A new ObjectId string: 4 bytes of seconds, 5 random bytes, a 3-byte counter.
+pub fn new_object_id(unix_secs: u64) -> String {
+    let mut bytes = [0u8; 12];
+    bytes[..4].copy_from_slice(&(unix_secs as u32).to_be_bytes());
+    rand::rng().fill(&mut bytes[4..9]);
+    let c = COUNTER.fetch_add(1, Ordering::Relaxed);
+    bytes[9..].copy_from_slice(&c.to_be_bytes()[1..]);
+    hex::encode(bytes)
+}
+
+/// Formats milliseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn iso8601(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (H. Hinnant), for the proleptic Gregorian calendar.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collection_names() {
+        assert!(validate_collection("entities").is_ok());
+        assert!(validate_collection("fs.files").is_ok());
+        assert!(matches!(
+            validate_collection("bad$name"),
+            Err(NameError::BadCollectionChar { bad: '$', .. })
+        ));
+        assert!(matches!(
+            validate_collection("a b"),
+            Err(NameError::BadCollectionChar { bad: ' ', .. })
+        ));
+        assert_eq!(validate_collection(""), Err(NameError::EmptyCollection));
+        assert!(validate_collection("system.users").is_err());
+        assert!(validate_collection(&"x".repeat(121)).is_err());
+    }
+
+    #[test]
+    fn ids() {
+        let id = new_object_id(1_700_000_000);
+        assert!(validate_id(&id).is_ok());
+        assert_ne!(id, new_object_id(1_700_000_000));
+        assert!(validate_id("xyz").is_err());
+        assert!(validate_id("0123456789abcdef0123456g").is_err());
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(iso8601(1_795_990_088_000), "2026-11-29T22:08:08.000Z");
+    }
+}

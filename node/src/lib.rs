@@ -1,0 +1,498 @@
+//! ocmesh-node: one site of ocmesh.
+//!
+//! A node keeps documents with their full version history in an embedded
+//! redb file, signs users in, and records every write in a durable change
+//! log that federation replicates.
+//!
+//! Invariants:
+//! - Every write (local, or a peer's change) goes through one writer thread
+//!   and appends its change record in the same redb transaction as the data
+//!   it changes; a write is acknowledged only after that commit is durable.
+//!   Concurrent writers share commits (group commit).
+//! - This site's changes are numbered 1, 2, 3, ... without gaps, stamped by
+//!   a hybrid logical clock that never goes backwards across restarts.
+//! - A document's versions are ordered by (HLC, origin); the greatest is the
+//!   current one, `_version` is a version's position in that order, and a
+//!   delete is a version too, so history is never lost.
+
+mod error;
+pub mod ids;
+mod store;
+mod users;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use ocmesh_replication::{Change, Clock, FetchRequest, Timestamp, VersionVector};
+
+pub use error::{ApplyError, AuthError, OpenError, ReadError, StorageError, WriteError};
+pub use writer::ApplyReport;
+
+use store::{CHANGES, CREDENTIALS, DOCUMENTS, META_HLC, META_SITE, META_TOKEN_SECRET, ORIGIN_MAX, VERSIONS, VV};
+use users::{Credential, VerifiedCache};
+use writer::{Request, WriteDone, WriteOp, Writer};
+
+/// Most writes waiting for the writer thread before callers wait for room.
+pub const WRITE_QUEUE_BOUND: usize = 4096;
+/// How far ahead of our clock a peer's timestamp may pull it.
+pub const MAX_CLOCK_DRIFT_MS: u64 = 60_000;
+
+/// Who makes a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub id: String,
+    pub name: String,
+}
+
+/// How to open a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub site: String,
+    /// Password for the `admin` user created on first start; `None`
+    /// generates one (returned by `Node::open`).
+    pub admin_password: Option<String>,
+}
+
+/// Counters a node keeps (read with `Node::stats`).
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    pub commits: AtomicU64,
+    pub writes: AtomicU64,
+    pub remote_applied: AtomicU64,
+    pub remote_duplicates: AtomicU64,
+    pub clock_clamped: AtomicU64,
+    /// Requests waiting for the writer when it last took a group.
+    pub writer_queue: AtomicU64,
+}
+
+/// A running site. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    site: String,
+    db: Arc<Database>,
+    writes: mpsc::Sender<Request>,
+    vv: watch::Receiver<VersionVector>,
+    token_secret: Vec<u8>,
+    verified: VerifiedCache,
+    stats: Arc<NodeStats>,
+}
+
+/// What `Node::open` reports besides the node.
+#[derive(Debug)]
+pub struct Opened {
+    pub node: Node,
+    /// Set when this start created the admin user with a generated password.
+    pub generated_admin_password: Option<String>,
+}
+
+fn is_valid_site(site: &str) -> bool {
+    !site.is_empty()
+        && site.len() <= 63
+        && site
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !site.starts_with('-')
+        && !site.ends_with('-')
+}
+
+impl Node {
+    /// Opens (or creates) the site's store in `config.data_dir` and starts
+    /// its writer thread. Must be called inside a tokio runtime's context
+    /// only for the async methods; opening itself is synchronous.
+    pub fn open(config: NodeConfig) -> Result<Opened, OpenError> {
+        if !is_valid_site(&config.site) {
+            return Err(OpenError::BadSiteName(config.site));
+        }
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| OpenError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let path = config.data_dir.join("ocmesh.redb");
+        let db = Database::create(&path).map_err(|source| OpenError::Database {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let db = Arc::new(db);
+        let (last_hlc, vv, token_secret, generated) = init_store(&db, &config)?;
+
+        let stats = Arc::new(NodeStats::default());
+        let (vv_tx, vv_rx) = watch::channel(vv.clone());
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE_BOUND);
+        let writer = Writer {
+            db: db.clone(),
+            site: config.site.clone(),
+            clock: Clock::resume(last_hlc, MAX_CLOCK_DRIFT_MS),
+            vv,
+            published: vv_tx,
+            stats: stats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("ocmesh-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| OpenError::Storage(StorageError(format!("cannot start writer thread: {e}"))))?;
+        let node = Node {
+            inner: Arc::new(Inner {
+                site: config.site,
+                db,
+                writes: tx,
+                vv: vv_rx,
+                token_secret,
+                verified: VerifiedCache::new(),
+                stats,
+            }),
+        };
+        Ok(Opened {
+            node,
+            generated_admin_password: generated,
+        })
+    }
+
+    /// This site's name.
+    pub fn site(&self) -> &str {
+        &self.inner.site
+    }
+
+    /// A per-site secret for signing sign-in tokens, made on first start.
+    pub fn token_secret(&self) -> &[u8] {
+        &self.inner.token_secret
+    }
+
+    pub fn stats(&self) -> &NodeStats {
+        &self.inner.stats
+    }
+
+    /// What this site holds, per origin.
+    pub fn version_vector(&self) -> VersionVector {
+        self.inner.vv.borrow().clone()
+    }
+
+    /// Follows the version vector as writes commit.
+    pub fn subscribe(&self) -> watch::Receiver<VersionVector> {
+        self.inner.vv.clone()
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<WriteDone, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .writes
+            .send(Request { op, reply })
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        rx.await.map_err(|_| WriteError::Closed)?
+    }
+
+    async fn write_document(&self, op: WriteOp) -> Result<Value, WriteError> {
+        match self.write(op).await? {
+            WriteDone::Document(v) => Ok(v),
+            WriteDone::Applied(_) => Err(WriteError::Closed),
+        }
+    }
+
+    /// Inserts a document; returns it as stored, with `_version` 0 (or
+    /// higher if the id had a history).
+    pub async fn insert(&self, collection: &str, doc: Map<String, Value>, by: &Principal) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::Insert {
+            collection: collection.into(),
+            doc,
+            by: by.clone(),
+        })
+        .await
+    }
+
+    /// Replaces a document whole, keeping its creation fields.
+    pub async fn replace(
+        &self,
+        collection: &str,
+        id: &str,
+        doc: Map<String, Value>,
+        by: &Principal,
+    ) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::Replace {
+            collection: collection.into(),
+            id: id.into(),
+            doc,
+            by: by.clone(),
+        })
+        .await
+    }
+
+    /// Deletes a document; returns the delete version.
+    pub async fn delete(&self, collection: &str, id: &str, by: &Principal) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::Delete {
+            collection: collection.into(),
+            id: id.into(),
+            by: by.clone(),
+        })
+        .await
+    }
+
+    /// Applies a peer's changes durably (skipping those already held).
+    pub async fn apply(&self, changes: Vec<Change>) -> Result<ApplyReport, WriteError> {
+        match self.write(WriteOp::Apply { changes }).await? {
+            WriteDone::Applied(r) => Ok(r),
+            WriteDone::Document(_) => Err(WriteError::Closed),
+        }
+    }
+
+    fn read(&self) -> Result<ReadTransaction, ReadError> {
+        Ok(self.inner.db.begin_read()?)
+    }
+
+    /// The current document, or `NotFound` (also when deleted).
+    pub fn get(&self, collection: &str, id: &str) -> Result<Value, ReadError> {
+        ids::validate_collection(collection)?;
+        ids::validate_id(id)?;
+        let txn = self.read()?;
+        let not_found = || ReadError::NotFound {
+            collection: collection.into(),
+            id: id.into(),
+        };
+        let table = match txn.open_table(DOCUMENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Err(not_found()),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(bytes) = table.get((collection, id))? else {
+            return Err(not_found());
+        };
+        serde_json::from_slice(bytes.value())
+            .map_err(|e| ReadError::Storage(StorageError(format!("stored document {collection}/{id}: {e}"))))
+    }
+
+    /// Visits a document's versions in order, stopping when `f` says so.
+    fn each_version(
+        &self,
+        collection: &str,
+        id: &str,
+        mut f: impl FnMut(u64, &Change) -> Result<bool, ReadError>,
+    ) -> Result<u64, ReadError> {
+        ids::validate_collection(collection)?;
+        ids::validate_id(id)?;
+        let txn = self.read()?;
+        let versions = txn.open_table(VERSIONS)?;
+        let changes = txn.open_table(CHANGES)?;
+        let mut n = 0;
+        for entry in versions.range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))? {
+            let (k, seq) = entry?;
+            let origin = k.value().3;
+            let Some(bytes) = changes.get((origin, seq.value()))? else {
+                return Err(ReadError::Storage(StorageError(format!(
+                    "missing change {origin}:{}",
+                    seq.value()
+                ))));
+            };
+            let change = store::decode_change(bytes.value())?;
+            let go_on = f(n, &change)?;
+            n += 1;
+            if !go_on {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Every version of a document, oldest first; `NotFound` if it never existed.
+    pub fn versions(&self, collection: &str, id: &str) -> Result<Vec<Value>, ReadError> {
+        let mut out = Vec::new();
+        let n = self.each_version(collection, id, |i, c| {
+            out.push(store::version_view(c, i)?);
+            Ok(true)
+        })?;
+        if n == 0 {
+            return Err(ReadError::NotFound {
+                collection: collection.into(),
+                id: id.into(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Version `number` of a document (deleted documents included).
+    pub fn version(&self, collection: &str, id: &str, number: u64) -> Result<Value, ReadError> {
+        let mut found = None;
+        let n = self.each_version(collection, id, |i, c| {
+            if i == number {
+                found = Some(store::version_view(c, i)?);
+                return Ok(false);
+            }
+            Ok(true)
+        })?;
+        match found {
+            Some(v) => Ok(v),
+            None if n == 0 => Err(ReadError::NotFound {
+                collection: collection.into(),
+                id: id.into(),
+            }),
+            None => Err(ReadError::NoSuchVersion {
+                collection: collection.into(),
+                id: id.into(),
+                version: number,
+            }),
+        }
+    }
+
+    /// Reads changes from the log for a sync session: per origin (in name
+    /// order), those with a sequence above `req.after`, in sequence order,
+    /// within the request's limits (at least one change if any is due).
+    pub fn read_changes(&self, req: &FetchRequest) -> Result<Vec<Change>, ReadError> {
+        let txn = self.read()?;
+        let held = {
+            let vv = txn.open_table(VV)?;
+            store::read_vv(&vv)?
+        };
+        let changes = txn.open_table(CHANGES)?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for (origin, top) in held.iter() {
+            let after = req.after.get(origin);
+            if top <= after {
+                continue;
+            }
+            for entry in changes.range((origin, after + 1)..=(origin, top))? {
+                let (_, v) = entry?;
+                let len = v.value().len();
+                if out.len() >= req.max_changes || (!out.is_empty() && bytes + len > req.max_bytes) {
+                    return Ok(out);
+                }
+                bytes += len;
+                out.push(store::decode_change(v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks a user name and password.
+    pub async fn authenticate(&self, username: &str, password: &str) -> Result<Principal, AuthError> {
+        let cred = self.credential(username)?.ok_or(AuthError::BadCredentials)?;
+        let node = self.clone();
+        let password = password.to_owned();
+        let ok =
+            tokio::task::spawn_blocking(move || node.inner.verified.verify(&cred, &password).then(|| cred.principal()))
+                .await
+                .map_err(|e| AuthError::Storage(StorageError(format!("password check failed: {e}"))))?;
+        ok.ok_or(AuthError::BadCredentials)
+    }
+
+    /// The principal with this user id, if it can sign in here.
+    pub fn principal_by_id(&self, id: &str) -> Result<Option<Principal>, AuthError> {
+        let txn = self.inner.db.begin_read().map_err(StorageError::from)?;
+        let table = txn.open_table(CREDENTIALS).map_err(StorageError::from)?;
+        for entry in table.range::<&str>(..).map_err(StorageError::from)? {
+            let (_, v) = entry.map_err(StorageError::from)?;
+            let cred: Credential = serde_json::from_slice(v.value()).map_err(|e| StorageError(e.to_string()))?;
+            if cred.id == id {
+                return Ok(Some(cred.principal()));
+            }
+        }
+        Ok(None)
+    }
+
+    fn credential(&self, username: &str) -> Result<Option<Credential>, AuthError> {
+        let txn = self.inner.db.begin_read().map_err(StorageError::from)?;
+        let table = txn.open_table(CREDENTIALS).map_err(StorageError::from)?;
+        let Some(v) = table.get(username).map_err(StorageError::from)? else {
+            return Ok(None);
+        };
+        let cred =
+            serde_json::from_slice(v.value()).map_err(|e| StorageError(format!("credential of {username}: {e}")))?;
+        Ok(Some(cred))
+    }
+}
+
+/// Creates the tables, checks the site name, makes the token secret and the
+/// admin user on first start. Returns the last HLC, the version vector, the
+/// token secret and a generated admin password if one was made.
+fn init_store(
+    db: &Database,
+    config: &NodeConfig,
+) -> Result<(Timestamp, VersionVector, Vec<u8>, Option<String>), OpenError> {
+    let txn = db.begin_write().map_err(StorageError::from)?;
+    let mut generated = None;
+    let (last, vv, secret) = {
+        let mut t = store::WriteTables::open(&txn)?;
+        let stored = t
+            .meta
+            .get(META_SITE)
+            .map_err(StorageError::from)?
+            .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+        match stored {
+            Some(stored) => {
+                if stored != config.site {
+                    return Err(OpenError::SiteMismatch {
+                        stored,
+                        configured: config.site.clone(),
+                    });
+                }
+            }
+            None => t.set_meta(META_SITE, config.site.as_bytes())?,
+        }
+        let last = match t.meta.get(META_HLC).map_err(StorageError::from)? {
+            Some(v) => Timestamp::from_raw(u64::from_be_bytes(
+                v.value()
+                    .try_into()
+                    .map_err(|_| StorageError("stored clock reading is damaged".into()))?,
+            )),
+            None => Timestamp::default(),
+        };
+        let stored = t
+            .meta
+            .get(META_TOKEN_SECRET)
+            .map_err(StorageError::from)?
+            .map(|v| v.value().to_vec());
+        let secret = match stored {
+            Some(v) => v,
+            None => {
+                let s: [u8; 32] = rand::random();
+                t.set_meta(META_TOKEN_SECRET, &s)?;
+                s.to_vec()
+            }
+        };
+        if t.credentials.get("admin").map_err(StorageError::from)?.is_none() {
+            let password = match &config.admin_password {
+                Some(p) => p.clone(),
+                None => {
+                    let p = users::generate_password();
+                    generated = Some(p.clone());
+                    p
+                }
+            };
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let cred = Credential {
+                id: ids::new_object_id(secs),
+                username: "admin".into(),
+                name: "admin".into(),
+                hash: users::hash_password(&password).map_err(OpenError::Hash)?,
+            };
+            let bytes = serde_json::to_vec(&cred).map_err(|e| OpenError::Credentials(e.to_string()))?;
+            t.credentials
+                .insert("admin", bytes.as_slice())
+                .map_err(StorageError::from)?;
+        }
+        (last, store::read_vv(&t.vv)?, secret)
+    };
+    txn.commit().map_err(StorageError::from)?;
+    Ok((last, vv, secret, generated))
+}
+
+/// Where a node keeps its data by default.
+pub fn default_data_dir() -> &'static Path {
+    Path::new("ocmesh-data")
+}
+
+#[cfg(test)]
+mod tests;

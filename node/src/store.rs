@@ -1,0 +1,197 @@
+//! The redb tables of a site and the transactional steps on them.
+//!
+//! Layout (one redb file):
+//! - `changes`: (origin, seq) → encoded `Change`: the change log, and the
+//!   only copy of every version's body.
+//! - `version_vector`: origin → highest contiguous seq held.
+//! - `versions`: (collection, id, hlc, origin) → seq: each document's history
+//!   in version order; the last entry is the current version.
+//! - `documents`: (collection, id) → current JSON with `_version`; absent
+//!   when the current version is a delete.
+//! - `history_len`: (collection, id) → number of versions.
+//! - `meta`: site name, last HLC, secrets.
+//! - `credentials`: user name → local login record (not replicated).
+
+use prost::Message;
+use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
+use serde_json::{Map, Value};
+
+use ocmesh_replication::{Change, ChangeKind, Timestamp, VersionVector};
+
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const CHANGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("changes");
+pub(crate) const VV: TableDefinition<&str, u64> = TableDefinition::new("version_vector");
+pub(crate) const VERSIONS: TableDefinition<(&str, &str, u64, &str), u64> = TableDefinition::new("versions");
+pub(crate) const DOCUMENTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("documents");
+pub(crate) const HISTORY_LEN: TableDefinition<(&str, &str), u64> = TableDefinition::new("history_len");
+pub(crate) const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
+
+pub(crate) const META_SITE: &str = "site";
+pub(crate) const META_HLC: &str = "hlc";
+pub(crate) const META_TOKEN_SECRET: &str = "token_secret";
+
+/// Upper bound for origin names in range scans: site names are ASCII.
+pub(crate) const ORIGIN_MAX: &str = "\u{7f}";
+
+/// A storage failure, with redb's message.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("storage: {0}")]
+pub struct StorageError(pub String);
+
+macro_rules! storage_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self {
+                StorageError(e.to_string())
+            }
+        }
+    )*};
+}
+storage_from!(
+    redb::Error,
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::DatabaseError
+);
+
+/// Reads every stored version vector entry.
+pub(crate) fn read_vv(table: &impl ReadableTable<&'static str, u64>) -> Result<VersionVector, StorageError> {
+    let mut vv = VersionVector::new();
+    for entry in table.range::<&str>(..)? {
+        let (k, v) = entry?;
+        vv.advance(k.value(), v.value());
+    }
+    Ok(vv)
+}
+
+/// Decodes a stored change; a failure means the file is damaged.
+pub(crate) fn decode_change(bytes: &[u8]) -> Result<Change, StorageError> {
+    Change::decode(bytes).map_err(|e| StorageError(format!("stored change does not decode: {e}")))
+}
+
+/// Parses a version body into a JSON object.
+pub(crate) fn body_object(change: &Change) -> Result<Map<String, Value>, StorageError> {
+    match serde_json::from_slice(&change.body) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(StorageError(format!(
+            "stored change {}:{} has a body that is not a JSON object",
+            change.origin, change.seq
+        ))),
+    }
+}
+
+/// The document a version shows, with its `_version` number.
+pub(crate) fn version_view(change: &Change, number: u64) -> Result<Value, StorageError> {
+    let mut doc = body_object(change)?;
+    doc.insert("_version".into(), Value::from(number));
+    Ok(Value::Object(doc))
+}
+
+/// Open tables of one write transaction.
+pub(crate) struct WriteTables<'t> {
+    pub meta: Table<'t, &'static str, &'static [u8]>,
+    pub changes: Table<'t, (&'static str, u64), &'static [u8]>,
+    pub vv: Table<'t, &'static str, u64>,
+    pub versions: Table<'t, (&'static str, &'static str, u64, &'static str), u64>,
+    pub documents: Table<'t, (&'static str, &'static str), &'static [u8]>,
+    pub history_len: Table<'t, (&'static str, &'static str), u64>,
+    pub credentials: Table<'t, &'static str, &'static [u8]>,
+}
+
+impl<'t> WriteTables<'t> {
+    pub fn open(txn: &'t WriteTransaction) -> Result<Self, StorageError> {
+        Ok(WriteTables {
+            meta: txn.open_table(META)?,
+            changes: txn.open_table(CHANGES)?,
+            vv: txn.open_table(VV)?,
+            versions: txn.open_table(VERSIONS)?,
+            documents: txn.open_table(DOCUMENTS)?,
+            history_len: txn.open_table(HISTORY_LEN)?,
+            credentials: txn.open_table(CREDENTIALS)?,
+        })
+    }
+
+    /// Appends a change to the log and to its document's history, then
+    /// recomputes the document's current state. The caller has checked that
+    /// `change.seq` is the origin's next sequence number. Returns the
+    /// document's history length.
+    pub fn append(&mut self, change: &Change) -> Result<u64, StorageError> {
+        let bytes = change.encode_to_vec();
+        self.changes
+            .insert((change.origin.as_str(), change.seq), bytes.as_slice())?;
+        self.vv.insert(change.origin.as_str(), change.seq)?;
+        let key = (change.collection.as_str(), change.doc_id.as_str());
+        let existed = self
+            .versions
+            .insert((key.0, key.1, change.hlc, change.origin.as_str()), change.seq)?
+            .is_some();
+        if existed {
+            // Same (hlc, origin) twice means a site reused a timestamp.
+            return Err(StorageError(format!(
+                "version {}@{} of {}/{} already exists",
+                Timestamp::from_raw(change.hlc),
+                change.origin,
+                key.0,
+                key.1
+            )));
+        }
+        let len = self.history_len.get(key)?.map(|g| g.value()).unwrap_or(0) + 1;
+        self.history_len.insert(key, len)?;
+        self.materialize(key.0, key.1, len)?;
+        Ok(len)
+    }
+
+    /// Rewrites the current document from the greatest version.
+    fn materialize(&mut self, collection: &str, id: &str, len: u64) -> Result<(), StorageError> {
+        let last_seq_origin = {
+            let mut range = self
+                .versions
+                .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?;
+            match range.next_back() {
+                Some(entry) => {
+                    let (k, v) = entry?;
+                    Some((k.value().3.to_owned(), v.value()))
+                }
+                None => None,
+            }
+        };
+        let Some((origin, seq)) = last_seq_origin else {
+            return Ok(());
+        };
+        let change = match self.changes.get((origin.as_str(), seq))? {
+            Some(g) => decode_change(g.value())?,
+            None => {
+                return Err(StorageError(format!(
+                    "history of {collection}/{id} points at missing change {origin}:{seq}"
+                )));
+            }
+        };
+        if change.kind == ChangeKind::Delete as i32 {
+            self.documents.remove((collection, id))?;
+        } else {
+            let doc = version_view(&change, len - 1)?;
+            let bytes = serde_json::to_vec(&doc).map_err(|e| StorageError(e.to_string()))?;
+            self.documents.insert((collection, id), bytes.as_slice())?;
+        }
+        Ok(())
+    }
+
+    pub fn current(&self, collection: &str, id: &str) -> Result<Option<Map<String, Value>>, StorageError> {
+        match self.documents.get((collection, id))? {
+            Some(g) => match serde_json::from_slice(g.value()) {
+                Ok(Value::Object(m)) => Ok(Some(m)),
+                _ => Err(StorageError(format!(
+                    "stored document {collection}/{id} is not a JSON object"
+                ))),
+            },
+            None => Ok(None),
+        }
+    }
+
+    pub fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+        self.meta.insert(key, value)?;
+        Ok(())
+    }
+}

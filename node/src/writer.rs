@@ -1,0 +1,356 @@
+//! The single writer: every write of the site goes through one thread that
+//! groups the requests waiting in its queue into one redb transaction and
+//! one fsync (group commit), then answers each. A write is answered only
+//! after its commit is durable.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::Database;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use ocmesh_replication::change::validate;
+use ocmesh_replication::{Change, ChangeKind, Clock, Timestamp, VersionVector};
+
+use crate::error::{ApplyError, WriteError};
+use crate::ids::{iso8601, new_object_id, validate_collection, validate_id};
+use crate::store::{META_HLC, StorageError, WriteTables, body_object, version_view};
+use crate::{NodeStats, Principal};
+
+/// Most requests committed together.
+const MAX_GROUP: usize = 512;
+
+/// A write to carry out.
+#[derive(Debug)]
+pub(crate) enum WriteOp {
+    Insert {
+        collection: String,
+        doc: Map<String, Value>,
+        by: Principal,
+    },
+    Replace {
+        collection: String,
+        id: String,
+        doc: Map<String, Value>,
+        by: Principal,
+    },
+    Delete {
+        collection: String,
+        id: String,
+        by: Principal,
+    },
+    /// Changes from a peer, in per-origin sequence order.
+    Apply { changes: Vec<Change> },
+}
+
+/// What a write produced.
+#[derive(Debug)]
+pub(crate) enum WriteDone {
+    Document(Value),
+    Applied(ApplyReport),
+}
+
+/// Outcome of applying a peer's batch.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Changes new to this site, now durable.
+    pub applied: u64,
+    /// Changes already held (from this or another peer), skipped.
+    pub duplicates: u64,
+    /// Changes whose HLC was further ahead of our clock than the drift bound.
+    pub clock_clamped: u64,
+}
+
+pub(crate) struct Request {
+    pub op: WriteOp,
+    pub reply: oneshot::Sender<Result<WriteDone, WriteError>>,
+}
+
+/// State only the writer thread touches.
+pub(crate) struct Writer {
+    pub db: Arc<Database>,
+    pub site: String,
+    pub clock: Clock,
+    pub vv: VersionVector,
+    pub published: watch::Sender<VersionVector>,
+    pub stats: Arc<NodeStats>,
+}
+
+fn physical_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Writer {
+    /// Runs until every sender is gone.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.stats.writer_queue.store(rx.len() as u64, Ordering::Relaxed);
+            let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+            let results = self.commit_group(requests);
+            for (reply, result) in replies.into_iter().zip(results) {
+                // The caller may have gone away; the write stands regardless.
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Executes a group of writes in one transaction. On a storage failure
+    /// every write of the group fails and in-memory state is rolled back.
+    fn commit_group(&mut self, ops: Vec<WriteOp>) -> Vec<Result<WriteDone, WriteError>> {
+        let n = ops.len();
+        let (clock, vv) = (self.clock.clone(), self.vv.clone());
+        match self.try_commit_group(ops) {
+            Ok(results) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
+                if self.vv != *self.published.borrow() {
+                    self.published.send_replace(self.vv.clone());
+                }
+                results
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = n, "commit failed; the group's writes are refused");
+                self.clock = clock;
+                self.vv = vv;
+                (0..n).map(|_| Err(WriteError::Storage(e.clone()))).collect()
+            }
+        }
+    }
+
+    fn try_commit_group(&mut self, ops: Vec<WriteOp>) -> Result<Vec<Result<WriteDone, WriteError>>, StorageError> {
+        let txn = self.db.begin_write()?;
+        let mut results = Vec::with_capacity(ops.len());
+        {
+            let mut t = WriteTables::open(&txn)?;
+            for op in ops {
+                let r = match op {
+                    WriteOp::Insert { collection, doc, by } => self.insert(&mut t, collection, doc, &by),
+                    WriteOp::Replace {
+                        collection,
+                        id,
+                        doc,
+                        by,
+                    } => self.replace(&mut t, collection, id, doc, &by),
+                    WriteOp::Delete { collection, id, by } => self.delete(&mut t, collection, id, &by),
+                    WriteOp::Apply { changes } => self.apply(&mut t, changes).map(WriteDone::Applied),
+                };
+                // A storage failure poisons the transaction: give up on the group.
+                if let Err(WriteError::Storage(e)) = r {
+                    return Err(e);
+                }
+                results.push(r);
+            }
+            t.set_meta(META_HLC, &self.clock.last().raw().to_be_bytes())?;
+        }
+        txn.commit()?;
+        Ok(results)
+    }
+
+    /// Fresh HLC reading for a local write.
+    fn stamp(&mut self) -> Timestamp {
+        self.clock.now(physical_ms())
+    }
+
+    fn insert(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        collection: String,
+        mut doc: Map<String, Value>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        validate_collection(&collection)?;
+        let hlc = self.stamp();
+        let id = match doc.get("_id") {
+            None | Some(Value::Null) => new_object_id(hlc.physical_ms() / 1000),
+            Some(Value::String(s)) => {
+                validate_id(s)?;
+                s.clone()
+            }
+            Some(other) => return Err(WriteError::IdNotString(other.to_string())),
+        };
+        if t.current(&collection, &id)?.is_some() {
+            return Err(WriteError::AlreadyExists { collection, id });
+        }
+        let now = Value::String(iso8601(hlc.physical_ms()));
+        strip_store_fields(&mut doc);
+        doc.insert("_id".into(), Value::String(id.clone()));
+        doc.insert("_created".into(), now.clone());
+        doc.insert("_createdby".into(), by.name.clone().into());
+        doc.insert("_createdbyid".into(), by.id.clone().into());
+        stamp_modified(&mut doc, now, by);
+        self.local_change(t, ChangeKind::Insert, &collection, &id, doc, hlc, by)
+            .map(WriteDone::Document)
+    }
+
+    fn replace(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        collection: String,
+        id: String,
+        mut doc: Map<String, Value>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        validate_collection(&collection)?;
+        validate_id(&id)?;
+        match doc.get("_id") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if *s == id => {}
+            Some(other) => {
+                return Err(WriteError::IdMismatch {
+                    path: id,
+                    body: other.to_string(),
+                });
+            }
+        }
+        let Some(current) = t.current(&collection, &id)? else {
+            return Err(WriteError::NotFound { collection, id });
+        };
+        let hlc = self.stamp();
+        strip_store_fields(&mut doc);
+        doc.insert("_id".into(), Value::String(id.clone()));
+        for kept in ["_created", "_createdby", "_createdbyid"] {
+            if let Some(v) = current.get(kept) {
+                doc.insert(kept.into(), v.clone());
+            }
+        }
+        stamp_modified(&mut doc, Value::String(iso8601(hlc.physical_ms())), by);
+        self.local_change(t, ChangeKind::Update, &collection, &id, doc, hlc, by)
+            .map(WriteDone::Document)
+    }
+
+    fn delete(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        collection: String,
+        id: String,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        validate_collection(&collection)?;
+        validate_id(&id)?;
+        let Some(mut doc) = t.current(&collection, &id)? else {
+            return Err(WriteError::NotFound { collection, id });
+        };
+        let hlc = self.stamp();
+        let now = Value::String(iso8601(hlc.physical_ms()));
+        strip_store_fields(&mut doc);
+        doc.insert("_deleted".into(), now.clone());
+        stamp_modified(&mut doc, now, by);
+        self.local_change(t, ChangeKind::Delete, &collection, &id, doc, hlc, by)
+            .map(WriteDone::Document)
+    }
+
+    /// Appends one local change and returns the version it made.
+    #[allow(clippy::too_many_arguments)]
+    fn local_change(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        kind: ChangeKind,
+        collection: &str,
+        id: &str,
+        body: Map<String, Value>,
+        hlc: Timestamp,
+        by: &Principal,
+    ) -> Result<Value, WriteError> {
+        let body = serde_json::to_vec(&Value::Object(body)).map_err(|e| StorageError(e.to_string()))?;
+        let seq = self.vv.get(&self.site) + 1;
+        let change = Change {
+            origin: self.site.clone(),
+            seq,
+            hlc: hlc.raw(),
+            kind: kind as i32,
+            collection: collection.to_owned(),
+            doc_id: id.to_owned(),
+            body,
+            author: by.id.clone(),
+        };
+        let number = t.append(&change)? - 1;
+        self.vv.advance(&self.site, seq);
+        Ok(version_view(&change, number)?)
+    }
+
+    /// Applies a peer's changes: skips those already held, refuses the whole
+    /// batch (writing nothing) if any change is malformed or leaves a gap.
+    fn apply(&mut self, t: &mut WriteTables<'_>, changes: Vec<Change>) -> Result<ApplyReport, WriteError> {
+        let mut report = ApplyReport::default();
+        let mut expect = self.vv.clone();
+        let mut fresh = Vec::with_capacity(changes.len());
+        for c in changes {
+            validate(&c).map_err(ApplyError::Invalid)?;
+            let held = expect.get(&c.origin);
+            if c.seq <= held {
+                report.duplicates += 1;
+                continue;
+            }
+            if c.origin == self.site {
+                return Err(ApplyError::OwnOrigin { seq: c.seq, held }.into());
+            }
+            if c.seq != held + 1 {
+                return Err(ApplyError::Gap {
+                    origin: c.origin,
+                    seq: c.seq,
+                    expected: held + 1,
+                }
+                .into());
+            }
+            validate_collection(&c.collection).map_err(ApplyError::Name)?;
+            validate_id(&c.doc_id).map_err(ApplyError::Name)?;
+            if body_object(&c).is_err() {
+                return Err(ApplyError::BodyNotObject {
+                    origin: c.origin,
+                    seq: c.seq,
+                }
+                .into());
+            }
+            expect.advance(&c.origin, c.seq);
+            fresh.push(c);
+        }
+        let now = physical_ms();
+        for c in fresh {
+            if self.clock.observe(Timestamp::from_raw(c.hlc), now).clamped {
+                report.clock_clamped += 1;
+            }
+            t.append(&c)?;
+            self.vv.advance(&c.origin, c.seq);
+            report.applied += 1;
+        }
+        if report.clock_clamped > 0 {
+            tracing::warn!(
+                changes = report.clock_clamped,
+                "received changes stamped beyond the clock drift bound"
+            );
+        }
+        self.stats.remote_applied.fetch_add(report.applied, Ordering::Relaxed);
+        self.stats
+            .remote_duplicates
+            .fetch_add(report.duplicates, Ordering::Relaxed);
+        self.stats
+            .clock_clamped
+            .fetch_add(report.clock_clamped, Ordering::Relaxed);
+        Ok(report)
+    }
+}
+
+/// Fields the store assigns; a client's values for them are dropped.
+fn strip_store_fields(doc: &mut Map<String, Value>) {
+    for f in ["_version", "_deleted", "_deletedby", "_deletedbyid"] {
+        doc.remove(f);
+    }
+}
+
+fn stamp_modified(doc: &mut Map<String, Value>, now: Value, by: &Principal) {
+    doc.insert("_modified".into(), now);
+    doc.insert("_modifiedby".into(), by.name.clone().into());
+    doc.insert("_modifiedbyid".into(), by.id.clone().into());
+}
