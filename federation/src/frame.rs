@@ -1,0 +1,133 @@
+//! Framing of the sync stream: each frame is a 4-byte little-endian length
+//! followed by one encoded `Frame`. A frame longer than `MAX_FRAME_BYTES`,
+//! a stream that ends inside a frame, or bytes that do not decode are
+//! errors that end the session; they never panic and never reach the store.
+
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use ocmesh_proto::federation::Frame;
+
+/// Largest accepted frame: a batch's byte budget plus one maximal change.
+pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES} byte limit")]
+    TooLarge(usize),
+    #[error("stream ended inside a frame ({got} of {want} bytes)")]
+    Truncated { got: usize, want: usize },
+    #[error("frame does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("stream i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one frame; `Ok(None)` when the stream ends cleanly between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<Option<Frame>, FrameError> {
+    let mut len = [0u8; 4];
+    let got = read_full(r, &mut len).await?;
+    if got == 0 {
+        return Ok(None);
+    }
+    if got < 4 {
+        return Err(FrameError::Truncated { got, want: 4 });
+    }
+    let want = u32::from_le_bytes(len) as usize;
+    if want > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(want));
+    }
+    buf.clear();
+    buf.resize(want, 0);
+    let got = read_full(r, buf).await?;
+    if got < want {
+        return Err(FrameError::Truncated { got, want });
+    }
+    Ok(Some(Frame::decode(buf.as_slice())?))
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<usize, std::io::Error> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = r.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
+/// Encodes `frame` with its length prefix.
+pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, FrameError> {
+    let len = frame.encoded_len();
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    frame
+        .encode(&mut out)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(out)
+}
+
+/// Writes one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<usize, FrameError> {
+    let bytes = encode_frame(frame)?;
+    w.write_all(&bytes).await?;
+    Ok(bytes.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ocmesh_proto::federation::{Hello, frame::Kind};
+
+    fn hello() -> Frame {
+        Frame {
+            kind: Some(Kind::Hello(Hello {
+                protocol_version: 1,
+                have: None,
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_clean_end() {
+        let mut bytes = encode_frame(&hello()).expect("encode");
+        bytes.extend(encode_frame(&hello()).expect("encode"));
+        let mut r = bytes.as_slice();
+        let mut buf = Vec::new();
+        assert_eq!(read_frame(&mut r, &mut buf).await.expect("1"), Some(hello()));
+        assert_eq!(read_frame(&mut r, &mut buf).await.expect("2"), Some(hello()));
+        assert_eq!(read_frame(&mut r, &mut buf).await.expect("end"), None);
+    }
+
+    #[tokio::test]
+    async fn bad_frames_are_errors() {
+        let mut buf = Vec::new();
+        let full = encode_frame(&hello()).expect("encode");
+        let mut r = &full[..full.len() - 1];
+        assert!(matches!(
+            read_frame(&mut r, &mut buf).await,
+            Err(FrameError::Truncated { .. })
+        ));
+        let mut r = &[1u8, 0][..];
+        assert!(matches!(
+            read_frame(&mut r, &mut buf).await,
+            Err(FrameError::Truncated { got: 2, want: 4 })
+        ));
+        let big = ((MAX_FRAME_BYTES + 1) as u32).to_le_bytes();
+        let mut r = &big[..];
+        assert!(matches!(
+            read_frame(&mut r, &mut buf).await,
+            Err(FrameError::TooLarge(_))
+        ));
+        let garbage = [3u8, 0, 0, 0, 0xff, 0xff, 0xff];
+        let mut r = &garbage[..];
+        assert!(matches!(read_frame(&mut r, &mut buf).await, Err(FrameError::Decode(_))));
+    }
+}

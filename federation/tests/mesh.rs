@@ -1,0 +1,275 @@
+//! Two and three sites in one process over loopback QUIC: replication,
+//! catch-up, relay, and what a misbehaving peer gets.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+use ocmesh_federation::{Mesh, MeshConfig, ca, frame, tls};
+use ocmesh_node::{Node, NodeConfig, Principal};
+
+fn admin() -> Principal {
+    Principal {
+        id: "0".repeat(24),
+        name: "admin".into(),
+    }
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => panic!("not an object"),
+    }
+}
+
+struct Site {
+    node: Node,
+    mesh: Mesh,
+    _data: tempfile::TempDir,
+}
+
+fn free_udp() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr")
+}
+
+fn identity(ca_dir: &Path, site: &str) -> tls::SiteIdentity {
+    let files = ca::issue_site_cert(ca_dir, site).expect("issue");
+    tls::load_identity(&ca_dir.join("ca.pem"), &files.cert, &files.key).expect("identity")
+}
+
+fn start(ca_dir: &Path, site: &str, listen: SocketAddr, peers: Vec<SocketAddr>) -> Site {
+    let data = tempfile::tempdir().expect("tmp");
+    let node = Node::open(NodeConfig {
+        data_dir: data.path().into(),
+        site: site.into(),
+        admin_password: Some("pw".into()),
+    })
+    .expect("open")
+    .node;
+    let id = identity(ca_dir, site);
+    let mesh = Mesh::start(
+        node.clone(),
+        &id,
+        MeshConfig {
+            listen,
+            peers,
+            session: Default::default(),
+        },
+    )
+    .expect("mesh");
+    Site {
+        node,
+        mesh,
+        _data: data,
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn new_ca() -> tempfile::TempDir {
+    tls::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tmp");
+    ca::init_ca(dir.path()).expect("ca");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_replicate_both_ways_and_catch_up() {
+    let ca_dir = new_ca();
+    let (addr_a, addr_b) = (free_udp(), free_udp());
+    let a = start(ca_dir.path(), "a", addr_a, vec![addr_b]);
+    let b = start(ca_dir.path(), "b", addr_b, vec![addr_a]);
+
+    let doc = a
+        .node
+        .insert("entities", obj(json!({"name": "from a"})), &admin())
+        .await
+        .expect("insert");
+    let id = doc["_id"].as_str().expect("id").to_owned();
+    eventually("a's document at b", || {
+        b.node.get("entities", &id).ok() == Some(doc.clone())
+    })
+    .await;
+    let back = b
+        .node
+        .insert("entities", obj(json!({"name": "from b"})), &admin())
+        .await
+        .expect("insert");
+    let back_id = back["_id"].as_str().expect("id").to_owned();
+    eventually("b's document at a", || a.node.get("entities", &back_id).is_ok()).await;
+
+    // One connection between the two, whoever dialed: both show the other connected.
+    eventually("peer status", || {
+        let (pa, pb) = (a.mesh.peers().snapshot(), b.mesh.peers().snapshot());
+        pa.iter()
+            .any(|p| p.site.as_deref() == Some("b") && p.connected && p.unacked == 0)
+            && pb
+                .iter()
+                .any(|p| p.site.as_deref() == Some("a") && p.connected && p.unacked == 0)
+    })
+    .await;
+
+    // b goes away; a writes; a new b with the same data comes back and catches up.
+    let Site {
+        node: b_node,
+        mesh: b_mesh,
+        _data: b_data,
+    } = b;
+    b_mesh.shutdown().await;
+    drop(b_node);
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        let d = a
+            .node
+            .insert("entities", obj(json!({"i": i})), &admin())
+            .await
+            .expect("insert");
+        ids.push(d["_id"].as_str().expect("id").to_owned());
+    }
+    eventually("a to see b gone", || {
+        a.mesh
+            .peers()
+            .snapshot()
+            .iter()
+            .any(|p| !p.connected && p.unacked >= 300)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let node = Node::open(NodeConfig {
+        data_dir: b_data.path().into(),
+        site: "b".into(),
+        admin_password: None,
+    })
+    .expect("reopen b")
+    .node;
+    let mesh = Mesh::start(
+        node.clone(),
+        &tls::load_identity(
+            &ca_dir.path().join("ca.pem"),
+            &ca_dir.path().join("b.pem"),
+            &ca_dir.path().join("b.key"),
+        )
+        .expect("identity"),
+        MeshConfig {
+            listen: addr_b,
+            peers: vec![addr_a],
+            session: Default::default(),
+        },
+    )
+    .expect("mesh");
+    eventually("catch-up", || node.version_vector() == a.node.version_vector()).await;
+    for id in &ids {
+        assert_eq!(
+            node.versions("entities", id).expect("b"),
+            a.node.versions("entities", id).expect("a")
+        );
+    }
+    mesh.shutdown().await;
+    a.mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_relay_through_a_middle_site() {
+    let ca_dir = new_ca();
+    let (addr_a, addr_b, addr_c) = (free_udp(), free_udp(), free_udp());
+    let a = start(ca_dir.path(), "a", addr_a, vec![addr_b]);
+    let b = start(ca_dir.path(), "b", addr_b, vec![]);
+    let c = start(ca_dir.path(), "c", addr_c, vec![addr_b]);
+    for i in 0..50 {
+        a.node
+            .insert("entities", obj(json!({"a": i})), &admin())
+            .await
+            .expect("a");
+        c.node
+            .insert("entities", obj(json!({"c": i})), &admin())
+            .await
+            .expect("c");
+    }
+    eventually("all three agree", || {
+        let v = b.node.version_vector();
+        v.total() == 100 && a.node.version_vector() == v && c.node.version_vector() == v
+    })
+    .await;
+    // Nothing was applied twice anywhere.
+    for s in [&a, &b, &c] {
+        assert_eq!(
+            s.node
+                .stats()
+                .remote_duplicates
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+    for s in [a, b, c] {
+        s.mesh.shutdown().await;
+    }
+}
+
+/// A peer with a valid certificate that sends garbage: its session is
+/// closed with a logged error, and the site goes on serving and syncing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frames_close_only_that_session() {
+    let ca_dir = new_ca();
+    let (addr_a, addr_b) = (free_udp(), free_udp());
+    let a = start(ca_dir.path(), "a", addr_a, vec![]);
+    let rogue_id = identity(ca_dir.path(), "rogue");
+
+    for payload in [
+        vec![0xffu8, 0xff, 0xff, 0x7f],                 // length over the limit
+        vec![5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff], // does not decode
+        vec![9, 0, 0, 0, 1, 2],                         // truncated
+    ] {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        ep.set_default_client_config(tls::client_config(&rogue_id).expect("client config"));
+        let conn = ep
+            .connect(addr_a, tls::SERVER_NAME)
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        send.write_all(&payload).await.expect("write");
+        send.finish().expect("finish");
+        // a answers with its hello, then closes the connection.
+        let mut buf = Vec::new();
+        let first = tokio::time::timeout(Duration::from_secs(5), frame::read_frame(&mut recv, &mut buf)).await;
+        assert!(matches!(first, Ok(Ok(Some(_)))), "a sends its hello first: {first:?}");
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .expect("a closes the connection");
+        assert!(
+            matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+            "{closed:?}"
+        );
+        ep.close(0u32.into(), b"");
+    }
+    assert!(
+        a.mesh
+            .stats()
+            .protocol_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    );
+
+    // A well-behaved peer still syncs with a.
+    let doc = a
+        .node
+        .insert("entities", obj(json!({"still": "working"})), &admin())
+        .await
+        .expect("insert");
+    let b = start(ca_dir.path(), "b", addr_b, vec![addr_a]);
+    let id = doc["_id"].as_str().expect("id").to_owned();
+    eventually("b syncs after the rogue", || b.node.get("entities", &id).is_ok()).await;
+    a.mesh.shutdown().await;
+    b.mesh.shutdown().await;
+}
