@@ -417,18 +417,20 @@ async fn run_connection(
         other => tracing::warn!(peer = %site, reason = %other, "session ended"),
     }
     conn.close(VarInt::from_u32(code), reason.as_bytes());
-    if let Ok(mut r) = shared.registry.lock() {
-        if r.by_site.get(&site).is_some_and(|a| a.id == id) {
-            r.by_site.remove(&site);
-            shared.table.update(
-                &site,
-                || unreachable_status(&site),
-                |s| {
-                    s.connected = false;
-                    s.last_error = Some(end.to_string());
-                },
-            );
-        }
+    let was_active = shared
+        .registry
+        .lock()
+        .map(|mut r| r.by_site.get(&site).is_some_and(|a| a.id == id) && r.by_site.remove(&site).is_some())
+        .unwrap_or(false);
+    if was_active {
+        shared.table.update(
+            &site,
+            || unreachable_status(&site),
+            |s| {
+                s.connected = false;
+                s.last_error = Some(end.to_string());
+            },
+        );
     }
     Ok(())
 }
