@@ -1,0 +1,225 @@
+//! ocmesh-api: the client-facing HTTP side of a site.
+//!
+//! REST over axum: documents with history, sign-in, health and mesh
+//! status. Every route but `/health` and `/api/v1/signin` needs a caller
+//! (HTTP Basic or a bearer JWT signed by this site).
+//!
+//! Invariants: every failure is a JSON `{"error", "detail"}` with a fitting
+//! status; request input never panics the server; reads run on the blocking
+//! pool (redb reads are synchronous), writes go through the node's writer.
+
+mod auth;
+mod error;
+
+use std::future::Future;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use ocmesh_federation::PeerTable;
+use ocmesh_node::Node;
+
+pub use auth::{Caller, issue_token, verify_token};
+pub use error::ApiError;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// What handlers share.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub node: Node,
+    pub peers: Option<PeerTable>,
+}
+
+/// The REST API of a site.
+pub fn router(node: Node, peers: Option<PeerTable>) -> Router {
+    let docs = "/api/v1/collections/{collection}/documents";
+    Router::new()
+        .route("/health", get(health))
+        .route("/api/v1/signin", post(signin))
+        .route(docs, post(insert_document))
+        .route(
+            &format!("{docs}/{{id}}"),
+            get(get_document).put(replace_document).delete(delete_document),
+        )
+        .route(&format!("{docs}/{{id}}/versions"), get(list_versions))
+        .route(&format!("{docs}/{{id}}/versions/{{n}}"), get(get_version))
+        .route("/api/v1/mesh/peers", get(mesh_peers))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(log_request))
+        .with_state(ApiState { node, peers })
+}
+
+/// Serves `router` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+async fn log_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let micros = started.elapsed().as_micros() as u64;
+    if status.is_server_error() {
+        tracing::info!(%method, %path, status = status.as_u16(), micros, "request failed");
+    } else {
+        tracing::debug!(%method, %path, status = status.as_u16(), micros, "request");
+    }
+    resp
+}
+
+/// A request body that must be a JSON object; anything else is a 400 that
+/// quotes the parser, or a 413 when over the limit.
+#[derive(Debug)]
+pub struct JsonObject(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            let status = e.status();
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    status,
+                    "payload_too_large",
+                    format!("request body is over {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                ApiError::new(status, "bad_request", e.body_text())
+            }
+        })?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(m)) => Ok(JsonObject(m)),
+            Ok(other) => Err(ApiError::bad_request(format!(
+                "document must be a JSON object, not {}",
+                kind_of(&other)
+            ))),
+            Err(e) => Err(ApiError::bad_request(format!("body is not valid JSON: {e}"))),
+        }
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Runs a synchronous node read on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ocmesh_node::ReadError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )),
+    }
+}
+
+async fn health(State(s): State<ApiState>) -> Json<Value> {
+    Json(json!({"status": "ok", "site": s.node.site()}))
+}
+
+#[derive(Debug, Deserialize)]
+struct SignIn {
+    username: String,
+    password: String,
+}
+
+async fn signin(State(s): State<ApiState>, JsonObject(body): JsonObject) -> Result<Json<Value>, ApiError> {
+    let SignIn { username, password } = serde_json::from_value(Value::Object(body))
+        .map_err(|e| ApiError::bad_request(format!("sign-in needs {{\"username\", \"password\"}}: {e}")))?;
+    let who = s.node.authenticate(&username, &password).await?;
+    let jwt = issue_token(&s.node, &who, auth::TOKEN_LIFETIME_SECS)?;
+    Ok(Json(
+        json!({"jwt": jwt, "user": {"_id": who.id, "name": who.name, "username": username}}),
+    ))
+}
+
+async fn insert_document(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(collection): Path<String>,
+    JsonObject(doc): JsonObject,
+) -> Result<Response, ApiError> {
+    let stored = s.node.insert(&collection, doc, &who).await?;
+    Ok((StatusCode::CREATED, Json(stored)).into_response())
+}
+
+async fn get_document(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path((collection, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let node = s.node.clone();
+    Ok(Json(blocking(move || node.get(&collection, &id)).await?))
+}
+
+async fn replace_document(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path((collection, id)): Path<(String, String)>,
+    JsonObject(doc): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(s.node.replace(&collection, &id, doc, &who).await?))
+}
+
+async fn delete_document(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path((collection, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(s.node.delete(&collection, &id, &who).await?))
+}
+
+async fn list_versions(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path((collection, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let node = s.node.clone();
+    Ok(Json(Value::Array(
+        blocking(move || node.versions(&collection, &id)).await?,
+    )))
+}
+
+async fn get_version(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path((collection, id, n)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let n: u64 = n
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("version {n:?} is not a non-negative integer")))?;
+    let node = s.node.clone();
+    Ok(Json(blocking(move || node.version(&collection, &id, n)).await?))
+}
+
+async fn mesh_peers(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {
+    let peers = s.peers.as_ref().map(|p| p.snapshot()).unwrap_or_default();
+    Json(serde_json::to_value(peers).unwrap_or(Value::Array(Vec::new())))
+}

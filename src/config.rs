@@ -1,0 +1,190 @@
+//! `ocmesh run` settings from three sources: flags win over `OCMESH_*`
+//! environment variables, which win over the TOML file given by `--config`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+#[derive(clap::Args, Debug, Default)]
+pub struct RunArgs {
+    /// TOML file with any of: site, data, http, mesh, ca, cert, key, peers.
+    #[arg(long, env = "OCMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Site name (taken from the certificate when --cert is given).
+    #[arg(long, env = "OCMESH_SITE")]
+    pub site: Option<String>,
+    /// Data directory [default: ./ocmesh-data].
+    #[arg(long, env = "OCMESH_DATA")]
+    pub data: Option<PathBuf>,
+    /// HTTP listen address [default: 127.0.0.1:3000].
+    #[arg(long, env = "OCMESH_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// UDP address to listen for peers on (QUIC); enables the mesh.
+    #[arg(long, env = "OCMESH_MESH")]
+    pub mesh: Option<SocketAddr>,
+    /// Federation CA certificate (PEM).
+    #[arg(long, env = "OCMESH_CA")]
+    pub ca: Option<PathBuf>,
+    /// This site's certificate (PEM), issued by `ocmesh ca issue`.
+    #[arg(long, env = "OCMESH_CERT")]
+    pub cert: Option<PathBuf>,
+    /// This site's private key (PEM).
+    #[arg(long, env = "OCMESH_KEY")]
+    pub key: Option<PathBuf>,
+    /// A peer's mesh address to dial; repeatable (env: comma-separated).
+    #[arg(long = "peer", env = "OCMESH_PEERS", value_delimiter = ',')]
+    pub peers: Vec<SocketAddr>,
+}
+
+/// The `--config` file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    site: Option<String>,
+    data: Option<PathBuf>,
+    http: Option<String>,
+    mesh: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    peers: Option<Vec<String>>,
+}
+
+/// Certificate files for the mesh.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Resolved settings.
+#[derive(Debug)]
+pub struct Settings {
+    pub site: Option<String>,
+    pub data: PathBuf,
+    pub http: SocketAddr,
+    pub mesh: Option<SocketAddr>,
+    pub tls: Option<TlsFiles>,
+    pub peers: Vec<SocketAddr>,
+}
+
+fn addr(file: &Path, key: &str, value: &str) -> anyhow::Result<SocketAddr> {
+    value.parse().with_context(|| {
+        format!(
+            "{}: `{key}` = {value:?} is not an address like 127.0.0.1:3000",
+            file.display()
+        )
+    })
+}
+
+impl Settings {
+    pub fn resolve(args: RunArgs) -> anyhow::Result<Settings> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+                let parsed: FileConfig =
+                    toml::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
+                Some((path.clone(), parsed))
+            }
+            None => None,
+        };
+        let (path, file) = file.unwrap_or_default();
+        let file_addr = |key: &str, v: &Option<String>| v.as_deref().map(|s| addr(&path, key, s)).transpose();
+        let http = match args.http {
+            Some(a) => a,
+            None => file_addr("http", &file.http)?.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3000))),
+        };
+        let mesh = match args.mesh {
+            Some(a) => Some(a),
+            None => file_addr("mesh", &file.mesh)?,
+        };
+        let peers = if !args.peers.is_empty() {
+            args.peers
+        } else {
+            file.peers
+                .unwrap_or_default()
+                .iter()
+                .map(|p| addr(&path, "peers", p))
+                .collect::<Result<_, _>>()?
+        };
+        let ca = args.ca.or(file.ca);
+        let cert = args.cert.or(file.cert);
+        let key = args.key.or(file.key);
+        let tls = match (ca, cert, key) {
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key }),
+            (None, None, None) => None,
+            _ => bail!("--ca, --cert and --key go together: give all three or none"),
+        };
+        Ok(Settings {
+            site: args.site.or(file.site),
+            data: args
+                .data
+                .or(file.data)
+                .unwrap_or_else(|| ocmesh_node::default_data_dir().to_path_buf()),
+            http,
+            mesh,
+            tls,
+            peers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("ocmesh.toml");
+        std::fs::write(&p, text).expect("write");
+        (dir, p)
+    }
+
+    #[test]
+    fn flags_win_over_file_and_defaults_fill_the_rest() {
+        let (_d, p) = write("http = \"127.0.0.1:4000\"\nsite = \"file-site\"\npeers = [\"127.0.0.1:7001\"]\n");
+        let s = Settings::resolve(RunArgs {
+            config: Some(p.clone()),
+            http: Some("127.0.0.1:5000".parse().expect("addr")),
+            ..Default::default()
+        })
+        .expect("resolve");
+        assert_eq!(s.http.port(), 5000);
+        assert_eq!(s.site.as_deref(), Some("file-site"));
+        assert_eq!(s.peers.len(), 1);
+        assert_eq!(s.data, PathBuf::from("ocmesh-data"));
+        let s = Settings::resolve(RunArgs {
+            config: Some(p),
+            ..Default::default()
+        })
+        .expect("resolve");
+        assert_eq!(s.http.port(), 4000);
+    }
+
+    #[test]
+    fn bad_files_name_the_problem() {
+        let (_d, p) = write("http = \"nope\"\n");
+        let e = Settings::resolve(RunArgs {
+            config: Some(p),
+            ..Default::default()
+        })
+        .expect_err("bad addr");
+        assert!(format!("{e:#}").contains("`http`"), "{e:#}");
+        let (_d, p) = write("htp = \"127.0.0.1:1\"\n");
+        let e = Settings::resolve(RunArgs {
+            config: Some(p),
+            ..Default::default()
+        })
+        .expect_err("unknown key");
+        assert!(format!("{e:#}").contains("htp"), "{e:#}");
+        let e = Settings::resolve(RunArgs {
+            ca: Some("ca.pem".into()),
+            ..Default::default()
+        })
+        .expect_err("partial tls");
+        assert!(e.to_string().contains("go together"));
+    }
+}

@@ -1,0 +1,154 @@
+//! The `ocmesh` binary: run a site, manage the federation CA, simulate.
+
+mod config;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use ocmesh_federation::{Mesh, MeshConfig, ca, tls};
+use ocmesh_node::{Node, NodeConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ocmesh",
+    version,
+    about = "OpenCore-compatible automation node with a QUIC federation mesh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a site (with no options: one node on 127.0.0.1:3000, data in ./ocmesh-data).
+    Run(config::RunArgs),
+    /// Manage the federation certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Create a CA: writes DIR/ca.pem and DIR/ca.key.
+    Init { dir: PathBuf },
+    /// Issue a site certificate signed by the CA in DIR: writes DIR/SITE.pem and DIR/SITE.key.
+    Issue { dir: PathBuf, site: String },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("OCMESH_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Run(args) => {
+            let settings = config::Settings::resolve(args)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(run(settings))
+        }
+        Command::Ca(CaCommand::Init { dir }) => {
+            let files = ca::init_ca(&dir)?;
+            println!("wrote {} and {}", files.cert.display(), files.key.display());
+            Ok(())
+        }
+        Command::Ca(CaCommand::Issue { dir, site }) => {
+            let files = ca::issue_site_cert(&dir, &site)?;
+            println!("wrote {} and {}", files.cert.display(), files.key.display());
+            Ok(())
+        }
+    }
+}
+
+async fn run(settings: config::Settings) -> anyhow::Result<()> {
+    tls::install_crypto_provider();
+    let identity = match &settings.tls {
+        Some(t) => Some(tls::load_identity(&t.ca, &t.cert, &t.key)?),
+        None => None,
+    };
+    let site = match (&identity, &settings.site) {
+        (Some(id), Some(s)) if id.site() != s => {
+            anyhow::bail!("--site {s} differs from the site name {} in the certificate", id.site())
+        }
+        (Some(id), _) => id.site().to_owned(),
+        (None, Some(s)) => s.clone(),
+        (None, None) => "local".to_owned(),
+    };
+    let admin_password = std::env::var("OCMESH_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
+    let opened = Node::open(NodeConfig {
+        data_dir: settings.data.clone(),
+        site: site.clone(),
+        admin_password,
+    })
+    .with_context(|| format!("opening data directory {}", settings.data.display()))?;
+    if let Some(p) = &opened.generated_admin_password {
+        // Shown once: only its hash is stored.
+        eprintln!("created user admin with password {p} (shown only now; set OCMESH_ADMIN_PASSWORD to choose it)");
+    }
+    let node = opened.node;
+    tracing::info!(%site, data = %settings.data.display(), "node ready");
+
+    let mesh = match (&settings.mesh, &identity) {
+        (Some(listen), Some(id)) => {
+            let mesh = Mesh::start(
+                node.clone(),
+                id,
+                MeshConfig {
+                    listen: *listen,
+                    peers: settings.peers.clone(),
+                    session: Default::default(),
+                },
+            )?;
+            tracing::info!(addr = %mesh.local_addr()?, peers = ?settings.peers, "mesh listening");
+            Some(mesh)
+        }
+        (Some(_), None) => anyhow::bail!("--mesh needs --ca, --cert and --key"),
+        (None, _) => {
+            if !settings.peers.is_empty() {
+                anyhow::bail!("--peer needs --mesh (an address to listen for peers on)");
+            }
+            None
+        }
+    };
+
+    let listener = tokio::net::TcpListener::bind(settings.http)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", settings.http))?;
+    tracing::info!(addr = %listener.local_addr()?, "http listening");
+    let router = ocmesh_api::router(node, mesh.as_ref().map(|m| m.peers()));
+    ocmesh_api::serve(listener, router, shutdown_signal()).await?;
+    if let Some(mesh) = mesh {
+        mesh.shutdown().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutting down");
+}
