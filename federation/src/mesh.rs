@@ -113,6 +113,10 @@ struct Shared {
     registry: Mutex<Registry>,
     /// What each peer last acknowledged, for the status of idle peers.
     acked: Mutex<HashMap<String, VersionVector>>,
+    /// Site names learnt per address (quinn answers and dials from one
+    /// socket, so a peer that dialed us from R listens on R): lets a dialer
+    /// that has not got through yet report under the peer's name.
+    known_sites: Mutex<HashMap<SocketAddr, String>>,
     stats: MeshStats,
     shutdown: watch::Receiver<bool>,
 }
@@ -169,6 +173,7 @@ impl Mesh {
             table: table.clone(),
             registry: Mutex::default(),
             acked: Mutex::default(),
+            known_sites: Mutex::default(),
             stats: MeshStats::default(),
             shutdown,
         });
@@ -247,6 +252,10 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: Endpoint) {
                 }
             };
             tracing::info!(%from, peer = %site, "peer connected to us");
+            if let Ok(mut known) = shared.known_sites.lock() {
+                known.insert(from, site.clone());
+            }
+            shared.table.remove(&format!("addr:{from}"));
             let _ = run_connection(&shared, conn, site, false, from.to_string()).await;
         });
         // Reap finished connection tasks so the set does not grow.
@@ -298,6 +307,9 @@ async fn dial_loop(shared: Arc<Shared>, endpoint: Endpoint, addr: SocketAddr) {
                     backoff = BACKOFF_MAX;
                 }
                 Ok(site) => {
+                    if let Ok(mut known) = shared.known_sites.lock() {
+                        known.insert(addr, site.clone());
+                    }
                     if slot != site {
                         shared.table.remove(&slot);
                         slot = site.clone();

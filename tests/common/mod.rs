@@ -1,0 +1,258 @@
+//! Real `ocmesh` processes on loopback for integration tests.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+pub const PASSWORD: &str = "test-password";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ocmesh")
+}
+
+pub fn free_tcp() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+    l.local_addr().expect("addr")
+}
+
+pub fn free_udp() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    s.local_addr().expect("addr")
+}
+
+/// Runs `ocmesh` with `args` to completion; fails on a non-zero exit.
+pub fn ocmesh(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin()).args(args).output()?;
+    if !out.status.success() {
+        bail!("ocmesh {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A CA directory with certificates for `sites`.
+pub fn make_ca(dir: &Path, sites: &[&str]) -> anyhow::Result<()> {
+    let d = dir.to_str().context("utf-8 path")?;
+    ocmesh(&["ca", "init", d])?;
+    for s in sites {
+        ocmesh(&["ca", "issue", d, s])?;
+    }
+    Ok(())
+}
+
+/// One `ocmesh run` process with its own data directory.
+pub struct Site {
+    pub name: String,
+    pub http: SocketAddr,
+    pub mesh: Option<SocketAddr>,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    pub client: reqwest::Client,
+}
+
+impl Site {
+    /// A site in the mesh with certificates from `ca_dir`, dialing `peers`.
+    pub fn meshed(root: &Path, ca_dir: &Path, name: &str, mesh: SocketAddr, peers: &[SocketAddr]) -> Site {
+        let mut args: Vec<String> = vec![
+            "--mesh".into(),
+            mesh.to_string(),
+            "--ca".into(),
+            ca_dir.join("ca.pem").display().to_string(),
+            "--cert".into(),
+            ca_dir.join(format!("{name}.pem")).display().to_string(),
+            "--key".into(),
+            ca_dir.join(format!("{name}.key")).display().to_string(),
+        ];
+        for p in peers {
+            args.push("--peer".into());
+            args.push(p.to_string());
+        }
+        Site::new(root, name, Some(mesh), args)
+    }
+
+    /// A lone site.
+    pub fn single(root: &Path, name: &str) -> Site {
+        Site::new(root, name, None, vec!["--site".into(), name.into()])
+    }
+
+    fn new(root: &Path, name: &str, mesh: Option<SocketAddr>, args: Vec<String>) -> Site {
+        let data = root.join(format!("{name}-data"));
+        Site {
+            name: name.into(),
+            http: free_tcp(),
+            mesh,
+            log: root.join(format!("{name}.log")),
+            data,
+            args,
+            child: None,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .expect("client"),
+        }
+    }
+
+    /// Starts the process and waits for `/health`.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(bin())
+            .arg("run")
+            .arg("--data")
+            .arg(&self.data)
+            .arg("--http")
+            .arg(self.http.to_string())
+            .args(&self.args)
+            .env("OCMESH_ADMIN_PASSWORD", PASSWORD)
+            .env("OCMESH_LOG", "info,ocmesh_federation=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(r) = self.client.get(self.url("/health")).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!("{} exited with {status}:\n{}", self.name, self.log_text());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("{} not healthy within 30 s:\n{}", self.name, self.log_text())
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub fn doc_url(&self, collection: &str, id: &str) -> String {
+        self.url(&format!("/api/v1/collections/{collection}/documents/{id}"))
+    }
+
+    pub async fn insert(&self, collection: &str, body: &Value) -> anyhow::Result<Value> {
+        let r = self
+            .client
+            .post(self.url(&format!("/api/v1/collections/{collection}/documents")))
+            .basic_auth("admin", Some(PASSWORD))
+            .json(body)
+            .send()
+            .await?;
+        if r.status() != 201 {
+            bail!("insert at {}: {} {}", self.name, r.status(), r.text().await?);
+        }
+        Ok(r.json().await?)
+    }
+
+    pub async fn put(&self, collection: &str, id: &str, body: &Value) -> anyhow::Result<Value> {
+        let r = self
+            .client
+            .put(self.doc_url(collection, id))
+            .basic_auth("admin", Some(PASSWORD))
+            .json(body)
+            .send()
+            .await?;
+        if r.status() != 200 {
+            bail!("put at {}: {} {}", self.name, r.status(), r.text().await?);
+        }
+        Ok(r.json().await?)
+    }
+
+    /// GET with admin credentials: (status, JSON body).
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .client
+            .get(self.url(path))
+            .basic_auth("admin", Some(PASSWORD))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn doc(&self, collection: &str, id: &str) -> anyhow::Result<Option<Value>> {
+        let (status, body) = self
+            .get(&format!("/api/v1/collections/{collection}/documents/{id}"))
+            .await?;
+        Ok((status == 200).then_some(body))
+    }
+
+    pub async fn versions(&self, collection: &str, id: &str) -> anyhow::Result<Value> {
+        let (status, body) = self
+            .get(&format!("/api/v1/collections/{collection}/documents/{id}/versions"))
+            .await?;
+        if status != 200 {
+            bail!("versions of {id} at {}: {status} {body}", self.name);
+        }
+        Ok(body)
+    }
+
+    pub async fn peers(&self) -> anyhow::Result<Vec<Value>> {
+        let (_, body) = self.get("/api/v1/mesh/peers").await?;
+        Ok(body.as_array().cloned().unwrap_or_default())
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` every 100 ms until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    while Instant::now() < deadline {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})")
+}
