@@ -1,0 +1,375 @@
+//! One real `ocmesh run` process: auth, documents with history, bad input,
+//! settings precedence, restart.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use common::{PASSWORD, Site, bin, free_tcp, wait_until};
+
+async fn site() -> anyhow::Result<(Site, tempfile::TempDir)> {
+    let root = tempfile::tempdir()?;
+    let mut s = Site::single(root.path(), "solo");
+    s.start().await?;
+    Ok((s, root))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication() -> anyhow::Result<()> {
+    let (s, _root) = site().await?;
+    let url = s.url("/api/v1/collections/entities/documents");
+    let c = &s.client;
+    let none = c.post(&url).json(&json!({})).send().await?;
+    assert_eq!(none.status(), 401);
+    assert!(none.headers().contains_key("www-authenticate"));
+    let body: Value = none.json().await?;
+    assert_eq!(body["error"], "unauthorized");
+    assert!(body["detail"].is_string());
+    assert_eq!(
+        c.post(&url)
+            .basic_auth("admin", Some("wrong"))
+            .json(&json!({}))
+            .send()
+            .await?
+            .status(),
+        401
+    );
+    assert_eq!(
+        c.post(&url)
+            .basic_auth("nobody", Some(PASSWORD))
+            .json(&json!({}))
+            .send()
+            .await?
+            .status(),
+        401
+    );
+    assert_eq!(
+        c.post(&url)
+            .bearer_auth("garbage")
+            .json(&json!({}))
+            .send()
+            .await?
+            .status(),
+        401
+    );
+    assert_eq!(
+        c.post(&url)
+            .header("authorization", "Digest x")
+            .json(&json!({}))
+            .send()
+            .await?
+            .status(),
+        401
+    );
+
+    let signin = c
+        .post(s.url("/api/v1/signin"))
+        .json(&json!({"username": "admin", "password": PASSWORD}))
+        .send()
+        .await?;
+    assert_eq!(signin.status(), 200);
+    let jwt = signin.json::<Value>().await?["jwt"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        c.post(&url)
+            .bearer_auth(&jwt)
+            .json(&json!({"via": "jwt"}))
+            .send()
+            .await?
+            .status(),
+        201
+    );
+    let bad = c
+        .post(s.url("/api/v1/signin"))
+        .json(&json!({"username": "admin", "password": "no"}))
+        .send()
+        .await?;
+    assert_eq!(bad.status(), 401);
+    // A token with a flipped signature character is refused.
+    let mut forged = jwt.clone();
+    let last = forged.pop().map(|ch| if ch == 'A' { 'B' } else { 'A' }).unwrap_or('A');
+    forged.push(last);
+    assert_eq!(
+        c.post(&url)
+            .bearer_auth(&forged)
+            .json(&json!({}))
+            .send()
+            .await?
+            .status(),
+        401
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn document_lifecycle_and_history() -> anyhow::Result<()> {
+    let (s, _root) = site().await?;
+    let doc = s
+        .insert("entities", &json!({"name": "first", "_type": "thing"}))
+        .await?;
+    let id = doc["_id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(id.len(), 24);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(doc["_version"], 0);
+    for f in ["_created", "_modified", "_createdby", "_modifiedby"] {
+        assert!(doc[f].is_string(), "{f} missing: {doc}");
+    }
+    assert_eq!(s.doc("entities", &id).await?, Some(doc.clone()));
+
+    let v1 = s.put("entities", &id, &json!({"name": "second"})).await?;
+    assert_eq!(v1["_version"], 1);
+    assert_eq!(v1["_created"], doc["_created"]);
+    assert_eq!(s.versions("entities", &id).await?.as_array().map(|v| v.len()), Some(2));
+
+    let del = s
+        .client
+        .delete(s.doc_url("entities", &id))
+        .basic_auth("admin", Some(PASSWORD))
+        .send()
+        .await?;
+    assert_eq!(del.status(), 200);
+    assert_eq!(s.doc("entities", &id).await?, None);
+    let (status, gone) = s.get(&format!("/api/v1/collections/entities/documents/{id}")).await?;
+    assert_eq!((status, gone["error"].as_str()), (404, Some("not_found")));
+
+    let versions = s.versions("entities", &id).await?;
+    assert_eq!(versions.as_array().map(|v| v.len()), Some(3));
+    assert_eq!(versions[0], doc);
+    let (status, v0) = s
+        .get(&format!("/api/v1/collections/entities/documents/{id}/versions/0"))
+        .await?;
+    assert_eq!((status, v0), (200, doc));
+    let (status, v2) = s
+        .get(&format!("/api/v1/collections/entities/documents/{id}/versions/2"))
+        .await?;
+    assert_eq!(status, 200);
+    assert!(v2["_deleted"].is_string());
+    let (status, _) = s
+        .get(&format!("/api/v1/collections/entities/documents/{id}/versions/3"))
+        .await?;
+    assert_eq!(status, 404);
+
+    // A client-supplied id is kept.
+    let mine = s
+        .insert("entities", &json!({"_id": "0123456789abcdef01234567"}))
+        .await?;
+    assert_eq!(mine["_id"], "0123456789abcdef01234567");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_precise_4xx() -> anyhow::Result<()> {
+    let (s, _root) = site().await?;
+    let c = &s.client;
+    let post = |collection: &str, body: &'static str| {
+        c.post(s.url(&format!("/api/v1/collections/{collection}/documents")))
+            .basic_auth("admin", Some(PASSWORD))
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (post("entities", "{\"name\": "), 400, "not valid JSON"),
+        (post("entities", "[1, 2]"), 400, "JSON object"),
+        (post("bad$name", "{}"), 400, "bad$name"),
+        (post("a%20b", "{}"), 400, "a b"),
+        (post("entities", "{\"_id\": \"xyz\"}"), 400, "ObjectId"),
+        (post("entities", "{\"_id\": 12}"), 400, "_id"),
+        (
+            c.get(s.url("/api/v1/collections/entities/documents/not-an-id"))
+                .basic_auth("admin", Some(PASSWORD)),
+            400,
+            "ObjectId",
+        ),
+        (
+            c.get(s.url("/api/v1/collections/entities/documents/0123456789abcdef01234567/versions/x"))
+                .basic_auth("admin", Some(PASSWORD)),
+            400,
+            "non-negative integer",
+        ),
+        (
+            c.get(s.url("/api/v1/collections/entities/documents/0123456789abcdef01234567/versions/0"))
+                .basic_auth("admin", Some(PASSWORD)),
+            404,
+            "not found",
+        ),
+        (
+            c.put(s.url("/api/v1/collections/entities/documents/0123456789abcdef01234567"))
+                .basic_auth("admin", Some(PASSWORD))
+                .json(&json!({})),
+            404,
+            "not found",
+        ),
+        (
+            c.get(s.url("/no/such/route")).basic_auth("admin", Some(PASSWORD)),
+            404,
+            "no such route",
+        ),
+    ];
+    for (req, status, needle) in cases {
+        let r = req.send().await?;
+        let got = r.status().as_u16();
+        let body: Value = r.json().await?;
+        assert_eq!(got, status, "{body}");
+        assert!(body["error"].is_string(), "{body}");
+        assert!(
+            body["detail"].as_str().unwrap_or_default().contains(needle),
+            "{needle:?} not in {body}"
+        );
+    }
+    let dup = s
+        .insert("entities", &json!({"_id": "0123456789abcdef0123456a"}))
+        .await?;
+    let r = post("entities", "{\"_id\": \"0123456789abcdef0123456a\"}")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 409, "{dup}");
+    // Still serving.
+    let (status, _) = s.get("/health").await?;
+    assert_eq!(status, 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_survives_restart() -> anyhow::Result<()> {
+    let (mut s, _root) = site().await?;
+    let doc = s.insert("entities", &json!({"keep": "me"})).await?;
+    let id = doc["_id"].as_str().unwrap_or_default().to_owned();
+    s.stop();
+    s.start().await?;
+    assert_eq!(s.doc("entities", &id).await?, Some(doc));
+    Ok(())
+}
+
+/// Flags win over OCMESH_* variables, which win over the --config file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_precedence() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let (from_file, from_env, from_flag) = (free_tcp(), free_tcp(), free_tcp());
+    let config = root.path().join("ocmesh.toml");
+    std::fs::write(&config, format!("http = \"{from_file}\"\nsite = \"from-file\"\n"))?;
+    let client = reqwest::Client::new();
+    let run = |extra: &[String], env_http: Option<String>, data: &str| {
+        let mut cmd = Command::new(bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--data")
+            .arg(root.path().join(data))
+            .args(extra);
+        if let Some(h) = env_http {
+            cmd.env("OCMESH_HTTP", h);
+        }
+        cmd.env("OCMESH_ADMIN_PASSWORD", PASSWORD)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    };
+    let cases = [
+        (vec![], None, from_file, "d1"),
+        (vec![], Some(from_env.to_string()), from_env, "d2"),
+        (
+            vec!["--http".to_string(), from_flag.to_string()],
+            Some(from_env.to_string()),
+            from_flag,
+            "d3",
+        ),
+    ];
+    for (extra, env_http, expect, data) in cases {
+        let mut child = run(&extra, env_http, data)?;
+        let url = format!("http://{expect}/health");
+        let result = wait_until(Duration::from_secs(20), &format!("health on {expect}"), || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                Ok(client
+                    .get(&url)
+                    .send()
+                    .await
+                    .map(|r| r.status() == 200)
+                    .unwrap_or(false))
+            }
+        })
+        .await;
+        let health: Value = match &result {
+            Ok(()) => client.get(&url).send().await?.json().await?,
+            Err(_) => Value::Null,
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        result?;
+        assert_eq!(health["site"], "from-file");
+    }
+    // A bad file is refused with a message naming the problem.
+    std::fs::write(&config, "http = \"not an address\"\n")?;
+    let out = Command::new(bin()).arg("run").arg("--config").arg(&config).output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`http`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// With no password given, the first start prints a generated one once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_admin_password_is_printed_once_and_works() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let http = free_tcp();
+    let log = root.path().join("log");
+    let start = || -> anyhow::Result<std::process::Child> {
+        Ok(Command::new(bin())
+            .args(["run", "--http", &http.to_string(), "--data"])
+            .arg(root.path().join("data"))
+            .env_remove("OCMESH_ADMIN_PASSWORD")
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log)?)
+            .stdout(Stdio::null())
+            .spawn()?)
+    };
+    let client = reqwest::Client::new();
+    let health = format!("http://{http}/health");
+    let healthy = || {
+        let (client, health) = (client.clone(), health.clone());
+        async move {
+            Ok(client
+                .get(&health)
+                .send()
+                .await
+                .map(|r| r.status() == 200)
+                .unwrap_or(false))
+        }
+    };
+    let mut child = start()?;
+    wait_until(Duration::from_secs(20), "first start", healthy).await?;
+    let text = std::fs::read_to_string(&log)?;
+    let password = text
+        .split("created user admin with password ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(password.len(), 20, "{text}");
+    let r = client
+        .post(format!("http://{http}/api/v1/signin"))
+        .json(&json!({"username": "admin", "password": password}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let mut child = start()?;
+    wait_until(Duration::from_secs(20), "second start", healthy).await?;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log)?;
+    assert_eq!(
+        text.matches("created user admin").count(),
+        1,
+        "printed only on first start"
+    );
+    Ok(())
+}
