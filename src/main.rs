@@ -28,6 +28,16 @@ enum Command {
     /// Manage the federation certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Run a simulation scenario (TOML) in virtual time and check the invariants.
+    Sim {
+        scenario: PathBuf,
+        /// One seed to run (replays exactly).
+        #[arg(long, conflicts_with = "seeds")]
+        seed: Option<u64>,
+        /// A range of seeds, like 1..1000 (end exclusive).
+        #[arg(long)]
+        seeds: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -53,6 +63,7 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(run(settings))
         }
+        Command::Sim { scenario, seed, seeds } => sim(&scenario, seed, seeds.as_deref()),
         Command::Ca(CaCommand::Init { dir }) => {
             let files = ca::init_ca(&dir)?;
             println!("wrote {} and {}", files.cert.display(), files.key.display());
@@ -64,6 +75,46 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn sim(path: &std::path::Path, seed: Option<u64>, seeds: Option<&str>) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let scenario = ocmesh_sim::Scenario::from_toml(&text).with_context(|| path.display().to_string())?;
+    let range = match (seed, seeds) {
+        (Some(s), _) => s..s + 1,
+        (None, Some(r)) => {
+            let (a, b) = r.split_once("..").context("--seeds takes a range like 1..1000")?;
+            a.trim().parse::<u64>().context("--seeds start")?..b.trim().parse::<u64>().context("--seeds end")?
+        }
+        (None, None) => 0..1,
+    };
+    let single = range.end - range.start == 1;
+    let started = std::time::Instant::now();
+    let (mut failed, mut events) = (0u64, 0u64);
+    for seed in range.clone() {
+        let report = ocmesh_sim::run(&scenario, seed);
+        events += report.events;
+        if single {
+            print!("{report}");
+        }
+        if !report.ok {
+            failed += 1;
+            if !single {
+                print!("{report}");
+            }
+            println!("  replay: ocmesh sim {} --seed {seed}", path.display());
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{} seeds, {failed} failed; {events} events in {secs:.2} s ({:.0} events/s)",
+        range.end - range.start,
+        events as f64 / secs.max(1e-9)
+    );
+    if failed > 0 {
+        anyhow::bail!("{failed} seeds failed");
+    }
+    Ok(())
 }
 
 async fn run(settings: config::Settings) -> anyhow::Result<()> {

@@ -118,15 +118,15 @@ impl Site {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(r) = self.client.get(self.url("/health")).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
+            if let Ok(r) = self.client.get(self.url("/health")).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
             }
-            if let Some(c) = self.child.as_mut() {
-                if let Some(status) = c.try_wait()? {
-                    bail!("{} exited with {status}:\n{}", self.name, self.log_text());
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("{} exited with {status}:\n{}", self.name, self.log_text());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
