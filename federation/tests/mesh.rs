@@ -240,17 +240,19 @@ async fn garbage_frames_close_only_that_session() {
         let (mut send, mut recv) = conn.open_bi().await.expect("stream");
         send.write_all(&payload).await.expect("write");
         send.finish().expect("finish");
-        // a answers with its hello, then closes the connection.
+        // a may get its hello out before it closes; either way the
+        // connection ends with a's "bad frame" close code.
         let mut buf = Vec::new();
-        let first = tokio::time::timeout(Duration::from_secs(5), frame::read_frame(&mut recv, &mut buf)).await;
-        assert!(matches!(first, Ok(Ok(Some(_)))), "a sends its hello first: {first:?}");
+        let _ = tokio::time::timeout(Duration::from_secs(5), frame::read_frame(&mut recv, &mut buf)).await;
         let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
             .await
             .expect("a closes the connection");
-        assert!(
-            matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
-            "{closed:?}"
-        );
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(c.error_code, quinn::VarInt::from_u32(4), "{c:?}")
+            }
+            other => panic!("expected an application close, got {other:?}"),
+        }
         ep.close(0u32.into(), b"");
     }
     assert!(
