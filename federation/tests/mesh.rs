@@ -275,3 +275,62 @@ async fn garbage_frames_close_only_that_session() {
     a.mesh.shutdown().await;
     b.mesh.shutdown().await;
 }
+
+/// A certificate that expires while its site runs is refused at the next
+/// handshake, before any stream opens, and the refusal is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_is_refused() {
+    let ca_dir = new_ca();
+    let addr_a = free_udp();
+    let a = start(ca_dir.path(), "a", addr_a, vec![]);
+    let now = std::time::SystemTime::now();
+    let files = ca::issue_site_cert_with_validity(
+        ca_dir.path(),
+        "late",
+        now - Duration::from_secs(86_400),
+        now + Duration::from_secs(2),
+    )
+    .expect("issue");
+    let late = tls::load_identity(&ca_dir.path().join("ca.pem"), &files.cert, &files.key).expect("valid for now");
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert!(
+        tls::load_identity(&ca_dir.path().join("ca.pem"), &files.cert, &files.key).is_err(),
+        "an expired identity does not load"
+    );
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+    ep.set_default_client_config(tls::client_config(&late).expect("client config"));
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        let conn = ep
+            .connect(addr_a, tls::SERVER_NAME)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        // TLS 1.3: a refused client certificate may show only at the first read.
+        let (_send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        match frame::read_frame(&mut recv, &mut buf).await {
+            Ok(Some(f)) => Ok(f),
+            Ok(None) => Err("stream ended".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+    .expect("bounded");
+    assert!(outcome.is_err(), "an expired client got data: {outcome:?}");
+    eventually("a counts the refusal", || {
+        a.mesh
+            .stats()
+            .refused_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    })
+    .await;
+    assert_eq!(
+        a.mesh
+            .stats()
+            .sessions_started
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    a.mesh.shutdown().await;
+}
