@@ -17,6 +17,7 @@
 
 mod error;
 pub mod ids;
+pub mod query;
 mod store;
 mod users;
 mod writer;
@@ -269,6 +270,59 @@ impl Node {
         };
         serde_json::from_slice(bytes.value())
             .map_err(|e| ReadError::Storage(StorageError(format!("stored document {collection}/{id}: {e}"))))
+    }
+
+    /// Streams every current document of a collection, in id order, from
+    /// one snapshot, into `f`. A stored document that does not parse ends
+    /// the stream and fails the read.
+    fn with_documents<T>(
+        &self,
+        collection: &str,
+        f: impl FnOnce(&mut dyn Iterator<Item = Value>) -> T,
+    ) -> Result<T, ReadError> {
+        ids::validate_collection(collection)?;
+        let txn = self.read()?;
+        let table = match txn.open_table(DOCUMENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(f(&mut std::iter::empty())),
+            Err(e) => return Err(e.into()),
+        };
+        let mut failure = None;
+        let range = table.range((collection, "")..=(collection, ORIGIN_MAX))?;
+        let mut docs = range.map_while(|entry| {
+            let parsed = entry.map_err(|e| StorageError(e.to_string())).and_then(|(k, v)| {
+                serde_json::from_slice::<Value>(v.value())
+                    .map_err(|e| StorageError(format!("stored document {collection}/{}: {e}", k.value().1)))
+            });
+            match parsed {
+                Ok(doc) => Some(doc),
+                Err(e) => {
+                    failure = Some(e);
+                    None
+                }
+            }
+        });
+        let out = f(&mut docs);
+        drop(docs);
+        match failure {
+            Some(e) => Err(ReadError::Storage(e)),
+            None => Ok(out),
+        }
+    }
+
+    /// Runs a query over a collection.
+    pub fn query(&self, collection: &str, q: &query::Query) -> Result<Vec<Value>, ReadError> {
+        self.with_documents(collection, |docs| q.run(docs))
+    }
+
+    /// Counts the documents of a collection that match `filter`.
+    pub fn count(&self, collection: &str, filter: &query::Filter) -> Result<u64, ReadError> {
+        self.with_documents(collection, |docs| docs.filter(|d| filter.matches(d)).count() as u64)
+    }
+
+    /// Distinct values of `field` among matching documents.
+    pub fn distinct(&self, collection: &str, field: &str, filter: &query::Filter) -> Result<Vec<Value>, ReadError> {
+        self.with_documents(collection, |docs| query::distinct(docs, field, filter))
     }
 
     /// Visits a document's versions in order, stopping when `f` says so.

@@ -1,0 +1,163 @@
+//! JSON values as MongoDB compares them: numbers by value whatever their
+//! representation, a total order across types for sorting, and dotted
+//! paths that reach into nested objects and through arrays.
+
+use std::cmp::Ordering;
+
+use serde_json::Value;
+
+/// Rank of a type in the cross-type sort order (MongoDB's, for JSON types).
+fn type_rank(v: &Value) -> u8 {
+    match v {
+        Value::Null => 1,
+        Value::Number(_) => 2,
+        Value::String(_) => 3,
+        Value::Object(_) => 4,
+        Value::Array(_) => 5,
+        Value::Bool(_) => 6,
+    }
+}
+
+fn cmp_numbers(a: &serde_json::Number, b: &serde_json::Number) -> Ordering {
+    if let (Some(x), Some(y)) = (a.as_i64(), b.as_i64()) {
+        return x.cmp(&y);
+    }
+    if let (Some(x), Some(y)) = (a.as_u64(), b.as_u64()) {
+        return x.cmp(&y);
+    }
+    let (x, y) = (a.as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap_or(f64::NAN));
+    x.total_cmp(&y)
+}
+
+/// A total order over JSON values: by type rank, then by value; objects
+/// field by field in their order, arrays element by element.
+pub fn compare(a: &Value, b: &Value) -> Ordering {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => cmp_numbers(x, y),
+        (Value::String(x), Value::String(y)) => x.cmp(y),
+        (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
+        (Value::Array(x), Value::Array(y)) => {
+            for (p, q) in x.iter().zip(y) {
+                let o = compare(p, q);
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+            x.len().cmp(&y.len())
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            for ((ka, va), (kb, vb)) in x.iter().zip(y) {
+                let o = ka.cmp(kb).then_with(|| compare(va, vb));
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+            x.len().cmp(&y.len())
+        }
+        _ => type_rank(a).cmp(&type_rank(b)),
+    }
+}
+
+/// Equality with numbers compared by value (1 equals 1.0).
+pub fn equal(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| equal(v, w)))
+        }
+        _ => compare(a, b) == Ordering::Equal,
+    }
+}
+
+/// Same type class, so `$gt` and friends may compare them (type bracketing).
+pub fn comparable(a: &Value, b: &Value) -> bool {
+    type_rank(a) == type_rank(b)
+}
+
+/// The values a dotted path reaches in `doc`. Arrays on the way are
+/// traversed: `a.b` on `{a: [{b: 1}, {b: 2}]}` reaches 1 and 2; a numeric
+/// segment also indexes an array. A missing field reaches nothing.
+pub fn resolve<'a>(doc: &'a Value, path: &[String], out: &mut Vec<&'a Value>) {
+    let Some((first, rest)) = path.split_first() else {
+        out.push(doc);
+        return;
+    };
+    match doc {
+        Value::Object(m) => {
+            if let Some(child) = m.get(first) {
+                resolve(child, rest, out);
+            }
+        }
+        Value::Array(items) => {
+            if let Ok(i) = first.parse::<usize>() {
+                if let Some(child) = items.get(i) {
+                    resolve(child, rest, out);
+                }
+            }
+            for item in items {
+                if item.is_object() {
+                    resolve(item, path, out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Splits a dotted path.
+pub fn split_path(path: &str) -> Vec<String> {
+    path.split('.').map(str::to_owned).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn numbers_compare_by_value() {
+        assert!(equal(&json!(1), &json!(1.0)));
+        assert_eq!(compare(&json!(2), &json!(10.5)), Ordering::Less);
+        assert_eq!(compare(&json!(-1), &json!(u64::MAX)), Ordering::Less);
+    }
+
+    #[test]
+    fn cross_type_order() {
+        let mut v = vec![
+            json!(true),
+            json!([1]),
+            json!({"a": 1}),
+            json!("s"),
+            json!(3),
+            json!(null),
+        ];
+        v.sort_by(compare);
+        assert_eq!(
+            v,
+            vec![
+                json!(null),
+                json!(3),
+                json!("s"),
+                json!({"a": 1}),
+                json!([1]),
+                json!(true)
+            ]
+        );
+    }
+
+    #[test]
+    fn paths_reach_through_arrays() {
+        let doc = json!({"a": [{"b": 1}, {"b": [2, 3]}, 7], "c": {"d": null}});
+        let mut out = Vec::new();
+        resolve(&doc, &split_path("a.b"), &mut out);
+        assert_eq!(out, vec![&json!(1), &json!([2, 3])]);
+        out.clear();
+        resolve(&doc, &split_path("a.1.b"), &mut out);
+        assert_eq!(out, vec![&json!([2, 3])]);
+        out.clear();
+        resolve(&doc, &split_path("c.d"), &mut out);
+        assert_eq!(out, vec![&Value::Null]);
+        out.clear();
+        resolve(&doc, &split_path("c.e"), &mut out);
+        assert!(out.is_empty());
+    }
+}
