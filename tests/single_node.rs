@@ -373,3 +373,57 @@ async fn generated_admin_password_is_printed_once_and_works() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_count_and_distinct() -> anyhow::Result<()> {
+    let (s, _root) = site().await?;
+    for i in 0..30 {
+        let kind = ["pump", "valve", "fan"][i % 3];
+        s.insert(
+            "machines",
+            &json!({"name": format!("m{i:02}"), "kind": kind, "load": i, "site": {"hall": i % 2}}),
+        )
+        .await?;
+    }
+    let post = |path: &str, body: Value| {
+        s.client
+            .post(s.url(&format!("/api/v1/collections/machines/{path}")))
+            .basic_auth("admin", Some(PASSWORD))
+            .json(&body)
+            .send()
+    };
+    let r: Value = post(
+        "query",
+        json!({"filter": {"kind": "pump", "load": {"$gte": 10}}, "sort": {"load": -1}, "top": 2, "projection": {"name": 1}}),
+    )
+    .await?
+    .json()
+    .await?;
+    let names: Vec<&str> = r
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["m27", "m24"], "{r}");
+    assert!(r[0]["_id"].is_string() && r[0].get("load").is_none(), "{r}");
+
+    let c: Value = post("count", json!({"filter": {"$or": [{"kind": "fan"}, {"site.hall": 1}]}}))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(c["count"], 20);
+    let d: Value = post("distinct", json!({"field": "kind", "filter": {"load": {"$lt": 2}}}))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(d, json!(["pump", "valve"]));
+
+    let bad = post("query", json!({"filter": {"load": {"$where": 1}}})).await?;
+    assert_eq!(bad.status(), 400);
+    let body: Value = bad.json().await?;
+    assert!(body["detail"].as_str().unwrap_or_default().contains("$where"), "{body}");
+    let bad = post("query", json!({"top": "ten"})).await?;
+    assert_eq!(bad.status(), 400);
+    Ok(())
+}

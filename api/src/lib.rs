@@ -53,6 +53,9 @@ pub fn router(node: Node, peers: Option<PeerTable>) -> Router {
         )
         .route(&format!("{docs}/{{id}}/versions"), get(list_versions))
         .route(&format!("{docs}/{{id}}/versions/{{n}}"), get(get_version))
+        .route("/api/v1/collections/{collection}/query", post(query_documents))
+        .route("/api/v1/collections/{collection}/count", post(count_documents))
+        .route("/api/v1/collections/{collection}/distinct", post(distinct_values))
         .route("/api/v1/mesh/peers", get(mesh_peers))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -217,6 +220,69 @@ async fn get_version(
         .map_err(|_| ApiError::bad_request(format!("version {n:?} is not a non-negative integer")))?;
     let node = s.node.clone();
     Ok(Json(blocking(move || node.version(&collection, &id, n)).await?))
+}
+
+fn parse_query(body: Map<String, Value>) -> Result<ocmesh_node::query::Query, ApiError> {
+    ocmesh_node::query::Query::from_json(&Value::Object(body)).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn parse_filter(body: &mut Map<String, Value>) -> Result<ocmesh_node::query::Filter, ApiError> {
+    let filter = body
+        .remove("filter")
+        .or_else(|| body.remove("query"))
+        .unwrap_or_else(|| json!({}));
+    ocmesh_node::query::Filter::parse(&filter).map_err(|e| ApiError::bad_request(format!("invalid filter: {e}")))
+}
+
+/// `POST .../query` with `{filter, projection, sort, skip, top}`.
+async fn query_documents(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path(collection): Path<String>,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let q = parse_query(body)?;
+    let node = s.node.clone();
+    Ok(Json(Value::Array(blocking(move || node.query(&collection, &q)).await?)))
+}
+
+/// `POST .../count` with `{filter}`.
+async fn count_documents(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path(collection): Path<String>,
+    JsonObject(mut body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let filter = parse_filter(&mut body)?;
+    if let Some(k) = body.keys().next() {
+        return Err(ApiError::bad_request(format!("unknown count field {k:?}; use filter")));
+    }
+    let node = s.node.clone();
+    let n = blocking(move || node.count(&collection, &filter)).await?;
+    Ok(Json(json!({"count": n})))
+}
+
+/// `POST .../distinct` with `{field, filter}`.
+async fn distinct_values(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path(collection): Path<String>,
+    JsonObject(mut body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let field = match body.remove("field") {
+        Some(Value::String(f)) if !f.is_empty() => f,
+        _ => return Err(ApiError::bad_request("distinct needs \"field\": a non-empty string")),
+    };
+    let filter = parse_filter(&mut body)?;
+    if let Some(k) = body.keys().next() {
+        return Err(ApiError::bad_request(format!(
+            "unknown distinct field {k:?}; use field and filter"
+        )));
+    }
+    let node = s.node.clone();
+    Ok(Json(Value::Array(
+        blocking(move || node.distinct(&collection, &field, &filter)).await?,
+    )))
 }
 
 async fn mesh_peers(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {
