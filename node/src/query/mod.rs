@@ -234,10 +234,8 @@ fn project(doc: Value, p: &Projection) -> Value {
     match p {
         Projection::Include { paths, without_id } => {
             let mut out = Map::new();
-            if !without_id {
-                if let Some(id) = m.remove("_id") {
-                    out.insert("_id".into(), id);
-                }
+            if !without_id && let Some(id) = m.remove("_id") {
+                out.insert("_id".into(), id);
             }
             for path in paths {
                 copy_path(&Value::Object(m.clone()), path, &mut out);

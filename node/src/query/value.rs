@@ -88,10 +88,10 @@ pub fn resolve<'a>(doc: &'a Value, path: &[String], out: &mut Vec<&'a Value>) {
             }
         }
         Value::Array(items) => {
-            if let Ok(i) = first.parse::<usize>() {
-                if let Some(child) = items.get(i) {
-                    resolve(child, rest, out);
-                }
+            if let Ok(i) = first.parse::<usize>()
+                && let Some(child) = items.get(i)
+            {
+                resolve(child, rest, out);
             }
             for item in items {
                 if item.is_object() {
