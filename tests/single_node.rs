@@ -425,5 +425,20 @@ async fn queries_count_and_distinct() -> anyhow::Result<()> {
     assert!(body["detail"].as_str().unwrap_or_default().contains("$where"), "{body}");
     let bad = post("query", json!({"top": "ten"})).await?;
     assert_eq!(bad.status(), 400);
+
+    // An index changes how, never what.
+    let before: Value = post("query", json!({"filter": {"load": {"$in": [3, 4]}}}))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(post("indexes", json!({"field": "load"})).await?.status(), 201);
+    let after: Value = post("query", json!({"filter": {"load": {"$in": [3, 4]}}}))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(before, after);
+    let (_, list) = s.get("/api/v1/collections/machines/indexes").await?;
+    assert_eq!(list, json!([{"field": "_type"}, {"field": "load"}]));
+    assert_eq!(post("indexes", json!({"field": ""})).await?.status(), 400);
     Ok(())
 }

@@ -60,9 +60,10 @@ impl IntoResponse for ApiError {
 impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> Self {
         match &e {
-            WriteError::Name(_) | WriteError::IdNotString(_) | WriteError::IdMismatch { .. } => {
-                ApiError::bad_request(e.to_string())
-            }
+            WriteError::Name(_)
+            | WriteError::IdNotString(_)
+            | WriteError::IdMismatch { .. }
+            | WriteError::BadIndex(_) => ApiError::bad_request(e.to_string()),
             WriteError::NotFound { .. } => ApiError::not_found(e.to_string()),
             WriteError::AlreadyExists { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             WriteError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),

@@ -56,6 +56,14 @@ pub fn router(node: Node, peers: Option<PeerTable>) -> Router {
         .route("/api/v1/collections/{collection}/query", post(query_documents))
         .route("/api/v1/collections/{collection}/count", post(count_documents))
         .route("/api/v1/collections/{collection}/distinct", post(distinct_values))
+        .route(
+            "/api/v1/collections/{collection}/indexes",
+            get(list_indexes).post(create_index),
+        )
+        .route(
+            "/api/v1/collections/{collection}/indexes/{field}",
+            axum::routing::delete(drop_index),
+        )
         .route("/api/v1/mesh/peers", get(mesh_peers))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -283,6 +291,42 @@ async fn distinct_values(
     Ok(Json(Value::Array(
         blocking(move || node.distinct(&collection, &field, &filter)).await?,
     )))
+}
+
+async fn list_indexes(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path(collection): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let node = s.node.clone();
+    let fields = blocking(move || node.indexes(&collection)).await?;
+    Ok(Json(Value::Array(
+        fields.into_iter().map(|f| json!({"field": f})).collect(),
+    )))
+}
+
+/// `POST .../indexes` with `{field}`.
+async fn create_index(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path(collection): Path<String>,
+    JsonObject(mut body): JsonObject,
+) -> Result<Response, ApiError> {
+    let field = match body.remove("field") {
+        Some(Value::String(f)) => f,
+        _ => return Err(ApiError::bad_request("an index needs \"field\": a field path string")),
+    };
+    s.node.create_index(&collection, &field).await?;
+    Ok((StatusCode::CREATED, Json(json!({"field": field}))).into_response())
+}
+
+async fn drop_index(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path((collection, field)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    s.node.drop_index(&collection, &field).await?;
+    Ok(Json(json!({"dropped": field})))
 }
 
 async fn mesh_peers(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {

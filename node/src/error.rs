@@ -19,6 +19,8 @@ pub enum WriteError {
     NotFound { collection: String, id: String },
     #[error("refused a peer's changes: {0}")]
     Apply(#[from] ApplyError),
+    #[error("index: {0}")]
+    BadIndex(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("the node is shutting down")]

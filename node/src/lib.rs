@@ -17,6 +17,7 @@
 
 mod error;
 pub mod ids;
+mod index;
 pub mod query;
 mod store;
 mod users;
@@ -35,7 +36,10 @@ use ocmesh_replication::{Change, Clock, FetchRequest, Timestamp, VersionVector};
 pub use error::{ApplyError, AuthError, OpenError, ReadError, StorageError, WriteError};
 pub use writer::ApplyReport;
 
-use store::{CHANGES, CREDENTIALS, DOCUMENTS, META_HLC, META_SITE, META_TOKEN_SECRET, ORIGIN_MAX, VERSIONS, VV};
+use store::{
+    CHANGES, CREDENTIALS, DOCUMENTS, INDEX, INDEX_DEFS, META_HLC, META_SITE, META_TOKEN_SECRET, ORIGIN_MAX, VERSIONS,
+    VV,
+};
 use users::{Credential, VerifiedCache};
 use writer::{Request, WriteDone, WriteOp, Writer};
 
@@ -197,7 +201,7 @@ impl Node {
     async fn write_document(&self, op: WriteOp) -> Result<Value, WriteError> {
         match self.write(op).await? {
             WriteDone::Document(v) => Ok(v),
-            WriteDone::Applied(_) => Err(WriteError::Closed),
+            _ => Err(WriteError::Closed),
         }
     }
 
@@ -243,7 +247,7 @@ impl Node {
     pub async fn apply(&self, changes: Vec<Change>) -> Result<ApplyReport, WriteError> {
         match self.write(WriteOp::Apply { changes }).await? {
             WriteDone::Applied(r) => Ok(r),
-            WriteDone::Document(_) => Err(WriteError::Closed),
+            _ => Err(WriteError::Closed),
         }
     }
 
@@ -272,12 +276,21 @@ impl Node {
             .map_err(|e| ReadError::Storage(StorageError(format!("stored document {collection}/{id}: {e}"))))
     }
 
-    /// Streams every current document of a collection, in id order, from
-    /// one snapshot, into `f`. A stored document that does not parse ends
-    /// the stream and fails the read.
+    /// How a read of `collection` with `filter` finds its candidates: an
+    /// index on a field the filter pins to values, or a full scan.
+    pub fn plan(&self, collection: &str, filter: &query::Filter) -> Result<Plan, ReadError> {
+        ids::validate_collection(collection)?;
+        let txn = self.read()?;
+        plan(&txn, collection, filter)
+    }
+
+    /// Streams the candidate documents for `filter` (id order, one
+    /// snapshot) into `f`; `f` still applies the filter. A stored document
+    /// that does not parse ends the stream and fails the read.
     fn with_documents<T>(
         &self,
         collection: &str,
+        filter: &query::Filter,
         f: impl FnOnce(&mut dyn Iterator<Item = Value>) -> T,
     ) -> Result<T, ReadError> {
         ids::validate_collection(collection)?;
@@ -287,42 +300,90 @@ impl Node {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(f(&mut std::iter::empty())),
             Err(e) => return Err(e.into()),
         };
+        let parse = |id: &str, bytes: &[u8]| {
+            serde_json::from_slice::<Value>(bytes)
+                .map_err(|e| StorageError(format!("stored document {collection}/{id}: {e}")))
+        };
         let mut failure = None;
-        let range = table.range((collection, "")..=(collection, ORIGIN_MAX))?;
-        let mut docs = range.map_while(|entry| {
-            let parsed = entry.map_err(|e| StorageError(e.to_string())).and_then(|(k, v)| {
-                serde_json::from_slice::<Value>(v.value())
-                    .map_err(|e| StorageError(format!("stored document {collection}/{}: {e}", k.value().1)))
-            });
-            match parsed {
-                Ok(doc) => Some(doc),
-                Err(e) => {
-                    failure = Some(e);
-                    None
-                }
+        let out = match plan(&txn, collection, filter)? {
+            Plan::FullScan => {
+                let range = table.range((collection, "")..=(collection, ORIGIN_MAX))?;
+                let mut docs = range.map_while(|entry| {
+                    let parsed = entry
+                        .map_err(|e| StorageError(e.to_string()))
+                        .and_then(|(k, v)| parse(k.value().1, v.value()));
+                    parsed.map_err(|e| failure = Some(e)).ok()
+                });
+                f(&mut docs)
             }
-        });
-        let out = f(&mut docs);
-        drop(docs);
+            Plan::Index { ids, .. } => {
+                let mut docs = ids.iter().filter_map(|id| match table.get((collection, id.as_str())) {
+                    Ok(Some(v)) => parse(id, v.value()).map_err(|e| failure = Some(e)).ok(),
+                    Ok(None) => None,
+                    Err(e) => {
+                        failure = Some(StorageError(e.to_string()));
+                        None
+                    }
+                });
+                f(&mut docs)
+            }
+        };
         match failure {
             Some(e) => Err(ReadError::Storage(e)),
             None => Ok(out),
         }
     }
 
+    /// Indexes `field` of `collection` (existing documents included).
+    pub async fn create_index(&self, collection: &str, field: &str) -> Result<(), WriteError> {
+        match self
+            .write(WriteOp::CreateIndex {
+                collection: collection.into(),
+                field: field.into(),
+            })
+            .await?
+        {
+            WriteDone::Nothing => Ok(()),
+            _ => Err(WriteError::Closed),
+        }
+    }
+
+    /// Drops the index on `field`; `_type` cannot be dropped.
+    pub async fn drop_index(&self, collection: &str, field: &str) -> Result<(), WriteError> {
+        match self
+            .write(WriteOp::DropIndex {
+                collection: collection.into(),
+                field: field.into(),
+            })
+            .await?
+        {
+            WriteDone::Nothing => Ok(()),
+            _ => Err(WriteError::Closed),
+        }
+    }
+
+    /// Indexed fields of a collection, `_type` first.
+    pub fn indexes(&self, collection: &str) -> Result<Vec<String>, ReadError> {
+        ids::validate_collection(collection)?;
+        let txn = self.read()?;
+        indexed_fields(&txn, collection)
+    }
+
     /// Runs a query over a collection.
     pub fn query(&self, collection: &str, q: &query::Query) -> Result<Vec<Value>, ReadError> {
-        self.with_documents(collection, |docs| q.run(docs))
+        self.with_documents(collection, &q.filter, |docs| q.run(docs))
     }
 
     /// Counts the documents of a collection that match `filter`.
     pub fn count(&self, collection: &str, filter: &query::Filter) -> Result<u64, ReadError> {
-        self.with_documents(collection, |docs| docs.filter(|d| filter.matches(d)).count() as u64)
+        self.with_documents(collection, filter, |docs| {
+            docs.filter(|d| filter.matches(d)).count() as u64
+        })
     }
 
     /// Distinct values of `field` among matching documents.
     pub fn distinct(&self, collection: &str, field: &str, filter: &query::Filter) -> Result<Vec<Value>, ReadError> {
-        self.with_documents(collection, |docs| query::distinct(docs, field, filter))
+        self.with_documents(collection, filter, |docs| query::distinct(docs, field, filter))
     }
 
     /// Visits a document's versions in order, stopping when `f` says so.
@@ -541,6 +602,65 @@ fn init_store(
     };
     txn.commit().map_err(StorageError::from)?;
     Ok((last, vv, secret, generated))
+}
+
+/// How a read finds its candidate documents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    FullScan,
+    /// Documents whose `field` holds one of the looked-up values, in id order.
+    Index {
+        field: String,
+        ids: Vec<String>,
+    },
+}
+
+fn indexed_fields(txn: &ReadTransaction, collection: &str) -> Result<Vec<String>, ReadError> {
+    let mut fields: Vec<String> = index::ALWAYS_INDEXED.iter().map(|f| (*f).to_owned()).collect();
+    let defs = match txn.open_table(INDEX_DEFS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(fields),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in defs.range((collection, "")..=(collection, ORIGIN_MAX))? {
+        let (k, _) = entry?;
+        fields.push(k.value().1.to_owned());
+    }
+    Ok(fields)
+}
+
+/// Picks the first top-level equality or `$in` on an indexed field whose
+/// values are all indexable scalars (null, objects and arrays are not in
+/// indexes, so they force a scan).
+fn plan(txn: &ReadTransaction, collection: &str, filter: &query::Filter) -> Result<Plan, ReadError> {
+    let fields = indexed_fields(txn, collection)?;
+    for (field, values) in filter.index_lookups() {
+        if !fields.contains(&field) {
+            continue;
+        }
+        let Some(keys) = values.iter().map(|v| index::key_of(v)).collect::<Option<Vec<_>>>() else {
+            continue;
+        };
+        let table = match txn.open_table(INDEX) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Plan::Index { field, ids: Vec::new() }),
+            Err(e) => return Err(e.into()),
+        };
+        let mut ids = Vec::new();
+        for key in &keys {
+            let k = key.as_slice();
+            for entry in
+                table.range((collection, field.as_str(), k, "")..=(collection, field.as_str(), k, ORIGIN_MAX))?
+            {
+                let (e, _) = entry?;
+                ids.push(e.value().3.to_owned());
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        return Ok(Plan::Index { field, ids });
+    }
+    Ok(Plan::FullScan)
 }
 
 /// Where a node keeps its data by default.

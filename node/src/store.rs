@@ -11,6 +11,7 @@
 //! - `history_len`: (collection, id) → number of versions.
 //! - `meta`: site name, last HLC, secrets.
 //! - `credentials`: user name → local login record (not replicated).
+//! - `index_defs`, `index`: secondary indexes of current documents.
 
 use prost::Message;
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
@@ -25,6 +26,10 @@ pub(crate) const VERSIONS: TableDefinition<(&str, &str, u64, &str), u64> = Table
 pub(crate) const DOCUMENTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("documents");
 pub(crate) const HISTORY_LEN: TableDefinition<(&str, &str), u64> = TableDefinition::new("history_len");
 pub(crate) const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
+/// (collection, field) → index options (JSON).
+pub(crate) const INDEX_DEFS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("index_defs");
+/// (collection, field, value key, id) → (): one entry per indexed value.
+pub(crate) const INDEX: TableDefinition<(&str, &str, &[u8], &str), ()> = TableDefinition::new("index");
 
 pub(crate) const META_SITE: &str = "site";
 pub(crate) const META_HLC: &str = "hlc";
@@ -98,6 +103,8 @@ pub(crate) struct WriteTables<'t> {
     pub documents: Table<'t, (&'static str, &'static str), &'static [u8]>,
     pub history_len: Table<'t, (&'static str, &'static str), u64>,
     pub credentials: Table<'t, &'static str, &'static [u8]>,
+    pub index_defs: Table<'t, (&'static str, &'static str), &'static [u8]>,
+    pub index: Table<'t, (&'static str, &'static str, &'static [u8], &'static str), ()>,
 }
 
 impl<'t> WriteTables<'t> {
@@ -110,6 +117,8 @@ impl<'t> WriteTables<'t> {
             documents: txn.open_table(DOCUMENTS)?,
             history_len: txn.open_table(HISTORY_LEN)?,
             credentials: txn.open_table(CREDENTIALS)?,
+            index_defs: txn.open_table(INDEX_DEFS)?,
+            index: txn.open_table(INDEX)?,
         })
     }
 
@@ -168,12 +177,48 @@ impl<'t> WriteTables<'t> {
                 )));
             }
         };
-        if change.kind == ChangeKind::Delete as i32 {
+        let old = self.current(collection, id)?.map(Value::Object);
+        let new = if change.kind == ChangeKind::Delete as i32 {
             self.documents.remove((collection, id))?;
+            None
         } else {
             let doc = version_view(&change, len - 1)?;
             let bytes = serde_json::to_vec(&doc).map_err(|e| StorageError(e.to_string()))?;
             self.documents.insert((collection, id), bytes.as_slice())?;
+            Some(doc)
+        };
+        for field in self.indexed_fields(collection)? {
+            self.reindex(collection, &field, id, old.as_ref(), new.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Fields indexed in `collection`, `_type` included.
+    pub fn indexed_fields(&self, collection: &str) -> Result<Vec<String>, StorageError> {
+        let mut fields: Vec<String> = crate::index::ALWAYS_INDEXED.iter().map(|f| (*f).to_owned()).collect();
+        for entry in self.index_defs.range((collection, "")..=(collection, ORIGIN_MAX))? {
+            let (k, _) = entry?;
+            fields.push(k.value().1.to_owned());
+        }
+        Ok(fields)
+    }
+
+    /// Moves `id`'s entries for `field` from the `old` to the `new` document.
+    pub fn reindex(
+        &mut self,
+        collection: &str,
+        field: &str,
+        id: &str,
+        old: Option<&Value>,
+        new: Option<&Value>,
+    ) -> Result<(), StorageError> {
+        let old_keys = old.map(|d| crate::index::keys_for(d, field)).unwrap_or_default();
+        let new_keys = new.map(|d| crate::index::keys_for(d, field)).unwrap_or_default();
+        for k in old_keys.iter().filter(|k| !new_keys.contains(k)) {
+            self.index.remove((collection, field, k.as_slice(), id))?;
+        }
+        for k in new_keys.iter().filter(|k| !old_keys.contains(k)) {
+            self.index.insert((collection, field, k.as_slice(), id), ())?;
         }
         Ok(())
     }

@@ -285,3 +285,87 @@ async fn authentication() {
         Err(AuthError::BadCredentials)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_answer_like_a_scan_and_follow_every_write() {
+    use crate::query::{Filter, Query};
+    let dir = tempfile::tempdir().expect("tmp");
+    let node = open(dir.path(), "a");
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        let kinds = ["pump", "valve", "fan"];
+        let d = node
+            .insert(
+                "m",
+                obj(json!({"_type": kinds[i % 3], "load": i % 10, "tags": [format!("t{}", i % 4), "all"]})),
+                &admin(),
+            )
+            .await
+            .expect("insert");
+        ids.push(d["_id"].as_str().expect("id").to_owned());
+    }
+    node.create_index("m", "load").await.expect("index");
+    node.create_index("m", "tags").await.expect("index");
+    node.create_index("m", "load").await.expect("creating twice is fine");
+    assert_eq!(node.indexes("m").expect("list"), vec!["_type", "load", "tags"]);
+
+    // Writes after the index was built move entries too.
+    node.replace("m", &ids[0], obj(json!({"_type": "fan", "load": 99})), &admin())
+        .await
+        .expect("replace");
+    node.delete("m", &ids[1], &admin()).await.expect("delete");
+
+    let filters = [
+        json!({"_type": "pump"}),
+        json!({"_type": "fan", "load": 99}),
+        json!({"load": {"$in": [3, 4]}, "_type": {"$ne": "valve"}}),
+        json!({"tags": "t2"}),
+        json!({"load": 1.0}),
+        json!({"load": {"$gt": 5}}),
+    ];
+    for f in filters {
+        let filter = Filter::parse(&f).expect("filter");
+        let q = Query {
+            filter: filter.clone(),
+            top: 1000,
+            ..Query::default()
+        };
+        let planned = node.query("m", &q).expect("query");
+        let scanned = q.run(
+            node.query(
+                "m",
+                &Query {
+                    top: 1000,
+                    ..Query::default()
+                },
+            )
+            .expect("all")
+            .into_iter(),
+        );
+        assert_eq!(planned, scanned, "filter {f}");
+        let uses_index = !matches!(node.plan("m", &filter).expect("plan"), Plan::FullScan);
+        assert_eq!(uses_index, f != json!({"load": {"$gt": 5}}), "plan for {f}");
+        assert_eq!(node.count("m", &filter).expect("count"), planned.len() as u64);
+    }
+    match node
+        .plan("m", &Filter::parse(&json!({"_type": "pump"})).expect("f"))
+        .expect("plan")
+    {
+        Plan::Index { field, ids } => assert_eq!((field.as_str(), ids.len()), ("_type", 99)),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        node.drop_index("m", "_type").await,
+        Err(WriteError::BadIndex(_))
+    ));
+    node.drop_index("m", "load").await.expect("drop");
+    assert!(matches!(
+        node.drop_index("m", "load").await,
+        Err(WriteError::BadIndex(_))
+    ));
+    assert!(matches!(
+        node.plan("m", &Filter::parse(&json!({"load": 3})).expect("f"))
+            .expect("plan"),
+        Plan::FullScan
+    ));
+}

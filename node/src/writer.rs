@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::Database;
+use redb::{Database, ReadableTable};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -42,7 +42,17 @@ pub(crate) enum WriteOp {
         by: Principal,
     },
     /// Changes from a peer, in per-origin sequence order.
-    Apply { changes: Vec<Change> },
+    Apply {
+        changes: Vec<Change>,
+    },
+    CreateIndex {
+        collection: String,
+        field: String,
+    },
+    DropIndex {
+        collection: String,
+        field: String,
+    },
 }
 
 /// What a write produced.
@@ -50,6 +60,7 @@ pub(crate) enum WriteOp {
 pub(crate) enum WriteDone {
     Document(Value),
     Applied(ApplyReport),
+    Nothing,
 }
 
 /// Outcome of applying a peer's batch.
@@ -145,6 +156,8 @@ impl Writer {
                     } => self.replace(&mut t, collection, id, doc, &by),
                     WriteOp::Delete { collection, id, by } => self.delete(&mut t, collection, id, &by),
                     WriteOp::Apply { changes } => self.apply(&mut t, changes).map(WriteDone::Applied),
+                    WriteOp::CreateIndex { collection, field } => create_index(&mut t, &collection, &field),
+                    WriteOp::DropIndex { collection, field } => drop_index(&mut t, &collection, &field),
                 };
                 // A storage failure poisons the transaction: give up on the group.
                 if let Err(WriteError::Storage(e)) = r {
@@ -340,6 +353,82 @@ impl Writer {
             .fetch_add(report.clock_clamped, Ordering::Relaxed);
         Ok(report)
     }
+}
+
+fn check_index_field(field: &str) -> Result<(), WriteError> {
+    if field.is_empty() || field.split('.').any(str::is_empty) || field.starts_with('$') {
+        return Err(WriteError::BadIndex(format!("{field:?} is not a field path")));
+    }
+    Ok(())
+}
+
+/// Records the index and backfills it from the current documents, in the
+/// same transaction.
+fn create_index(t: &mut WriteTables<'_>, collection: &str, field: &str) -> Result<WriteDone, WriteError> {
+    validate_collection(collection)?;
+    check_index_field(field)?;
+    if t.indexed_fields(collection)?.iter().any(|f| f == field) {
+        return Ok(WriteDone::Nothing);
+    }
+    t.index_defs
+        .insert((collection, field), b"{}".as_slice())
+        .map_err(StorageError::from)?;
+    let docs: Vec<(String, Value)> = {
+        let range = t
+            .documents
+            .range((collection, "")..=(collection, crate::store::ORIGIN_MAX))
+            .map_err(StorageError::from)?;
+        let mut out = Vec::new();
+        for entry in range {
+            let (k, v) = entry.map_err(StorageError::from)?;
+            let doc = serde_json::from_slice(v.value()).map_err(|e| StorageError(e.to_string()))?;
+            out.push((k.value().1.to_owned(), doc));
+        }
+        out
+    };
+    for (id, doc) in docs {
+        t.reindex(collection, field, &id, None, Some(&doc))?;
+    }
+    Ok(WriteDone::Nothing)
+}
+
+fn drop_index(t: &mut WriteTables<'_>, collection: &str, field: &str) -> Result<WriteDone, WriteError> {
+    validate_collection(collection)?;
+    check_index_field(field)?;
+    if crate::index::ALWAYS_INDEXED.contains(&field) {
+        return Err(WriteError::BadIndex(format!(
+            "the index on {field} is built in and cannot be dropped"
+        )));
+    }
+    if t.index_defs
+        .remove((collection, field))
+        .map_err(StorageError::from)?
+        .is_none()
+    {
+        return Err(WriteError::BadIndex(format!("{collection} has no index on {field}")));
+    }
+    let keys: Vec<(Vec<u8>, String)> = {
+        let range = t
+            .index
+            .range(
+                (collection, field, [].as_slice(), "")
+                    ..=(collection, field, [0xffu8; 16].as_slice(), crate::store::ORIGIN_MAX),
+            )
+            .map_err(StorageError::from)?;
+        let mut out = Vec::new();
+        for entry in range {
+            let (k, _) = entry.map_err(StorageError::from)?;
+            let (_, _, key, id) = k.value();
+            out.push((key.to_vec(), id.to_owned()));
+        }
+        out
+    };
+    for (key, id) in keys {
+        t.index
+            .remove((collection, field, key.as_slice(), id.as_str()))
+            .map_err(StorageError::from)?;
+    }
+    Ok(WriteDone::Nothing)
 }
 
 /// Fields the store assigns; a client's values for them are dropped.

@@ -95,8 +95,30 @@ impl Filter {
         }
     }
 
-    /// Top-level equality conditions (`field: value` or `$eq`), which an
-    /// index on that field can answer.
+    /// Top-level conditions an index on the field can answer: for each,
+    /// the field and the values it must equal (`field: v`, `$eq`, `$in`).
+    pub fn index_lookups(&self) -> Vec<(String, Vec<&Value>)> {
+        let parts: Vec<&Filter> = match self {
+            Filter::And(fs) => fs.iter().collect(),
+            other => vec![other],
+        };
+        parts
+            .into_iter()
+            .filter_map(|f| match f {
+                Filter::Field {
+                    path,
+                    cond: Cond::Eq(v),
+                } => Some((path.join("."), vec![v])),
+                Filter::Field {
+                    path,
+                    cond: Cond::In(vs),
+                } => Some((path.join("."), vs.iter().collect())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Top-level equality conditions (`field: value` or `$eq`).
     pub fn equalities(&self) -> Vec<(String, &Value)> {
         let parts: Vec<&Filter> = match self {
             Filter::And(fs) => fs.iter().collect(),
