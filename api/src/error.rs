@@ -5,7 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use ocmesh_node::{AuthError, ReadError, WriteError};
+use ocmesh_node::{AuthError, ReadError, WorkItemError, WriteError};
 
 /// A failed request: status, short code, precise message.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,11 @@ impl From<WriteError> for ApiError {
             | WriteError::IdMismatch { .. }
             | WriteError::BadIndex(_) => ApiError::bad_request(e.to_string()),
             WriteError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            WriteError::WorkItem(w) => match w {
+                WorkItemError::NoQueue(_) | WorkItemError::NoItem(_) => ApiError::not_found(e.to_string()),
+                WorkItemError::QueueExists(_) => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+                _ => ApiError::bad_request(e.to_string()),
+            },
             WriteError::AlreadyExists { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             WriteError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
             WriteError::Apply(_) | WriteError::Storage(_) => ApiError::internal(e.to_string()),

@@ -22,6 +22,8 @@ pub enum WriteError {
     #[error("index: {0}")]
     BadIndex(String),
     #[error(transparent)]
+    WorkItem(#[from] crate::workitems::WorkItemError),
+    #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("the node is shutting down")]
     Closed,

@@ -88,9 +88,53 @@ pub fn iso8601(unix_ms: u64) -> String {
     )
 }
 
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` (what `iso8601` writes, and what
+/// OpenCore clients send) into milliseconds since the Unix epoch.
+pub fn parse_iso8601(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let rest = &s[19..];
+    let (ms, tail) = match rest.strip_prefix('.') {
+        Some(frac) => {
+            let digits: String = frac.chars().take_while(|c| c.is_ascii_digit()).collect();
+            let ms = format!("{digits:0<3}").get(..3)?.parse::<i64>().ok()?;
+            (ms, &frac[digits.len()..])
+        }
+        None => (0, rest),
+    };
+    if tail != "Z" || !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days-from-civil (H. Hinnant).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let total = ((days * 24 + h) * 60 + mi) * 60 + sec;
+    u64::try_from(total * 1000 + ms).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iso_round_trip() {
+        for ms in [0u64, 951_782_400_123, 1_795_990_088_000, 4_102_444_800_999] {
+            assert_eq!(parse_iso8601(&iso8601(ms)), Some(ms));
+        }
+        assert_eq!(parse_iso8601("2026-11-24T10:00:00Z"), Some(1_795_514_400_000));
+        assert_eq!(parse_iso8601("2026-11-24 10:00:00Z"), None);
+        assert_eq!(parse_iso8601("yesterday"), None);
+    }
 
     #[test]
     fn collection_names() {

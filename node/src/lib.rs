@@ -21,6 +21,7 @@ mod index;
 pub mod query;
 mod store;
 mod users;
+pub mod workitems;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -34,7 +35,16 @@ use tokio::sync::{mpsc, oneshot, watch};
 use ocmesh_replication::{Change, Clock, FetchRequest, Timestamp, VersionVector};
 
 pub use error::{ApplyError, AuthError, OpenError, ReadError, StorageError, WriteError};
+pub use workitems::{QueueSettings, WorkItemError};
 pub use writer::ApplyReport;
+
+/// The principal of the node's own housekeeping writes (lease expiry).
+pub(crate) fn system_principal() -> Principal {
+    Principal {
+        id: "000000000000000000000000".into(),
+        name: "ocmesh".into(),
+    }
+}
 
 use store::{
     CHANGES, CREDENTIALS, DOCUMENTS, INDEX, INDEX_DEFS, META_HLC, META_SITE, META_TOKEN_SECRET, ORIGIN_MAX, VERSIONS,
@@ -143,10 +153,28 @@ impl Node {
             published: vv_tx,
             stats: stats.clone(),
         };
+        let lease_tick = tx.downgrade();
         std::thread::Builder::new()
             .name("ocmesh-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| OpenError::Storage(StorageError(format!("cannot start writer thread: {e}"))))?;
+        // Returns expired work-item leases to their queues, once a second,
+        // for as long as the node is open.
+        std::thread::Builder::new()
+            .name("ocmesh-leases".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    let Some(tx) = lease_tick.upgrade() else { return };
+                    let (reply, _) = oneshot::channel();
+                    // A full queue means the writer is busy: try next tick.
+                    let _ = tx.try_send(Request {
+                        op: WriteOp::ExpireLeases,
+                        reply,
+                    });
+                }
+            })
+            .map_err(|e| OpenError::Storage(StorageError(format!("cannot start lease thread: {e}"))))?;
         let node = Node {
             inner: Arc::new(Inner {
                 site: config.site,
@@ -241,6 +269,131 @@ impl Node {
             by: by.clone(),
         })
         .await
+    }
+
+    /// Defines a work-item queue (a document in `mq`).
+    pub async fn add_queue(&self, doc: Map<String, Value>, by: &Principal) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::AddQueue { doc, by: by.clone() }).await
+    }
+
+    /// Replaces a queue's definition.
+    pub async fn update_queue(&self, name: &str, doc: Map<String, Value>, by: &Principal) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::UpdateQueue {
+            name: name.into(),
+            doc,
+            by: by.clone(),
+        })
+        .await
+    }
+
+    pub async fn delete_queue(&self, name: &str, by: &Principal) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::DeleteQueue {
+            name: name.into(),
+            by: by.clone(),
+        })
+        .await
+    }
+
+    /// Pushes items onto a queue: all or none.
+    pub async fn push_workitems(
+        &self,
+        queue: &str,
+        items: Vec<Map<String, Value>>,
+        by: &Principal,
+    ) -> Result<Vec<Value>, WriteError> {
+        match self
+            .write(WriteOp::PushItems {
+                queue: queue.into(),
+                items,
+                by: by.clone(),
+            })
+            .await?
+        {
+            WriteDone::Documents(d) => Ok(d),
+            _ => Err(WriteError::Closed),
+        }
+    }
+
+    /// Pops the most urgent due item; with `wait`, returns as soon as one
+    /// becomes available within that time.
+    pub async fn pop_workitem(
+        &self,
+        queue: &str,
+        by: &Principal,
+        wait: Option<std::time::Duration>,
+    ) -> Result<Option<Value>, WriteError> {
+        let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+        let mut commits = self.subscribe();
+        loop {
+            commits.borrow_and_update();
+            match self
+                .write(WriteOp::PopItem {
+                    queue: queue.into(),
+                    by: by.clone(),
+                })
+                .await?
+            {
+                WriteDone::Document(d) => return Ok(Some(d)),
+                WriteDone::Nothing => {}
+                _ => return Err(WriteError::Closed),
+            }
+            let Some(deadline) = deadline else { return Ok(None) };
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            // Wake on any commit (a push, a retry) or every 200 ms for items
+            // whose nextrun arrives.
+            let tick = (tokio::time::Instant::now() + std::time::Duration::from_millis(200)).min(deadline);
+            let _ = tokio::time::timeout_at(tick, commits.changed()).await;
+        }
+    }
+
+    /// Ends an item's processing: `successful`, `failed` or `retry`, with
+    /// `errortype` business or application.
+    pub async fn update_workitem(
+        &self,
+        id: &str,
+        state: &str,
+        errortype: Option<&str>,
+        errormessage: Option<String>,
+        payload: Option<Map<String, Value>>,
+        by: &Principal,
+    ) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::FinishItem {
+            id: id.into(),
+            state: state.into(),
+            errortype: errortype.map(str::to_owned),
+            errormessage,
+            payload,
+            by: by.clone(),
+        })
+        .await
+    }
+
+    pub async fn delete_workitem(&self, id: &str, by: &Principal) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::DeleteItem {
+            id: id.into(),
+            by: by.clone(),
+        })
+        .await
+    }
+
+    /// A queue's definition by name.
+    pub fn queue(&self, name: &str) -> Result<Value, ReadError> {
+        let filter = query::Filter::parse(&serde_json::json!({"_type": workitems::QUEUE_TYPE, "name": name}))
+            .map_err(|e| ReadError::Storage(StorageError(e.to_string())))?;
+        let q = query::Query {
+            filter,
+            top: 1,
+            ..query::Query::default()
+        };
+        self.query(workitems::QUEUES, &q)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ReadError::NotFound {
+                collection: workitems::QUEUES.into(),
+                id: name.into(),
+            })
     }
 
     /// Applies a peer's changes durably (skipping those already held).

@@ -105,6 +105,10 @@ pub(crate) struct WriteTables<'t> {
     pub credentials: Table<'t, &'static str, &'static [u8]>,
     pub index_defs: Table<'t, (&'static str, &'static str), &'static [u8]>,
     pub index: Table<'t, (&'static str, &'static str, &'static [u8], &'static str), ()>,
+    pub wi_queues: Table<'t, &'static str, &'static str>,
+    pub wi_ready: Table<'t, (&'static str, u64, u64, &'static str), ()>,
+    pub wi_delayed: Table<'t, (&'static str, u64, &'static str), (u64, u64)>,
+    pub wi_leases: Table<'t, (u64, &'static str), ()>,
 }
 
 impl<'t> WriteTables<'t> {
@@ -119,6 +123,10 @@ impl<'t> WriteTables<'t> {
             credentials: txn.open_table(CREDENTIALS)?,
             index_defs: txn.open_table(INDEX_DEFS)?,
             index: txn.open_table(INDEX)?,
+            wi_queues: txn.open_table(crate::workitems::WI_QUEUES)?,
+            wi_ready: txn.open_table(crate::workitems::WI_READY)?,
+            wi_delayed: txn.open_table(crate::workitems::WI_DELAYED)?,
+            wi_leases: txn.open_table(crate::workitems::WI_LEASES)?,
         })
     }
 
@@ -189,6 +197,22 @@ impl<'t> WriteTables<'t> {
         };
         for field in self.indexed_fields(collection)? {
             self.reindex(collection, &field, id, old.as_ref(), new.as_ref())?;
+        }
+        if collection == crate::workitems::QUEUES || collection == crate::workitems::ITEMS {
+            // FIFO order within a priority: the HLC of the document's first version.
+            let fifo = match self
+                .versions
+                .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?
+                .next()
+            {
+                Some(entry) => entry?.0.value().2,
+                None => 0,
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            crate::workitems::reindex(self, collection, id, old.as_ref(), new.as_ref(), fifo, now)?;
         }
         Ok(())
     }

@@ -369,3 +369,260 @@ async fn indexes_answer_like_a_scan_and_follow_every_write() {
         Plan::FullScan
     ));
 }
+
+mod workitems {
+    use super::*;
+    use std::time::Duration;
+
+    async fn queue(node: &Node, doc: Value) {
+        node.add_queue(obj(doc), &admin()).await.expect("queue");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn priority_then_fifo_and_never_twice() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let node = open(dir.path(), "a");
+        queue(&node, json!({"name": "jobs"})).await;
+        let mut pushed = Vec::new();
+        for (i, p) in [3, 1, 2, 1, 3, 1].iter().enumerate() {
+            let d = node
+                .push_workitems(
+                    "jobs",
+                    vec![obj(
+                        json!({"name": format!("i{i}"), "priority": p, "payload": {"i": i}}),
+                    )],
+                    &admin(),
+                )
+                .await
+                .expect("push");
+            pushed.push(d[0]["name"].as_str().expect("name").to_owned());
+        }
+        let mut order = Vec::new();
+        while let Some(item) = node.pop_workitem("jobs", &admin(), None).await.expect("pop") {
+            assert_eq!(item["state"], "processing");
+            order.push(item["name"].as_str().expect("name").to_owned());
+        }
+        assert_eq!(order, vec!["i1", "i3", "i5", "i2", "i0", "i4"]);
+
+        // Many poppers at once: every item exactly once.
+        let items: Vec<Map<String, Value>> = (0..200).map(|i| obj(json!({"payload": {"n": i}}))).collect();
+        node.push_workitems("jobs", items, &admin()).await.expect("push many");
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let node = node.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(item) = node.pop_workitem("jobs", &admin(), None).await.expect("pop") {
+                    got.push(item["payload"]["n"].as_u64().expect("n"));
+                }
+                got
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("join"));
+        }
+        all.sort();
+        assert_eq!(all, (0..200).collect::<Vec<u64>>());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retries_business_errors_and_routing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let node = open(dir.path(), "a");
+        queue(
+            &node,
+            json!({"name": "work", "maxretries": 2, "retrydelay": 0, "success_wiq": "done", "failed_wiq": "broken"}),
+        )
+        .await;
+        queue(&node, json!({"name": "done"})).await;
+        queue(&node, json!({"name": "broken"})).await;
+        node.push_workitems("work", vec![obj(json!({"name": "a", "payload": {"k": 1}}))], &admin())
+            .await
+            .expect("push");
+
+        // Application errors retry until maxretries.
+        for expected_retries in 1..=2u64 {
+            let item = node
+                .pop_workitem("work", &admin(), None)
+                .await
+                .expect("pop")
+                .expect("an item");
+            let id = item["_id"].as_str().expect("id").to_owned();
+            let after = node
+                .update_workitem(&id, "retry", Some("application"), Some("flaky".into()), None, &admin())
+                .await
+                .expect("update");
+            assert_eq!(after["retries"], expected_retries);
+            let expect_state = if expected_retries < 2 { "new" } else { "failed" };
+            assert_eq!(after["state"], expect_state, "{after}");
+        }
+        let routed = node
+            .pop_workitem("broken", &admin(), None)
+            .await
+            .expect("pop")
+            .expect("routed to failed_wiq");
+        assert_eq!(routed["payload"], json!({"k": 1}));
+
+        // Business errors never retry; success routes to success_wiq.
+        node.push_workitems(
+            "work",
+            vec![
+                obj(json!({"name": "b"})),
+                obj(json!({"name": "c", "success_wiq": "broken"})),
+            ],
+            &admin(),
+        )
+        .await
+        .expect("push");
+        let b = node
+            .pop_workitem("work", &admin(), None)
+            .await
+            .expect("pop")
+            .expect("b");
+        let b = node
+            .update_workitem(
+                b["_id"].as_str().expect("id"),
+                "failed",
+                Some("business"),
+                None,
+                None,
+                &admin(),
+            )
+            .await
+            .expect("fail");
+        assert_eq!((b["state"].as_str(), b["retries"].as_u64()), (Some("failed"), Some(0)));
+        let c = node
+            .pop_workitem("work", &admin(), None)
+            .await
+            .expect("pop")
+            .expect("c");
+        node.update_workitem(
+            c["_id"].as_str().expect("id"),
+            "successful",
+            None,
+            None,
+            Some(obj(json!({"out": 1}))),
+            &admin(),
+        )
+        .await
+        .expect("ok");
+        // b's business failure went to broken first, then c by its own success_wiq.
+        let b2 = node
+            .pop_workitem("broken", &admin(), None)
+            .await
+            .expect("pop")
+            .expect("b routed");
+        assert_eq!(b2["name"], "b");
+        let c2 = node
+            .pop_workitem("broken", &admin(), None)
+            .await
+            .expect("pop")
+            .expect("per-item override");
+        assert_eq!(
+            (c2["name"].as_str(), c2["payload"].clone()),
+            (Some("c"), json!({"out": 1}))
+        );
+        assert!(node.pop_workitem("done", &admin(), None).await.expect("pop").is_none());
+
+        // History of a work item is kept.
+        let versions = node
+            .versions("workitems", c["_id"].as_str().expect("id"))
+            .expect("history");
+        assert!(versions.len() >= 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_input_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let node = open(dir.path(), "a");
+        assert!(matches!(
+            node.add_queue(obj(json!({"name": "q", "maxretries": "many"})), &admin())
+                .await,
+            Err(WriteError::WorkItem(WorkItemError::BadSetting { .. }))
+        ));
+        queue(&node, json!({"name": "q"})).await;
+        assert!(matches!(
+            node.add_queue(obj(json!({"name": "q"})), &admin()).await,
+            Err(WriteError::WorkItem(WorkItemError::QueueExists(_)))
+        ));
+        let before = node.version_vector();
+        let r = node
+            .push_workitems(
+                "q",
+                vec![obj(json!({"payload": {}})), obj(json!({"payload": [1]}))],
+                &admin(),
+            )
+            .await;
+        assert!(matches!(
+            r,
+            Err(WriteError::WorkItem(WorkItemError::BadItem { field: "payload", .. }))
+        ));
+        assert_eq!(node.version_vector(), before, "nothing half-written");
+        assert!(matches!(
+            node.pop_workitem("nope", &admin(), None).await,
+            Err(WriteError::WorkItem(WorkItemError::NoQueue(_)))
+        ));
+        assert!(matches!(
+            node.update_workitem("0123456789abcdef01234567", "successful", None, None, None, &admin())
+                .await,
+            Err(WriteError::WorkItem(WorkItemError::NoItem(_)))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_pop_wakes_on_push_and_delays_hold() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let node = open(dir.path(), "a");
+        queue(&node, json!({"name": "w", "initialdelay": 1})).await;
+        let waiter = {
+            let node = node.clone();
+            tokio::spawn(async move { node.pop_workitem("w", &admin(), Some(Duration::from_secs(10))).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = tokio::time::Instant::now();
+        node.push_workitems("w", vec![obj(json!({"name": "late"}))], &admin())
+            .await
+            .expect("push");
+        assert!(
+            node.pop_workitem("w", &admin(), None).await.expect("pop").is_none(),
+            "initialdelay holds it"
+        );
+        let got = waiter.await.expect("join").expect("pop").expect("item after the delay");
+        let waited = started.elapsed();
+        assert_eq!(got["name"], "late");
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        assert!(
+            node.pop_workitem("w", &admin(), Some(Duration::from_millis(300)))
+                .await
+                .expect("pop")
+                .is_none()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_lease_returns_the_item() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let node = open(dir.path(), "a");
+        queue(&node, json!({"name": "l", "leasetime": 1, "maxretries": 5})).await;
+        node.push_workitems("l", vec![obj(json!({"name": "stuck"}))], &admin())
+            .await
+            .expect("push");
+        let first = node
+            .pop_workitem("l", &admin(), None)
+            .await
+            .expect("pop")
+            .expect("item");
+        let again = node
+            .pop_workitem("l", &admin(), Some(Duration::from_secs(6)))
+            .await
+            .expect("pop")
+            .expect("back after the lease");
+        assert_eq!(first["_id"], again["_id"]);
+        assert_eq!(again["retries"], 1);
+        assert_eq!(again["errormessage"], "processing lease expired");
+    }
+}

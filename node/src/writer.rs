@@ -53,6 +53,42 @@ pub(crate) enum WriteOp {
         collection: String,
         field: String,
     },
+    AddQueue {
+        doc: Map<String, Value>,
+        by: Principal,
+    },
+    UpdateQueue {
+        name: String,
+        doc: Map<String, Value>,
+        by: Principal,
+    },
+    DeleteQueue {
+        name: String,
+        by: Principal,
+    },
+    PushItems {
+        queue: String,
+        items: Vec<Map<String, Value>>,
+        by: Principal,
+    },
+    PopItem {
+        queue: String,
+        by: Principal,
+    },
+    FinishItem {
+        id: String,
+        state: String,
+        errortype: Option<String>,
+        errormessage: Option<String>,
+        payload: Option<Map<String, Value>>,
+        by: Principal,
+    },
+    DeleteItem {
+        id: String,
+        by: Principal,
+    },
+    /// Returns items whose processing lease ran out to their queues.
+    ExpireLeases,
 }
 
 /// What a write produced.
@@ -60,6 +96,7 @@ pub(crate) enum WriteOp {
 pub(crate) enum WriteDone {
     Document(Value),
     Applied(ApplyReport),
+    Documents(Vec<Value>),
     Nothing,
 }
 
@@ -158,6 +195,21 @@ impl Writer {
                     WriteOp::Apply { changes } => self.apply(&mut t, changes).map(WriteDone::Applied),
                     WriteOp::CreateIndex { collection, field } => create_index(&mut t, &collection, &field),
                     WriteOp::DropIndex { collection, field } => drop_index(&mut t, &collection, &field),
+                    WriteOp::AddQueue { doc, by } => self.add_queue(&mut t, doc, &by),
+                    WriteOp::UpdateQueue { name, doc, by } => self.update_queue(&mut t, &name, doc, &by),
+                    WriteOp::DeleteQueue { name, by } => self.delete_queue(&mut t, &name, &by),
+                    WriteOp::PushItems { queue, items, by } => self.push(&mut t, &queue, items, &by),
+                    WriteOp::PopItem { queue, by } => self.pop(&mut t, &queue, &by),
+                    WriteOp::FinishItem {
+                        id,
+                        state,
+                        errortype,
+                        errormessage,
+                        payload,
+                        by,
+                    } => self.finish(&mut t, &id, &state, errortype.as_deref(), errormessage, payload, &by),
+                    WriteOp::DeleteItem { id, by } => self.delete_item(&mut t, &id, &by),
+                    WriteOp::ExpireLeases => self.expire_leases(&mut t, &crate::system_principal()),
                 };
                 // A storage failure poisons the transaction: give up on the group.
                 if let Err(WriteError::Storage(e)) = r {
@@ -172,11 +224,11 @@ impl Writer {
     }
 
     /// Fresh HLC reading for a local write.
-    fn stamp(&mut self) -> Timestamp {
+    pub(crate) fn stamp(&mut self) -> Timestamp {
         self.clock.now(physical_ms())
     }
 
-    fn insert(
+    pub(crate) fn insert(
         &mut self,
         t: &mut WriteTables<'_>,
         collection: String,
@@ -207,7 +259,7 @@ impl Writer {
             .map(WriteDone::Document)
     }
 
-    fn replace(
+    pub(crate) fn replace(
         &mut self,
         t: &mut WriteTables<'_>,
         collection: String,
@@ -243,7 +295,7 @@ impl Writer {
             .map(WriteDone::Document)
     }
 
-    fn delete(
+    pub(crate) fn delete(
         &mut self,
         t: &mut WriteTables<'_>,
         collection: String,

@@ -1,0 +1,596 @@
+//! Work-item queues with OpenCore's fields and state machine, plus FIFO
+//! within a priority, a processing lease, and pop in one transaction.
+//!
+//! Queues are documents in `mq` (`_type: "workitemqueue"`), items documents
+//! in `workitems` (`_type: "workitem"`), so history and replication carry
+//! them like any document. Local tables derived from the current documents
+//! make pop cheap: `wi_ready` orders new items of a queue by (priority,
+//! first-version HLC), `wi_delayed` holds new items whose `nextrun` lies
+//! ahead, `wi_leases` holds processing items by lease expiry.
+
+use redb::{ReadableTable, TableDefinition};
+use serde_json::{Map, Value, json};
+
+use crate::Principal;
+use crate::error::WriteError;
+use crate::ids::{iso8601, parse_iso8601};
+use crate::store::{ORIGIN_MAX, StorageError, WriteTables};
+use crate::writer::{WriteDone, Writer};
+
+pub const QUEUES: &str = "mq";
+pub const ITEMS: &str = "workitems";
+pub const QUEUE_TYPE: &str = "workitemqueue";
+pub const ITEM_TYPE: &str = "workitem";
+pub const DEFAULT_PRIORITY: i64 = 2;
+/// How long a popped item may stay in `processing` by default.
+pub const DEFAULT_LEASE_SECS: u64 = 300;
+
+/// Queue name → queue document id.
+pub(crate) const WI_QUEUES: TableDefinition<&str, &str> = TableDefinition::new("wi_queues");
+/// (queue, priority key, fifo, id) → (): new items that may run now.
+pub(crate) const WI_READY: TableDefinition<(&str, u64, u64, &str), ()> = TableDefinition::new("wi_ready");
+/// (queue, nextrun ms, id) → (priority key, fifo): new items due later.
+pub(crate) const WI_DELAYED: TableDefinition<(&str, u64, &str), (u64, u64)> = TableDefinition::new("wi_delayed");
+/// (lease expiry ms, id) → (): processing items.
+pub(crate) const WI_LEASES: TableDefinition<(u64, &str), ()> = TableDefinition::new("wi_leases");
+
+/// Why a work-item operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkItemError {
+    #[error("work item queue {0:?} does not exist")]
+    NoQueue(String),
+    #[error("work item queue {0:?} already exists")]
+    QueueExists(String),
+    #[error("work item {0} not found")]
+    NoItem(String),
+    #[error("queue setting {field}: {problem}")]
+    BadSetting { field: &'static str, problem: String },
+    #[error("work item field {field}: {problem}")]
+    BadItem { field: &'static str, problem: String },
+    #[error("state {0:?} cannot be set; use successful, failed or retry")]
+    BadState(String),
+    #[error("errortype {0:?} is neither business nor application")]
+    BadErrorType(String),
+}
+
+/// A queue's settings, read from its document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSettings {
+    pub name: String,
+    pub maxretries: u64,
+    pub retrydelay_ms: u64,
+    pub initialdelay_ms: u64,
+    pub success_wiq: Option<String>,
+    pub failed_wiq: Option<String>,
+    pub lease_ms: u64,
+}
+
+fn bad(field: &'static str, problem: impl Into<String>) -> WorkItemError {
+    WorkItemError::BadSetting {
+        field,
+        problem: problem.into(),
+    }
+}
+
+fn opt_u64(doc: &Map<String, Value>, field: &'static str) -> Result<Option<u64>, WorkItemError> {
+    match doc.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(f) if f >= 0.0 && f.is_finite() => Ok(Some(f as u64)),
+            _ => Err(bad(field, format!("must be a non-negative number, not {n}"))),
+        },
+        Some(other) => Err(bad(field, format!("must be a number, not {other}"))),
+    }
+}
+
+fn opt_string(doc: &Map<String, Value>, field: &'static str) -> Result<Option<String>, WorkItemError> {
+    match doc.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(bad(field, format!("must be a string, not {other}"))),
+    }
+}
+
+impl QueueSettings {
+    /// Reads and checks a queue document (OpenCore's field names; delays in seconds).
+    pub fn from_doc(doc: &Map<String, Value>) -> Result<Self, WorkItemError> {
+        let name = opt_string(doc, "name")?.ok_or_else(|| bad("name", "is required"))?;
+        let maxretries = match doc.get("maxretries") {
+            // OpenCore: below 1 means 3.
+            Some(Value::Number(n)) if n.as_f64().is_some_and(|f| f < 1.0) => 3,
+            _ => opt_u64(doc, "maxretries")?.unwrap_or(3),
+        };
+        Ok(QueueSettings {
+            name,
+            maxretries,
+            retrydelay_ms: opt_u64(doc, "retrydelay")?.unwrap_or(0).saturating_mul(1000),
+            initialdelay_ms: opt_u64(doc, "initialdelay")?.unwrap_or(0).saturating_mul(1000),
+            success_wiq: opt_string(doc, "success_wiq")?,
+            failed_wiq: opt_string(doc, "failed_wiq")?,
+            lease_ms: opt_u64(doc, "leasetime")?
+                .unwrap_or(DEFAULT_LEASE_SECS)
+                .max(1)
+                .saturating_mul(1000),
+        })
+    }
+}
+
+/// Sort key of a priority: lower numbers first, negatives before positives.
+fn priority_key(doc: &Map<String, Value>) -> u64 {
+    let p = doc.get("priority").and_then(Value::as_i64).unwrap_or(DEFAULT_PRIORITY);
+    (p as u64) ^ (1 << 63)
+}
+
+fn time_field(doc: &Map<String, Value>, field: &str) -> Option<u64> {
+    doc.get(field).and_then(Value::as_str).and_then(parse_iso8601)
+}
+
+/// Keeps the work-item tables in step with a document's new current state.
+pub(crate) fn reindex(
+    t: &mut WriteTables<'_>,
+    collection: &str,
+    id: &str,
+    old: Option<&Value>,
+    new: Option<&Value>,
+    fifo: u64,
+    now_ms: u64,
+) -> Result<(), StorageError> {
+    let as_obj = |v: Option<&Value>| v.and_then(Value::as_object).cloned();
+    let (old, new) = (as_obj(old), as_obj(new));
+    let typed = |d: &Option<Map<String, Value>>, ty: &str| {
+        d.as_ref()
+            .filter(|m| m.get("_type").and_then(Value::as_str) == Some(ty))
+            .cloned()
+    };
+    if collection == QUEUES {
+        let queues = &mut t.wi_queues;
+        if let Some(name) =
+            typed(&old, QUEUE_TYPE).and_then(|m| m.get("name").and_then(Value::as_str).map(str::to_owned))
+        {
+            queues.remove(name.as_str())?;
+        }
+        if let Some(name) =
+            typed(&new, QUEUE_TYPE).and_then(|m| m.get("name").and_then(Value::as_str).map(str::to_owned))
+        {
+            queues.insert(name.as_str(), id)?;
+        }
+        return Ok(());
+    }
+    if collection != ITEMS {
+        return Ok(());
+    }
+    let (ready, delayed, leases) = (&mut t.wi_ready, &mut t.wi_delayed, &mut t.wi_leases);
+    if let Some(o) = typed(&old, ITEM_TYPE) {
+        let queue = o.get("wiq").and_then(Value::as_str).unwrap_or_default().to_owned();
+        ready.remove((queue.as_str(), priority_key(&o), fifo, id))?;
+        if let Some(at) = time_field(&o, "nextrun") {
+            delayed.remove((queue.as_str(), at, id))?;
+        }
+        if let Some(until) = time_field(&o, "_leaseuntil") {
+            leases.remove((until, id))?;
+        }
+    }
+    if let Some(n) = typed(&new, ITEM_TYPE) {
+        let queue = n.get("wiq").and_then(Value::as_str).unwrap_or_default().to_owned();
+        match n.get("state").and_then(Value::as_str) {
+            Some("new") => match time_field(&n, "nextrun") {
+                Some(at) if at > now_ms => {
+                    delayed.insert((queue.as_str(), at, id), (priority_key(&n), fifo))?;
+                }
+                _ => {
+                    ready.insert((queue.as_str(), priority_key(&n), fifo, id), ())?;
+                }
+            },
+            Some("processing") => {
+                if let Some(until) = time_field(&n, "_leaseuntil") {
+                    leases.insert((until, id), ())?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What to do with an item whose work ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Back to `new`, to run again at `nextrun_ms`.
+    Retry { nextrun_ms: u64 },
+    /// Done; a copy goes to the target queue if there is one.
+    Final {
+        state: &'static str,
+        route_to: Option<String>,
+    },
+}
+
+/// OpenCore's rules: business errors never retry; application errors
+/// retry until `retries` reaches `maxretries`; the item's own
+/// `success_wiq`/`failed_wiq` override the queue's.
+pub(crate) fn outcome(
+    q: &QueueSettings,
+    item: &Map<String, Value>,
+    success: bool,
+    business: bool,
+    retries_after: u64,
+    now_ms: u64,
+) -> Outcome {
+    let item_target = |f: &str| {
+        item.get(f)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    if success {
+        return Outcome::Final {
+            state: "successful",
+            route_to: item_target("success_wiq").or(q.success_wiq.clone()),
+        };
+    }
+    if !business && retries_after < q.maxretries {
+        return Outcome::Retry {
+            nextrun_ms: now_ms.saturating_add(q.retrydelay_ms),
+        };
+    }
+    Outcome::Final {
+        state: "failed",
+        route_to: item_target("failed_wiq").or(q.failed_wiq.clone()),
+    }
+}
+
+fn physical_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Writer {
+    fn queue(&self, t: &WriteTables<'_>, name: &str) -> Result<(String, QueueSettings), WriteError> {
+        let id = match t.wi_queues.get(name).map_err(StorageError::from)? {
+            Some(id) => id.value().to_owned(),
+            None => return Err(WorkItemError::NoQueue(name.to_owned()).into()),
+        };
+        let doc = t
+            .current(QUEUES, &id)?
+            .ok_or_else(|| WorkItemError::NoQueue(name.to_owned()))?;
+        Ok((id, QueueSettings::from_doc(&doc)?))
+    }
+
+    pub(crate) fn add_queue(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        mut doc: Map<String, Value>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let settings = QueueSettings::from_doc(&doc)?;
+        if self.queue(t, &settings.name).is_ok() {
+            return Err(WorkItemError::QueueExists(settings.name).into());
+        }
+        doc.insert("_type".into(), QUEUE_TYPE.into());
+        self.insert(t, QUEUES.into(), doc, by)
+    }
+
+    pub(crate) fn update_queue(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        name: &str,
+        mut doc: Map<String, Value>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let (id, _) = self.queue(t, name)?;
+        let renamed = QueueSettings::from_doc(&doc)?;
+        if renamed.name != name && self.queue(t, &renamed.name).is_ok() {
+            return Err(WorkItemError::QueueExists(renamed.name).into());
+        }
+        doc.insert("_type".into(), QUEUE_TYPE.into());
+        self.replace(t, QUEUES.into(), id, doc, by)
+    }
+
+    pub(crate) fn delete_queue(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        name: &str,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let (id, _) = self.queue(t, name)?;
+        self.delete(t, QUEUES.into(), id, by)
+    }
+
+    /// Pushes items onto a queue; all are checked before any is written.
+    pub(crate) fn push(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        queue: &str,
+        items: Vec<Map<String, Value>>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let (qid, q) = self.queue(t, queue)?;
+        let now = physical_now();
+        let mut docs = Vec::with_capacity(items.len());
+        for mut item in items {
+            let item_err = |field, problem: String| WriteError::from(WorkItemError::BadItem { field, problem });
+            match item.get("payload") {
+                None | Some(Value::Null) => {
+                    item.insert("payload".into(), json!({}));
+                }
+                Some(Value::Object(_)) => {}
+                Some(other) => return Err(item_err("payload", format!("must be a JSON object, not {other}"))),
+            }
+            match item.get("priority") {
+                None | Some(Value::Null) => {
+                    item.insert("priority".into(), DEFAULT_PRIORITY.into());
+                }
+                Some(v) if v.as_i64().is_some() => {}
+                Some(other) => return Err(item_err("priority", format!("must be an integer, not {other}"))),
+            }
+            let nextrun = match item.get("nextrun") {
+                None | Some(Value::Null) => now + q.initialdelay_ms,
+                Some(Value::String(s)) => {
+                    parse_iso8601(s).ok_or_else(|| item_err("nextrun", format!("{s:?} is not an ISO-8601 UTC time")))?
+                }
+                Some(other) => return Err(item_err("nextrun", format!("must be an ISO-8601 string, not {other}"))),
+            };
+            for f in ["success_wiq", "failed_wiq", "name"] {
+                if let Some(v) = item.get(f)
+                    && !v.is_string()
+                    && !v.is_null()
+                {
+                    return Err(item_err("name", format!("{f} must be a string, not {v}")));
+                }
+            }
+            if let Some(files) = item.get("files")
+                && !files.is_array()
+            {
+                return Err(item_err("files", format!("must be an array, not {files}")));
+            }
+            item.entry("name").or_insert_with(|| "workitem".into());
+            item.entry("files").or_insert_with(|| json!([]));
+            item.insert("_type".into(), ITEM_TYPE.into());
+            item.insert("wiq".into(), queue.into());
+            item.insert("wiqid".into(), qid.clone().into());
+            item.insert("state".into(), "new".into());
+            item.insert("retries".into(), 0.into());
+            item.insert("nextrun".into(), iso8601(nextrun).into());
+            docs.push(item);
+        }
+        let mut out = Vec::with_capacity(docs.len());
+        for doc in docs {
+            if let WriteDone::Document(d) = self.insert(t, ITEMS.into(), doc, by)? {
+                out.push(d);
+            }
+        }
+        Ok(WriteDone::Documents(out))
+    }
+
+    /// Takes the most urgent due item of a queue into `processing`.
+    pub(crate) fn pop(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        queue: &str,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let (_, q) = self.queue(t, queue)?;
+        let now = physical_now();
+        t.promote_due(queue, now)?;
+        let Some(id) = t.first_ready(queue)? else {
+            return Ok(WriteDone::Nothing);
+        };
+        let Some(mut doc) = t.current(ITEMS, &id)? else {
+            return Err(StorageError(format!("ready work item {id} has no document")).into());
+        };
+        doc.insert("state".into(), "processing".into());
+        doc.insert("lastrun".into(), iso8601(now).into());
+        doc.insert("_leaseuntil".into(), iso8601(now + q.lease_ms).into());
+        self.replace(t, ITEMS.into(), id, doc, by)
+    }
+
+    /// Records the end of an item's work and routes or retries it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn finish(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        id: &str,
+        state: &str,
+        errortype: Option<&str>,
+        errormessage: Option<String>,
+        payload: Option<Map<String, Value>>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let success = match state {
+            "successful" => true,
+            "failed" | "retry" => false,
+            other => return Err(WorkItemError::BadState(other.to_owned()).into()),
+        };
+        let business = match errortype {
+            None | Some("application") => false,
+            Some("business") => true,
+            Some(other) => return Err(WorkItemError::BadErrorType(other.to_owned()).into()),
+        };
+        crate::ids::validate_id(id)?;
+        let mut doc = t
+            .current(ITEMS, id)?
+            .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?;
+        let queue = doc.get("wiq").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let (_, q) = self.queue(t, &queue)?;
+        if let Some(p) = payload {
+            doc.insert("payload".into(), Value::Object(p));
+        }
+        let retries = doc.get("retries").and_then(Value::as_u64).unwrap_or(0);
+        let retries_after = if success || business { retries } else { retries + 1 };
+        let now = physical_now();
+        doc.remove("_leaseuntil");
+        if !success {
+            doc.insert(
+                "errortype".into(),
+                (if business { "business" } else { "application" }).into(),
+            );
+            doc.insert("errormessage".into(), errormessage.unwrap_or_default().into());
+            doc.insert("retries".into(), retries_after.into());
+        }
+        let route = match outcome(&q, &doc, success, business, retries_after, now) {
+            Outcome::Retry { nextrun_ms } => {
+                doc.insert("state".into(), "new".into());
+                doc.insert("nextrun".into(), iso8601(nextrun_ms).into());
+                None
+            }
+            Outcome::Final { state, route_to } => {
+                doc.insert("state".into(), state.into());
+                route_to
+            }
+        };
+        let done = self.replace(t, ITEMS.into(), id.to_owned(), doc.clone(), by)?;
+        if let Some(target) = route {
+            let mut copy = Map::new();
+            for f in ["name", "payload", "priority", "files"] {
+                if let Some(v) = doc.get(f) {
+                    copy.insert(f.into(), v.clone());
+                }
+            }
+            match self.push(t, &target, vec![copy], by) {
+                Ok(_) => {}
+                Err(WriteError::WorkItem(WorkItemError::NoQueue(_))) => {
+                    tracing::warn!(item = %id, %target, "work item's target queue does not exist; not routed");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    pub(crate) fn delete_item(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        id: &str,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        crate::ids::validate_id(id)?;
+        if t.current(ITEMS, id)?.is_none() {
+            return Err(WorkItemError::NoItem(id.to_owned()).into());
+        }
+        self.delete(t, ITEMS.into(), id.to_owned(), by)
+    }
+
+    /// Items whose lease ran out go back to `new` as an application error.
+    pub(crate) fn expire_leases(&mut self, t: &mut WriteTables<'_>, by: &Principal) -> Result<WriteDone, WriteError> {
+        let now = physical_now();
+        let expired = t.expired_leases(now)?;
+        for id in &expired {
+            self.finish(
+                t,
+                id,
+                "retry",
+                Some("application"),
+                Some("processing lease expired".into()),
+                None,
+                by,
+            )?;
+        }
+        if !expired.is_empty() {
+            tracing::info!(
+                items = expired.len(),
+                "work items whose lease expired went back to their queue"
+            );
+        }
+        Ok(WriteDone::Nothing)
+    }
+}
+
+impl WriteTables<'_> {
+    /// Moves a queue's delayed items whose time has come into the ready set.
+    fn promote_due(&mut self, queue: &str, now: u64) -> Result<(), StorageError> {
+        let due: Vec<(u64, String, (u64, u64))> = {
+            let mut out = Vec::new();
+            for entry in self.wi_delayed.range((queue, 0u64, "")..=(queue, now, ORIGIN_MAX))? {
+                let (k, v) = entry?;
+                let (_, at, id) = k.value();
+                out.push((at, id.to_owned(), v.value()));
+            }
+            out
+        };
+        for (at, id, (prio, fifo)) in due {
+            self.wi_delayed.remove((queue, at, id.as_str()))?;
+            self.wi_ready.insert((queue, prio, fifo, id.as_str()), ())?;
+        }
+        Ok(())
+    }
+
+    fn first_ready(&self, queue: &str) -> Result<Option<String>, StorageError> {
+        let mut range = self
+            .wi_ready
+            .range((queue, 0u64, 0u64, "")..=(queue, u64::MAX, u64::MAX, ORIGIN_MAX))?;
+        match range.next() {
+            Some(entry) => Ok(Some(entry?.0.value().3.to_owned())),
+            None => Ok(None),
+        }
+    }
+
+    fn expired_leases(&self, now: u64) -> Result<Vec<String>, StorageError> {
+        let mut out = Vec::new();
+        for entry in self.wi_leases.range((0u64, "")..=(now, ORIGIN_MAX))? {
+            out.push(entry?.0.value().1.to_owned());
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(doc: Value) -> QueueSettings {
+        QueueSettings::from_doc(doc.as_object().expect("object")).expect("settings")
+    }
+
+    #[test]
+    fn settings_follow_opencore() {
+        let s = q(json!({"name": "q", "maxretries": 0, "retrydelay": 2, "success_wiq": "done"}));
+        assert_eq!(
+            (s.maxretries, s.retrydelay_ms, s.success_wiq.as_deref()),
+            (3, 2000, Some("done"))
+        );
+        let err = QueueSettings::from_doc(json!({"name": "q", "retrydelay": "soon"}).as_object().expect("o"));
+        assert!(err.expect_err("string delay").to_string().contains("retrydelay"));
+        assert!(QueueSettings::from_doc(json!({}).as_object().expect("o")).is_err());
+    }
+
+    #[test]
+    fn outcomes() {
+        let s = q(json!({"name": "q", "maxretries": 2, "retrydelay": 1, "success_wiq": "ok", "failed_wiq": "bad"}));
+        let item = Map::new();
+        assert_eq!(
+            outcome(&s, &item, true, false, 0, 0),
+            Outcome::Final {
+                state: "successful",
+                route_to: Some("ok".into())
+            }
+        );
+        assert_eq!(
+            outcome(&s, &item, false, true, 0, 0),
+            Outcome::Final {
+                state: "failed",
+                route_to: Some("bad".into())
+            }
+        );
+        assert_eq!(
+            outcome(&s, &item, false, false, 1, 10),
+            Outcome::Retry { nextrun_ms: 1010 }
+        );
+        assert_eq!(
+            outcome(&s, &item, false, false, 2, 10),
+            Outcome::Final {
+                state: "failed",
+                route_to: Some("bad".into())
+            }
+        );
+        let own = json!({"success_wiq": "mine"}).as_object().cloned().expect("o");
+        assert_eq!(
+            outcome(&s, &own, true, false, 0, 0),
+            Outcome::Final {
+                state: "successful",
+                route_to: Some("mine".into())
+            }
+        );
+    }
+}
