@@ -442,3 +442,118 @@ async fn queries_count_and_distinct() -> anyhow::Result<()> {
     assert_eq!(post("indexes", json!({"field": ""})).await?.status(), 400);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_item_rest_and_its_errors() -> anyhow::Result<()> {
+    let (s, _root) = site().await?;
+    let c = &s.client;
+    let send = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let r = c.request(method, s.url(path)).basic_auth("admin", Some(PASSWORD));
+        match body {
+            Some(b) => r.json(&b),
+            None => r,
+        }
+        .send()
+    };
+    use reqwest::Method;
+    let r = send(
+        Method::POST,
+        "/api/v1/workitemqueues",
+        Some(json!({"name": "q", "maxretries": "lots"})),
+    )
+    .await?;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await?.contains("maxretries"));
+    assert_eq!(
+        send(
+            Method::POST,
+            "/api/v1/workitemqueues",
+            Some(json!({"name": "q", "success_wiq": "out"}))
+        )
+        .await?
+        .status(),
+        201
+    );
+    assert_eq!(
+        send(Method::POST, "/api/v1/workitemqueues", Some(json!({"name": "out"})))
+            .await?
+            .status(),
+        201
+    );
+    assert_eq!(
+        send(Method::POST, "/api/v1/workitemqueues", Some(json!({"name": "q"})))
+            .await?
+            .status(),
+        409
+    );
+    let r = send(
+        Method::POST,
+        "/api/v1/workitemqueues/q/workitems",
+        Some(json!({"payload": "text"})),
+    )
+    .await?;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await?.contains("payload"));
+    assert_eq!(
+        send(Method::POST, "/api/v1/workitemqueues/nope/pop", None)
+            .await?
+            .status(),
+        404
+    );
+    assert_eq!(
+        send(Method::POST, "/api/v1/workitemqueues/q/pop", None).await?.status(),
+        204
+    );
+    let pushed: Value = send(
+        Method::POST,
+        "/api/v1/workitemqueues/q/workitems",
+        Some(json!({"items": [{"payload": {"a": 1}}, {"payload": {"a": 2}, "priority": 1}]})),
+    )
+    .await?
+    .json()
+    .await?;
+    assert_eq!(pushed.as_array().map(|a| a.len()), Some(2));
+    let first: Value = send(Method::POST, "/api/v1/workitemqueues/q/pop?wait=1", None)
+        .await?
+        .json()
+        .await?;
+    assert_eq!(first["payload"], json!({"a": 2}), "priority 1 first");
+    let id = first["_id"].as_str().unwrap_or_default().to_owned();
+    let bad = send(
+        Method::PUT,
+        &format!("/api/v1/workitems/{id}"),
+        Some(json!({"state": "done"})),
+    )
+    .await?;
+    assert_eq!(bad.status(), 400);
+    let bad = send(
+        Method::PUT,
+        &format!("/api/v1/workitems/{id}"),
+        Some(json!({"state": "failed", "errortype": "cosmic"})),
+    )
+    .await?;
+    assert_eq!(bad.status(), 400);
+    let ok: Value = send(
+        Method::PUT,
+        &format!("/api/v1/workitems/{id}"),
+        Some(json!({"state": "successful"})),
+    )
+    .await?
+    .json()
+    .await?;
+    assert_eq!(ok["state"], "successful");
+    let routed: Value = send(Method::POST, "/api/v1/workitemqueues/out/pop", None)
+        .await?
+        .json()
+        .await?;
+    assert_eq!(routed["payload"], json!({"a": 2}));
+    assert_eq!(
+        send(Method::POST, "/api/v1/workitemqueues/q/pop?wait=999", None)
+            .await?
+            .status(),
+        400
+    );
+    let versions = s.versions("workitems", &id).await?;
+    assert_eq!(versions.as_array().map(|v| v.len()), Some(3), "push, pop, complete");
+    Ok(())
+}

@@ -65,6 +65,17 @@ pub fn router(node: Node, peers: Option<PeerTable>) -> Router {
             axum::routing::delete(drop_index),
         )
         .route("/api/v1/mesh/peers", get(mesh_peers))
+        .route("/api/v1/workitemqueues", post(add_queue))
+        .route(
+            "/api/v1/workitemqueues/{name}",
+            get(get_queue).put(update_queue).delete(delete_queue),
+        )
+        .route("/api/v1/workitemqueues/{name}/workitems", post(push_workitems))
+        .route("/api/v1/workitemqueues/{name}/pop", post(pop_workitem))
+        .route(
+            "/api/v1/workitems/{id}",
+            get(get_workitem).put(update_workitem).delete(delete_workitem),
+        )
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(log_request))
@@ -327,6 +338,134 @@ async fn drop_index(
 ) -> Result<Json<Value>, ApiError> {
     s.node.drop_index(&collection, &field).await?;
     Ok(Json(json!({"dropped": field})))
+}
+
+async fn add_queue(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    JsonObject(doc): JsonObject,
+) -> Result<Response, ApiError> {
+    let q = s.node.add_queue(doc, &who).await?;
+    Ok((StatusCode::CREATED, Json(q)).into_response())
+}
+
+async fn get_queue(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let node = s.node.clone();
+    Ok(Json(blocking(move || node.queue(&name)).await?))
+}
+
+async fn update_queue(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(name): Path<String>,
+    JsonObject(doc): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(s.node.update_queue(&name, doc, &who).await?))
+}
+
+async fn delete_queue(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(s.node.delete_queue(&name, &who).await?))
+}
+
+/// One item as the body, or `{"items": [...]}` for many.
+async fn push_workitems(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(name): Path<String>,
+    JsonObject(mut body): JsonObject,
+) -> Result<Response, ApiError> {
+    let items = match body.remove("items") {
+        Some(Value::Array(list)) => list
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::Object(m) => Ok(m),
+                other => Err(ApiError::bad_request(format!(
+                    "items[{i}] must be a JSON object, not {other}"
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(other) => return Err(ApiError::bad_request(format!("items must be an array, not {other}"))),
+        None => vec![body],
+    };
+    let pushed = s.node.push_workitems(&name, items, &who).await?;
+    Ok((StatusCode::CREATED, Json(Value::Array(pushed))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct PopParams {
+    /// Seconds to wait for an item.
+    wait: Option<f64>,
+}
+
+/// Pops an item: 200 with it, or 204 when none is due (after `?wait=` seconds).
+async fn pop_workitem(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(name): Path<String>,
+    axum::extract::Query(params): axum::extract::Query<PopParams>,
+) -> Result<Response, ApiError> {
+    let wait = match params.wait {
+        None => None,
+        Some(w) if (0.0..=300.0).contains(&w) => Some(std::time::Duration::from_secs_f64(w)),
+        Some(w) => return Err(ApiError::bad_request(format!("wait={w}: give 0 to 300 seconds"))),
+    };
+    match s.node.pop_workitem(&name, &who, wait).await? {
+        Some(item) => Ok(Json(item).into_response()),
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+async fn get_workitem(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let node = s.node.clone();
+    Ok(Json(
+        blocking(move || node.get(ocmesh_node::workitems::ITEMS, &id)).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkItemUpdate {
+    state: String,
+    errortype: Option<String>,
+    errormessage: Option<String>,
+    payload: Option<Map<String, Value>>,
+}
+
+/// `{state: successful|failed|retry, errortype?, errormessage?, payload?}`.
+async fn update_workitem(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let u: WorkItemUpdate = serde_json::from_value(Value::Object(body))
+        .map_err(|e| ApiError::bad_request(format!("work item update: {e}")))?;
+    Ok(Json(
+        s.node
+            .update_workitem(&id, &u.state, u.errortype.as_deref(), u.errormessage, u.payload, &who)
+            .await?,
+    ))
+}
+
+async fn delete_workitem(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(s.node.delete_workitem(&id, &who).await?))
 }
 
 async fn mesh_peers(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {
