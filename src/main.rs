@@ -1,5 +1,7 @@
 //! The `ocmesh` binary: run a site, manage the federation CA, simulate.
 
+mod amqp_bench;
+mod bench;
 mod config;
 
 use std::path::PathBuf;
@@ -28,6 +30,9 @@ enum Command {
     /// Manage the federation certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Measure throughput and latency.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Run a simulation scenario (TOML) in virtual time and check the invariants.
     Sim {
         scenario: PathBuf,
@@ -38,6 +43,12 @@ enum Command {
         #[arg(long)]
         seeds: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// The work-item cycle (push, pop, complete), optionally against RabbitMQ.
+    Workitems(bench::WorkItemBench),
 }
 
 #[derive(Subcommand, Debug)]
@@ -63,6 +74,10 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(run(settings))
         }
+        Command::Bench(BenchCommand::Workitems(b)) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(bench::run_workitems(b)),
         Command::Sim { scenario, seed, seeds } => sim(&scenario, seed, seeds.as_deref()),
         Command::Ca(CaCommand::Init { dir }) => {
             let files = ca::init_ca(&dir)?;
