@@ -85,6 +85,9 @@ pub struct NodeStats {
     pub clock_clamped: AtomicU64,
     /// Requests waiting for the writer when it last took a group.
     pub writer_queue: AtomicU64,
+    /// Time the writer spent carrying out writes, and in redb's commit.
+    pub apply_nanos: AtomicU64,
+    pub commit_nanos: AtomicU64,
 }
 
 /// A running site. Cheap to clone.

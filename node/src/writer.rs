@@ -178,6 +178,7 @@ impl Writer {
     }
 
     fn try_commit_group(&mut self, ops: Vec<WriteOp>) -> Result<Vec<Result<WriteDone, WriteError>>, StorageError> {
+        let started = std::time::Instant::now();
         let txn = self.db.begin_write()?;
         let mut results = Vec::with_capacity(ops.len());
         {
@@ -219,7 +220,14 @@ impl Writer {
             }
             t.set_meta(META_HLC, &self.clock.last().raw().to_be_bytes())?;
         }
+        let committing = std::time::Instant::now();
+        self.stats
+            .apply_nanos
+            .fetch_add(committing.duration_since(started).as_nanos() as u64, Ordering::Relaxed);
         txn.commit()?;
+        self.stats
+            .commit_nanos
+            .fetch_add(committing.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(results)
     }
 
