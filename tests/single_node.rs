@@ -557,3 +557,112 @@ async fn work_item_rest_and_its_errors() -> anyhow::Result<()> {
     assert_eq!(versions.as_array().map(|v| v.len()), Some(3), "push, pop, complete");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_many_and_recovery() -> anyhow::Result<()> {
+    let (s, _root) = site().await?;
+    use reqwest::Method;
+    let send = |method: Method, path: &str, body: Value| {
+        s.client
+            .request(method, s.url(&format!("/api/v1/collections/things{path}")))
+            .basic_auth("admin", Some(PASSWORD))
+            .json(&body)
+            .send()
+    };
+    let many: Value = send(
+        Method::POST,
+        "/insertmany",
+        json!({"documents": [{"k": 1, "tags": []}, {"k": 2}, {"k": 3}]}),
+    )
+    .await?
+    .json()
+    .await?;
+    let ids: Vec<String> = many
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["_id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(ids.len(), 3);
+    // All or nothing: a duplicate id refuses the whole batch.
+    let dup = send(
+        Method::POST,
+        "/insertmany",
+        json!({"documents": [{"k": 9}, {"_id": ids[0]}]}),
+    )
+    .await?;
+    assert_eq!(dup.status(), 409);
+    let count: Value = send(Method::POST, "/count", json!({})).await?.json().await?;
+    assert_eq!(count["count"], 3);
+
+    let patched: Value = send(
+        Method::PATCH,
+        &format!("/documents/{}", ids[0]),
+        json!({"$inc": {"k": 10}, "$push": {"tags": "hot"}, "$set": {"o.p": true}}),
+    )
+    .await?
+    .json()
+    .await?;
+    assert_eq!(
+        (patched["k"].as_i64(), patched["_version"].as_u64()),
+        (Some(11), Some(1))
+    );
+    assert_eq!(patched["tags"], json!(["hot"]));
+    let bad = send(
+        Method::PATCH,
+        &format!("/documents/{}", ids[0]),
+        json!({"$rename": {"k": "j"}}),
+    )
+    .await?;
+    assert_eq!(bad.status(), 400);
+    assert!(bad.text().await?.contains("$rename"));
+
+    let r: Value = send(
+        Method::POST,
+        "/updatemany",
+        json!({"filter": {"k": {"$lt": 5}}, "update": {"$set": {"small": true}}}),
+    )
+    .await?
+    .json()
+    .await?;
+    assert_eq!(r["modified"], 2);
+
+    let up: Value = send(
+        Method::POST,
+        "/insertorupdate",
+        json!({"document": {"name": "x", "v": 1}, "uniqeness": "name"}),
+    )
+    .await?
+    .json()
+    .await?;
+    let up2: Value = send(
+        Method::POST,
+        "/insertorupdate",
+        json!({"document": {"name": "x", "v": 2}, "uniqueness": ["name"]}),
+    )
+    .await?
+    .json()
+    .await?;
+    assert_eq!(
+        (up2["_id"].clone(), up2["v"].clone(), up2["_version"].clone()),
+        (up["_id"].clone(), json!(2), json!(1))
+    );
+
+    let r: Value = send(Method::POST, "/deletemany", json!({"filter": {"small": true}}))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(r["deleted"], 2);
+    let recovered = send(Method::POST, &format!("/documents/{}/recover", ids[1]), json!({})).await?;
+    assert_eq!(recovered.status(), 201);
+    let recovered: Value = recovered.json().await?;
+    assert_eq!(
+        (recovered["k"].as_i64(), recovered["_version"].as_u64()),
+        (Some(2), Some(3)),
+        "{recovered}"
+    );
+    assert_eq!(s.doc("things", &ids[1]).await?, Some(recovered));
+    let again = send(Method::POST, &format!("/documents/{}/recover", ids[1]), json!({})).await?;
+    assert_eq!(again.status(), 409, "a live document has nothing to recover");
+    Ok(())
+}

@@ -70,7 +70,12 @@ impl From<WriteError> for ApiError {
                 WorkItemError::QueueExists(_) => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
                 _ => ApiError::bad_request(e.to_string()),
             },
-            WriteError::AlreadyExists { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            WriteError::AlreadyExists { .. } | WriteError::NotUnique { .. } | WriteError::NotDeleted { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            WriteError::Filter(_) | WriteError::Update(_) | WriteError::MissingUniqueField(_) => {
+                ApiError::bad_request(e.to_string())
+            }
             WriteError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
             WriteError::Apply(_) | WriteError::Storage(_) => ApiError::internal(e.to_string()),
         }

@@ -49,8 +49,19 @@ pub fn router(node: Node, peers: Option<PeerTable>) -> Router {
         .route(docs, post(insert_document))
         .route(
             &format!("{docs}/{{id}}"),
-            get(get_document).put(replace_document).delete(delete_document),
+            get(get_document)
+                .put(replace_document)
+                .patch(update_document)
+                .delete(delete_document),
         )
+        .route(&format!("{docs}/{{id}}/recover"), post(recover_document))
+        .route("/api/v1/collections/{collection}/insertmany", post(insert_many))
+        .route(
+            "/api/v1/collections/{collection}/insertorupdate",
+            post(insert_or_update),
+        )
+        .route("/api/v1/collections/{collection}/updatemany", post(update_many))
+        .route("/api/v1/collections/{collection}/deletemany", post(delete_many))
         .route(&format!("{docs}/{{id}}/versions"), get(list_versions))
         .route(&format!("{docs}/{{id}}/versions/{{n}}"), get(get_version))
         .route("/api/v1/collections/{collection}/query", post(query_documents))
@@ -216,6 +227,130 @@ async fn delete_document(
     Path((collection, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(s.node.delete(&collection, &id, &who).await?))
+}
+
+/// `PATCH` with update operators (`$set $unset $inc $push $pull`).
+async fn update_document(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path((collection, id)): Path<(String, String)>,
+    JsonObject(update): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        s.node.update(&collection, &id, Value::Object(update), &who).await?,
+    ))
+}
+
+async fn recover_document(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path((collection, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let doc = s.node.recover(&collection, &id, &who).await?;
+    Ok((StatusCode::CREATED, Json(doc)).into_response())
+}
+
+fn take_objects(body: &mut Map<String, Value>, key: &str) -> Result<Vec<Map<String, Value>>, ApiError> {
+    match body.remove(key) {
+        Some(Value::Array(list)) => list
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::Object(m) => Ok(m),
+                other => Err(ApiError::bad_request(format!(
+                    "{key}[{i}] must be a JSON object, not {other}"
+                ))),
+            })
+            .collect(),
+        _ => Err(ApiError::bad_request(format!("{key} must be an array of JSON objects"))),
+    }
+}
+
+fn no_more_fields(body: &Map<String, Value>, allowed: &str) -> Result<(), ApiError> {
+    match body.keys().next() {
+        Some(k) => Err(ApiError::bad_request(format!("unknown field {k:?}; use {allowed}"))),
+        None => Ok(()),
+    }
+}
+
+/// `{documents: [...]}`: all inserted, or none.
+async fn insert_many(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(collection): Path<String>,
+    JsonObject(mut body): JsonObject,
+) -> Result<Response, ApiError> {
+    let docs = take_objects(&mut body, "documents")?;
+    no_more_fields(&body, "documents")?;
+    let stored = s.node.insert_many(&collection, docs, &who).await?;
+    Ok((StatusCode::CREATED, Json(Value::Array(stored))).into_response())
+}
+
+/// `{document, uniqueness}` (OpenCore also spells it `uniqeness`): a
+/// comma-separated string or an array of field names; default `_id`.
+async fn insert_or_update(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(collection): Path<String>,
+    JsonObject(mut body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let doc = match body.remove("document") {
+        Some(Value::Object(m)) => m,
+        _ => return Err(ApiError::bad_request("document must be a JSON object")),
+    };
+    let uniqueness = match body.remove("uniqueness").or_else(|| body.remove("uniqeness")) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => s
+            .split(',')
+            .map(|f| f.trim().to_owned())
+            .filter(|f| !f.is_empty())
+            .collect(),
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(ApiError::bad_request(format!(
+                    "uniqueness field names must be strings, not {other}"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "uniqueness must be a string or an array, not {other}"
+            )));
+        }
+    };
+    no_more_fields(&body, "document and uniqueness")?;
+    Ok(Json(s.node.insert_or_update(&collection, doc, uniqueness, &who).await?))
+}
+
+/// `{filter, update}`.
+async fn update_many(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(collection): Path<String>,
+    JsonObject(mut body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let filter = parse_filter(&mut body)?;
+    let update = body
+        .remove("update")
+        .ok_or_else(|| ApiError::bad_request("update is required"))?;
+    no_more_fields(&body, "filter and update")?;
+    let changed = s.node.update_many(&collection, filter, update, &who).await?;
+    Ok(Json(json!({"modified": changed.len()})))
+}
+
+/// `{filter}`.
+async fn delete_many(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(collection): Path<String>,
+    JsonObject(mut body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let filter = parse_filter(&mut body)?;
+    no_more_fields(&body, "filter")?;
+    let deleted = s.node.delete_many(&collection, filter, &who).await?;
+    Ok(Json(json!({"deleted": deleted.len()})))
 }
 
 async fn list_versions(

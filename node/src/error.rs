@@ -23,6 +23,16 @@ pub enum WriteError {
     BadIndex(String),
     #[error(transparent)]
     WorkItem(#[from] crate::workitems::WorkItemError),
+    #[error("invalid filter: {0}")]
+    Filter(#[from] crate::query::FilterError),
+    #[error("invalid update: {0}")]
+    Update(#[from] crate::query::update::UpdateError),
+    #[error("the document lacks uniqueness field {0:?}")]
+    MissingUniqueField(String),
+    #[error("{count} documents match the uniqueness fields {fields}; expected at most one")]
+    NotUnique { fields: String, count: usize },
+    #[error("document {collection}/{id} is not deleted; nothing to recover")]
+    NotDeleted { collection: String, id: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("the node is shutting down")]

@@ -274,6 +274,98 @@ impl Node {
         .await
     }
 
+    async fn write_documents(&self, op: WriteOp) -> Result<Vec<Value>, WriteError> {
+        match self.write(op).await? {
+            WriteDone::Documents(d) => Ok(d),
+            _ => Err(WriteError::Closed),
+        }
+    }
+
+    /// Applies update operators (`$set $unset $inc $push $pull`) to one document.
+    pub async fn update(&self, collection: &str, id: &str, update: Value, by: &Principal) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::UpdateOne {
+            collection: collection.into(),
+            id: id.into(),
+            update,
+            by: by.clone(),
+        })
+        .await
+    }
+
+    /// Applies update operators to every matching document; returns the new versions.
+    pub async fn update_many(
+        &self,
+        collection: &str,
+        filter: query::Filter,
+        update: Value,
+        by: &Principal,
+    ) -> Result<Vec<Value>, WriteError> {
+        self.write_documents(WriteOp::UpdateMany {
+            collection: collection.into(),
+            filter,
+            update,
+            by: by.clone(),
+        })
+        .await
+    }
+
+    /// Inserts all the documents or none.
+    pub async fn insert_many(
+        &self,
+        collection: &str,
+        docs: Vec<Map<String, Value>>,
+        by: &Principal,
+    ) -> Result<Vec<Value>, WriteError> {
+        self.write_documents(WriteOp::InsertMany {
+            collection: collection.into(),
+            docs,
+            by: by.clone(),
+        })
+        .await
+    }
+
+    /// Replaces the document whose `uniqueness` fields match, or inserts it.
+    pub async fn insert_or_update(
+        &self,
+        collection: &str,
+        doc: Map<String, Value>,
+        uniqueness: Vec<String>,
+        by: &Principal,
+    ) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::InsertOrUpdate {
+            collection: collection.into(),
+            doc,
+            uniqueness,
+            by: by.clone(),
+        })
+        .await
+    }
+
+    /// Deletes every matching document; returns the delete versions.
+    pub async fn delete_many(
+        &self,
+        collection: &str,
+        filter: query::Filter,
+        by: &Principal,
+    ) -> Result<Vec<Value>, WriteError> {
+        self.write_documents(WriteOp::DeleteMany {
+            collection: collection.into(),
+            filter,
+            by: by.clone(),
+        })
+        .await
+    }
+
+    /// Brings a deleted document back (a new version; history intact).
+    pub async fn recover(&self, collection: &str, id: &str, by: &Principal) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::Recover {
+            collection: collection.into(),
+            id: id.into(),
+            by: by.clone(),
+        })
+        .await
+    }
+
     /// Defines a work-item queue (a document in `mq`).
     pub async fn add_queue(&self, doc: Map<String, Value>, by: &Principal) -> Result<Value, WriteError> {
         self.write_document(WriteOp::AddQueue { doc, by: by.clone() }).await

@@ -89,6 +89,39 @@ pub(crate) enum WriteOp {
     },
     /// Returns items whose processing lease ran out to their queues.
     ExpireLeases,
+    UpdateOne {
+        collection: String,
+        id: String,
+        update: Value,
+        by: Principal,
+    },
+    UpdateMany {
+        collection: String,
+        filter: crate::query::Filter,
+        update: Value,
+        by: Principal,
+    },
+    InsertMany {
+        collection: String,
+        docs: Vec<Map<String, Value>>,
+        by: Principal,
+    },
+    InsertOrUpdate {
+        collection: String,
+        doc: Map<String, Value>,
+        uniqueness: Vec<String>,
+        by: Principal,
+    },
+    DeleteMany {
+        collection: String,
+        filter: crate::query::Filter,
+        by: Principal,
+    },
+    Recover {
+        collection: String,
+        id: String,
+        by: Principal,
+    },
 }
 
 /// What a write produced.
@@ -211,6 +244,29 @@ impl Writer {
                     } => self.finish(&mut t, &id, &state, errortype.as_deref(), errormessage, payload, &by),
                     WriteOp::DeleteItem { id, by } => self.delete_item(&mut t, &id, &by),
                     WriteOp::ExpireLeases => self.expire_leases(&mut t, &crate::system_principal()),
+                    WriteOp::UpdateOne {
+                        collection,
+                        id,
+                        update,
+                        by,
+                    } => self.update_one(&mut t, collection, id, &update, &by),
+                    WriteOp::UpdateMany {
+                        collection,
+                        filter,
+                        update,
+                        by,
+                    } => self.update_many(&mut t, collection, &filter, &update, &by),
+                    WriteOp::InsertMany { collection, docs, by } => self.insert_many(&mut t, collection, docs, &by),
+                    WriteOp::InsertOrUpdate {
+                        collection,
+                        doc,
+                        uniqueness,
+                        by,
+                    } => self.insert_or_update(&mut t, collection, doc, &uniqueness, &by),
+                    WriteOp::DeleteMany { collection, filter, by } => {
+                        self.delete_many(&mut t, collection, &filter, &by)
+                    }
+                    WriteOp::Recover { collection, id, by } => self.recover(&mut t, collection, id, &by),
                 };
                 // A storage failure poisons the transaction: give up on the group.
                 if let Err(WriteError::Storage(e)) = r {
@@ -489,6 +545,214 @@ fn drop_index(t: &mut WriteTables<'_>, collection: &str, field: &str) -> Result<
             .map_err(StorageError::from)?;
     }
     Ok(WriteDone::Nothing)
+}
+
+/// Current documents of `collection` that match `filter`, in id order.
+fn matching(
+    t: &WriteTables<'_>,
+    collection: &str,
+    filter: &crate::query::Filter,
+) -> Result<Vec<(String, Map<String, Value>)>, WriteError> {
+    validate_collection(collection)?;
+    let mut out = Vec::new();
+    let range = t
+        .documents
+        .range((collection, "")..=(collection, crate::store::ORIGIN_MAX))
+        .map_err(StorageError::from)?;
+    for entry in range {
+        let (k, v) = entry.map_err(StorageError::from)?;
+        let doc: Value = serde_json::from_slice(v.value()).map_err(|e| StorageError(e.to_string()))?;
+        if filter.matches(&doc)
+            && let Value::Object(m) = doc
+        {
+            out.push((k.value().1.to_owned(), m));
+        }
+    }
+    Ok(out)
+}
+
+impl Writer {
+    fn update_one(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        collection: String,
+        id: String,
+        update: &Value,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        validate_collection(&collection)?;
+        validate_id(&id)?;
+        let Some(current) = t.current(&collection, &id)? else {
+            return Err(WriteError::NotFound { collection, id });
+        };
+        let updated = crate::query::update::apply_update(&current, update)?;
+        self.replace(t, collection, id, updated, by)
+    }
+
+    /// Updates every match; all updates are computed before any is written.
+    fn update_many(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        collection: String,
+        filter: &crate::query::Filter,
+        update: &Value,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let targets = matching(t, &collection, filter)?;
+        let mut updated = Vec::with_capacity(targets.len());
+        for (id, doc) in targets {
+            updated.push((id, crate::query::update::apply_update(&doc, update)?));
+        }
+        let mut out = Vec::with_capacity(updated.len());
+        for (id, doc) in updated {
+            if let WriteDone::Document(d) = self.replace(t, collection.clone(), id, doc, by)? {
+                out.push(d);
+            }
+        }
+        Ok(WriteDone::Documents(out))
+    }
+
+    /// Inserts all documents or none: ids are checked up front.
+    fn insert_many(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        collection: String,
+        docs: Vec<Map<String, Value>>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        validate_collection(&collection)?;
+        let mut seen = std::collections::HashSet::new();
+        for doc in &docs {
+            match doc.get("_id") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(id)) => {
+                    validate_id(id)?;
+                    if !seen.insert(id.clone()) || t.current(&collection, id)?.is_some() {
+                        return Err(WriteError::AlreadyExists {
+                            collection,
+                            id: id.clone(),
+                        });
+                    }
+                }
+                Some(other) => return Err(WriteError::IdNotString(other.to_string())),
+            }
+        }
+        let mut out = Vec::with_capacity(docs.len());
+        for doc in docs {
+            if let WriteDone::Document(d) = self.insert(t, collection.clone(), doc, by)? {
+                out.push(d);
+            }
+        }
+        Ok(WriteDone::Documents(out))
+    }
+
+    /// OpenCore's insertOrUpdateOne: replaces the one document whose
+    /// `uniqueness` fields (default `_id`) equal the given ones, or inserts.
+    fn insert_or_update(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        collection: String,
+        doc: Map<String, Value>,
+        uniqueness: &[String],
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let fields: Vec<String> = if uniqueness.is_empty() {
+            vec!["_id".into()]
+        } else {
+            uniqueness.to_vec()
+        };
+        let mut cond = Map::new();
+        for f in &fields {
+            match doc.get(f) {
+                Some(v) if !v.is_null() => {
+                    cond.insert(f.clone(), serde_json::json!({"$eq": v}));
+                }
+                _ if f == "_id" && fields.len() == 1 => return self.insert(t, collection, doc, by),
+                _ => return Err(WriteError::MissingUniqueField(f.clone())),
+            }
+        }
+        let filter = crate::query::Filter::parse(&Value::Object(cond))?;
+        let found = matching(t, &collection, &filter)?;
+        match found.as_slice() {
+            [] => self.insert(t, collection, doc, by),
+            [(id, _)] => {
+                let id = id.clone();
+                let mut doc = doc;
+                doc.remove("_id");
+                self.replace(t, collection, id, doc, by)
+            }
+            many => Err(WriteError::NotUnique {
+                fields: fields.join(","),
+                count: many.len(),
+            }),
+        }
+    }
+
+    fn delete_many(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        collection: String,
+        filter: &crate::query::Filter,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let targets = matching(t, &collection, filter)?;
+        let mut out = Vec::with_capacity(targets.len());
+        for (id, _) in targets {
+            if let WriteDone::Document(d) = self.delete(t, collection.clone(), id, by)? {
+                out.push(d);
+            }
+        }
+        Ok(WriteDone::Documents(out))
+    }
+
+    /// Brings a deleted document back as a new version of its last live one.
+    fn recover(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        collection: String,
+        id: String,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        validate_collection(&collection)?;
+        validate_id(&id)?;
+        if t.current(&collection, &id)?.is_some() {
+            return Err(WriteError::NotDeleted { collection, id });
+        }
+        let mut live = None;
+        {
+            let range = t
+                .versions
+                .range(
+                    (collection.as_str(), id.as_str(), 0u64, "")
+                        ..=(collection.as_str(), id.as_str(), u64::MAX, crate::store::ORIGIN_MAX),
+                )
+                .map_err(StorageError::from)?;
+            for entry in range.rev() {
+                let (k, seq) = entry.map_err(StorageError::from)?;
+                let origin = k.value().3.to_owned();
+                let Some(bytes) = t
+                    .changes
+                    .get((origin.as_str(), seq.value()))
+                    .map_err(StorageError::from)?
+                else {
+                    continue;
+                };
+                let change = crate::store::decode_change(bytes.value())?;
+                if change.kind != ChangeKind::Delete as i32 {
+                    live = Some(body_object(&change)?);
+                    break;
+                }
+            }
+        }
+        let Some(mut doc) = live else {
+            return Err(WriteError::NotFound { collection, id });
+        };
+        let hlc = self.stamp();
+        strip_store_fields(&mut doc);
+        stamp_modified(&mut doc, Value::String(iso8601(hlc.physical_ms())), by);
+        self.local_change(t, ChangeKind::Insert, &collection, &id, doc, hlc, by)
+            .map(WriteDone::Document)
+    }
 }
 
 /// Fields the store assigns; a client's values for them are dropped.

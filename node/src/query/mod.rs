@@ -2,6 +2,7 @@
 //! count and distinct, with MongoDB's semantics for the supported subset.
 
 pub mod filter;
+pub mod update;
 pub mod value;
 
 use std::cmp::Ordering;
