@@ -547,12 +547,11 @@ fn drop_index(t: &mut WriteTables<'_>, collection: &str, field: &str) -> Result<
     Ok(WriteDone::Nothing)
 }
 
+/// A document's id and its current body.
+type IdDoc = (String, Map<String, Value>);
+
 /// Current documents of `collection` that match `filter`, in id order.
-fn matching(
-    t: &WriteTables<'_>,
-    collection: &str,
-    filter: &crate::query::Filter,
-) -> Result<Vec<(String, Map<String, Value>)>, WriteError> {
+fn matching(t: &WriteTables<'_>, collection: &str, filter: &crate::query::Filter) -> Result<Vec<IdDoc>, WriteError> {
     validate_collection(collection)?;
     let mut out = Vec::new();
     let range = t
