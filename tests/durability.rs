@@ -133,6 +133,7 @@ async fn kill_9_under_mixed_load_loses_nothing() -> anyhow::Result<()> {
     assert_eq!(popped.len(), acked.popped.len(), "an item was handed out twice");
     let completed: HashSet<&String> = acked.completed.iter().collect();
     let mut states: HashMap<String, usize> = HashMap::new();
+    let mut still_new = HashSet::new();
     for id in &acked.pushed {
         let (status, item) = site.get(&format!("/api/v1/workitems/{id}")).await?;
         assert_eq!(status, 200, "acknowledged push {id} lost");
@@ -149,6 +150,9 @@ async fn kill_9_under_mixed_load_loses_nothing() -> anyhow::Result<()> {
                 ["new", "processing", "successful"].contains(&state.as_str()),
                 "{id}: {state}"
             );
+        }
+        if state == "new" {
+            still_new.insert(id.clone());
         }
         *states.entry(state).or_default() += 1;
     }
@@ -174,7 +178,10 @@ async fn kill_9_under_mixed_load_loses_nothing() -> anyhow::Result<()> {
         assert!(!popped.contains(&id), "{id} handed out again after the restart");
         assert!(drained.insert(id), "drained twice");
     }
-    assert_eq!(drained.len(), states.get("new").copied().unwrap_or(0));
+    // Every acknowledged item still new comes out once; the drain may also
+    // hold pushes that committed but whose reply the kill cut off.
+    let missing: Vec<_> = still_new.iter().filter(|id| !drained.contains(*id)).collect();
+    assert!(missing.is_empty(), "new items never handed out: {missing:?}");
     println!(
         "acknowledged: {} pushes, {} pops, {} completions, {} documents; states after restart: {states:?}",
         acked.pushed.len(),
