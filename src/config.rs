@@ -33,6 +33,9 @@ pub struct RunArgs {
     /// This site's private key (PEM).
     #[arg(long, env = "OCMESH_KEY")]
     pub key: Option<PathBuf>,
+    /// Largest file upload accepted, in bytes [default: 1 GiB].
+    #[arg(long, env = "OCMESH_MAX_FILE_BYTES")]
+    pub max_file_bytes: Option<u64>,
     /// A peer's mesh address to dial; repeatable (env: comma-separated).
     #[arg(long = "peer", env = "OCMESH_PEERS", value_delimiter = ',')]
     pub peers: Vec<SocketAddr>,
@@ -50,6 +53,7 @@ struct FileConfig {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     peers: Option<Vec<String>>,
+    max_file_bytes: Option<u64>,
 }
 
 /// Certificate files for the mesh.
@@ -69,6 +73,7 @@ pub struct Settings {
     pub mesh: Option<SocketAddr>,
     pub tls: Option<TlsFiles>,
     pub peers: Vec<SocketAddr>,
+    pub max_file_bytes: Option<u64>,
 }
 
 fn addr(file: &Path, key: &str, value: &str) -> anyhow::Result<SocketAddr> {
@@ -128,6 +133,7 @@ impl Settings {
             mesh,
             tls,
             peers,
+            max_file_bytes: args.max_file_bytes.or(file.max_file_bytes),
         })
     }
 }

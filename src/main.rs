@@ -187,7 +187,11 @@ async fn run(settings: config::Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", settings.http))?;
     tracing::info!(addr = %listener.local_addr()?, "http listening");
-    let router = ocmesh_api::router(node, mesh.as_ref().map(|m| m.peers()));
+    let mut limits = ocmesh_api::Limits::default();
+    if let Some(max) = settings.max_file_bytes {
+        limits.max_file_bytes = max;
+    }
+    let router = ocmesh_api::router_with_limits(node, mesh.as_ref().map(|m| m.peers()), limits);
     ocmesh_api::serve(listener, router, shutdown_signal()).await?;
     if let Some(mesh) = mesh {
         mesh.shutdown().await;

@@ -666,3 +666,110 @@ async fn updates_many_and_recovery() -> anyhow::Result<()> {
     assert_eq!(again.status(), 409, "a live document has nothing to recover");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_stream_in_and_out_and_stay_while_referenced() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut s = Site::single_with(root.path(), "files", &["--max-file-bytes", "2000000"]);
+    s.start().await?;
+    let c = &s.client;
+    // 1 MiB + 17 bytes: four full chunks and a tail.
+    let content: Vec<u8> = (0..(1 << 20) + 17)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let up = c
+        .post(s.url("/api/v1/files?filename=data.bin&contentType=application/x-test"))
+        .basic_auth("admin", Some(PASSWORD))
+        .body(content.clone())
+        .send()
+        .await?;
+    assert_eq!(up.status(), 201);
+    let meta: Value = up.json().await?;
+    assert_eq!(meta["length"], content.len() as u64);
+    assert_eq!(meta["chunks"].as_array().map(|a| a.len()), Some(5));
+    let id = meta["_id"].as_str().unwrap_or_default().to_owned();
+    let down = c
+        .get(s.url(&format!("/api/v1/files/{id}")))
+        .basic_auth("admin", Some(PASSWORD))
+        .send()
+        .await?;
+    assert_eq!(down.status(), 200);
+    assert_eq!(down.headers()["content-type"], "application/x-test");
+    assert_eq!(down.bytes().await?.as_ref(), content.as_slice());
+
+    // Same content again: same chunk hashes (stored once).
+    let again: Value = c
+        .post(s.url("/api/v1/files?filename=copy.bin"))
+        .basic_auth("admin", Some(PASSWORD))
+        .body(content.clone())
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(again["chunks"], meta["chunks"]);
+
+    // Over the limit: 413, and no file document appears.
+    let before: Value = c
+        .post(s.url("/api/v1/collections/fs.files/count"))
+        .basic_auth("admin", Some(PASSWORD))
+        .json(&json!({}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let big = c
+        .post(s.url("/api/v1/files?filename=big.bin"))
+        .basic_auth("admin", Some(PASSWORD))
+        .body(vec![7u8; 2_100_000])
+        .send()
+        .await?;
+    assert_eq!(big.status(), 413);
+    let after: Value = c
+        .post(s.url("/api/v1/collections/fs.files/count"))
+        .basic_auth("admin", Some(PASSWORD))
+        .json(&json!({}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(before, after);
+
+    // A file attached to a work item cannot be deleted.
+    c.post(s.url("/api/v1/workitemqueues"))
+        .basic_auth("admin", Some(PASSWORD))
+        .json(&json!({"name": "q"}))
+        .send()
+        .await?;
+    let item: Value = c
+        .post(s.url("/api/v1/workitemqueues/q/workitems"))
+        .basic_auth("admin", Some(PASSWORD))
+        .json(&json!({"payload": {}, "files": [{"_id": id, "filename": "data.bin"}]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let del = c
+        .delete(s.url(&format!("/api/v1/files/{id}")))
+        .basic_auth("admin", Some(PASSWORD))
+        .send()
+        .await?;
+    assert_eq!(del.status(), 409);
+    let item_id = item[0]["_id"].as_str().unwrap_or_default().to_owned();
+    c.delete(s.url(&format!("/api/v1/workitems/{item_id}")))
+        .basic_auth("admin", Some(PASSWORD))
+        .send()
+        .await?;
+    let del = c
+        .delete(s.url(&format!("/api/v1/files/{id}")))
+        .basic_auth("admin", Some(PASSWORD))
+        .send()
+        .await?;
+    assert_eq!(del.status(), 200);
+    let gone = c
+        .get(s.url(&format!("/api/v1/files/{id}")))
+        .basic_auth("admin", Some(PASSWORD))
+        .send()
+        .await?;
+    assert_eq!(gone.status(), 404);
+    Ok(())
+}

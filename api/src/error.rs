@@ -5,6 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use ocmesh_node::files::FileError;
 use ocmesh_node::{AuthError, ReadError, WorkItemError, WriteError};
 
 /// A failed request: status, short code, precise message.
@@ -73,6 +74,15 @@ impl From<WriteError> for ApiError {
             WriteError::AlreadyExists { .. } | WriteError::NotUnique { .. } | WriteError::NotDeleted { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
+            WriteError::File(f) => match f {
+                FileError::TooLarge { .. } => {
+                    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e.to_string())
+                }
+                FileError::InUse(..) => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+                FileError::NotFound(_) => ApiError::not_found(e.to_string()),
+                FileError::BadName => ApiError::bad_request(e.to_string()),
+                FileError::MissingChunk { .. } => ApiError::internal(e.to_string()),
+            },
             WriteError::Filter(_) | WriteError::Update(_) | WriteError::MissingUniqueField(_) => {
                 ApiError::bad_request(e.to_string())
             }

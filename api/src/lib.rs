@@ -38,10 +38,31 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 pub struct ApiState {
     pub node: Node,
     pub peers: Option<PeerTable>,
+    pub limits: Limits,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest file upload accepted.
+    pub max_file_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_file_bytes: 1 << 30,
+        }
+    }
+}
+
+/// The REST API of a site with default limits.
+pub fn router(node: Node, peers: Option<PeerTable>) -> Router {
+    router_with_limits(node, peers, Limits::default())
 }
 
 /// The REST API of a site.
-pub fn router(node: Node, peers: Option<PeerTable>) -> Router {
+pub fn router_with_limits(node: Node, peers: Option<PeerTable>, limits: Limits) -> Router {
     let docs = "/api/v1/collections/{collection}/documents";
     Router::new()
         .route("/health", get(health))
@@ -76,6 +97,8 @@ pub fn router(node: Node, peers: Option<PeerTable>) -> Router {
             axum::routing::delete(drop_index),
         )
         .route("/api/v1/mesh/peers", get(mesh_peers))
+        .route("/api/v1/files", post(upload_file))
+        .route("/api/v1/files/{id}", get(download_file).delete(delete_file))
         .route("/api/v1/workitemqueues", post(add_queue))
         .route(
             "/api/v1/workitemqueues/{name}",
@@ -90,7 +113,7 @@ pub fn router(node: Node, peers: Option<PeerTable>) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(log_request))
-        .with_state(ApiState { node, peers })
+        .with_state(ApiState { node, peers, limits })
 }
 
 /// Serves `router` on `listener` until `shutdown` completes.
@@ -601,6 +624,88 @@ async fn delete_workitem(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(s.node.delete_workitem(&id, &who).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct UploadParams {
+    filename: String,
+    #[serde(rename = "contentType")]
+    content_type: Option<String>,
+}
+
+/// `POST /api/v1/files?filename=NAME[&contentType=TYPE]` with the raw
+/// content as the body, streamed to the store a chunk at a time.
+async fn upload_file(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    axum::extract::Query(params): axum::extract::Query<UploadParams>,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    use http_body_util::BodyExt;
+    let mut upload = s.node.upload(s.limits.max_file_bytes);
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("upload body broke off: {e}")))?;
+        if let Some(data) = frame.data_ref() {
+            upload.write(data).await?;
+        }
+    }
+    let content_type = params.content_type.unwrap_or_else(|| "application/octet-stream".into());
+    let doc = upload.finish(&params.filename, &content_type, Map::new(), &who).await?;
+    Ok((StatusCode::CREATED, Json(doc)).into_response())
+}
+
+/// Streams a file's content, one chunk read at a time.
+async fn download_file(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let node = s.node.clone();
+    let doc = blocking(move || node.file(&id)).await?;
+    let hashes = ocmesh_node::files::chunk_hashes(&doc).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "file lists malformed chunks",
+        )
+    })?;
+    let node = s.node.clone();
+    let stream = futures_util::stream::unfold((node, hashes.into_iter()), |(node, mut rest)| async move {
+        let hash = rest.next()?;
+        let reader = node.clone();
+        let chunk = match tokio::task::spawn_blocking(move || reader.read_chunk(&hash)).await {
+            Ok(Ok(Some(c))) => Ok(Bytes::from(c)),
+            Ok(Ok(None)) => Err(std::io::Error::other(format!("chunk {} is missing", hex_of(&hash)))),
+            Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        };
+        Some((chunk, (node, rest)))
+    });
+    let mut resp = axum::body::Body::from_stream(stream).into_response();
+    let headers = resp.headers_mut();
+    if let Some(ct) = doc["contentType"]
+        .as_str()
+        .and_then(|c| axum::http::HeaderValue::from_str(c).ok())
+    {
+        headers.insert(axum::http::header::CONTENT_TYPE, ct);
+    }
+    if let Some(len) = doc["length"].as_u64() {
+        headers.insert(axum::http::header::CONTENT_LENGTH, axum::http::HeaderValue::from(len));
+    }
+    Ok(resp)
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn delete_file(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(s.node.delete_file(&id, &who).await?))
 }
 
 async fn mesh_peers(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {

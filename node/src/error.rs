@@ -31,6 +31,8 @@ pub enum WriteError {
     MissingUniqueField(String),
     #[error("{count} documents match the uniqueness fields {fields}; expected at most one")]
     NotUnique { fields: String, count: usize },
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
     #[error("document {collection}/{id} is not deleted; nothing to recover")]
     NotDeleted { collection: String, id: String },
     #[error(transparent)]

@@ -16,6 +16,7 @@
 //!   delete is a version too, so history is never lost.
 
 mod error;
+pub mod files;
 pub mod ids;
 mod index;
 pub mod query;
@@ -360,6 +361,44 @@ impl Node {
     pub async fn recover(&self, collection: &str, id: &str, by: &Principal) -> Result<Value, WriteError> {
         self.write_document(WriteOp::Recover {
             collection: collection.into(),
+            id: id.into(),
+            by: by.clone(),
+        })
+        .await
+    }
+
+    pub(crate) async fn put_chunk(&self, hash: [u8; 32], data: Vec<u8>) -> Result<(), WriteError> {
+        self.write(WriteOp::PutChunk { hash, data }).await.map(|_| ())
+    }
+
+    pub(crate) async fn create_file(&self, doc: Map<String, Value>, by: &Principal) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::CreateFile { doc, by: by.clone() }).await
+    }
+
+    /// Starts a streaming upload of at most `limit` bytes.
+    pub fn upload(&self, limit: u64) -> files::Upload {
+        files::Upload::new(self.clone(), limit)
+    }
+
+    /// A file's metadata document.
+    pub fn file(&self, id: &str) -> Result<Value, ReadError> {
+        self.get(files::FILES, id)
+    }
+
+    /// One chunk of file content by its hash.
+    pub fn read_chunk(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, ReadError> {
+        let txn = self.read()?;
+        let table = match txn.open_table(store::CHUNKS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get(hash.as_slice())?.map(|g| g.value().to_vec()))
+    }
+
+    /// Deletes a file unless a work item still lists it.
+    pub async fn delete_file(&self, id: &str, by: &Principal) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::DeleteFile {
             id: id.into(),
             by: by.clone(),
         })

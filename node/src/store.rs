@@ -26,6 +26,8 @@ pub(crate) const VERSIONS: TableDefinition<(&str, &str, u64, &str), u64> = Table
 pub(crate) const DOCUMENTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("documents");
 pub(crate) const HISTORY_LEN: TableDefinition<(&str, &str), u64> = TableDefinition::new("history_len");
 pub(crate) const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
+/// BLAKE3 hash → chunk bytes: file content, stored once per distinct chunk.
+pub(crate) const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
 /// (collection, field) → index options (JSON).
 pub(crate) const INDEX_DEFS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("index_defs");
 /// (collection, field, value key, id) → (): one entry per indexed value.
@@ -109,6 +111,7 @@ pub(crate) struct WriteTables<'t> {
     pub wi_ready: Table<'t, (&'static str, u64, u64, &'static str), ()>,
     pub wi_delayed: Table<'t, (&'static str, u64, &'static str), (u64, u64)>,
     pub wi_leases: Table<'t, (u64, &'static str), ()>,
+    pub chunks: Table<'t, &'static [u8], &'static [u8]>,
 }
 
 impl<'t> WriteTables<'t> {
@@ -127,6 +130,7 @@ impl<'t> WriteTables<'t> {
             wi_ready: txn.open_table(crate::workitems::WI_READY)?,
             wi_delayed: txn.open_table(crate::workitems::WI_DELAYED)?,
             wi_leases: txn.open_table(crate::workitems::WI_LEASES)?,
+            chunks: txn.open_table(CHUNKS)?,
         })
     }
 

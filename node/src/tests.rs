@@ -626,3 +626,38 @@ mod workitems {
         assert_eq!(again["errormessage"], "processing lease expired");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_file_content_is_stored_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let node = open(dir.path(), "a");
+    let content: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    let mut metas = Vec::new();
+    for name in ["a.bin", "b.bin"] {
+        let mut up = node.upload(10_000_000);
+        for part in content.chunks(70_001) {
+            up.write(part).await.expect("write");
+        }
+        metas.push(
+            up.finish(name, "application/octet-stream", Map::new(), &admin())
+                .await
+                .expect("finish"),
+        );
+    }
+    assert_eq!(metas[0]["chunks"], metas[1]["chunks"]);
+    let txn = node.inner.db.begin_read().expect("read");
+    let chunks = txn.open_table(store::CHUNKS).expect("table");
+    use redb::ReadableTableMetadata;
+    // 600,000 bytes = two full 256 KiB chunks and a tail, held once.
+    assert_eq!(chunks.len().expect("len"), 3);
+    let mut round_trip = Vec::new();
+    for h in files::chunk_hashes(&metas[1]).expect("hashes") {
+        round_trip.extend(node.read_chunk(&h).expect("read").expect("held"));
+    }
+    assert_eq!(round_trip, content);
+    let mut small = node.upload(10);
+    assert!(matches!(
+        small.write(&[0; 11]).await,
+        Err(WriteError::File(files::FileError::TooLarge { limit: 10 }))
+    ));
+}

@@ -122,6 +122,19 @@ pub(crate) enum WriteOp {
         id: String,
         by: Principal,
     },
+    /// Stores a chunk under its BLAKE3 hash unless already held.
+    PutChunk {
+        hash: [u8; 32],
+        data: Vec<u8>,
+    },
+    CreateFile {
+        doc: Map<String, Value>,
+        by: Principal,
+    },
+    DeleteFile {
+        id: String,
+        by: Principal,
+    },
 }
 
 /// What a write produced.
@@ -267,6 +280,9 @@ impl Writer {
                         self.delete_many(&mut t, collection, &filter, &by)
                     }
                     WriteOp::Recover { collection, id, by } => self.recover(&mut t, collection, id, &by),
+                    WriteOp::PutChunk { hash, data } => put_chunk(&mut t, &hash, &data),
+                    WriteOp::CreateFile { doc, by } => self.create_file(&mut t, doc, &by),
+                    WriteOp::DeleteFile { id, by } => self.delete_file(&mut t, id, &by),
                 };
                 // A storage failure poisons the transaction: give up on the group.
                 if let Err(WriteError::Storage(e)) = r {
@@ -545,6 +561,54 @@ fn drop_index(t: &mut WriteTables<'_>, collection: &str, field: &str) -> Result<
             .map_err(StorageError::from)?;
     }
     Ok(WriteDone::Nothing)
+}
+
+fn put_chunk(t: &mut WriteTables<'_>, hash: &[u8; 32], data: &[u8]) -> Result<WriteDone, WriteError> {
+    if t.chunks.get(hash.as_slice()).map_err(StorageError::from)?.is_none() {
+        t.chunks.insert(hash.as_slice(), data).map_err(StorageError::from)?;
+    }
+    Ok(WriteDone::Nothing)
+}
+
+impl Writer {
+    /// Writes a file's metadata once every chunk it names is held.
+    fn create_file(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        doc: Map<String, Value>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let hashes = crate::files::chunk_hashes(&Value::Object(doc.clone()))
+            .ok_or_else(|| StorageError("file metadata lists malformed chunk hashes".into()))?;
+        for h in hashes {
+            if t.chunks.get(h.as_slice()).map_err(StorageError::from)?.is_none() {
+                let name = doc
+                    .get("filename")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                return Err(crate::files::FileError::MissingChunk {
+                    file: name,
+                    chunk: hex::encode(h),
+                }
+                .into());
+            }
+        }
+        self.insert(t, crate::files::FILES.into(), doc, by)
+    }
+
+    /// Deletes a file's metadata unless a work item still lists it.
+    fn delete_file(&mut self, t: &mut WriteTables<'_>, id: String, by: &Principal) -> Result<WriteDone, WriteError> {
+        validate_id(&id)?;
+        if t.current(crate::files::FILES, &id)?.is_none() {
+            return Err(crate::files::FileError::NotFound(id).into());
+        }
+        let users = crate::query::Filter::parse(&serde_json::json!({"$or": [{"files._id": id}, {"files": id}]}))?;
+        if let Some((item, _)) = matching(t, crate::workitems::ITEMS, &users)?.into_iter().next() {
+            return Err(crate::files::FileError::InUse(id, item).into());
+        }
+        self.delete(t, crate::files::FILES.into(), id, by)
+    }
 }
 
 /// A document's id and its current body.

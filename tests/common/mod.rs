@@ -82,6 +82,13 @@ impl Site {
         Site::new(root, name, None, vec!["--site".into(), name.into()])
     }
 
+    /// A lone site with extra `ocmesh run` arguments.
+    pub fn single_with(root: &Path, name: &str, extra: &[&str]) -> Site {
+        let mut args = vec!["--site".to_owned(), name.to_owned()];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        Site::new(root, name, None, args)
+    }
+
     fn new(root: &Path, name: &str, mesh: Option<SocketAddr>, args: Vec<String>) -> Site {
         let data = root.join(format!("{name}-data"));
         Site {
