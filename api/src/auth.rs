@@ -62,6 +62,7 @@ pub fn verify_token(node: &Node, token: &str) -> Result<Principal, ApiError> {
     Ok(Principal {
         id: data.claims.sub,
         name: data.claims.name,
+        roles: Vec::new(),
     })
 }
 
@@ -82,7 +83,15 @@ impl FromRequestParts<ApiState> for Caller {
         let (scheme, value) = header.split_once(' ').unwrap_or((header, ""));
         let value = value.trim();
         if scheme.eq_ignore_ascii_case("bearer") {
-            return verify_token(&state.node, value).map(Caller);
+            let who = verify_token(&state.node, value)?;
+            // Roles are looked up per request, so a revoked membership takes effect at once.
+            let node = state.node.clone();
+            let who = tokio::task::spawn_blocking(move || node.with_roles(who))
+                .await
+                .map_err(|e| {
+                    ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })??;
+            return Ok(Caller(who));
         }
         if scheme.eq_ignore_ascii_case("basic") {
             let decoded = base64::engine::general_purpose::STANDARD

@@ -83,9 +83,12 @@ impl From<WriteError> for ApiError {
                 FileError::BadName => ApiError::bad_request(e.to_string()),
                 FileError::MissingChunk { .. } => ApiError::internal(e.to_string()),
             },
-            WriteError::Filter(_) | WriteError::Update(_) | WriteError::MissingUniqueField(_) => {
-                ApiError::bad_request(e.to_string())
-            }
+            WriteError::Forbidden { .. } => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            WriteError::Filter(_)
+            | WriteError::Update(_)
+            | WriteError::MissingUniqueField(_)
+            | WriteError::Acl(_)
+            | WriteError::BadUser(_) => ApiError::bad_request(e.to_string()),
             WriteError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
             WriteError::Apply(_) | WriteError::Storage(_) => ApiError::internal(e.to_string()),
         }

@@ -98,6 +98,7 @@ pub fn router_with_limits(node: Node, peers: Option<PeerTable>, limits: Limits) 
         )
         .route("/api/v1/mesh/peers", get(mesh_peers))
         .route("/api/v1/files", post(upload_file))
+        .route("/api/v1/users", post(create_user))
         .route("/api/v1/files/{id}", get(download_file).delete(delete_file))
         .route("/api/v1/workitemqueues", post(add_queue))
         .route(
@@ -228,11 +229,11 @@ async fn insert_document(
 
 async fn get_document(
     State(s): State<ApiState>,
-    Caller(_): Caller,
+    Caller(who): Caller,
     Path((collection, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let node = s.node.clone();
-    Ok(Json(blocking(move || node.get(&collection, &id)).await?))
+    Ok(Json(blocking(move || node.get_as(&collection, &id, &who)).await?))
 }
 
 async fn replace_document(
@@ -378,25 +379,27 @@ async fn delete_many(
 
 async fn list_versions(
     State(s): State<ApiState>,
-    Caller(_): Caller,
+    Caller(who): Caller,
     Path((collection, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let node = s.node.clone();
     Ok(Json(Value::Array(
-        blocking(move || node.versions(&collection, &id)).await?,
+        blocking(move || node.versions_as(&collection, &id, &who)).await?,
     )))
 }
 
 async fn get_version(
     State(s): State<ApiState>,
-    Caller(_): Caller,
+    Caller(who): Caller,
     Path((collection, id, n)): Path<(String, String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let n: u64 = n
         .parse()
         .map_err(|_| ApiError::bad_request(format!("version {n:?} is not a non-negative integer")))?;
     let node = s.node.clone();
-    Ok(Json(blocking(move || node.version(&collection, &id, n)).await?))
+    Ok(Json(
+        blocking(move || node.version_as(&collection, &id, n, &who)).await?,
+    ))
 }
 
 fn parse_query(body: Map<String, Value>) -> Result<ocmesh_node::query::Query, ApiError> {
@@ -414,19 +417,21 @@ fn parse_filter(body: &mut Map<String, Value>) -> Result<ocmesh_node::query::Fil
 /// `POST .../query` with `{filter, projection, sort, skip, top}`.
 async fn query_documents(
     State(s): State<ApiState>,
-    Caller(_): Caller,
+    Caller(who): Caller,
     Path(collection): Path<String>,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let q = parse_query(body)?;
     let node = s.node.clone();
-    Ok(Json(Value::Array(blocking(move || node.query(&collection, &q)).await?)))
+    Ok(Json(Value::Array(
+        blocking(move || node.query_as(&collection, &q, &who)).await?,
+    )))
 }
 
 /// `POST .../count` with `{filter}`.
 async fn count_documents(
     State(s): State<ApiState>,
-    Caller(_): Caller,
+    Caller(who): Caller,
     Path(collection): Path<String>,
     JsonObject(mut body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
@@ -435,14 +440,14 @@ async fn count_documents(
         return Err(ApiError::bad_request(format!("unknown count field {k:?}; use filter")));
     }
     let node = s.node.clone();
-    let n = blocking(move || node.count(&collection, &filter)).await?;
+    let n = blocking(move || node.count_as(&collection, &filter, &who)).await?;
     Ok(Json(json!({"count": n})))
 }
 
 /// `POST .../distinct` with `{field, filter}`.
 async fn distinct_values(
     State(s): State<ApiState>,
-    Caller(_): Caller,
+    Caller(who): Caller,
     Path(collection): Path<String>,
     JsonObject(mut body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
@@ -458,7 +463,7 @@ async fn distinct_values(
     }
     let node = s.node.clone();
     Ok(Json(Value::Array(
-        blocking(move || node.distinct(&collection, &field, &filter)).await?,
+        blocking(move || node.distinct_as(&collection, &field, &filter, &who)).await?,
     )))
 }
 
@@ -509,11 +514,11 @@ async fn add_queue(
 
 async fn get_queue(
     State(s): State<ApiState>,
-    Caller(_): Caller,
+    Caller(who): Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let node = s.node.clone();
-    Ok(Json(blocking(move || node.queue(&name)).await?))
+    Ok(Json(blocking(move || node.queue_as(&name, &who)).await?))
 }
 
 async fn update_queue(
@@ -584,12 +589,12 @@ async fn pop_workitem(
 
 async fn get_workitem(
     State(s): State<ApiState>,
-    Caller(_): Caller,
+    Caller(who): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let node = s.node.clone();
     Ok(Json(
-        blocking(move || node.get(ocmesh_node::workitems::ITEMS, &id)).await?,
+        blocking(move || node.get_as(ocmesh_node::workitems::ITEMS, &id, &who)).await?,
     ))
 }
 
@@ -658,11 +663,11 @@ async fn upload_file(
 /// Streams a file's content, one chunk read at a time.
 async fn download_file(
     State(s): State<ApiState>,
-    Caller(_): Caller,
+    Caller(who): Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let node = s.node.clone();
-    let doc = blocking(move || node.file(&id)).await?;
+    let doc = blocking(move || node.get_as(ocmesh_node::files::FILES, &id, &who)).await?;
     let hashes = ocmesh_node::files::chunk_hashes(&doc).ok_or_else(|| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -706,6 +711,27 @@ async fn delete_file(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(s.node.delete_file(&id, &who).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    username: String,
+    password: String,
+    #[serde(default)]
+    name: String,
+}
+
+/// `{username, password, name?}`: admins only.
+async fn create_user(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let u: NewUser =
+        serde_json::from_value(Value::Object(body)).map_err(|e| ApiError::bad_request(format!("new user: {e}")))?;
+    let doc = s.node.create_user(&u.username, &u.password, &u.name, &who).await?;
+    Ok((StatusCode::CREATED, Json(doc)).into_response())
 }
 
 async fn mesh_peers(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {

@@ -12,6 +12,7 @@ use ocmesh_node::{Node, NodeConfig, Principal};
 
 fn admin() -> Principal {
     Principal {
+        roles: vec![ocmesh_node::acl::ADMINS_ROLE_ID.into()],
         id: "0".repeat(24),
         name: "admin".into(),
     }

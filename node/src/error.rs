@@ -33,6 +33,16 @@ pub enum WriteError {
     NotUnique { fields: String, count: usize },
     #[error(transparent)]
     File(#[from] crate::files::FileError),
+    #[error("user: {0}")]
+    BadUser(String),
+    #[error("invalid _acl: {0}")]
+    Acl(#[from] crate::acl::AclError),
+    #[error("no {right} right on {collection}/{id}")]
+    Forbidden {
+        right: &'static str,
+        collection: String,
+        id: String,
+    },
     #[error("document {collection}/{id} is not deleted; nothing to recover")]
     NotDeleted { collection: String, id: String },
     #[error(transparent)]

@@ -15,6 +15,7 @@
 //!   current one, `_version` is a version's position in that order, and a
 //!   delete is a version too, so history is never lost.
 
+pub mod acl;
 mod error;
 pub mod files;
 pub mod ids;
@@ -44,6 +45,7 @@ pub(crate) fn system_principal() -> Principal {
     Principal {
         id: "000000000000000000000000".into(),
         name: "ocmesh".into(),
+        roles: vec![acl::ADMINS_ROLE_ID.into()],
     }
 }
 
@@ -59,11 +61,13 @@ pub const WRITE_QUEUE_BOUND: usize = 4096;
 /// How far ahead of our clock a peer's timestamp may pull it.
 pub const MAX_CLOCK_DRIFT_MS: u64 = 60_000;
 
-/// Who makes a request.
+/// Who makes a request: a user id, its name, and the ids of the roles it
+/// holds (nested roles resolved; `users` always; `admins` bypasses ACLs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub id: String,
     pub name: String,
+    pub roles: Vec<String>,
 }
 
 /// How to open a node.
@@ -512,6 +516,19 @@ impl Node {
         .await
     }
 
+    /// A queue's definition by name, if the caller may read it.
+    pub fn queue_as(&self, name: &str, who: &Principal) -> Result<Value, ReadError> {
+        let doc = self.queue(name)?;
+        if acl::allowed(&doc, who, acl::READ) {
+            Ok(doc)
+        } else {
+            Err(ReadError::NotFound {
+                collection: workitems::QUEUES.into(),
+                id: name.into(),
+            })
+        }
+    }
+
     /// A queue's definition by name.
     pub fn queue(&self, name: &str) -> Result<Value, ReadError> {
         let filter = query::Filter::parse(&serde_json::json!({"_type": workitems::QUEUE_TYPE, "name": name}))
@@ -775,6 +792,148 @@ impl Node {
         Ok(out)
     }
 
+    /// `get`, for a caller: a document it may not read is not found.
+    pub fn get_as(&self, collection: &str, id: &str, who: &Principal) -> Result<Value, ReadError> {
+        let doc = self.get(collection, id)?;
+        if acl::allowed(&doc, who, acl::READ) {
+            Ok(doc)
+        } else {
+            Err(ReadError::NotFound {
+                collection: collection.into(),
+                id: id.into(),
+            })
+        }
+    }
+
+    /// Checks read right on a document, or on its last version if deleted.
+    fn readable_history(&self, collection: &str, id: &str, who: &Principal) -> Result<(), ReadError> {
+        let gate = match self.get(collection, id) {
+            Ok(doc) => doc,
+            Err(ReadError::NotFound { .. }) => {
+                self.versions(collection, id)?
+                    .pop()
+                    .ok_or_else(|| ReadError::NotFound {
+                        collection: collection.into(),
+                        id: id.into(),
+                    })?
+            }
+            Err(e) => return Err(e),
+        };
+        if acl::allowed(&gate, who, acl::READ) {
+            Ok(())
+        } else {
+            Err(ReadError::NotFound {
+                collection: collection.into(),
+                id: id.into(),
+            })
+        }
+    }
+
+    /// `versions`, for a caller with read right on the document.
+    pub fn versions_as(&self, collection: &str, id: &str, who: &Principal) -> Result<Vec<Value>, ReadError> {
+        self.readable_history(collection, id, who)?;
+        self.versions(collection, id)
+    }
+
+    /// `version`, for a caller with read right on the document.
+    pub fn version_as(&self, collection: &str, id: &str, number: u64, who: &Principal) -> Result<Value, ReadError> {
+        self.readable_history(collection, id, who)?;
+        self.version(collection, id, number)
+    }
+
+    /// `query` over the documents the caller may read.
+    pub fn query_as(&self, collection: &str, q: &query::Query, who: &Principal) -> Result<Vec<Value>, ReadError> {
+        self.with_documents(collection, &q.filter, |docs| {
+            q.run(docs.filter(|d| acl::allowed(d, who, acl::READ)))
+        })
+    }
+
+    /// `count` over the documents the caller may read.
+    pub fn count_as(&self, collection: &str, filter: &query::Filter, who: &Principal) -> Result<u64, ReadError> {
+        self.with_documents(collection, filter, |docs| {
+            docs.filter(|d| acl::allowed(d, who, acl::READ) && filter.matches(d))
+                .count() as u64
+        })
+    }
+
+    /// `distinct` over the documents the caller may read.
+    pub fn distinct_as(
+        &self,
+        collection: &str,
+        field: &str,
+        filter: &query::Filter,
+        who: &Principal,
+    ) -> Result<Vec<Value>, ReadError> {
+        self.with_documents(collection, filter, |docs| {
+            query::distinct(docs.filter(|d| acl::allowed(d, who, acl::READ)), field, filter)
+        })
+    }
+
+    /// Creates a user who can sign in here: a `users` document (readable
+    /// by the user) and a local argon2 password record. Admins only.
+    pub async fn create_user(
+        &self,
+        username: &str,
+        password: &str,
+        name: &str,
+        by: &Principal,
+    ) -> Result<Value, WriteError> {
+        if username.is_empty() || username.len() > 128 || password.is_empty() {
+            return Err(WriteError::BadUser(
+                "username (1 to 128 characters) and password are required".into(),
+            ));
+        }
+        let pw = password.to_owned();
+        let hash = tokio::task::spawn_blocking(move || users::hash_password(&pw))
+            .await
+            .map_err(|e| WriteError::Storage(StorageError(e.to_string())))?
+            .map_err(|e| WriteError::Storage(StorageError(e)))?;
+        self.write_document(WriteOp::CreateUser {
+            username: username.into(),
+            name: name.into(),
+            hash,
+            by: by.clone(),
+        })
+        .await
+    }
+
+    /// Fills in the roles `who` holds: `users`, every role (a document
+    /// of `_type: "role"` in `users`) that lists it or one of its roles
+    /// among `members`, nested without a depth limit; the local `admin`
+    /// user is in `admins`.
+    pub fn with_roles(&self, who: Principal) -> Result<Principal, ReadError> {
+        let filter = query::Filter::parse(&serde_json::json!({"_type": "role"}))
+            .map_err(|e| ReadError::Storage(StorageError(e.to_string())))?;
+        let roles: Vec<(String, Vec<String>)> = self.with_documents("users", &filter, |docs| {
+            docs.filter(|d| filter.matches(d))
+                .filter_map(|d| {
+                    let id = d.get("_id")?.as_str()?.to_owned();
+                    let members = d
+                        .get("members")
+                        .and_then(Value::as_array)
+                        .map(|m| {
+                            m.iter()
+                                .filter_map(|e| e.get("_id").and_then(Value::as_str).or(e.as_str()).map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    Some((id, members))
+                })
+                .collect()
+        })?;
+        let mut start = vec![who.id.clone(), acl::USERS_ROLE_ID.to_owned()];
+        if self.is_local_admin(&who.id) {
+            start.push(acl::ADMINS_ROLE_ID.to_owned());
+        }
+        let mut held = acl::expand_roles(&start, &roles);
+        held.retain(|r| *r != who.id);
+        Ok(Principal { roles: held, ..who })
+    }
+
+    fn is_local_admin(&self, id: &str) -> bool {
+        matches!(self.credential("admin"), Ok(Some(c)) if c.id == id)
+    }
+
     /// Checks a user name and password.
     pub async fn authenticate(&self, username: &str, password: &str) -> Result<Principal, AuthError> {
         let cred = self.credential(username)?.ok_or(AuthError::BadCredentials)?;
@@ -784,7 +943,9 @@ impl Node {
             tokio::task::spawn_blocking(move || node.inner.verified.verify(&cred, &password).then(|| cred.principal()))
                 .await
                 .map_err(|e| AuthError::Storage(StorageError(format!("password check failed: {e}"))))?;
-        ok.ok_or(AuthError::BadCredentials)
+        let who = ok.ok_or(AuthError::BadCredentials)?;
+        self.with_roles(who)
+            .map_err(|e| AuthError::Storage(StorageError(e.to_string())))
     }
 
     /// The principal with this user id, if it can sign in here.

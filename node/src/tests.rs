@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 
 fn admin() -> Principal {
     Principal {
+        roles: vec![acl::ADMINS_ROLE_ID.into()],
         id: "0".repeat(24),
         name: "admin".into(),
     }
@@ -275,7 +276,9 @@ async fn authentication() {
     let node = open(dir.path(), "a");
     let p = node.authenticate("admin", "pw").await.expect("sign in");
     assert_eq!(p.name, "admin");
-    assert_eq!(node.principal_by_id(&p.id).expect("lookup"), Some(p));
+    assert!(p.is_admin() && p.roles.iter().any(|r| r == acl::USERS_ROLE_ID), "{p:?}");
+    let found = node.principal_by_id(&p.id).expect("lookup").expect("known");
+    assert_eq!((found.id, found.name), (p.id.clone(), p.name.clone()));
     assert!(matches!(
         node.authenticate("admin", "nope").await,
         Err(AuthError::BadCredentials)

@@ -28,6 +28,7 @@ impl Credential {
         Principal {
             id: self.id.clone(),
             name: self.name.clone(),
+            roles: Vec::new(),
         }
     }
 }

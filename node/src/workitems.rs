@@ -248,6 +248,11 @@ fn physical_now() -> u64 {
 
 impl Writer {
     fn queue(&self, t: &WriteTables<'_>, name: &str) -> Result<(String, QueueSettings), WriteError> {
+        let (id, doc) = self.queue_doc(t, name)?;
+        Ok((id, QueueSettings::from_doc(&doc)?))
+    }
+
+    fn queue_doc(&self, t: &WriteTables<'_>, name: &str) -> Result<(String, Map<String, Value>), WriteError> {
         let id = match t.wi_queues.get(name).map_err(StorageError::from)? {
             Some(id) => id.value().to_owned(),
             None => return Err(WorkItemError::NoQueue(name.to_owned()).into()),
@@ -255,7 +260,25 @@ impl Writer {
         let doc = t
             .current(QUEUES, &id)?
             .ok_or_else(|| WorkItemError::NoQueue(name.to_owned()))?;
-        Ok((id, QueueSettings::from_doc(&doc)?))
+        Ok((id, doc))
+    }
+
+    /// The queue, if `by` may invoke it (push, pop, complete); a queue the
+    /// caller cannot even read looks like a missing one.
+    fn invocable_queue(
+        &self,
+        t: &WriteTables<'_>,
+        name: &str,
+        by: &Principal,
+    ) -> Result<(String, Map<String, Value>, QueueSettings), WriteError> {
+        let (id, doc) = self.queue_doc(t, name)?;
+        match crate::writer::check(&doc, by, crate::acl::INVOKE, QUEUES, &id) {
+            Ok(()) => {}
+            Err(WriteError::NotFound { .. }) => return Err(WorkItemError::NoQueue(name.to_owned()).into()),
+            Err(e) => return Err(e),
+        }
+        let settings = QueueSettings::from_doc(&doc)?;
+        Ok((id, doc, settings))
     }
 
     pub(crate) fn add_queue(
@@ -306,7 +329,7 @@ impl Writer {
         items: Vec<Map<String, Value>>,
         by: &Principal,
     ) -> Result<WriteDone, WriteError> {
-        let (qid, q) = self.queue(t, queue)?;
+        let (qid, qdoc, q) = self.invocable_queue(t, queue, by)?;
         let now = physical_now();
         let mut docs = Vec::with_capacity(items.len());
         for mut item in items {
@@ -347,6 +370,10 @@ impl Writer {
             }
             item.entry("name").or_insert_with(|| "workitem".into());
             item.entry("files").or_insert_with(|| json!([]));
+            // Items inherit the queue's ACL (the pusher gets full control on insert).
+            if let Some(acl) = qdoc.get("_acl") {
+                item.insert("_acl".into(), acl.clone());
+            }
             item.insert("_type".into(), ITEM_TYPE.into());
             item.insert("wiq".into(), queue.into());
             item.insert("wiqid".into(), qid.clone().into());
@@ -371,7 +398,7 @@ impl Writer {
         queue: &str,
         by: &Principal,
     ) -> Result<WriteDone, WriteError> {
-        let (_, q) = self.queue(t, queue)?;
+        let (_, _, q) = self.invocable_queue(t, queue, by)?;
         let now = physical_now();
         t.promote_due(queue, now)?;
         let Some(id) = t.first_ready(queue)? else {
@@ -383,7 +410,7 @@ impl Writer {
         doc.insert("state".into(), "processing".into());
         doc.insert("lastrun".into(), iso8601(now).into());
         doc.insert("_leaseuntil".into(), iso8601(now + q.lease_ms).into());
-        self.replace(t, ITEMS.into(), id, doc, by)
+        self.replace_unchecked(t, ITEMS.into(), id, doc, by)
     }
 
     /// Records the end of an item's work and routes or retries it.
@@ -413,7 +440,10 @@ impl Writer {
             .current(ITEMS, id)?
             .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?;
         let queue = doc.get("wiq").and_then(Value::as_str).unwrap_or_default().to_owned();
-        let (_, q) = self.queue(t, &queue)?;
+        if !crate::acl::allowed(&Value::Object(doc.clone()), by, crate::acl::READ) {
+            return Err(WorkItemError::NoItem(id.to_owned()).into());
+        }
+        let (_, _, q) = self.invocable_queue(t, &queue, by)?;
         if let Some(p) = payload {
             doc.insert("payload".into(), Value::Object(p));
         }
@@ -440,7 +470,7 @@ impl Writer {
                 route_to
             }
         };
-        let done = self.replace(t, ITEMS.into(), id.to_owned(), doc.clone(), by)?;
+        let done = self.replace_unchecked(t, ITEMS.into(), id.to_owned(), doc.clone(), by)?;
         if let Some(target) = route {
             let mut copy = Map::new();
             for f in ["name", "payload", "priority", "files"] {
@@ -448,7 +478,8 @@ impl Writer {
                     copy.insert(f.into(), v.clone());
                 }
             }
-            match self.push(t, &target, vec![copy], by) {
+            // Routing is the node's act, whoever completed the item.
+            match self.push(t, &target, vec![copy], &crate::system_principal()) {
                 Ok(_) => {}
                 Err(WriteError::WorkItem(WorkItemError::NoQueue(_))) => {
                     tracing::warn!(item = %id, %target, "work item's target queue does not exist; not routed");

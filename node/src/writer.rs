@@ -135,6 +135,12 @@ pub(crate) enum WriteOp {
         id: String,
         by: Principal,
     },
+    CreateUser {
+        username: String,
+        name: String,
+        hash: String,
+        by: Principal,
+    },
 }
 
 /// What a write produced.
@@ -283,6 +289,12 @@ impl Writer {
                     WriteOp::PutChunk { hash, data } => put_chunk(&mut t, &hash, &data),
                     WriteOp::CreateFile { doc, by } => self.create_file(&mut t, doc, &by),
                     WriteOp::DeleteFile { id, by } => self.delete_file(&mut t, id, &by),
+                    WriteOp::CreateUser {
+                        username,
+                        name,
+                        hash,
+                        by,
+                    } => self.create_user(&mut t, username, name, hash, &by),
                 };
                 // A storage failure poisons the transaction: give up on the group.
                 if let Err(WriteError::Storage(e)) = r {
@@ -328,6 +340,7 @@ impl Writer {
         if t.current(&collection, &id)?.is_some() {
             return Err(WriteError::AlreadyExists { collection, id });
         }
+        crate::acl::with_creator(&mut doc, by)?;
         let now = Value::String(iso8601(hlc.physical_ms()));
         strip_store_fields(&mut doc);
         doc.insert("_id".into(), Value::String(id.clone()));
@@ -339,7 +352,26 @@ impl Writer {
             .map(WriteDone::Document)
     }
 
+    /// Replaces a document the caller may update.
     pub(crate) fn replace(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        collection: String,
+        id: String,
+        doc: Map<String, Value>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        validate_collection(&collection)?;
+        validate_id(&id)?;
+        if let Some(current) = t.current(&collection, &id)? {
+            check(&current, by, crate::acl::UPDATE, &collection, &id)?;
+        }
+        self.replace_unchecked(t, collection, id, doc, by)
+    }
+
+    /// Replaces a document; the caller has checked the rights. A body
+    /// without `_acl` keeps the current one.
+    pub(crate) fn replace_unchecked(
         &mut self,
         t: &mut WriteTables<'_>,
         collection: String,
@@ -362,6 +394,14 @@ impl Writer {
         let Some(current) = t.current(&collection, &id)? else {
             return Err(WriteError::NotFound { collection, id });
         };
+        match doc.get("_acl") {
+            None | Some(Value::Null) => {
+                if let Some(acl) = current.get("_acl") {
+                    doc.insert("_acl".into(), acl.clone());
+                }
+            }
+            Some(_) => crate::acl::validate(&doc)?,
+        }
         let hlc = self.stamp();
         strip_store_fields(&mut doc);
         doc.insert("_id".into(), Value::String(id.clone()));
@@ -387,6 +427,7 @@ impl Writer {
         let Some(mut doc) = t.current(&collection, &id)? else {
             return Err(WriteError::NotFound { collection, id });
         };
+        check(&doc, by, crate::acl::DELETE, &collection, &id)?;
         let hlc = self.stamp();
         let now = Value::String(iso8601(hlc.physical_ms()));
         strip_store_fields(&mut doc);
@@ -611,6 +652,91 @@ impl Writer {
     }
 }
 
+impl Writer {
+    fn create_user(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        username: String,
+        name: String,
+        hash: String,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        if !by.is_admin() {
+            return Err(WriteError::Forbidden {
+                right: "admin",
+                collection: "users".into(),
+                id: username,
+            });
+        }
+        if t.credentials
+            .get(username.as_str())
+            .map_err(StorageError::from)?
+            .is_some()
+        {
+            return Err(WriteError::BadUser(format!("user name {username:?} is taken")));
+        }
+        let id = new_object_id(self.clock.last().physical_ms() / 1000);
+        let mut doc = Map::new();
+        doc.insert("_id".into(), id.clone().into());
+        doc.insert("_type".into(), "user".into());
+        doc.insert(
+            "name".into(),
+            (if name.is_empty() {
+                username.clone()
+            } else {
+                name.clone()
+            })
+            .into(),
+        );
+        doc.insert("username".into(), username.clone().into());
+        doc.insert(
+            "_acl".into(),
+            serde_json::json!([{"_id": id, "name": username, "rights": crate::acl::READ}]),
+        );
+        let done = self.insert(t, "users".into(), doc, by)?;
+        let cred = crate::users::Credential {
+            id,
+            username: username.clone(),
+            name: if name.is_empty() { username.clone() } else { name },
+            hash,
+        };
+        let bytes = serde_json::to_vec(&cred).map_err(|e| StorageError(e.to_string()))?;
+        t.credentials
+            .insert(username.as_str(), bytes.as_slice())
+            .map_err(StorageError::from)?;
+        Ok(done)
+    }
+}
+
+fn may(doc: &Map<String, Value>, by: &Principal, right: u64) -> bool {
+    crate::acl::allowed(&Value::Object(doc.clone()), by, right)
+}
+
+/// Refuses a write the caller lacks `right` for: as a missing document
+/// when it may not even read it, so existence does not leak.
+pub(crate) fn check(
+    doc: &Map<String, Value>,
+    by: &Principal,
+    right: u64,
+    collection: &str,
+    id: &str,
+) -> Result<(), WriteError> {
+    if may(doc, by, right) {
+        return Ok(());
+    }
+    if may(doc, by, crate::acl::READ) {
+        return Err(WriteError::Forbidden {
+            right: crate::acl::name(right),
+            collection: collection.into(),
+            id: id.into(),
+        });
+    }
+    Err(WriteError::NotFound {
+        collection: collection.into(),
+        id: id.into(),
+    })
+}
+
 /// A document's id and its current body.
 type IdDoc = (String, Map<String, Value>);
 
@@ -662,7 +788,8 @@ impl Writer {
         by: &Principal,
     ) -> Result<WriteDone, WriteError> {
         let targets = matching(t, &collection, filter)?;
-        let mut updated = Vec::with_capacity(targets.len());
+        let targets = targets.into_iter().filter(|(_, d)| may(d, by, crate::acl::UPDATE));
+        let mut updated = Vec::new();
         for (id, doc) in targets {
             updated.push((id, crate::query::update::apply_update(&doc, update)?));
         }
@@ -760,7 +887,7 @@ impl Writer {
     ) -> Result<WriteDone, WriteError> {
         let targets = matching(t, &collection, filter)?;
         let mut out = Vec::with_capacity(targets.len());
-        for (id, _) in targets {
+        for (id, _) in targets.into_iter().filter(|(_, d)| may(d, by, crate::acl::DELETE)) {
             if let WriteDone::Document(d) = self.delete(t, collection.clone(), id, by)? {
                 out.push(d);
             }
@@ -810,6 +937,7 @@ impl Writer {
         let Some(mut doc) = live else {
             return Err(WriteError::NotFound { collection, id });
         };
+        check(&doc, by, crate::acl::UPDATE, &collection, &id)?;
         let hlc = self.stamp();
         strip_store_fields(&mut doc);
         stamp_modified(&mut doc, Value::String(iso8601(hlc.physical_ms())), by);
