@@ -20,6 +20,7 @@ mod error;
 pub mod files;
 pub mod ids;
 mod index;
+pub mod messaging;
 pub mod query;
 mod store;
 mod users;
