@@ -36,6 +36,10 @@ pub struct RunArgs {
     /// Largest file upload accepted, in bytes [default: 1 GiB].
     #[arg(long, env = "OCMESH_MAX_FILE_BYTES")]
     pub max_file_bytes: Option<u64>,
+    /// Keep message queues and exchanges in RabbitMQ at this amqp:// URL
+    /// (needs the rabbitmq feature) instead of the embedded broker.
+    #[arg(long, env = "OCMESH_AMQP")]
+    pub amqp: Option<String>,
     /// A peer's mesh address to dial; repeatable (env: comma-separated).
     #[arg(long = "peer", env = "OCMESH_PEERS", value_delimiter = ',')]
     pub peers: Vec<SocketAddr>,
@@ -54,6 +58,7 @@ struct FileConfig {
     key: Option<PathBuf>,
     peers: Option<Vec<String>>,
     max_file_bytes: Option<u64>,
+    amqp: Option<String>,
 }
 
 /// Certificate files for the mesh.
@@ -74,6 +79,7 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     pub peers: Vec<SocketAddr>,
     pub max_file_bytes: Option<u64>,
+    pub amqp: Option<String>,
 }
 
 fn addr(file: &Path, key: &str, value: &str) -> anyhow::Result<SocketAddr> {
@@ -134,6 +140,7 @@ impl Settings {
             tls,
             peers,
             max_file_bytes: args.max_file_bytes.or(file.max_file_bytes),
+            amqp: args.amqp.or(file.amqp),
         })
     }
 }

@@ -191,7 +191,20 @@ async fn run(settings: config::Settings) -> anyhow::Result<()> {
     if let Some(max) = settings.max_file_bytes {
         limits.max_file_bytes = max;
     }
-    let router = ocmesh_api::router_with_limits(node, mesh.as_ref().map(|m| m.peers()), limits);
+    let broker = match &settings.amqp {
+        None => ocmesh_node::messaging::Broker::embedded(),
+        #[cfg(feature = "rabbitmq")]
+        Some(url) => {
+            let b = ocmesh_node::messaging::Broker::rabbitmq(url)
+                .await
+                .with_context(|| format!("connecting to {url}"))?;
+            tracing::info!(%url, "message queues live in RabbitMQ");
+            b
+        }
+        #[cfg(not(feature = "rabbitmq"))]
+        Some(_) => anyhow::bail!("--amqp needs a build with the rabbitmq feature (cargo build --features rabbitmq)"),
+    };
+    let router = ocmesh_api::router_with_broker(node, mesh.as_ref().map(|m| m.peers()), limits, broker);
     ocmesh_api::serve(listener, router, shutdown_signal()).await?;
     if let Some(mesh) = mesh {
         mesh.shutdown().await;

@@ -26,6 +26,7 @@ use serde_json::{Map, Value, json};
 
 use ocmesh_federation::PeerTable;
 use ocmesh_node::Node;
+use ocmesh_node::messaging::{Broker, ExchangeKind, Message, MqError};
 
 pub use auth::{Caller, issue_token, verify_token};
 pub use error::ApiError;
@@ -39,6 +40,7 @@ pub struct ApiState {
     pub node: Node,
     pub peers: Option<PeerTable>,
     pub limits: Limits,
+    pub broker: Broker,
 }
 
 /// Request limits.
@@ -61,8 +63,13 @@ pub fn router(node: Node, peers: Option<PeerTable>) -> Router {
     router_with_limits(node, peers, Limits::default())
 }
 
-/// The REST API of a site.
+/// The REST API of a site with the embedded message broker.
 pub fn router_with_limits(node: Node, peers: Option<PeerTable>, limits: Limits) -> Router {
+    router_with_broker(node, peers, limits, Broker::embedded())
+}
+
+/// The REST API of a site.
+pub fn router_with_broker(node: Node, peers: Option<PeerTable>, limits: Limits, broker: Broker) -> Router {
     let docs = "/api/v1/collections/{collection}/documents";
     Router::new()
         .route("/health", get(health))
@@ -99,6 +106,12 @@ pub fn router_with_limits(node: Node, peers: Option<PeerTable>, limits: Limits) 
         .route("/api/v1/mesh/peers", get(mesh_peers))
         .route("/api/v1/files", post(upload_file))
         .route("/api/v1/users", post(create_user))
+        .route("/api/v1/mq/queues", post(mq_declare_queue))
+        .route("/api/v1/mq/queues/{name}", axum::routing::delete(mq_delete_queue))
+        .route("/api/v1/mq/queues/{name}/next", post(mq_next))
+        .route("/api/v1/mq/exchanges", post(mq_declare_exchange))
+        .route("/api/v1/mq/bindings", post(mq_bind))
+        .route("/api/v1/mq/publish", post(mq_publish))
         .route("/api/v1/files/{id}", get(download_file).delete(delete_file))
         .route("/api/v1/workitemqueues", post(add_queue))
         .route(
@@ -114,7 +127,12 @@ pub fn router_with_limits(node: Node, peers: Option<PeerTable>, limits: Limits) 
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(log_request))
-        .with_state(ApiState { node, peers, limits })
+        .with_state(ApiState {
+            node,
+            peers,
+            limits,
+            broker,
+        })
 }
 
 /// Serves `router` on `listener` until `shutdown` completes.
@@ -732,6 +750,143 @@ async fn create_user(
         serde_json::from_value(Value::Object(body)).map_err(|e| ApiError::bad_request(format!("new user: {e}")))?;
     let doc = s.node.create_user(&u.username, &u.password, &u.name, &who).await?;
     Ok((StatusCode::CREATED, Json(doc)).into_response())
+}
+
+impl From<MqError> for ApiError {
+    fn from(e: MqError) -> Self {
+        match &e {
+            MqError::NoQueue(_) | MqError::NoExchange(_) => ApiError::not_found(e.to_string()),
+            MqError::ExchangeKindMismatch { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            MqError::BadKind(_) | MqError::BadName(_) => ApiError::bad_request(e.to_string()),
+            MqError::Full(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+            MqError::Broker(_) => ApiError::new(StatusCode::BAD_GATEWAY, "broker", e.to_string()),
+        }
+    }
+}
+
+fn opt_str(body: &mut Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+    match body.remove(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(ApiError::bad_request(format!("{key} must be a string, not {other}"))),
+    }
+}
+
+/// `{name?}`: without a name, a temporary queue with a generated name.
+async fn mq_declare_queue(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    JsonObject(mut body): JsonObject,
+) -> Result<Response, ApiError> {
+    let name = opt_str(&mut body, "name")?;
+    no_more_fields(&body, "name")?;
+    let name = s.broker.declare_queue(name.as_deref()).await?;
+    Ok((StatusCode::CREATED, Json(json!({"name": name}))).into_response())
+}
+
+async fn mq_delete_queue(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    s.broker.delete_queue(&name).await?;
+    Ok(Json(json!({"deleted": name})))
+}
+
+/// `{name, type: direct|fanout|topic}`.
+async fn mq_declare_exchange(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    JsonObject(mut body): JsonObject,
+) -> Result<Response, ApiError> {
+    let name = opt_str(&mut body, "name")?.ok_or_else(|| ApiError::bad_request("an exchange needs a name"))?;
+    let kind = ExchangeKind::parse(&opt_str(&mut body, "type")?.unwrap_or_else(|| "fanout".into()))?;
+    no_more_fields(&body, "name and type")?;
+    s.broker.declare_exchange(&name, kind).await?;
+    Ok((StatusCode::CREATED, Json(json!({"name": name, "type": kind.name()}))).into_response())
+}
+
+/// `{queue, exchange, routingkey?}`.
+async fn mq_bind(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    JsonObject(mut body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let queue = opt_str(&mut body, "queue")?.ok_or_else(|| ApiError::bad_request("queue is required"))?;
+    let exchange = opt_str(&mut body, "exchange")?.ok_or_else(|| ApiError::bad_request("exchange is required"))?;
+    let key = opt_str(&mut body, "routingkey")?.unwrap_or_default();
+    no_more_fields(&body, "queue, exchange and routingkey")?;
+    s.broker.bind(&queue, &exchange, &key).await?;
+    Ok(Json(json!({"queue": queue, "exchange": exchange, "routingkey": key})))
+}
+
+/// `{queue | exchange + routingkey, data, replyto?, correlationId?, expiration? (ms)}`.
+async fn mq_publish(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    JsonObject(mut body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let queue = opt_str(&mut body, "queue")?;
+    let exchange = opt_str(&mut body, "exchange")?.unwrap_or_default();
+    let key = match (queue, exchange.is_empty()) {
+        (Some(q), true) => q,
+        (None, false) => opt_str(&mut body, "routingkey")?.unwrap_or_default(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "give either queue, or exchange (with routingkey)",
+            ));
+        }
+    };
+    let data = body.remove("data").unwrap_or(Value::Null);
+    let reply_to = opt_str(&mut body, "replyto")?;
+    let correlation_id = opt_str(&mut body, "correlationId")?;
+    let expiration = match body.remove("expiration") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(std::time::Duration::from_millis(v.as_u64().ok_or_else(|| {
+            ApiError::bad_request(format!("expiration must be milliseconds, not {v}"))
+        })?)),
+    };
+    no_more_fields(
+        &body,
+        "queue, exchange, routingkey, data, replyto, correlationId, expiration",
+    )?;
+    let body = serde_json::to_vec(&data).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    s.broker
+        .publish(
+            &exchange,
+            &key,
+            Message {
+                body,
+                reply_to,
+                correlation_id,
+                expiration,
+            },
+        )
+        .await?;
+    Ok(Json(json!({"published": true})))
+}
+
+/// Takes the next message of a queue: 200 `{data, replyto, correlationId}`,
+/// or 204 when none arrives within `?wait=` seconds.
+async fn mq_next(
+    State(s): State<ApiState>,
+    Caller(_): Caller,
+    Path(name): Path<String>,
+    axum::extract::Query(params): axum::extract::Query<PopParams>,
+) -> Result<Response, ApiError> {
+    let wait = match params.wait {
+        None => std::time::Duration::ZERO,
+        Some(w) if (0.0..=300.0).contains(&w) => std::time::Duration::from_secs_f64(w),
+        Some(w) => return Err(ApiError::bad_request(format!("wait={w}: give 0 to 300 seconds"))),
+    };
+    match s.broker.get_wait(&name, wait).await? {
+        Some(m) => {
+            let data: Value = serde_json::from_slice(&m.body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&m.body).into_owned()));
+            Ok(Json(json!({"data": data, "replyto": m.reply_to, "correlationId": m.correlation_id})).into_response())
+        }
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
 }
 
 async fn mesh_peers(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {

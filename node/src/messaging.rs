@@ -174,6 +174,29 @@ impl Broker {
         }
     }
 
+    /// Takes the next message of a queue, if one is waiting.
+    pub async fn get(&self, queue: &str) -> Result<Option<Message>, MqError> {
+        match self {
+            Broker::Embedded(b) => b.get(queue),
+            #[cfg(feature = "rabbitmq")]
+            Broker::Rabbit(b) => b.get(queue).await,
+        }
+    }
+
+    /// `get`, waiting up to `wait` for a message to arrive.
+    pub async fn get_wait(&self, queue: &str, wait: Duration) -> Result<Option<Message>, MqError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(m) = self.get(queue).await? {
+                return Ok(Some(m));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep_until((tokio::time::Instant::now() + Duration::from_millis(50)).min(deadline)).await;
+        }
+    }
+
     pub async fn delete_queue(&self, name: &str) -> Result<(), MqError> {
         match self {
             Broker::Embedded(b) => b.delete_queue(name),
@@ -341,6 +364,18 @@ impl Embedded {
         Ok(rx)
     }
 
+    fn get(&self, queue: &str) -> Result<Option<Message>, MqError> {
+        let mut s = self.lock();
+        let q = s.queues.get_mut(queue).ok_or_else(|| MqError::NoQueue(queue.into()))?;
+        let now = Instant::now();
+        while let Some((msg, deadline)) = q.waiting.pop_front() {
+            if deadline.is_none_or(|d| d > now) {
+                return Ok(Some(msg));
+            }
+        }
+        Ok(None)
+    }
+
     fn delete_queue(&self, name: &str) -> Result<(), MqError> {
         let mut s = self.lock();
         s.queues.remove(name).ok_or_else(|| MqError::NoQueue(name.into()))?;
@@ -362,8 +397,8 @@ mod rabbit {
 
     use futures_util::StreamExt;
     use lapin::options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-        QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+        ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     };
     use lapin::types::FieldTable;
     use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind as LapinKind};
@@ -523,6 +558,24 @@ mod rabbit {
                 }
             });
             Ok(rx)
+        }
+
+        pub async fn get(&self, queue: &str) -> Result<Option<Message>, MqError> {
+            let ch = self.conn.create_channel().await.map_err(err)?;
+            let got = ch
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .map_err(|e| MqError::Broker(format!("reading {queue:?}: {e}")))?;
+            let Some(m) = got else { return Ok(None) };
+            let d = m.delivery;
+            d.ack(BasicAckOptions::default()).await.map_err(err)?;
+            let props = &d.properties;
+            Ok(Some(Message {
+                body: d.data.clone(),
+                reply_to: props.reply_to().as_ref().map(|s| s.to_string()),
+                correlation_id: props.correlation_id().as_ref().map(|s| s.to_string()),
+                expiration: None,
+            }))
         }
 
         pub async fn delete_queue(&self, name: &str) -> Result<(), MqError> {

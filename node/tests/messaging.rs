@@ -107,6 +107,15 @@ async fn suite(b: &Broker, tag: &str) {
         "expired message delivered"
     );
 
+    // Taking one message at a time (what REST clients do).
+    let gq = b.declare_queue(Some(&name("get"))).await.expect("queue");
+    assert!(b.get(&gq).await.expect("get").is_none());
+    b.publish("", &gq, msg("one")).await.expect("publish");
+    b.publish("", &gq, msg("two")).await.expect("publish");
+    assert_eq!(b.get_wait(&gq, wait).await.expect("get").expect("one").body, b"one");
+    assert_eq!(b.get_wait(&gq, wait).await.expect("get").expect("two").body, b"two");
+    b.delete_queue(&gq).await.expect("delete");
+
     // Errors name the problem.
     assert!(b.publish(&name("no-such-exchange"), "k", msg("x")).await.is_err());
     assert!(
