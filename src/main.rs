@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a site (with no options: one node on 127.0.0.1:3000, data in ./ocmesh-data).
-    Run(config::RunArgs),
+    Run(Box<config::RunArgs>),
     /// Manage the federation certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => {
-            let settings = config::Settings::resolve(args)?;
+            let settings = config::Settings::resolve(*args)?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
