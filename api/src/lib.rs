@@ -27,6 +27,7 @@ use serde_json::{Map, Value, json};
 use ocmesh_federation::PeerTable;
 use ocmesh_node::Node;
 use ocmesh_node::messaging::{Broker, ExchangeKind, Message, MqError};
+use ocmesh_node::query::value::kind_of;
 
 pub use auth::{Caller, issue_token, verify_token};
 pub use error::ApiError;
@@ -187,17 +188,6 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
             ))),
             Err(e) => Err(ApiError::bad_request(format!("body is not valid JSON: {e}"))),
         }
-    }
-}
-
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use super::value::{comparable, compare, equal, resolve, split_path};
+use super::value::{comparable, compare, equal, kind_of as kind, resolve, split_path};
 
 /// Longest accepted `$regex` pattern, and the compiled-size cap.
 const MAX_REGEX_LEN: usize = 1024;
@@ -57,17 +57,6 @@ pub enum Cond {
     All(Vec<Cond>),
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 impl Filter {
     /// Parses a filter document. An empty object matches everything.
     pub fn parse(v: &Value) -> Result<Filter, FilterError> {
@@ -113,24 +102,6 @@ impl Filter {
                     path,
                     cond: Cond::In(vs),
                 } => Some((path.join("."), vs.iter().collect())),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Top-level equality conditions (`field: value` or `$eq`).
-    pub fn equalities(&self) -> Vec<(String, &Value)> {
-        let parts: Vec<&Filter> = match self {
-            Filter::And(fs) => fs.iter().collect(),
-            other => vec![other],
-        };
-        parts
-            .into_iter()
-            .filter_map(|f| match f {
-                Filter::Field {
-                    path,
-                    cond: Cond::Eq(v),
-                } => Some((path.join("."), v)),
                 _ => None,
             })
             .collect()

@@ -6,6 +6,18 @@ use std::cmp::Ordering;
 
 use serde_json::Value;
 
+/// A value's JSON type, for messages ("a number", "an array", ...).
+pub fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// Rank of a type in the cross-type sort order (MongoDB's, for JSON types).
 fn type_rank(v: &Value) -> u8 {
     match v {
