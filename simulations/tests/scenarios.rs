@@ -37,6 +37,16 @@ fn hub() {
 }
 
 #[test]
+fn region_split() {
+    all_seeds_pass("region-split", 0..3);
+}
+
+#[test]
+fn week_away() {
+    all_seeds_pass("week-away", 0..5);
+}
+
+#[test]
 fn a_seed_replays_exactly() {
     let s = scenario("hub");
     assert_eq!(run(&s, 42), run(&s, 42));
