@@ -238,6 +238,13 @@ async fn bad_input_gets_a_precise_4xx() -> anyhow::Result<()> {
 async fn data_survives_restart() -> anyhow::Result<()> {
     let (mut s, _root) = site().await?;
     let doc = s.insert("entities", &json!({"keep": "me"})).await?;
+    let (status, metrics) = s.get("/api/v1/metrics").await?;
+    assert_eq!(status, 200);
+    assert!(
+        metrics["writes"].as_u64().unwrap_or(0) >= 1 && metrics["commits"].as_u64().unwrap_or(0) >= 1,
+        "{metrics}"
+    );
+    assert_eq!(metrics["changes_held"], 1);
     let id = doc["_id"].as_str().unwrap_or_default().to_owned();
     s.stop();
     s.start().await?;

@@ -105,6 +105,7 @@ pub fn router_with_broker(node: Node, peers: Option<PeerTable>, limits: Limits, 
             axum::routing::delete(drop_index),
         )
         .route("/api/v1/mesh/peers", get(mesh_peers))
+        .route("/api/v1/metrics", get(metrics))
         .route("/api/v1/files", post(upload_file))
         .route("/api/v1/users", post(create_user))
         .route("/api/v1/mq/queues", post(mq_declare_queue))
@@ -877,6 +878,16 @@ async fn mq_next(
         }
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
+}
+
+/// Node counters and queue depths, and each peer's status.
+async fn metrics(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {
+    let mut m = s.node.metrics();
+    let peers = s.peers.as_ref().map(|p| p.snapshot()).unwrap_or_default();
+    if let Value::Object(obj) = &mut m {
+        obj.insert("peers".into(), serde_json::to_value(peers).unwrap_or(Value::Null));
+    }
+    Json(m)
 }
 
 async fn mesh_peers(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {

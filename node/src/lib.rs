@@ -215,6 +215,26 @@ impl Node {
         &self.inner.stats
     }
 
+    /// The node's counters and queue depths as one JSON object.
+    pub fn metrics(&self) -> Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.inner.stats;
+        serde_json::json!({
+            "site": self.site(),
+            "commits": s.commits.load(Relaxed),
+            "writes": s.writes.load(Relaxed),
+            "writer_queue": s.writer_queue.load(Relaxed),
+            "writer_queue_bound": WRITE_QUEUE_BOUND,
+            "writer_queue_now": WRITE_QUEUE_BOUND - self.inner.writes.capacity(),
+            "writer_apply_ms": s.apply_nanos.load(Relaxed) / 1_000_000,
+            "writer_commit_ms": s.commit_nanos.load(Relaxed) / 1_000_000,
+            "remote_applied": s.remote_applied.load(Relaxed),
+            "remote_duplicates": s.remote_duplicates.load(Relaxed),
+            "clock_clamped": s.clock_clamped.load(Relaxed),
+            "changes_held": self.version_vector().total(),
+        })
+    }
+
     /// What this site holds, per origin.
     pub fn version_vector(&self) -> VersionVector {
         self.inner.vv.borrow().clone()
