@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::{PASSWORD, Site, bin, free_tcp, wait_until};
+use common::{PASSWORD, Site, bin, free_tcp, hermetic, wait_until};
 
 async fn site() -> anyhow::Result<(Site, tempfile::TempDir)> {
     let root = tempfile::tempdir()?;
@@ -22,16 +22,27 @@ async fn authentication() -> anyhow::Result<()> {
     let (s, _root) = site().await?;
     let url = s.url("/api/v1/collections/entities/documents");
     let c = &s.client;
+    // Listening on the address it was given, health needs no credentials.
+    let health = c.get(format!("http://{}/health", s.http)).send().await?;
+    assert_eq!(health.status(), 200);
     let none = c.post(&url).json(&json!({})).send().await?;
     assert_eq!(none.status(), 401);
     assert!(none.headers().contains_key("www-authenticate"));
     let body: Value = none.json().await?;
     assert_eq!(body["error"], "unauthorized");
     assert!(body["detail"].is_string());
+    let wrong = c
+        .post(&url)
+        .basic_auth("admin", Some("wrong"))
+        .json(&json!({}))
+        .send()
+        .await?;
+    assert_eq!(wrong.status(), 401);
+    let body: Value = wrong.json().await?;
+    assert!(body["error"].is_string() && body["detail"].is_string(), "{body}");
+    // Reads need credentials too.
     assert_eq!(
-        c.post(&url)
-            .basic_auth("admin", Some("wrong"))
-            .json(&json!({}))
+        c.get(s.doc_url("entities", "0123456789abcdef01234567"))
             .send()
             .await?
             .status(),
@@ -46,15 +57,10 @@ async fn authentication() -> anyhow::Result<()> {
             .status(),
         401
     );
-    assert_eq!(
-        c.post(&url)
-            .bearer_auth("garbage")
-            .json(&json!({}))
-            .send()
-            .await?
-            .status(),
-        401
-    );
+    let garbage = c.post(&url).bearer_auth("garbage").json(&json!({})).send().await?;
+    assert_eq!(garbage.status(), 401);
+    let body: Value = garbage.json().await?;
+    assert!(body["error"].is_string() && body["detail"].is_string(), "{body}");
     assert_eq!(
         c.post(&url)
             .header("authorization", "Digest x")
@@ -71,10 +77,10 @@ async fn authentication() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(signin.status(), 200);
-    let jwt = signin.json::<Value>().await?["jwt"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let signed_in: Value = signin.json().await?;
+    assert!(signed_in["user"].is_object(), "{signed_in}");
+    let jwt = signed_in["jwt"].as_str().unwrap_or_default().to_owned();
+    assert!(!jwt.is_empty(), "{signed_in}");
     assert_eq!(
         c.post(&url)
             .bearer_auth(&jwt)
@@ -113,8 +119,11 @@ async fn document_lifecycle_and_history() -> anyhow::Result<()> {
         .insert("entities", &json!({"name": "first", "_type": "thing"}))
         .await?;
     let id = doc["_id"].as_str().unwrap_or_default().to_owned();
-    assert_eq!(id.len(), 24);
-    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(id.len(), 24, "{doc}");
+    assert!(
+        id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "_id is not 24 lowercase hex: {doc}"
+    );
     assert_eq!(doc["_version"], 0);
     for f in ["_created", "_modified", "_createdby", "_modifiedby"] {
         assert!(doc[f].is_string(), "{f} missing: {doc}");
@@ -123,8 +132,15 @@ async fn document_lifecycle_and_history() -> anyhow::Result<()> {
 
     let v1 = s.put("entities", &id, &json!({"name": "second"})).await?;
     assert_eq!(v1["_version"], 1);
+    assert_eq!(v1["name"], "second");
     assert_eq!(v1["_created"], doc["_created"]);
-    assert_eq!(s.versions("entities", &id).await?.as_array().map(|v| v.len()), Some(2));
+    assert_eq!(s.doc("entities", &id).await?, Some(v1.clone()));
+    let versions = s.versions("entities", &id).await?;
+    assert_eq!(versions.as_array().map(|v| v.len()), Some(2), "{versions}");
+    assert_eq!(
+        (versions[0]["_version"].as_u64(), versions[1]["_version"].as_u64()),
+        (Some(0), Some(1))
+    );
 
     let del = s
         .client
@@ -132,13 +148,16 @@ async fn document_lifecycle_and_history() -> anyhow::Result<()> {
         .basic_auth("admin", Some(PASSWORD))
         .send()
         .await?;
-    assert_eq!(del.status(), 200);
+    assert!(del.status() == 200 || del.status() == 204, "delete: {}", del.status());
     assert_eq!(s.doc("entities", &id).await?, None);
     let (status, gone) = s.get(&format!("/api/v1/collections/entities/documents/{id}")).await?;
     assert_eq!((status, gone["error"].as_str()), (404, Some("not_found")));
 
     let versions = s.versions("entities", &id).await?;
-    assert_eq!(versions.as_array().map(|v| v.len()), Some(3));
+    assert_eq!(versions.as_array().map(|v| v.len()), Some(3), "{versions}");
+    for (n, v) in versions.as_array().into_iter().flatten().enumerate() {
+        assert_eq!(v["_version"].as_u64(), Some(n as u64), "{versions}");
+    }
     assert_eq!(versions[0], doc);
     let (status, v0) = s
         .get(&format!("/api/v1/collections/entities/documents/{id}/versions/0"))
@@ -147,8 +166,9 @@ async fn document_lifecycle_and_history() -> anyhow::Result<()> {
     let (status, v2) = s
         .get(&format!("/api/v1/collections/entities/documents/{id}/versions/2"))
         .await?;
-    assert_eq!(status, 200);
-    assert!(v2["_deleted"].is_string());
+    assert_eq!(status, 200, "{v2}");
+    assert_eq!(v2["_version"], 2, "{v2}");
+    assert!(v2["_deleted"].is_string(), "{v2}");
     let (status, _) = s
         .get(&format!("/api/v1/collections/entities/documents/{id}/versions/3"))
         .await?;
@@ -260,8 +280,10 @@ async fn settings_precedence() -> anyhow::Result<()> {
     let config = root.path().join("ocmesh.toml");
     std::fs::write(&config, format!("http = \"{from_file}\"\nsite = \"from-file\"\n"))?;
     let client = reqwest::Client::new();
-    let run = |extra: &[String], env_http: Option<String>, data: &str| {
+    let log_path = |data: &str| root.path().join(format!("{data}.log"));
+    let run = |extra: &[String], env_http: Option<String>, data: &str| -> anyhow::Result<std::process::Child> {
         let mut cmd = Command::new(bin());
+        hermetic(&mut cmd);
         cmd.arg("run")
             .arg("--config")
             .arg(&config)
@@ -271,10 +293,11 @@ async fn settings_precedence() -> anyhow::Result<()> {
         if let Some(h) = env_http {
             cmd.env("OCMESH_HTTP", h);
         }
-        cmd.env("OCMESH_ADMIN_PASSWORD", PASSWORD)
+        Ok(cmd
+            .env("OCMESH_ADMIN_PASSWORD", PASSWORD)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+            .stderr(std::fs::File::create(log_path(data))?)
+            .spawn()?)
     };
     let cases = [
         (vec![], None, from_file, "d1"),
@@ -307,12 +330,21 @@ async fn settings_precedence() -> anyhow::Result<()> {
         };
         let _ = child.kill();
         let _ = child.wait();
-        result?;
+        if let Err(e) = result {
+            let log = std::fs::read_to_string(log_path(data)).unwrap_or_default();
+            anyhow::bail!("{e:#}\nexpected to listen on {expect}; its stderr:\n{log}");
+        }
         assert_eq!(health["site"], "from-file");
     }
     // A bad file is refused with a message naming the problem.
     std::fs::write(&config, "http = \"not an address\"\n")?;
-    let out = Command::new(bin()).arg("run").arg("--config").arg(&config).output()?;
+    let out = hermetic(&mut Command::new(bin()))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data")
+        .arg(root.path().join("d4"))
+        .output()?;
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("`http`"),
@@ -329,7 +361,7 @@ async fn generated_admin_password_is_printed_once_and_works() -> anyhow::Result<
     let http = free_tcp();
     let log = root.path().join("log");
     let start = || -> anyhow::Result<std::process::Child> {
-        Ok(Command::new(bin())
+        Ok(hermetic(&mut Command::new(bin()))
             .args(["run", "--http", &http.to_string(), "--data"])
             .arg(root.path().join("data"))
             .env_remove("OCMESH_ADMIN_PASSWORD")

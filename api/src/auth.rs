@@ -49,7 +49,7 @@ pub fn issue_token(node: &Node, who: &Principal, lifetime_secs: u64) -> Result<S
         &claims,
         &EncodingKey::from_secret(node.token_secret()),
     )
-    .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+    .map_err(|e| ApiError::internal(format!("cannot sign a token: {e}")))
 }
 
 /// Checks a token's signature, issuer and expiry.
@@ -88,9 +88,7 @@ impl FromRequestParts<ApiState> for Caller {
             let node = state.node.clone();
             let who = tokio::task::spawn_blocking(move || node.with_roles(who))
                 .await
-                .map_err(|e| {
-                    ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-                })??;
+                .map_err(|e| ApiError::internal(format!("role lookup failed: {e}")))??;
             return Ok(Caller(who));
         }
         if scheme.eq_ignore_ascii_case("basic") {

@@ -38,7 +38,17 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", detail)
     }
 
-    fn internal(detail: impl Into<String>) -> Self {
+    /// An extractor's rejection (bad path segment, query string, body):
+    /// the caller's fault unless axum says otherwise.
+    pub(crate) fn rejected(status: StatusCode, detail: impl Into<String>) -> Self {
+        match status {
+            StatusCode::PAYLOAD_TOO_LARGE => Self::new(status, "payload_too_large", detail),
+            s if s.is_client_error() => Self::new(s, "bad_request", detail),
+            _ => Self::internal(detail),
+        }
+    }
+
+    pub(crate) fn internal(detail: impl Into<String>) -> Self {
         let detail = detail.into();
         tracing::error!(%detail, "request failed inside the node");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", detail)
@@ -111,5 +121,124 @@ impl From<AuthError> for ApiError {
             AuthError::BadCredentials => ApiError::unauthorized(e.to_string()),
             AuthError::Storage(_) => ApiError::internal(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ocmesh_node::StorageError;
+    use ocmesh_node::ids::NameError;
+
+    fn status_and_code(e: impl Into<ApiError>) -> (StatusCode, &'static str) {
+        let e = e.into();
+        (e.status, e.code)
+    }
+
+    #[test]
+    fn write_errors_map_to_statuses() {
+        let (c, id) = (String::from("c"), String::from("0123456789abcdef01234567"));
+        let cases = [
+            (
+                WriteError::Name(NameError::EmptyCollection),
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                WriteError::IdNotString("5".into()),
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                WriteError::IdMismatch {
+                    path: id.clone(),
+                    body: "\"x\"".into(),
+                },
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                WriteError::NotFound {
+                    collection: c.clone(),
+                    id: id.clone(),
+                },
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                WriteError::AlreadyExists { collection: c, id },
+                StatusCode::CONFLICT,
+                "conflict",
+            ),
+            (
+                WriteError::Storage(StorageError("disk on fire".into())),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+            ),
+            (WriteError::Closed, StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        ];
+        for (e, status, code) in cases {
+            let detail = e.to_string();
+            let api = ApiError::from(e);
+            assert_eq!((api.status, api.code), (status, code), "{detail}");
+            assert_eq!(api.detail, detail, "the detail is the node's own message");
+        }
+    }
+
+    #[test]
+    fn read_and_auth_errors_map_to_statuses() {
+        let (c, id) = (String::from("c"), String::from("0123456789abcdef01234567"));
+        assert_eq!(
+            status_and_code(ReadError::Name(NameError::BadId("x".into()))),
+            (StatusCode::BAD_REQUEST, "bad_request")
+        );
+        assert_eq!(
+            status_and_code(ReadError::NotFound {
+                collection: c.clone(),
+                id: id.clone(),
+            }),
+            (StatusCode::NOT_FOUND, "not_found")
+        );
+        assert_eq!(
+            status_and_code(ReadError::NoSuchVersion {
+                collection: c,
+                id,
+                version: 7,
+            }),
+            (StatusCode::NOT_FOUND, "not_found")
+        );
+        assert_eq!(
+            status_and_code(ReadError::Storage(StorageError("gone".into()))),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
+        assert_eq!(
+            status_and_code(AuthError::BadCredentials),
+            (StatusCode::UNAUTHORIZED, "unauthorized")
+        );
+        assert_eq!(
+            status_and_code(AuthError::Storage(StorageError("gone".into()))),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
+    }
+
+    #[test]
+    fn rejections_keep_their_status() {
+        let e = ApiError::rejected(StatusCode::PAYLOAD_TOO_LARGE, "big");
+        assert_eq!((e.status, e.code), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
+        let e = ApiError::rejected(StatusCode::UNSUPPORTED_MEDIA_TYPE, "type");
+        assert_eq!((e.status, e.code), (StatusCode::UNSUPPORTED_MEDIA_TYPE, "bad_request"));
+        let e = ApiError::rejected(StatusCode::INTERNAL_SERVER_ERROR, "route has no such parameter");
+        assert_eq!((e.status, e.code), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));
+    }
+
+    #[test]
+    fn only_unauthorized_asks_for_credentials() {
+        let resp = ApiError::unauthorized("who are you").into_response();
+        assert_eq!(
+            resp.headers().get(header::WWW_AUTHENTICATE),
+            Some(&HeaderValue::from_static("Basic realm=\"ocmesh\""))
+        );
+        let resp = ApiError::not_found("no").into_response();
+        assert!(resp.headers().get(header::WWW_AUTHENTICATE).is_none());
     }
 }

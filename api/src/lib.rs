@@ -15,16 +15,18 @@ use std::future::Future;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
-use ocmesh_federation::PeerTable;
+use ocmesh_federation::{PeerStatus, PeerTable};
 use ocmesh_node::Node;
 use ocmesh_node::messaging::{Broker, ExchangeKind, Message, MqError};
 use ocmesh_node::query::value::kind_of;
@@ -127,6 +129,14 @@ pub fn router_with_broker(node: Node, peers: Option<PeerTable>, limits: Limits, 
             get(get_workitem).put(update_workitem).delete(delete_workitem),
         )
         .fallback(|| async { ApiError::not_found("no such route") })
+        // After every route: it only reaches the routes added before it.
+        .method_not_allowed_fallback(|req: Request| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} is not allowed on {}", req.method(), req.uri().path()),
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(log_request))
         .with_state(ApiState {
@@ -160,6 +170,46 @@ async fn log_request(req: Request, next: Next) -> Response {
     resp
 }
 
+/// `axum::extract::Path`, rejecting with a JSON error (a segment that is
+/// not UTF-8 once percent-decoded, for one).
+#[derive(Debug)]
+struct Path<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(e) => Err(ApiError::rejected(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// `axum::extract::Query`, rejecting with a JSON error.
+#[derive(Debug)]
+struct Query<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(e) => Err(ApiError::rejected(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// A version number in a path: decimal digits only (no sign), within `u64`.
+fn version_number(n: &str) -> Result<u64, ApiError> {
+    let bad = || ApiError::bad_request(format!("version {n:?} is not a non-negative integer"));
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    n.parse().map_err(|_| bad())
+}
+
 /// A request body that must be a JSON object; anything else is a 400 that
 /// quotes the parser, or a 413 when over the limit.
 #[derive(Debug)]
@@ -178,7 +228,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
                     format!("request body is over {MAX_BODY_BYTES} bytes"),
                 )
             } else {
-                ApiError::new(status, "bad_request", e.body_text())
+                ApiError::rejected(status, e.body_text())
             }
         })?;
         match serde_json::from_slice::<Value>(&bytes) {
@@ -198,11 +248,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            e.to_string(),
-        )),
+        Err(e) => Err(ApiError::internal(format!("read task failed: {e}"))),
     }
 }
 
@@ -402,9 +448,7 @@ async fn get_version(
     Caller(who): Caller,
     Path((collection, id, n)): Path<(String, String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let n: u64 = n
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("version {n:?} is not a non-negative integer")))?;
+    let n = version_number(&n)?;
     let node = s.node.clone();
     Ok(Json(
         blocking(move || node.version_as(&collection, &id, n, &who)).await?,
@@ -583,7 +627,7 @@ async fn pop_workitem(
     State(s): State<ApiState>,
     Caller(who): Caller,
     Path(name): Path<String>,
-    axum::extract::Query(params): axum::extract::Query<PopParams>,
+    Query(params): Query<PopParams>,
 ) -> Result<Response, ApiError> {
     let wait = match params.wait {
         None => None,
@@ -652,7 +696,7 @@ struct UploadParams {
 async fn upload_file(
     State(s): State<ApiState>,
     Caller(who): Caller,
-    axum::extract::Query(params): axum::extract::Query<UploadParams>,
+    Query(params): Query<UploadParams>,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     use http_body_util::BodyExt;
@@ -677,13 +721,8 @@ async fn download_file(
 ) -> Result<Response, ApiError> {
     let node = s.node.clone();
     let doc = blocking(move || node.get_as(ocmesh_node::files::FILES, &id, &who)).await?;
-    let hashes = ocmesh_node::files::chunk_hashes(&doc).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "file lists malformed chunks",
-        )
-    })?;
+    let hashes =
+        ocmesh_node::files::chunk_hashes(&doc).ok_or_else(|| ApiError::internal("file lists malformed chunks"))?;
     let node = s.node.clone();
     let stream = futures_util::stream::unfold((node, hashes.into_iter()), |(node, mut rest)| async move {
         let hash = rest.next()?;
@@ -863,7 +902,7 @@ async fn mq_next(
     State(s): State<ApiState>,
     Caller(_): Caller,
     Path(name): Path<String>,
-    axum::extract::Query(params): axum::extract::Query<PopParams>,
+    Query(params): Query<PopParams>,
 ) -> Result<Response, ApiError> {
     let wait = match params.wait {
         None => std::time::Duration::ZERO,
@@ -890,7 +929,7 @@ async fn metrics(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {
     Json(m)
 }
 
-async fn mesh_peers(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {
-    let peers = s.peers.as_ref().map(|p| p.snapshot()).unwrap_or_default();
-    Json(serde_json::to_value(peers).unwrap_or(Value::Array(Vec::new())))
+/// Each peer's status as the mesh reports it; empty without a mesh.
+async fn mesh_peers(State(s): State<ApiState>, Caller(_): Caller) -> Json<Vec<PeerStatus>> {
+    Json(s.peers.as_ref().map(|p| p.snapshot()).unwrap_or_default())
 }

@@ -1,19 +1,32 @@
 //! The discrete-event engine: virtual time, one seeded RNG, and the same
 //! `SyncSession` the federation shell runs, one pair per connected link.
+//!
+//! A link is one QUIC connection at a time. Its frames arrive in order, each
+//! after a drawn latency but never before the frame sent ahead of it. Loss
+//! shows as the connection dropping: frames in flight are gone, both
+//! sessions end, and the link's dialer reconnects with the shell's jittered
+//! exponential backoff, opening two new sessions with fresh hellos.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::fmt;
 
 use prost::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use ocmesh_proto::federation::Frame;
-use ocmesh_replication::{Input, Output, SessionConfig, SyncSession};
+use ocmesh_proto::federation::{Frame, frame::Kind};
+use ocmesh_replication::{Input, Output, SessionConfig, SyncSession, VersionKey};
 
 use crate::replica::Replica;
-use crate::scenario::Scenario;
+use crate::scenario::{Scenario, ScenarioError};
+
+/// A connection that lasted this long resets the dial backoff (the shell's
+/// `STABLE_SESSION`).
+const STABLE_SESSION_MS: u64 = 10_000;
+/// What the sites' clocks read at virtual time 0 (November 2023), so that a
+/// negative skew is simply an earlier time.
+const EPOCH_MS: u64 = 1_700_000_000_000;
 
 /// What one run found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,36 +35,52 @@ pub struct Report {
     pub seed: u64,
     /// Every checker passed.
     pub ok: bool,
+    /// The run went quiet before `max_ms` with every replica identical.
+    pub converged: bool,
     /// Virtual ms from the end of the workload and faults until the last
-    /// change reached its last replica; `None` if the run never went quiet.
+    /// change reached its last replica; `None` unless converged.
     pub convergence_ms: Option<u64>,
+    /// Local writes the sites made (and so acknowledged).
     pub writes: u64,
     pub changes_sent: u64,
     pub frames_sent: u64,
+    /// Encoded size of every frame sent.
     pub bytes_sent: u64,
     pub connections: u64,
+    /// Received changes a site already held.
+    pub duplicates: u64,
+    /// Received changes stamped beyond the clock drift bound.
+    pub clock_clamped: u64,
     pub events: u64,
     pub anomalies: Vec<String>,
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "scenario {} seed {}: {}",
-            self.scenario,
-            self.seed,
-            if self.ok { "ok" } else { "FAILED" }
-        )?;
+        let verdict = if self.ok { "ok" } else { "FAILED" };
+        writeln!(f, "scenario {} seed {}: {verdict}", self.scenario, self.seed)?;
         match self.convergence_ms {
-            Some(ms) => writeln!(f, "  converged {ms} ms (virtual) after the last fault healed")?,
+            Some(ms) => writeln!(f, "  converged {ms} ms (virtual) after the workload and faults ended")?,
             None => writeln!(f, "  did not converge")?,
         }
         writeln!(
             f,
-            "  {} writes; {} changes, {} frames, {} bytes sent; {} connections; {} events",
-            self.writes, self.changes_sent, self.frames_sent, self.bytes_sent, self.connections, self.events
+            "  {} writes; {} changes, {} frames, {} bytes sent; {} connections; {} duplicates; {} events",
+            self.writes,
+            self.changes_sent,
+            self.frames_sent,
+            self.bytes_sent,
+            self.connections,
+            self.duplicates,
+            self.events
         )?;
+        if self.clock_clamped > 0 {
+            writeln!(
+                f,
+                "  {} changes stamped beyond the clock drift bound",
+                self.clock_clamped
+            )?;
+        }
         for a in &self.anomalies {
             writeln!(f, "  anomaly: {a}")?;
         }
@@ -61,21 +90,26 @@ impl fmt::Display for Report {
 
 #[derive(Debug)]
 enum Event {
+    /// A site's next local write.
     Write {
         site: usize,
     },
+    /// The link's dialer tries to connect; stale unless `attempt` is current.
+    Dial {
+        link: usize,
+        attempt: u64,
+    },
+    /// A frame of connection `conn` reaches end `to`.
     Deliver {
         link: usize,
-        epoch: u64,
+        conn: u64,
         to: usize,
         frame: Frame,
     },
-    Connect {
-        link: usize,
-    },
+    /// Connection `conn` of a flaky link drops.
     Drop {
         link: usize,
-        epoch: u64,
+        conn: u64,
     },
     FaultStart(usize),
     FaultEnd(usize),
@@ -111,12 +145,23 @@ struct Link {
     ends: [usize; 2],
     /// Active partitions covering this link.
     cut: u32,
-    epoch: u64,
-    /// Sessions at each end while connected.
+    /// The two sessions while connected.
     sessions: Option<[SyncSession; 2]>,
-    /// Latest arrival time scheduled towards each end (keeps order).
+    /// Number of the current (or last) connection; frames of older ones are dropped.
+    conn: u64,
+    connected_at: u64,
+    /// Latest arrival scheduled towards each end (keeps a connection's frames in order).
     last_arrival: [u64; 2],
-    reconnect_pending: bool,
+    /// The dialer: current attempt number and backoff.
+    attempt: u64,
+    backoff_ms: u64,
+}
+
+/// A fault with its names resolved.
+#[derive(Debug)]
+struct FaultPlan {
+    links: Vec<usize>,
+    crash: Option<usize>,
 }
 
 /// A simulation in progress.
@@ -128,15 +173,21 @@ pub struct Sim<'s> {
     seq: u64,
     queue: BinaryHeap<Reverse<Scheduled>>,
     replicas: Vec<Replica>,
-    up: Vec<bool>,
+    /// Active crashes per site; a site runs when this is 0.
+    down: Vec<u32>,
     links: Vec<Link>,
+    faults: Vec<FaultPlan>,
     config: SessionConfig,
+    /// (origin, seq) of every local write.
     acked: Vec<(String, u64)>,
-    last_sync_event: u64,
+    /// When a change last reached a replica that lacked it.
+    last_fresh_apply: u64,
     report: Report,
 }
 
 impl<'s> Sim<'s> {
+    /// Sets up the sites, links and schedule. A scenario that fails
+    /// `Scenario::validate` gives a run that does nothing and reports why.
     pub fn new(scenario: &'s Scenario, seed: u64) -> Self {
         let mut sim = Sim {
             scenario,
@@ -145,46 +196,52 @@ impl<'s> Sim<'s> {
             seq: 0,
             queue: BinaryHeap::new(),
             replicas: scenario.sites.iter().map(|s| Replica::new(&s.name)).collect(),
-            up: vec![true; scenario.sites.len()],
+            down: vec![0; scenario.sites.len()],
             links: Vec::new(),
+            faults: Vec::new(),
             config: SessionConfig {
                 max_batch_changes: scenario.batch_changes,
                 ..SessionConfig::default()
             },
             acked: Vec::new(),
-            last_sync_event: 0,
+            last_fresh_apply: 0,
             report: Report {
                 scenario: scenario.name.clone(),
                 seed,
                 ok: false,
+                converged: false,
                 convergence_ms: None,
                 writes: 0,
                 changes_sent: 0,
                 frames_sent: 0,
                 bytes_sent: 0,
                 connections: 0,
+                duplicates: 0,
+                clock_clamped: 0,
                 events: 0,
                 anomalies: Vec::new(),
             },
         };
-        for l in &scenario.links {
-            // Scenario::from_toml checked the names; unknown ones cannot get here.
-            let ends = [
-                scenario.site_index(&l.a).unwrap_or(0),
-                scenario.site_index(&l.b).unwrap_or(0),
-            ];
+        let (ends, faults) = match plan(scenario) {
+            Ok(p) => p,
+            Err(e) => {
+                sim.report.anomalies.push(format!("invalid scenario: {e}"));
+                return sim;
+            }
+        };
+        sim.faults = faults;
+        for (i, ends) in ends.into_iter().enumerate() {
             sim.links.push(Link {
                 ends,
                 cut: 0,
-                epoch: 0,
                 sessions: None,
+                conn: 0,
+                connected_at: 0,
                 last_arrival: [0, 0],
-                reconnect_pending: false,
+                attempt: 0,
+                backoff_ms: scenario.links[i].reconnect_ms[0],
             });
-        }
-        for i in 0..sim.links.len() {
-            sim.schedule(0, Event::Connect { link: i });
-            sim.links[i].reconnect_pending = true;
+            sim.dial_now(i);
         }
         for site in 0..scenario.sites.len() {
             let first = sim.write_gap(site);
@@ -197,27 +254,38 @@ impl<'s> Sim<'s> {
         sim
     }
 
-    /// Runs to quiescence (or `max_ms`) and checks the invariants.
+    /// Runs until nothing is left to happen (or `max_ms`), then checks the
+    /// invariants. Returns the replicas too, for inspection.
     pub fn run(mut self) -> (Report, Vec<Replica>) {
+        let valid = self.report.anomalies.is_empty();
+        let mut quiet = true;
         while let Some(Reverse(next)) = self.queue.pop() {
             if next.at > self.scenario.max_ms {
-                self.queue.push(Reverse(next));
+                quiet = false;
                 break;
             }
             self.now = next.at;
             self.report.events += 1;
             self.step(next.event);
         }
-        let quiet = self.queue.is_empty();
-        let heal = self.scenario.heal_ms();
-        self.report.convergence_ms = quiet.then(|| self.last_sync_event.saturating_sub(heal));
-        if !quiet {
+        if quiet {
+            self.check_sessions_idle();
+        } else {
+            let limit = self.scenario.max_ms;
             self.report
                 .anomalies
-                .push(format!("still syncing at the {} ms limit", self.scenario.max_ms));
+                .push(format!("still syncing at the {limit} ms limit"));
         }
         check(&self.replicas, &self.acked, &mut self.report.anomalies);
-        self.report.ok = self.report.anomalies.is_empty();
+        let identical = self.replicas.windows(2).all(|w| w[0].digest() == w[1].digest());
+        let r = &mut self.report;
+        r.converged = valid && quiet && identical;
+        r.convergence_ms = r
+            .converged
+            .then(|| self.last_fresh_apply.saturating_sub(self.scenario.heal_ms()));
+        r.duplicates = self.replicas.iter().map(|x| x.duplicates).sum();
+        r.clock_clamped = self.replicas.iter().map(|x| x.clock_clamped).sum();
+        r.ok = r.anomalies.is_empty();
         (self.report, self.replicas)
     }
 
@@ -238,10 +306,13 @@ impl<'s> Sim<'s> {
         self.now + self.between(self.scenario.sites[site].write_interval_ms)
     }
 
+    /// The site's skewed wall clock.
     fn physical(&self, site: usize) -> u64 {
-        self.now
-            .saturating_add_signed(self.scenario.sites[site].clock_skew_ms)
-            .max(1)
+        (EPOCH_MS + self.now).saturating_add_signed(self.scenario.sites[site].clock_skew_ms)
+    }
+
+    fn up(&self, site: usize) -> bool {
+        self.down[site] == 0
     }
 
     fn step(&mut self, event: Event) {
@@ -250,79 +321,65 @@ impl<'s> Sim<'s> {
                 if self.now >= self.scenario.workload_ms {
                     return;
                 }
-                if self.up[site] {
-                    let doc = self.rng.random_range(0..self.scenario.documents);
-                    let delete = self.rng.random_bool(self.scenario.delete_ratio.clamp(0.0, 1.0));
-                    let id = format!("{doc:024x}");
-                    let body = format!(
-                        "{{\"by\":\"{}\",\"n\":{}}}",
-                        self.replicas[site].name, self.report.writes
-                    );
-                    let physical = self.physical(site);
-                    let c = self.replicas[site].write(&id, body.as_bytes(), delete, physical);
-                    self.acked.push((c.origin, c.seq));
-                    self.report.writes += 1;
-                    self.local_advanced(site, usize::MAX);
+                if self.up(site) {
+                    self.local_write(site);
                 }
                 let next = self.write_gap(site);
                 self.schedule(next, Event::Write { site });
             }
-            Event::Connect { link } => {
-                self.links[link].reconnect_pending = false;
-                self.connect(link);
+            Event::Dial { link, attempt } => {
+                let l = &self.links[link];
+                if attempt != l.attempt || l.sessions.is_some() {
+                    return;
+                }
+                let [x, y] = l.ends;
+                if l.cut > 0 || !self.up(x) || !self.up(y) {
+                    self.dial_later(link);
+                } else {
+                    self.connect(link);
+                }
             }
-            Event::Drop { link, epoch } => {
+            Event::Drop { link, conn } => {
                 // Links flap only while the workload runs.
-                if self.now < self.scenario.workload_ms
-                    && self.links[link].epoch == epoch
-                    && self.links[link].sessions.is_some()
-                {
+                if self.now < self.scenario.workload_ms && self.connected(link, conn) {
                     self.disconnect(link);
                 }
             }
-            Event::Deliver { link, epoch, to, frame } => {
-                if self.links[link].epoch != epoch || self.links[link].sessions.is_none() {
+            Event::Deliver { link, conn, to, frame } => {
+                if !self.connected(link, conn) {
                     return;
                 }
+                let now = self.now;
                 let out = self
                     .session(link, to)
-                    .map(|s| s.handle(Input::Frame(frame), 0))
+                    .map(|s| s.handle(Input::Frame(frame), now))
                     .unwrap_or_default();
                 self.run_outputs(VecDeque::from([(link, to, out)]));
             }
             Event::FaultStart(i) => {
-                let f = &self.scenario.faults[i];
-                if let Some(groups) = &f.partition {
-                    for l in self.links_between(groups) {
-                        self.links[l].cut += 1;
-                        self.disconnect(l);
-                    }
+                for l in self.faults[i].links.clone() {
+                    self.links[l].cut += 1;
+                    self.disconnect(l);
                 }
-                if let Some(site) = &f.crash {
-                    let s = self.scenario.site_index(site).unwrap_or(0);
-                    self.up[s] = false;
-                    for l in 0..self.links.len() {
-                        if self.links[l].ends.contains(&s) {
-                            self.disconnect(l);
-                        }
+                if let Some(site) = self.faults[i].crash {
+                    // In-flight sessions are lost; the replica (all of it durable) stays.
+                    self.down[site] += 1;
+                    for l in self.links_of(site) {
+                        self.disconnect(l);
                     }
                 }
             }
             Event::FaultEnd(i) => {
-                let f = &self.scenario.faults[i];
-                if let Some(groups) = &f.partition {
-                    for l in self.links_between(groups) {
-                        self.links[l].cut = self.links[l].cut.saturating_sub(1);
-                        self.reconnect_later(l);
-                    }
+                // Cut links come back when their dialer next tries.
+                for l in self.faults[i].links.clone() {
+                    self.links[l].cut = self.links[l].cut.saturating_sub(1);
                 }
-                if let Some(site) = &f.crash {
-                    // Restart from durable state: the replica is what was committed.
-                    let s = self.scenario.site_index(site).unwrap_or(0);
-                    self.up[s] = true;
-                    for l in 0..self.links.len() {
-                        if self.links[l].ends.contains(&s) {
-                            self.reconnect_later(l);
+                if let Some(site) = self.faults[i].crash {
+                    self.down[site] = self.down[site].saturating_sub(1);
+                    if self.up(site) {
+                        // A restarted site dials its peers at once.
+                        for l in self.links_of(site) {
+                            self.dial_now(l);
                         }
                     }
                 }
@@ -330,87 +387,113 @@ impl<'s> Sim<'s> {
         }
     }
 
-    fn links_between(&self, groups: &[Vec<String>; 2]) -> Vec<usize> {
-        let names = |end: usize| self.scenario.sites[end].name.as_str();
+    fn local_write(&mut self, site: usize) {
+        let doc = self.rng.random_range(0..self.scenario.documents);
+        let delete = self.rng.random_bool(self.scenario.delete_ratio);
+        let id = format!("{doc:024x}");
+        let body = format!(
+            "{{\"by\":\"{}\",\"n\":{}}}",
+            self.replicas[site].name, self.report.writes
+        );
+        let physical = self.physical(site);
+        if let Some(c) = self.replicas[site].write(&id, body.as_bytes(), delete, physical) {
+            self.acked.push((c.origin, c.seq));
+            self.report.writes += 1;
+            self.local_advanced(site, None);
+        }
+    }
+
+    fn links_of(&self, site: usize) -> Vec<usize> {
         (0..self.links.len())
-            .filter(|&l| {
-                let [x, y] = self.links[l].ends;
-                let in_group = |g: &Vec<String>, n: &str| g.iter().any(|m| m == n);
-                (in_group(&groups[0], names(x)) && in_group(&groups[1], names(y)))
-                    || (in_group(&groups[1], names(x)) && in_group(&groups[0], names(y)))
-            })
+            .filter(|&l| self.links[l].ends.contains(&site))
             .collect()
+    }
+
+    fn connected(&self, link: usize, conn: u64) -> bool {
+        self.links[link].conn == conn && self.links[link].sessions.is_some()
     }
 
     fn session(&mut self, link: usize, end: usize) -> Option<&mut SyncSession> {
         self.links[link].sessions.as_mut().map(|s| &mut s[end])
     }
 
-    fn connect(&mut self, link: usize) {
-        let [x, y] = self.links[link].ends;
-        if self.links[link].sessions.is_some() || self.links[link].cut > 0 || !self.up[x] || !self.up[y] {
+    /// Dials now with the backoff reset (start-up, restart).
+    fn dial_now(&mut self, link: usize) {
+        if self.links[link].sessions.is_some() {
             return;
         }
         let l = &mut self.links[link];
-        l.epoch += 1;
-        l.last_arrival = [self.now, self.now];
+        l.backoff_ms = self.scenario.links[link].reconnect_ms[0];
+        l.attempt += 1;
+        let attempt = l.attempt;
+        self.schedule(self.now, Event::Dial { link, attempt });
+    }
+
+    /// Dials after the shell's wait: drawn from [b/2, b], then b doubles up to the max.
+    fn dial_later(&mut self, link: usize) {
+        let max = self.scenario.links[link].reconnect_ms[1];
+        let b = self.links[link].backoff_ms;
+        let wait = self.rng.random_range(b / 2..=b);
+        let l = &mut self.links[link];
+        l.backoff_ms = b.saturating_mul(2).min(max);
+        l.attempt += 1;
+        let attempt = l.attempt;
+        self.schedule(self.now + wait, Event::Dial { link, attempt });
+    }
+
+    fn connect(&mut self, link: usize) {
+        let [x, y] = self.links[link].ends;
         let mut sx = SyncSession::new(
             self.config.clone(),
             self.replicas[x].name.clone(),
-            self.replicas[x].vv(),
+            self.replicas[x].vv().clone(),
         );
         let mut sy = SyncSession::new(
             self.config.clone(),
             self.replicas[y].name.clone(),
-            self.replicas[y].vv(),
+            self.replicas[y].vv().clone(),
         );
         let (ox, oy) = (sx.open(), sy.open());
+        let l = &mut self.links[link];
         l.sessions = Some([sx, sy]);
+        l.conn += 1;
+        l.connected_at = self.now;
+        l.last_arrival = [self.now, self.now];
+        let conn = l.conn;
         self.report.connections += 1;
-        let spec = &self.scenario.links[link];
-        if spec.drops_per_minute > 0.0 && self.now < self.scenario.workload_ms {
-            // Exponential time to the next drop.
-            let mean = 60_000.0 / spec.drops_per_minute;
-            let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
-            let after = (-u.ln() * mean) as u64;
-            let epoch = self.links[link].epoch;
-            self.schedule(self.now + after.max(1), Event::Drop { link, epoch });
+        let rate = self.scenario.links[link].drops_per_minute;
+        if rate > 0.0 && self.now < self.scenario.workload_ms {
+            // Exponential lifetime; 1 - u lies in (0, 1], so ln is finite.
+            let u: f64 = self.rng.random();
+            let after = (-(1.0 - u).ln() * 60_000.0 / rate) as u64;
+            self.schedule(self.now + after.max(1), Event::Drop { link, conn });
         }
         self.run_outputs(VecDeque::from([(link, 0, ox), (link, 1, oy)]));
     }
 
     fn disconnect(&mut self, link: usize) {
-        if self.links[link].sessions.take().is_some() {
-            self.links[link].epoch += 1;
+        let l = &mut self.links[link];
+        if l.sessions.take().is_none() {
+            return; // already down: its dialer is running
         }
-        self.reconnect_later(link);
-    }
-
-    fn reconnect_later(&mut self, link: usize) {
-        if self.links[link].reconnect_pending {
-            return;
+        if self.now - l.connected_at >= STABLE_SESSION_MS {
+            l.backoff_ms = self.scenario.links[link].reconnect_ms[0];
         }
-        self.links[link].reconnect_pending = true;
-        let delay = self.between(self.scenario.links[link].reconnect_ms);
-        self.schedule(self.now + delay, Event::Connect { link });
+        self.dial_later(link);
     }
 
     /// Tells every session at `site` (but the one on `except`) that its log grew.
-    fn local_advanced(&mut self, site: usize, except: usize) {
-        let vv = self.replicas[site].vv();
+    fn local_advanced(&mut self, site: usize, except: Option<usize>) {
+        let vv = self.replicas[site].vv().clone();
+        let now = self.now;
         let mut work = VecDeque::new();
-        for l in 0..self.links.len() {
-            if l == except {
+        for l in self.links_of(site) {
+            if Some(l) == except {
                 continue;
             }
-            for end in 0..2 {
-                if self.links[l].ends[end] != site {
-                    continue;
-                }
-                if let Some(s) = self.session(l, end) {
-                    let out = s.handle(Input::LocalAdvanced(vv.clone()), 0);
-                    work.push_back((l, end, out));
-                }
+            let end = usize::from(self.links[l].ends[1] == site);
+            if let Some(s) = self.session(l, end) {
+                work.push_back((l, end, s.handle(Input::LocalAdvanced(vv.clone()), now)));
             }
         }
         self.run_outputs(work);
@@ -418,6 +501,7 @@ impl<'s> Sim<'s> {
 
     /// Carries out session outputs until none are left.
     fn run_outputs(&mut self, mut work: VecDeque<(usize, usize, Vec<Output>)>) {
+        let now = self.now;
         while let Some((link, end, outputs)) = work.pop_front() {
             let site = self.links[link].ends[end];
             for o in outputs {
@@ -425,42 +509,32 @@ impl<'s> Sim<'s> {
                     break;
                 }
                 match o {
-                    Output::Send(frame) => {
-                        self.report.frames_sent += 1;
-                        self.report.bytes_sent += frame.encoded_len() as u64;
-                        if let Some(ocmesh_proto::federation::frame::Kind::Batch(b)) = &frame.kind {
-                            self.report.changes_sent += b.changes.len() as u64;
-                        }
-                        let to = 1 - end;
-                        let delay = self.between(self.scenario.links[link].latency_ms);
-                        let at = (self.now + delay).max(self.links[link].last_arrival[to]);
-                        self.links[link].last_arrival[to] = at;
-                        let epoch = self.links[link].epoch;
-                        self.schedule(at, Event::Deliver { link, epoch, to, frame });
-                    }
+                    Output::Send(frame) => self.send(link, end, frame),
                     Output::Fetch(req) => {
                         let changes = self.replicas[site].fetch(&req);
                         if let Some(s) = self.session(link, end) {
-                            work.push_back((link, end, s.handle(Input::Fetched(changes), 0)));
+                            work.push_back((link, end, s.handle(Input::Fetched(changes), now)));
                         }
                     }
                     Output::Apply { batch, changes } => {
+                        // Durable at once: a crash after this keeps the batch.
                         let physical = self.physical(site);
                         match self.replicas[site].apply(changes, physical) {
                             Ok(fresh) => {
                                 if fresh > 0 {
-                                    self.last_sync_event = self.now;
+                                    self.last_fresh_apply = now;
                                 }
-                                let have = self.replicas[site].vv();
+                                let have = self.replicas[site].vv().clone();
                                 if let Some(s) = self.session(link, end) {
-                                    work.push_back((link, end, s.handle(Input::Applied { batch, have }, 0)));
+                                    work.push_back((link, end, s.handle(Input::Applied { batch, have }, now)));
                                 }
-                                self.local_advanced(site, link);
+                                if fresh > 0 {
+                                    self.local_advanced(site, Some(link));
+                                }
                             }
                             Err(e) => {
-                                self.report
-                                    .anomalies
-                                    .push(format!("{} refused a batch: {e}", self.replicas[site].name));
+                                let who = &self.replicas[site].name;
+                                self.report.anomalies.push(format!("{who} refused a batch: {e}"));
                                 self.disconnect(link);
                             }
                         }
@@ -475,11 +549,80 @@ impl<'s> Sim<'s> {
             }
         }
     }
+
+    fn send(&mut self, link: usize, end: usize, frame: Frame) {
+        self.report.frames_sent += 1;
+        self.report.bytes_sent += frame.encoded_len() as u64;
+        if let Some(Kind::Batch(b)) = &frame.kind {
+            self.report.changes_sent += b.changes.len() as u64;
+        }
+        let to = 1 - end;
+        let delay = self.between(self.scenario.links[link].latency_ms);
+        let l = &mut self.links[link];
+        let at = (self.now + delay).max(l.last_arrival[to]);
+        l.last_arrival[to] = at;
+        let conn = l.conn;
+        self.schedule(at, Event::Deliver { link, conn, to, frame });
+    }
+
+    /// With nothing left in flight, every session must be idle: one that is
+    /// not is stuck.
+    fn check_sessions_idle(&mut self) {
+        for l in &self.links {
+            let Some(sessions) = &l.sessions else { continue };
+            for (end, s) in sessions.iter().enumerate() {
+                if !s.is_idle() {
+                    let (a, b) = (&self.replicas[l.ends[end]].name, &self.replicas[l.ends[1 - end]].name);
+                    self.report
+                        .anomalies
+                        .push(format!("session {a}->{b} is not idle with nothing in flight"));
+                }
+            }
+        }
+    }
 }
 
-/// The invariants every run must end with.
+/// Resolves the scenario's names: link ends, and per fault the links it
+/// cuts and the site it crashes.
+fn plan(scenario: &Scenario) -> Result<(Vec<[usize; 2]>, Vec<FaultPlan>), ScenarioError> {
+    scenario.validate()?;
+    let ends = scenario
+        .links
+        .iter()
+        .map(|l| Ok([scenario.site_index(&l.a)?, scenario.site_index(&l.b)?]))
+        .collect::<Result<Vec<_>, ScenarioError>>()?;
+    let mut faults = Vec::new();
+    for f in &scenario.faults {
+        let mut links = Vec::new();
+        if let Some([g0, g1]) = &f.partition {
+            let indexes = |g: &Vec<String>| g.iter().map(|n| scenario.site_index(n)).collect::<Result<Vec<_>, _>>();
+            let (g0, g1) = (indexes(g0)?, indexes(g1)?);
+            for (i, [x, y]) in ends.iter().enumerate() {
+                if (g0.contains(x) && g1.contains(y)) || (g1.contains(x) && g0.contains(y)) {
+                    links.push(i);
+                }
+            }
+        }
+        let crash = f.crash.as_deref().map(|n| scenario.site_index(n)).transpose()?;
+        faults.push(FaultPlan { links, crash });
+    }
+    Ok((ends, faults))
+}
+
+/// The invariants every run must end with; each broken one adds an anomaly.
+///
+/// - every replica has the same state digest (current documents and full histories);
+/// - every acknowledged write, `(origin, seq)`, is in every replica's log;
+/// - every replica holds every version any replica holds;
+/// - every document's current version is the same everywhere.
 pub fn check(replicas: &[Replica], acked: &[(String, u64)], anomalies: &mut Vec<String>) {
     let Some(first) = replicas.first() else { return };
+    let mut all: BTreeMap<&str, BTreeSet<&VersionKey>> = BTreeMap::new();
+    for r in replicas {
+        for id in r.documents() {
+            all.entry(id).or_default().extend(r.versions(id));
+        }
+    }
     let digest = first.digest();
     for r in replicas {
         if r.digest() != digest {
@@ -489,11 +632,19 @@ pub fn check(replicas: &[Replica], acked: &[(String, u64)], anomalies: &mut Vec<
         if missing > 0 {
             anomalies.push(format!("replica {} lacks {missing} acknowledged writes", r.name));
         }
-        for id in first.documents() {
-            if r.history_len(id) != first.history_len(id) {
-                anomalies.push(format!("replica {} has an incomplete history of {id}", r.name));
-                break;
-            }
+        let incomplete = all.iter().filter(|(id, keys)| r.history_len(id) < keys.len()).count();
+        if incomplete > 0 {
+            anomalies.push(format!("replica {} lacks versions of {incomplete} documents", r.name));
+        }
+        let disagree = all
+            .keys()
+            .filter(|id| r.current_version(id) != first.current_version(id) || r.current(id) != first.current(id))
+            .count();
+        if disagree > 0 {
+            anomalies.push(format!(
+                "replicas {} and {} disagree on the current version of {disagree} documents",
+                r.name, first.name
+            ));
         }
     }
 }

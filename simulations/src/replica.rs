@@ -1,14 +1,18 @@
-//! A site in memory, following the node's rules: per-origin logs that only
-//! grow by the next sequence number, per-document histories ordered by
-//! `VersionKey`, the greatest version current (a delete means gone), and an
-//! HLC fed by the site's skewed physical clock.
+//! A site in memory, following the node's rules (node/src/writer.rs): per-origin
+//! logs that only grow by the next sequence number, per-document histories
+//! ordered by `VersionKey`, the greatest version current (a delete means
+//! gone), and an HLC fed by the site's skewed physical clock.
+//!
+//! Everything here is durable state: the node commits its clock reading with
+//! every write and apply, so a restart resumes exactly this replica.
 
 use std::collections::BTreeMap;
 use std::hash::Hasher;
 
 use ocmesh_replication::{Change, ChangeKind, Clock, FetchRequest, Timestamp, VersionKey, VersionVector};
 
-/// How far ahead of a site's clock a peer's timestamp may pull it.
+/// How far ahead of a site's clock a peer's timestamp may pull it (the
+/// node's `MAX_CLOCK_DRIFT_MS`).
 const MAX_DRIFT_MS: u64 = 60_000;
 
 /// One simulated site's durable state and clock.
@@ -17,9 +21,14 @@ pub struct Replica {
     pub name: String,
     clock: Clock,
     logs: BTreeMap<String, Vec<Change>>,
+    /// Length of every log, kept with them.
+    vv: VersionVector,
     /// (collection, id) → versions in order, value = (origin, seq).
     histories: BTreeMap<(String, String), BTreeMap<VersionKey, (String, u64)>>,
+    /// Received changes already held (relayed twice, or re-sent after a reconnect).
     pub duplicates: u64,
+    /// Received changes stamped beyond the drift bound (the sender's clock is wrong).
+    pub clock_clamped: u64,
 }
 
 impl Replica {
@@ -28,13 +37,16 @@ impl Replica {
             name: name.to_owned(),
             clock: Clock::new(MAX_DRIFT_MS),
             logs: BTreeMap::new(),
+            vv: VersionVector::new(),
             histories: BTreeMap::new(),
             duplicates: 0,
+            clock_clamped: 0,
         }
     }
 
-    pub fn vv(&self) -> VersionVector {
-        self.logs.iter().map(|(o, l)| (o.clone(), l.len() as u64)).collect()
+    /// What this site holds: per origin, the length of its log.
+    pub fn vv(&self) -> &VersionVector {
+        &self.vv
     }
 
     pub fn change(&self, origin: &str, seq: u64) -> Option<&Change> {
@@ -42,16 +54,20 @@ impl Replica {
         self.logs.get(origin)?.get(i)
     }
 
-    /// A local write of `body` to document `id` (a delete when `delete`).
-    pub fn write(&mut self, id: &str, body: &[u8], delete: bool, physical_ms: u64) -> Change {
-        let hlc = self.clock.now(physical_ms);
-        let seq = self.logs.get(&self.name).map_or(0, |l| l.len() as u64) + 1;
+    /// A local write of `body` to document `id`, as the node makes it: an
+    /// insert if the document is absent (or deleted), else an update; a
+    /// delete when `delete`, and then `None` if there is nothing to delete
+    /// (the node answers "not found" and writes nothing).
+    pub fn write(&mut self, id: &str, body: &[u8], delete: bool, physical_ms: u64) -> Option<Change> {
         let exists = self.current(id).is_some();
         let kind = match (delete, exists) {
-            (true, _) => ChangeKind::Delete,
+            (true, false) => return None,
+            (true, true) => ChangeKind::Delete,
             (false, true) => ChangeKind::Update,
             (false, false) => ChangeKind::Insert,
         };
+        let hlc = self.clock.now(physical_ms);
+        let seq = self.vv.get(&self.name) + 1;
         let change = Change {
             origin: self.name.clone(),
             seq,
@@ -63,7 +79,7 @@ impl Replica {
             author: "sim".into(),
         };
         self.append(change.clone());
-        change
+        Some(change)
     }
 
     fn append(&mut self, c: Change) {
@@ -73,6 +89,7 @@ impl Replica {
             .entry(doc)
             .or_default()
             .insert(key, (c.origin.clone(), c.seq));
+        self.vv.advance(&c.origin, c.seq);
         self.logs.entry(c.origin.clone()).or_default().push(c);
     }
 
@@ -80,7 +97,7 @@ impl Replica {
     /// or a change under our own name refuses the whole batch.
     /// Returns how many changes were new here.
     pub fn apply(&mut self, changes: Vec<Change>, physical_ms: u64) -> Result<usize, String> {
-        let mut expect = self.vv();
+        let mut expect = self.vv.clone();
         let mut fresh = Vec::new();
         for c in changes {
             ocmesh_replication::change::validate(&c).map_err(|e| e.to_string())?;
@@ -100,7 +117,9 @@ impl Replica {
         }
         let n = fresh.len();
         for c in fresh {
-            self.clock.observe(Timestamp::from_raw(c.hlc), physical_ms);
+            if self.clock.observe(Timestamp::from_raw(c.hlc), physical_ms).clamped {
+                self.clock_clamped += 1;
+            }
             self.append(c);
         }
         Ok(n)
@@ -122,12 +141,25 @@ impl Replica {
         out
     }
 
+    fn history(&self, id: &str) -> Option<&BTreeMap<VersionKey, (String, u64)>> {
+        self.histories.get(&("entities".to_owned(), id.to_owned()))
+    }
+
     /// The current body of `id`, `None` if absent or deleted.
     pub fn current(&self, id: &str) -> Option<&[u8]> {
-        let history = self.histories.get(&("entities".to_owned(), id.to_owned()))?;
-        let (_, (origin, seq)) = history.iter().next_back()?;
+        let (_, (origin, seq)) = self.history(id)?.iter().next_back()?;
         let c = self.change(origin, *seq)?;
         (c.kind != ChangeKind::Delete as i32).then_some(c.body.as_slice())
+    }
+
+    /// The key of the current version of `id` (a delete included).
+    pub fn current_version(&self, id: &str) -> Option<&VersionKey> {
+        self.history(id)?.keys().next_back()
+    }
+
+    /// Every version of `id` held here, oldest first.
+    pub fn versions(&self, id: &str) -> impl Iterator<Item = &VersionKey> {
+        self.history(id).into_iter().flat_map(|h| h.keys())
     }
 
     /// A stable digest of everything a user could read: every document's
@@ -162,9 +194,7 @@ impl Replica {
     }
 
     pub fn history_len(&self, id: &str) -> usize {
-        self.histories
-            .get(&("entities".to_owned(), id.to_owned()))
-            .map_or(0, |h| h.len())
+        self.history(id).map_or(0, |h| h.len())
     }
 }
 
@@ -201,8 +231,8 @@ mod tests {
     #[test]
     fn concurrent_writes_pick_the_same_winner_in_any_order() {
         let (mut a, mut b) = (Replica::new("a"), Replica::new("b"));
-        let ca = a.write("d1", b"from a", false, 1_000);
-        let cb = b.write("d1", b"from b", false, 1_000);
+        let ca = a.write("d1", b"from a", false, 1_000).expect("insert");
+        let cb = b.write("d1", b"from b", false, 1_000).expect("insert");
         a.apply(vec![cb], 1_001).expect("a");
         b.apply(vec![ca], 1_001).expect("b");
         assert_eq!(a.digest(), b.digest());
@@ -213,8 +243,8 @@ mod tests {
     #[test]
     fn digest_sees_a_missing_version() {
         let (mut a, mut b) = (Replica::new("a"), Replica::new("b"));
-        let c1 = a.write("d1", b"1", false, 10);
-        let c2 = a.write("d1", b"2", false, 11);
+        let c1 = a.write("d1", b"1", false, 10).expect("insert");
+        let c2 = a.write("d1", b"2", false, 11).expect("update");
         b.apply(vec![c1, c2], 12).expect("apply");
         assert_eq!(a.digest(), b.digest());
         assert!(b.corrupt_drop_version("d1"));
@@ -224,11 +254,39 @@ mod tests {
     #[test]
     fn gaps_are_refused_whole() {
         let mut a = Replica::new("a");
-        let c1 = a.write("d1", b"1", false, 10);
-        let _c2 = a.write("d1", b"2", false, 11);
-        let c3 = a.write("d1", b"3", true, 12);
+        let c1 = a.write("d1", b"1", false, 10).expect("insert");
+        let _c2 = a.write("d1", b"2", false, 11).expect("update");
+        let c3 = a.write("d1", b"3", true, 12).expect("delete");
         let mut b = Replica::new("b");
         assert!(b.apply(vec![c1, c3], 13).is_err());
         assert_eq!(b.vv().total(), 0);
+    }
+
+    #[test]
+    fn kinds_follow_the_node() {
+        let mut a = Replica::new("a");
+        assert!(a.write("d1", b"x", true, 10).is_none(), "nothing to delete");
+        let kinds: Vec<i32> = [(false, 11), (false, 12), (true, 13), (false, 14)]
+            .into_iter()
+            .map(|(delete, t)| a.write("d1", b"x", delete, t).expect("a write").kind)
+            .collect();
+        let k = |k: ChangeKind| k as i32;
+        let expected = [
+            ChangeKind::Insert,
+            ChangeKind::Update,
+            ChangeKind::Delete,
+            ChangeKind::Insert,
+        ];
+        assert_eq!(kinds, expected.map(k));
+        assert_eq!(a.vv().get("a"), 4);
+    }
+
+    #[test]
+    fn a_clock_far_ahead_is_clamped_and_counted() {
+        let mut ahead = Replica::new("ahead");
+        let c = ahead.write("d1", b"x", false, 10_000_000).expect("insert");
+        let mut b = Replica::new("b");
+        b.apply(vec![c], 1_000).expect("apply");
+        assert_eq!(b.clock_clamped, 1);
     }
 }

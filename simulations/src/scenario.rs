@@ -53,16 +53,20 @@ pub struct LinkSpec {
     /// One-way delay of each frame, drawn uniformly from [min, max]; frames
     /// of one connection still arrive in order (a QUIC stream).
     pub latency_ms: [u64; 2],
-    /// Connection drops per minute during the workload (a flaky link).
+    /// Connection drops per minute during the workload (a flaky link): each
+    /// connection lives an exponentially distributed time with this rate.
     #[serde(default)]
     pub drops_per_minute: f64,
-    /// Wait before a dropped connection is re-established, from [min, max].
+    /// The dialer's backoff `[first, max]`, as the federation shell's: after
+    /// a lost connection or a failed dial it waits a time drawn from
+    /// `[b/2, b]`, then doubles `b` up to `max`; a connection that lasted
+    /// 10 s resets `b` to `first`.
     #[serde(default = "default_reconnect")]
     pub reconnect_ms: [u64; 2],
 }
 
 fn default_reconnect() -> [u64; 2] {
-    [200, 2_000]
+    [200, 30_000]
 }
 
 /// Something that goes wrong between `at_ms` and `until_ms`.
@@ -94,7 +98,7 @@ impl Scenario {
     /// Parses and checks a scenario.
     pub fn from_toml(text: &str) -> Result<Scenario, ScenarioError> {
         let s: Scenario = toml::from_str(text)?;
-        s.check()?;
+        s.validate()?;
         Ok(s)
     }
 
@@ -105,14 +109,18 @@ impl Scenario {
             .ok_or_else(|| ScenarioError::UnknownSite(name.to_owned()))
     }
 
-    fn check(&self) -> Result<(), ScenarioError> {
+    /// Checks names, ranges and the fault schedule (`from_toml` does this;
+    /// `run` reports a scenario built by hand that fails it).
+    pub fn validate(&self) -> Result<(), ScenarioError> {
         if self.sites.is_empty() {
             return Err(ScenarioError::Invalid("no sites".into()));
         }
         for l in &self.links {
             self.site_index(&l.a)?;
             self.site_index(&l.b)?;
-            if l.a == l.b || l.latency_ms[0] > l.latency_ms[1] || l.reconnect_ms[0] > l.reconnect_ms[1] {
+            let [first, max] = l.reconnect_ms;
+            let bad_rate = !(l.drops_per_minute >= 0.0 && l.drops_per_minute.is_finite());
+            if l.a == l.b || l.latency_ms[0] > l.latency_ms[1] || first == 0 || first > max || bad_rate {
                 return Err(ScenarioError::Invalid(format!("link {}-{} is malformed", l.a, l.b)));
             }
         }
@@ -139,6 +147,12 @@ impl Scenario {
             if let Some(n) = &f.crash {
                 self.site_index(n)?;
             }
+        }
+        if !(0.0..=1.0).contains(&self.delete_ratio) {
+            return Err(ScenarioError::Invalid("delete_ratio must lie in [0, 1]".into()));
+        }
+        if self.documents == 0 || self.batch_changes == 0 {
+            return Err(ScenarioError::Invalid("documents and batch_changes must be > 0".into()));
         }
         if self.max_ms <= self.heal_ms() {
             return Err(ScenarioError::Invalid(

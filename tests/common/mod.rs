@@ -53,6 +53,11 @@ pub struct Site {
     pub data: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    /// Extra environment for the process (after every inherited
+    /// `OCMESH_*` variable is removed).
+    env: Vec<(String, String)>,
+    /// Whether `start` passes `--data` and `--http` itself.
+    addr_flags: bool,
     child: Option<Child>,
     pub client: reqwest::Client,
 }
@@ -89,6 +94,25 @@ impl Site {
         Site::new(root, name, None, args)
     }
 
+    /// A site whose whole configuration comes from `args` and `env`:
+    /// `start` adds neither `--data` nor `--http`, so these must reach the
+    /// process some other way (flags, `OCMESH_*`, a `--config` file) and
+    /// agree with `data` and `http`.
+    pub fn custom(
+        root: &Path,
+        name: &str,
+        http: SocketAddr,
+        mesh: Option<SocketAddr>,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Site {
+        let mut s = Site::new(root, name, mesh, args);
+        s.http = http;
+        s.env = env;
+        s.addr_flags = false;
+        s
+    }
+
     fn new(root: &Path, name: &str, mesh: Option<SocketAddr>, args: Vec<String>) -> Site {
         let data = root.join(format!("{name}-data"));
         Site {
@@ -98,6 +122,8 @@ impl Site {
             log: root.join(format!("{name}.log")),
             data,
             args,
+            env: Vec::new(),
+            addr_flags: true,
             child: None,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
@@ -108,16 +134,24 @@ impl Site {
 
     /// Starts the process and waits for `/health`.
     pub async fn start(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("{} is already running", self.name);
+        }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(bin())
-            .arg("run")
-            .arg("--data")
-            .arg(&self.data)
-            .arg("--http")
-            .arg(self.http.to_string())
-            .args(&self.args)
+        let mut cmd = Command::new(bin());
+        cmd.arg("run");
+        if self.addr_flags {
+            cmd.arg("--data")
+                .arg(&self.data)
+                .arg("--http")
+                .arg(self.http.to_string());
+        }
+        cmd.args(&self.args);
+        hermetic(&mut cmd);
+        let child = cmd
             .env("OCMESH_ADMIN_PASSWORD", PASSWORD)
             .env("OCMESH_LOG", "info,ocmesh_federation=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -133,11 +167,20 @@ impl Site {
             if let Some(c) = self.child.as_mut()
                 && let Some(status) = c.try_wait()?
             {
-                bail!("{} exited with {status}:\n{}", self.name, self.log_text());
+                self.child = None;
+                bail!(
+                    "{} exited with {status}; its log ends:\n{}",
+                    self.name,
+                    self.log_tail(60)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        bail!("{} not healthy within 30 s:\n{}", self.name, self.log_text())
+        bail!(
+            "{} not healthy within 30 s; its log ends:\n{}",
+            self.name,
+            self.log_tail(60)
+        )
     }
 
     /// SIGKILL: no chance to flush anything.
@@ -159,13 +202,25 @@ impl Site {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            eprintln!("{} ignored SIGTERM for 10 s; killed it", self.name);
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of the process's stderr.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = self.log_text();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -242,7 +297,28 @@ impl Site {
 impl Drop for Site {
     fn drop(&mut self) {
         self.kill();
+        // The test harness captures this and shows it only for a failing
+        // test (a panic or an `Err` returned from the test function).
+        if self.log.exists() {
+            println!(
+                "----- last lines of {}'s stderr ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail(40)
+            );
+        }
     }
+}
+
+/// Keeps the caller's environment out of a child: every inherited
+/// `OCMESH_*` variable is removed, so only what the test sets applies.
+pub fn hermetic(cmd: &mut Command) -> &mut Command {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("OCMESH_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
 
 /// Polls `check` every 100 ms until it returns true or `timeout` passes.
