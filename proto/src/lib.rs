@@ -12,3 +12,17 @@ pub mod federation {
     /// Protocol version carried in `Hello`.
     pub const PROTOCOL_VERSION: u32 = 1;
 }
+
+/// The OpenIAP client protocol (package `openiap`): the `Envelope` every
+/// command travels in, the request and reply messages, and the tonic
+/// `FlowService` server and client.
+pub mod openiap {
+    #![allow(missing_docs, missing_debug_implementations, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/openiap.rs"));
+
+    /// Prefix of every `google.protobuf.Any` type URL OpenIAP sends.
+    pub const TYPE_URL_PREFIX: &str = "type.googleapis.com/openiap.";
+}
+
+pub use prost;
+pub use prost_types;
