@@ -10,6 +10,7 @@
 
 mod auth;
 mod error;
+pub mod openiap;
 
 use std::future::Future;
 use std::time::Instant;

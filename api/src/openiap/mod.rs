@@ -1,0 +1,262 @@
+//! The OpenIAP client protocol over gRPC: `openiap.FlowService`, whose
+//! bidirectional `SetupStream` carries every command as an `Envelope`, so
+//! OpenIAP's own SDKs (the Python `openiap` package among them) connect
+//! unchanged.
+//!
+//! Each stream gets a connection actor: it reads envelopes in order, runs
+//! `signin` inline (so later messages see the new user) and every other
+//! command as its own task, and writes replies through one bounded queue.
+//! Invariants: every channel is bounded (`GrpcLimits::outbound_queue`, with
+//! a counter of times it was full); at most `max_in_flight` commands run per
+//! connection, and one more gets an `error` reply instead of being queued;
+//! an envelope over `max_message_bytes` gets an `error` reply, one over the
+//! transport cap (`hard_max_message_bytes`) ends that stream with a logged
+//! reason; client input never panics the server, and one connection's
+//! failure never touches another's.
+
+mod convert;
+mod dispatch;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::FutureExt;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc};
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use ocmesh_node::Node;
+use ocmesh_proto::openiap::Envelope;
+use ocmesh_proto::openiap::flow_service_server::{FlowService, FlowServiceServer};
+
+pub use convert::ConvertError;
+pub use dispatch::{CommandError, Dispatcher, Handled, LONG_TOKEN_SECS, Session, SignedIn, unpack};
+
+/// Per-connection limits.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcLimits {
+    /// Largest envelope accepted or sent; larger ones get an `error` reply.
+    pub max_message_bytes: usize,
+    /// Largest envelope the transport decodes at all; beyond it the stream
+    /// ends with RESOURCE_EXHAUSTED (the bytes are never buffered whole).
+    pub hard_max_message_bytes: usize,
+    /// Commands running at once on one connection.
+    pub max_in_flight: usize,
+    /// Replies waiting to be written to one connection.
+    pub outbound_queue: usize,
+}
+
+impl Default for GrpcLimits {
+    fn default() -> Self {
+        GrpcLimits {
+            // OpenIAP clients' default receive limit.
+            max_message_bytes: 4 * 1024 * 1024,
+            hard_max_message_bytes: 16 * 1024 * 1024,
+            max_in_flight: 64,
+            outbound_queue: 128,
+        }
+    }
+}
+
+/// Counters of the gRPC side (read with `GrpcStats::snapshot`).
+#[derive(Debug, Default)]
+pub struct GrpcStats {
+    pub connections_open: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub requests: AtomicU64,
+    pub error_replies: AtomicU64,
+    /// Requests refused because `max_in_flight` were running.
+    pub rejected_in_flight: AtomicU64,
+    /// Replies that found the outbound queue full and had to wait.
+    pub outbound_full: AtomicU64,
+    /// Streams ended by a transport or decode error.
+    pub stream_errors: AtomicU64,
+}
+
+impl GrpcStats {
+    pub fn snapshot(&self) -> Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "connections_open": g(&self.connections_open),
+            "connections_total": g(&self.connections_total),
+            "requests": g(&self.requests),
+            "error_replies": g(&self.error_replies),
+            "rejected_in_flight": g(&self.rejected_in_flight),
+            "outbound_full": g(&self.outbound_full),
+            "stream_errors": g(&self.stream_errors),
+        })
+    }
+}
+
+/// Why the gRPC server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcServeError {
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The FlowService implementation.
+#[derive(Debug, Clone)]
+pub struct FlowServer {
+    dispatcher: Arc<Dispatcher>,
+    limits: GrpcLimits,
+    stats: Arc<GrpcStats>,
+}
+
+impl FlowServer {
+    pub fn new(node: Node, limits: GrpcLimits) -> Self {
+        FlowServer {
+            dispatcher: Arc::new(Dispatcher::new(node, limits)),
+            limits,
+            stats: Arc::new(GrpcStats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<GrpcStats> {
+        self.stats.clone()
+    }
+
+    /// The tonic service, with the transport's message caps set.
+    pub fn into_service(self) -> FlowServiceServer<FlowServer> {
+        let hard = self.limits.hard_max_message_bytes.max(self.limits.max_message_bytes);
+        FlowServiceServer::new(self)
+            .max_decoding_message_size(hard)
+            .max_encoding_message_size(hard)
+    }
+}
+
+/// Serves FlowService on `listener` until `shutdown` completes.
+pub async fn serve_grpc(
+    listener: tokio::net::TcpListener,
+    server: FlowServer,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GrpcServeError> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(server.into_service())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl FlowService for FlowServer {
+    async fn setup_stream(
+        &self,
+        request: Request<Streaming<Envelope>>,
+    ) -> Result<Response<BoxStream<Envelope>>, Status> {
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(self.limits.outbound_queue.max(1));
+        tokio::spawn(connection(self.clone(), inbound, tx, peer));
+        let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// Queues a reply, counting the times the queue was full. False when the
+/// client is gone.
+async fn send(tx: &mpsc::Sender<Envelope>, stats: &GrpcStats, env: Envelope) -> bool {
+    match tx.try_send(env) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(env)) => {
+            stats.outbound_full.fetch_add(1, Ordering::Relaxed);
+            tx.send(env).await.is_ok()
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+async fn send_handled(tx: &mpsc::Sender<Envelope>, stats: &GrpcStats, h: Handled) {
+    if h.failed {
+        stats.error_replies.fetch_add(1, Ordering::Relaxed);
+    }
+    for r in h.replies {
+        if !send(tx, stats, r).await {
+            break;
+        }
+    }
+}
+
+/// Runs one command, turning a panic (a bug) into an `error` reply.
+async fn run_guarded(dispatcher: &Dispatcher, session: &Session, request: Envelope) -> Handled {
+    let fallback = request.clone();
+    match std::panic::AssertUnwindSafe(dispatcher.handle(session, request))
+        .catch_unwind()
+        .await
+    {
+        Ok(h) => h,
+        Err(_) => {
+            tracing::error!(command = %fallback.command, "openiap command panicked");
+            let e = CommandError::Internal(format!("{} failed inside the server", fallback.command));
+            Handled {
+                replies: vec![dispatcher.error_reply(&fallback, &e)],
+                session: None,
+                failed: true,
+            }
+        }
+    }
+}
+
+/// The connection actor: reads the stream until it ends.
+async fn connection(
+    server: FlowServer,
+    mut inbound: Streaming<Envelope>,
+    tx: mpsc::Sender<Envelope>,
+    peer: Option<SocketAddr>,
+) {
+    let stats = server.stats.clone();
+    stats.connections_open.fetch_add(1, Ordering::Relaxed);
+    stats.connections_total.fetch_add(1, Ordering::Relaxed);
+    let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+    tracing::info!(%peer, "openiap stream opened");
+    let in_flight = Arc::new(Semaphore::new(server.limits.max_in_flight.max(1)));
+    let mut session = Session::default();
+    let mut requests = 0u64;
+    let reason = loop {
+        let env = match inbound.message().await {
+            Ok(Some(env)) => env,
+            Ok(None) => break "client closed the stream".to_owned(),
+            Err(status) => {
+                stats.stream_errors.fetch_add(1, Ordering::Relaxed);
+                break format!("stream error: {status}");
+            }
+        };
+        requests += 1;
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        if env.command == "signin" {
+            // In order: what follows a sign-in runs as its user.
+            let h = run_guarded(&server.dispatcher, &session, env).await;
+            if let Some(s) = h.session.clone() {
+                session = s;
+            }
+            send_handled(&tx, &stats, h).await;
+            continue;
+        }
+        match in_flight.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let (dispatcher, stats, tx, snapshot) =
+                    (server.dispatcher.clone(), stats.clone(), tx.clone(), session.clone());
+                tokio::spawn(async move {
+                    let h = run_guarded(&dispatcher, &snapshot, env).await;
+                    send_handled(&tx, &stats, h).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                stats.rejected_in_flight.fetch_add(1, Ordering::Relaxed);
+                let e = CommandError::TooManyInFlight {
+                    limit: server.limits.max_in_flight,
+                };
+                let reply = server.dispatcher.error_reply(&env, &e);
+                stats.error_replies.fetch_add(1, Ordering::Relaxed);
+                send(&tx, &stats, reply).await;
+            }
+        }
+    };
+    stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!(%peer, requests, %reason, "openiap stream closed");
+}
