@@ -41,7 +41,7 @@ pub struct GrpcLimits {
     /// Largest envelope accepted or sent; larger ones get an `error` reply.
     pub max_message_bytes: usize,
     /// Largest envelope the transport decodes at all; beyond it the stream
-    /// ends with RESOURCE_EXHAUSTED (the bytes are never buffered whole).
+    /// ends with tonic's OUT_OF_RANGE status naming the sizes.
     pub hard_max_message_bytes: usize,
     /// Commands running at once on one connection.
     pub max_in_flight: usize,
@@ -152,15 +152,18 @@ impl FlowService for FlowServer {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.limits.outbound_queue.max(1));
         tokio::spawn(connection(self.clone(), inbound, tx, peer));
-        let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
+        let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
         Ok(Response::new(Box::pin(out)))
     }
 }
 
+/// Replies to one connection; an `Err` ends its stream with that status.
+type Outbound = mpsc::Sender<Result<Envelope, Status>>;
+
 /// Queues a reply, counting the times the queue was full. False when the
 /// client is gone.
-async fn send(tx: &mpsc::Sender<Envelope>, stats: &GrpcStats, env: Envelope) -> bool {
-    match tx.try_send(env) {
+async fn send(tx: &Outbound, stats: &GrpcStats, env: Envelope) -> bool {
+    match tx.try_send(Ok(env)) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(env)) => {
             stats.outbound_full.fetch_add(1, Ordering::Relaxed);
@@ -170,7 +173,7 @@ async fn send(tx: &mpsc::Sender<Envelope>, stats: &GrpcStats, env: Envelope) -> 
     }
 }
 
-async fn send_handled(tx: &mpsc::Sender<Envelope>, stats: &GrpcStats, h: Handled) {
+async fn send_handled(tx: &Outbound, stats: &GrpcStats, h: Handled) {
     if h.failed {
         stats.error_replies.fetch_add(1, Ordering::Relaxed);
     }
@@ -202,12 +205,7 @@ async fn run_guarded(dispatcher: &Dispatcher, session: &Session, request: Envelo
 }
 
 /// The connection actor: reads the stream until it ends.
-async fn connection(
-    server: FlowServer,
-    mut inbound: Streaming<Envelope>,
-    tx: mpsc::Sender<Envelope>,
-    peer: Option<SocketAddr>,
-) {
+async fn connection(server: FlowServer, mut inbound: Streaming<Envelope>, tx: Outbound, peer: Option<SocketAddr>) {
     let stats = server.stats.clone();
     stats.connections_open.fetch_add(1, Ordering::Relaxed);
     stats.connections_total.fetch_add(1, Ordering::Relaxed);
@@ -221,8 +219,16 @@ async fn connection(
             Ok(Some(env)) => env,
             Ok(None) => break "client closed the stream".to_owned(),
             Err(status) => {
+                // Undecodable or over the transport cap: nothing of it ran.
                 stats.stream_errors.fetch_add(1, Ordering::Relaxed);
-                break format!("stream error: {status}");
+                let reason = format!("stream error: {status}");
+                let _ = tx
+                    .send(Err(Status::new(
+                        status.code(),
+                        format!("stream closed: {}", status.message()),
+                    )))
+                    .await;
+                break reason;
             }
         };
         requests += 1;

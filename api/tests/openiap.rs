@@ -1,0 +1,1043 @@
+//! The OpenIAP FlowService driven through a real tonic client over
+//! loopback (ephemeral port): every implemented command with its replies
+//! and its errors (unknown command, undecodable data, not signed in, bad
+//! password, bad or expired jwt, JSON that is not JSON), per-message jwt,
+//! the per-connection limits, and that one connection's trouble leaves
+//! another alone.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use prost_types::{Any, Timestamp};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Streaming;
+
+use ocmesh_api::openiap::{FlowServer, GrpcLimits, GrpcStats};
+use ocmesh_node::{Node, NodeConfig};
+use ocmesh_proto::openiap as pb;
+use ocmesh_proto::openiap::flow_service_client::FlowServiceClient;
+
+const PASSWORD: &str = "pw";
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Server {
+    addr: SocketAddr,
+    node: Node,
+    stats: std::sync::Arc<GrpcStats>,
+    _stop: oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn server(limits: GrpcLimits) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Node::open(NodeConfig {
+        data_dir: dir.path().to_path_buf(),
+        site: "a".into(),
+        admin_password: Some(PASSWORD.into()),
+    })
+    .expect("open node")
+    .node;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let flow = FlowServer::new(node.clone(), limits);
+    let stats = flow.stats();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(ocmesh_api::openiap::serve_grpc(listener, flow, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        node,
+        stats,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+/// One SetupStream: requests go in through a bounded channel, replies are
+/// matched to requests by `rid`.
+struct Conn {
+    tx: mpsc::Sender<pb::Envelope>,
+    rx: Streaming<pb::Envelope>,
+    next: u64,
+    /// Set on every request when not empty.
+    jwt: String,
+}
+
+async fn connect(addr: SocketAddr) -> Conn {
+    let mut client = FlowServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel::<pb::Envelope>(256);
+    let outbound = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
+    let rx = client.setup_stream(outbound).await.expect("setup stream").into_inner();
+    Conn {
+        tx,
+        rx,
+        next: 0,
+        jwt: String::new(),
+    }
+}
+
+fn any<M: Message>(name: &str, msg: &M) -> Any {
+    Any {
+        type_url: format!("type.googleapis.com/openiap.{name}"),
+        value: msg.encode_to_vec(),
+    }
+}
+
+impl Conn {
+    async fn send(&mut self, command: &str, data: Option<Any>) -> String {
+        self.next += 1;
+        let id = format!("c{}", self.next);
+        let env = pb::Envelope {
+            command: command.into(),
+            id: id.clone(),
+            data,
+            jwt: self.jwt.clone(),
+            ..Default::default()
+        };
+        self.tx.send(env).await.expect("stream open");
+        id
+    }
+
+    async fn recv(&mut self) -> pb::Envelope {
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("a reply in time")
+            .expect("stream healthy")
+            .expect("stream open")
+    }
+
+    async fn call_raw(&mut self, command: &str, data: Option<Any>) -> pb::Envelope {
+        let id = self.send(command, data).await;
+        let reply = self.recv().await;
+        assert_eq!(reply.rid, id, "replies come back for their request");
+        reply
+    }
+
+    async fn call<M: Message>(&mut self, command: &str, name: &str, msg: &M) -> pb::Envelope {
+        self.call_raw(command, Some(any(name, msg))).await
+    }
+
+    /// A reply that must be `<command>reply`, decoded.
+    async fn ok<M: Message, R: Message + Default>(&mut self, command: &str, name: &str, msg: &M) -> R {
+        let reply = self.call(command, name, msg).await;
+        assert_eq!(reply.command, format!("{command}reply"), "{:?}", error_text(&reply));
+        let data = reply.data.expect("reply data");
+        assert!(
+            data.type_url.starts_with("type.googleapis.com/openiap."),
+            "{}",
+            data.type_url
+        );
+        R::decode(data.value.as_slice()).expect("reply decodes")
+    }
+
+    /// A reply that must be `error`.
+    async fn err<M: Message>(&mut self, command: &str, name: &str, msg: &M) -> pb::ErrorResponse {
+        let reply = self.call(command, name, msg).await;
+        error_of(&reply)
+    }
+
+    async fn signin(&mut self, username: &str, password: &str) -> pb::SigninResponse {
+        self.ok(
+            "signin",
+            "SigninRequest",
+            &pb::SigninRequest {
+                username: username.into(),
+                password: password.into(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    async fn query(&mut self, collection: &str, query: Value) -> Vec<Value> {
+        let r: pb::QueryResponse = self
+            .ok(
+                "query",
+                "QueryRequest",
+                &pb::QueryRequest {
+                    collectionname: collection.into(),
+                    query: query.to_string(),
+                    top: 100,
+                    ..Default::default()
+                },
+            )
+            .await;
+        match serde_json::from_str(&r.results).expect("results are JSON") {
+            Value::Array(a) => a,
+            other => panic!("results are not an array: {other}"),
+        }
+    }
+
+    async fn insert(&mut self, collection: &str, item: Value) -> Value {
+        let r: pb::InsertOneResponse = self
+            .ok(
+                "insertone",
+                "InsertOneRequest",
+                &pb::InsertOneRequest {
+                    collectionname: collection.into(),
+                    item: item.to_string(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        serde_json::from_str(&r.result).expect("result is JSON")
+    }
+}
+
+fn error_text(reply: &pb::Envelope) -> Option<String> {
+    (reply.command == "error").then(|| error_of(reply).message)
+}
+
+fn error_of(reply: &pb::Envelope) -> pb::ErrorResponse {
+    assert_eq!(reply.command, "error", "expected an error, got {reply:?}");
+    let data = reply.data.as_ref().expect("error data");
+    assert_eq!(data.type_url, "type.googleapis.com/openiap.ErrorResponse");
+    pb::ErrorResponse::decode(data.value.as_slice()).expect("ErrorResponse")
+}
+
+#[tokio::test]
+async fn sign_in_ping_and_who_may_call() {
+    let s = server(GrpcLimits::default()).await;
+    let mut c = connect(s.addr).await;
+
+    let pong = c.call("ping", "PingRequest", &pb::PingRequest {}).await;
+    assert_eq!(pong.command, "pong", "ping needs no sign-in");
+
+    let e = c
+        .err(
+            "query",
+            "QueryRequest",
+            &pb::QueryRequest {
+                collectionname: "entities".into(),
+                query: "{}".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 401);
+    assert!(e.message.contains("not signed in"), "{}", e.message);
+
+    let e = c
+        .err(
+            "signin",
+            "SigninRequest",
+            &pb::SigninRequest {
+                username: "admin".into(),
+                password: "wrong".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!((e.code, e.message.as_str()), (401, "unknown user or wrong password"));
+
+    let signed = c.signin("admin", PASSWORD).await;
+    assert!(!signed.jwt.is_empty());
+    let user = signed.user.expect("user");
+    assert_eq!(user.username, "admin");
+    assert!(
+        user.roles.iter().any(|r| r.name == "admins") && user.roles.iter().any(|r| r.name == "users"),
+        "{:?}",
+        user.roles
+    );
+    assert_eq!(c.query("entities", json!({})).await.len(), 0);
+
+    // Signing in with the token works too; validateonly leaves a connection as it was.
+    let mut d = connect(s.addr).await;
+    let again: pb::SigninResponse = d
+        .ok(
+            "signin",
+            "SigninRequest",
+            &pb::SigninRequest {
+                jwt: signed.jwt.clone(),
+                validateonly: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(again.user.expect("user").id, user.id);
+    let e = d
+        .err(
+            "count",
+            "CountRequest",
+            &pb::CountRequest {
+                collectionname: "entities".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 401, "validateonly did not sign the connection in");
+
+    // A garbage token, and a well-formed but expired one.
+    for token in ["not-a-jwt".to_owned(), expired_token(&s.node, &user.id)] {
+        let e = d
+            .err(
+                "signin",
+                "SigninRequest",
+                &pb::SigninRequest {
+                    jwt: token.clone(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert_eq!(e.code, 401, "{}", e.message);
+        d.jwt = token;
+        let e = d
+            .err(
+                "count",
+                "CountRequest",
+                &pb::CountRequest {
+                    collectionname: "entities".into(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert_eq!(e.code, 401, "{}", e.message);
+    }
+    // The envelope's jwt runs that one message as its user.
+    d.jwt = signed.jwt.clone();
+    let n: pb::CountResponse = d
+        .ok(
+            "count",
+            "CountRequest",
+            &pb::CountRequest {
+                collectionname: "entities".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(n.result, 0);
+}
+
+fn expired_token(node: &Node, id: &str) -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs();
+    let claims = json!({"sub": id, "name": "admin", "iss": node.site(), "iat": now - 7200, "exp": now - 3600});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(node.token_secret()),
+    )
+    .expect("encode")
+}
+
+#[tokio::test]
+async fn documents_through_every_command() {
+    let s = server(GrpcLimits::default()).await;
+    let mut c = connect(s.addr).await;
+    c.signin("admin", PASSWORD).await;
+
+    let a = c
+        .insert("entities", json!({"name": "a", "_type": "thing", "n": 1}))
+        .await;
+    let a_id = a["_id"].as_str().expect("_id").to_owned();
+    assert_eq!(a["_version"], 0);
+
+    let many: pb::InsertManyResponse = c
+        .ok(
+            "insertmany",
+            "InsertManyRequest",
+            &pb::InsertManyRequest {
+                collectionname: "entities".into(),
+                items: json!([{"name": "b", "_type": "thing", "n": 2}, {"name": "c", "_type": "other", "n": 3}])
+                    .to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let many: Value = serde_json::from_str(&many.results).expect("json");
+    assert_eq!(many.as_array().map(Vec::len), Some(2));
+    let skipped: pb::InsertManyResponse = c
+        .ok(
+            "insertmany",
+            "InsertManyRequest",
+            &pb::InsertManyRequest {
+                collectionname: "entities".into(),
+                items: json!([{"name": "d", "_type": "thing", "n": 4}]).to_string(),
+                skipresults: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(skipped.results, "[]");
+
+    // Query with projection, orderby (JSON and bare field name), top and skip.
+    let r: pb::QueryResponse = c
+        .ok(
+            "query",
+            "QueryRequest",
+            &pb::QueryRequest {
+                collectionname: "entities".into(),
+                query: json!({"_type": "thing"}).to_string(),
+                projection: json!({"name": 1}).to_string(),
+                orderby: json!({"n": -1}).to_string(),
+                top: 2,
+                skip: 0,
+                ..Default::default()
+            },
+        )
+        .await;
+    let docs: Value = serde_json::from_str(&r.results).expect("json");
+    let names: Vec<&str> = docs
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|d| d["name"].as_str())
+        .collect();
+    assert_eq!(names, ["d", "b"]);
+    assert!(docs[0].get("n").is_none(), "projected away: {}", docs[0]);
+    let r: pb::QueryResponse = c
+        .ok(
+            "query",
+            "QueryRequest",
+            &pb::QueryRequest {
+                collectionname: "entities".into(),
+                query: "{}".into(),
+                orderby: "name".into(),
+                skip: 1,
+                top: 1,
+                ..Default::default()
+            },
+        )
+        .await;
+    let docs: Value = serde_json::from_str(&r.results).expect("json");
+    assert_eq!(docs[0]["name"], "b");
+
+    let n: pb::CountResponse = c
+        .ok(
+            "count",
+            "CountRequest",
+            &pb::CountRequest {
+                collectionname: "entities".into(),
+                query: json!({"_type": "thing"}).to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(n.result, 3);
+    let d: pb::DistinctResponse = c
+        .ok(
+            "distinct",
+            "DistinctRequest",
+            &pb::DistinctRequest {
+                collectionname: "entities".into(),
+                field: "_type".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let mut kinds = d.results.clone();
+    kinds.sort();
+    assert_eq!(kinds, ["other", "thing"]);
+
+    // updateone replaces the whole document; the old version stays readable.
+    let u: pb::UpdateOneResponse = c
+        .ok(
+            "updateone",
+            "UpdateOneRequest",
+            &pb::UpdateOneRequest {
+                collectionname: "entities".into(),
+                item: json!({"_id": a_id, "name": "a2", "_type": "thing", "n": 10}).to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let u: Value = serde_json::from_str(&u.result).expect("json");
+    assert_eq!((u["name"].clone(), u["_version"].clone()), (json!("a2"), json!(1)));
+    let v: pb::GetDocumentVersionResponse = c
+        .ok(
+            "getdocumentversion",
+            "GetDocumentVersionRequest",
+            &pb::GetDocumentVersionRequest {
+                collectionname: "entities".into(),
+                id: a_id.clone(),
+                version: 0,
+                ..Default::default()
+            },
+        )
+        .await;
+    let v: Value = serde_json::from_str(&v.result).expect("json");
+    assert_eq!(v["name"], "a");
+    let e = c
+        .err(
+            "getdocumentversion",
+            "GetDocumentVersionRequest",
+            &pb::GetDocumentVersionRequest {
+                collectionname: "entities".into(),
+                id: a_id.clone(),
+                version: 9,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 404, "{}", e.message);
+
+    // updatedocument applies operators to every match.
+    let ud: pb::UpdateDocumentResponse = c
+        .ok(
+            "updatedocument",
+            "UpdateDocumentRequest",
+            &pb::UpdateDocumentRequest {
+                collectionname: "entities".into(),
+                query: json!({"_type": "thing"}).to_string(),
+                document: json!({"$set": {"seen": true}}).to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let op = ud.opresult.expect("opresult");
+    assert!(op.acknowledged);
+    assert_eq!((op.matched_count, op.modified_count), (3, 3));
+    assert_eq!(c.query("entities", json!({"seen": true})).await.len(), 3);
+
+    // insertorupdateone by a uniqueness field: first inserts, then replaces.
+    for (n, version) in [(1, 0), (2, 1)] {
+        let r: pb::InsertOrUpdateOneResponse = c
+            .ok(
+                "insertorupdateone",
+                "InsertOrUpdateOneRequest",
+                &pb::InsertOrUpdateOneRequest {
+                    collectionname: "entities".into(),
+                    uniqeness: "key".into(),
+                    item: json!({"key": "k1", "n": n}).to_string(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        let r: Value = serde_json::from_str(&r.result).expect("json");
+        assert_eq!((r["n"].clone(), r["_version"].clone()), (json!(n), json!(version)));
+    }
+
+    let del: pb::DeleteOneResponse = c
+        .ok(
+            "deleteone",
+            "DeleteOneRequest",
+            &pb::DeleteOneRequest {
+                collectionname: "entities".into(),
+                id: a_id.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(del.affectedrows, 1);
+    let e = c
+        .err(
+            "deleteone",
+            "DeleteOneRequest",
+            &pb::DeleteOneRequest {
+                collectionname: "entities".into(),
+                id: a_id.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 404, "{}", e.message);
+
+    let b_id = many[0]["_id"].as_str().expect("id").to_owned();
+    let dm: pb::DeleteManyResponse = c
+        .ok(
+            "deletemany",
+            "DeleteManyRequest",
+            &pb::DeleteManyRequest {
+                collectionname: "entities".into(),
+                ids: vec![b_id],
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(dm.affectedrows, 1);
+    let dm: pb::DeleteManyResponse = c
+        .ok(
+            "deletemany",
+            "DeleteManyRequest",
+            &pb::DeleteManyRequest {
+                collectionname: "entities".into(),
+                query: json!({"_type": "other"}).to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(dm.affectedrows, 1);
+    let e = c
+        .err(
+            "deletemany",
+            "DeleteManyRequest",
+            &pb::DeleteManyRequest {
+                collectionname: "entities".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 400, "an empty deletemany is refused: {}", e.message);
+    let left = c.query("entities", json!({})).await;
+    assert_eq!(left.len(), 2, "d and the k1 document remain: {left:?}");
+}
+
+#[tokio::test]
+async fn work_items_and_queues() {
+    let s = server(GrpcLimits::default()).await;
+    let mut c = connect(s.addr).await;
+    c.signin("admin", PASSWORD).await;
+
+    let q: pb::AddWorkItemQueueResponse = c
+        .ok(
+            "addworkitemqueue",
+            "AddWorkItemQueueRequest",
+            &pb::AddWorkItemQueueRequest {
+                name: "jobs".into(),
+                maxretries: 2,
+                ..Default::default()
+            },
+        )
+        .await;
+    let q = q.workitemqueue.expect("queue");
+    assert_eq!((q.name.as_str(), q.maxretries), ("jobs", 2));
+    assert!(!q.id.is_empty());
+    let e = c
+        .err(
+            "addworkitemqueue",
+            "AddWorkItemQueueRequest",
+            &pb::AddWorkItemQueueRequest {
+                name: "jobs".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 409, "{}", e.message);
+
+    let pushed: pb::PushWorkitemResponse = c
+        .ok(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &pb::PushWorkitemRequest {
+                wiq: "jobs".into(),
+                name: "first".into(),
+                payload: json!({"x": 1}).to_string(),
+                priority: 2,
+                ..Default::default()
+            },
+        )
+        .await;
+    let first = pushed.workitem.expect("workitem");
+    assert_eq!((first.state.as_str(), first.wiq.as_str()), ("new", "jobs"));
+    assert_eq!(first.wiqid, q.id);
+    assert!(first.nextrun.is_some());
+
+    // By queue id; a later nextrun keeps an item out of pops for now.
+    let later = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() + 3600;
+    let pushed: pb::PushWorkitemsResponse = c
+        .ok(
+            "pushworkitems",
+            "PushWorkitemsRequest",
+            &pb::PushWorkitemsRequest {
+                wiqid: q.id.clone(),
+                priority: 2,
+                items: vec![
+                    pb::Workitem {
+                        name: "second".into(),
+                        payload: json!({"x": 2}).to_string(),
+                        ..Default::default()
+                    },
+                    pb::Workitem {
+                        name: "later".into(),
+                        nextrun: Some(Timestamp {
+                            seconds: later as i64,
+                            nanos: 0,
+                        }),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(pushed.workitems.len(), 2);
+
+    let got = pop(&mut c, "jobs").await.expect("an item");
+    assert_eq!((got.name.as_str(), got.state.as_str()), ("first", "processing"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&got.payload).expect("json"),
+        json!({"x": 1})
+    );
+
+    let mut done = got.clone();
+    done.state = "successful".into();
+    done.payload = json!({"x": 1, "result": "ok"}).to_string();
+    let updated: pb::UpdateWorkitemResponse = c
+        .ok(
+            "updateworkitem",
+            "UpdateWorkitemRequest",
+            &pb::UpdateWorkitemRequest {
+                workitem: Some(done),
+                ..Default::default()
+            },
+        )
+        .await;
+    let updated = updated.workitem.expect("workitem");
+    assert_eq!(updated.state, "successful");
+    assert_eq!(
+        serde_json::from_str::<Value>(&updated.payload).expect("json")["result"],
+        "ok"
+    );
+
+    let second = pop(&mut c, "jobs").await.expect("second");
+    assert_eq!(second.name, "second");
+    let mut failed = second.clone();
+    failed.state = "failed".into();
+    failed.errortype = "business".into();
+    failed.errormessage = "no such customer".into();
+    let r: pb::UpdateWorkitemResponse = c
+        .ok(
+            "updateworkitem",
+            "UpdateWorkitemRequest",
+            &pb::UpdateWorkitemRequest {
+                workitem: Some(failed),
+                ..Default::default()
+            },
+        )
+        .await;
+    let r = r.workitem.expect("workitem");
+    assert_eq!((r.state.as_str(), r.errortype.as_str()), ("failed", "business"));
+
+    assert!(pop(&mut c, "jobs").await.is_none(), "the delayed item is not due");
+    let bad_state = pb::Workitem {
+        state: "sideways".into(),
+        ..second.clone()
+    };
+    let e = c
+        .err(
+            "updateworkitem",
+            "UpdateWorkitemRequest",
+            &pb::UpdateWorkitemRequest {
+                workitem: Some(bad_state),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+
+    let _: pb::DeleteWorkitemResponse = c
+        .ok(
+            "deleteworkitem",
+            "DeleteWorkitemRequest",
+            &pb::DeleteWorkitemRequest { id: second.id.clone() },
+        )
+        .await;
+    let e = c
+        .err(
+            "deleteworkitem",
+            "DeleteWorkitemRequest",
+            &pb::DeleteWorkitemRequest { id: second.id.clone() },
+        )
+        .await;
+    assert_eq!(e.code, 404, "{}", e.message);
+
+    let e = c
+        .err(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &pb::PushWorkitemRequest {
+                wiq: "nope".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 404, "{}", e.message);
+    let e = c
+        .err(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &pb::PushWorkitemRequest {
+                wiq: "jobs".into(),
+                payload: "[1, 2]".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+
+    // Rename by id, then delete by the new name.
+    let renamed = pb::WorkItemQueue {
+        name: "jobs2".into(),
+        maxretries: 5,
+        ..q.clone()
+    };
+    let u: pb::UpdateWorkItemQueueResponse = c
+        .ok(
+            "updateworkitemqueue",
+            "UpdateWorkItemQueueRequest",
+            &pb::UpdateWorkItemQueueRequest {
+                workitemqueue: Some(renamed),
+                ..Default::default()
+            },
+        )
+        .await;
+    let u = u.workitemqueue.expect("queue");
+    assert_eq!(
+        (u.name.as_str(), u.maxretries, u.id.as_str()),
+        ("jobs2", 5, q.id.as_str())
+    );
+    let _: pb::DeleteWorkItemQueueResponse = c
+        .ok(
+            "deleteworkitemqueue",
+            "DeleteWorkItemQueueRequest",
+            &pb::DeleteWorkItemQueueRequest {
+                wiq: "jobs2".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let e = c
+        .err(
+            "deleteworkitemqueue",
+            "DeleteWorkItemQueueRequest",
+            &pb::DeleteWorkItemQueueRequest {
+                wiq: "jobs2".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 404, "{}", e.message);
+}
+
+#[tokio::test]
+async fn bad_input_gets_errors_and_the_stream_lives_on() {
+    let s = server(GrpcLimits::default()).await;
+    let mut c = connect(s.addr).await;
+    c.signin("admin", PASSWORD).await;
+
+    let reply = c.call_raw("frobnicate", None).await;
+    let e = error_of(&reply);
+    assert!(e.message.contains("unknown command \"frobnicate\""), "{}", e.message);
+
+    // Data that does not decode as the command's type, and data of another type.
+    let garbage = Any {
+        type_url: "type.googleapis.com/openiap.InsertOneRequest".into(),
+        value: vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f],
+    };
+    let e = error_of(&c.call_raw("insertone", Some(garbage)).await);
+    assert!(
+        e.message.contains("does not decode as openiap.InsertOneRequest"),
+        "{}",
+        e.message
+    );
+    let e = c.err("insertone", "QueryRequest", &pb::QueryRequest::default()).await;
+    assert!(e.message.contains("expected openiap.InsertOneRequest"), "{}", e.message);
+
+    // A query that is not JSON, an item that is not an object, a bad filter.
+    let e = c
+        .err(
+            "query",
+            "QueryRequest",
+            &pb::QueryRequest {
+                collectionname: "entities".into(),
+                query: "{name: oops".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(e.message.starts_with("query is not valid JSON"), "{}", e.message);
+    let e = c
+        .err(
+            "insertone",
+            "InsertOneRequest",
+            &pb::InsertOneRequest {
+                collectionname: "entities".into(),
+                item: "[1]".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(e.message.contains("must be a JSON object"), "{}", e.message);
+    let e = c
+        .err(
+            "count",
+            "CountRequest",
+            &pb::CountRequest {
+                collectionname: "entities".into(),
+                query: json!({"n": {"$where": "1"}}).to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+    let e = c
+        .err(
+            "insertone",
+            "InsertOneRequest",
+            &pb::InsertOneRequest {
+                collectionname: "bad name!".into(),
+                item: "{}".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+
+    // Nothing of that was written, and the connection still works.
+    assert_eq!(c.query("entities", json!({})).await.len(), 0);
+    assert_eq!(c.call("ping", "PingRequest", &pb::PingRequest {}).await.command, "pong");
+}
+
+#[tokio::test]
+async fn per_message_jwt_runs_as_that_user() {
+    let s = server(GrpcLimits::default()).await;
+    let admin = ocmesh_node::Principal {
+        id: String::new(),
+        name: String::new(),
+        roles: vec![ocmesh_node::acl::ADMINS_ROLE_ID.into()],
+    };
+    s.node
+        .create_user("bob", "bobpw", "Bob", &admin)
+        .await
+        .expect("create bob");
+
+    let mut c = connect(s.addr).await;
+    c.signin("admin", PASSWORD).await;
+    let secret = c.insert("entities", json!({"name": "admins only"})).await;
+    let mut b = connect(s.addr).await;
+    let bob = b.signin("bob", "bobpw").await;
+    let bob_user = bob.user.expect("user");
+    assert_eq!((bob_user.username.as_str(), bob_user.name.as_str()), ("bob", "Bob"));
+
+    // On the admin's connection, one message as bob.
+    c.jwt = bob.jwt.clone();
+    let mine = c.insert("entities", json!({"name": "bob's"})).await;
+    assert_eq!(mine["_createdbyid"].as_str(), Some(bob_user.id.as_str()), "{mine}");
+    let seen = c.query("entities", json!({})).await;
+    assert_eq!(seen.len(), 1, "bob sees only his own: {seen:?}");
+    let e = c
+        .err(
+            "deleteone",
+            "DeleteOneRequest",
+            &pb::DeleteOneRequest {
+                collectionname: "entities".into(),
+                id: secret["_id"].as_str().expect("id").into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(
+        e.code, 404,
+        "what bob cannot read does not exist for him: {}",
+        e.message
+    );
+    c.jwt.clear();
+    assert_eq!(c.query("entities", json!({})).await.len(), 2, "back to the admin");
+}
+
+#[tokio::test]
+async fn limits_answer_with_errors_not_dropped_streams() {
+    let limits = GrpcLimits {
+        max_message_bytes: 64 * 1024,
+        hard_max_message_bytes: 256 * 1024,
+        max_in_flight: 1,
+        outbound_queue: 4,
+    };
+    let s = server(limits).await;
+    let mut c = connect(s.addr).await;
+    c.signin("admin", PASSWORD).await;
+
+    // Over the message limit: an error reply, and the stream goes on.
+    let e = c
+        .err(
+            "insertone",
+            "InsertOneRequest",
+            &pb::InsertOneRequest {
+                collectionname: "entities".into(),
+                item: json!({"blob": "x".repeat(100 * 1024)}).to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 413, "{}", e.message);
+    assert!(e.message.contains("65536"), "{}", e.message);
+
+    // Many writes at once with one allowed in flight: each gets exactly one
+    // reply, either its own or "too many in flight".
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let item = json!([{"i": i}, {"i": i}]).to_string();
+        let data = any(
+            "InsertManyRequest",
+            &pb::InsertManyRequest {
+                collectionname: "entities".into(),
+                items: item,
+                ..Default::default()
+            },
+        );
+        ids.push(c.send("insertmany", Some(data)).await);
+    }
+    let (mut done, mut refused) = (0, 0);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..ids.len() {
+        let r = c.recv().await;
+        assert!(ids.contains(&r.rid) && seen.insert(r.rid.clone()), "one reply each");
+        match r.command.as_str() {
+            "insertmanyreply" => done += 1,
+            "error" => {
+                let e = error_of(&r);
+                assert_eq!(e.code, 429, "{}", e.message);
+                refused += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(done >= 1 && refused >= 1, "done {done}, refused {refused}");
+    assert_eq!(
+        c.query("entities", json!({})).await.len(),
+        2 * done,
+        "refused ones wrote nothing"
+    );
+
+    // Over the transport cap: that stream ends with a status; others go on.
+    let mut other = connect(s.addr).await;
+    other.signin("admin", PASSWORD).await;
+    c.send(
+        "insertone",
+        Some(any(
+            "InsertOneRequest",
+            &pb::InsertOneRequest {
+                collectionname: "entities".into(),
+                item: json!({"blob": "x".repeat(512 * 1024)}).to_string(),
+                ..Default::default()
+            },
+        )),
+    )
+    .await;
+    let ended = tokio::time::timeout(WAIT, c.rx.message()).await.expect("ends in time");
+    match ended {
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
+            assert!(status.message().contains("too large"), "{status}");
+        }
+        Ok(m) => panic!("expected the stream to end with a status, got {m:?}"),
+    }
+    assert_eq!(
+        other.query("entities", json!({"blob": {"$exists": true}})).await.len(),
+        0
+    );
+    assert_eq!(
+        other.call("ping", "PingRequest", &pb::PingRequest {}).await.command,
+        "pong"
+    );
+
+    let stats = s.stats.snapshot();
+    assert!(stats["rejected_in_flight"].as_u64() >= Some(1), "{stats}");
+    assert!(stats["connections_total"].as_u64() >= Some(2), "{stats}");
+    assert!(stats["error_replies"].as_u64() >= Some(2), "{stats}");
+}
+
+async fn pop(c: &mut Conn, queue: &str) -> Option<pb::Workitem> {
+    let req = pb::PopWorkitemRequest {
+        wiq: queue.into(),
+        ..Default::default()
+    };
+    let r: pb::PopWorkitemResponse = c.ok("popworkitem", "PopWorkitemRequest", &req).await;
+    r.workitem
+}
