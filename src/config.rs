@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 #[derive(clap::Args, Debug, Default)]
 pub struct RunArgs {
-    /// TOML file with any of: site, data, http, mesh, ca, cert, key, peers.
+    /// TOML file with any of: site, data, http, grpc, mesh, ca, cert, key, peers.
     #[arg(long, env = "OCMESH_CONFIG")]
     pub config: Option<PathBuf>,
     /// Site name (taken from the certificate when --cert is given).
@@ -21,6 +21,9 @@ pub struct RunArgs {
     /// HTTP listen address [default: 127.0.0.1:3000].
     #[arg(long, env = "OCMESH_HTTP")]
     pub http: Option<SocketAddr>,
+    /// OpenIAP gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "OCMESH_GRPC")]
+    pub grpc: Option<SocketAddr>,
     /// UDP address to listen for peers on (QUIC); enables the mesh.
     #[arg(long, env = "OCMESH_MESH")]
     pub mesh: Option<SocketAddr>,
@@ -52,6 +55,7 @@ struct FileConfig {
     site: Option<String>,
     data: Option<PathBuf>,
     http: Option<String>,
+    grpc: Option<String>,
     mesh: Option<String>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -75,6 +79,8 @@ pub struct Settings {
     pub site: Option<String>,
     pub data: PathBuf,
     pub http: SocketAddr,
+    /// Where OpenIAP clients connect (gRPC).
+    pub grpc: SocketAddr,
     pub mesh: Option<SocketAddr>,
     pub tls: Option<TlsFiles>,
     pub peers: Vec<SocketAddr>,
@@ -108,6 +114,10 @@ impl Settings {
             Some(a) => a,
             None => file_addr("http", &file.http)?.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3000))),
         };
+        let grpc = match args.grpc {
+            Some(a) => a,
+            None => file_addr("grpc", &file.grpc)?.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+        };
         let mesh = match args.mesh {
             Some(a) => Some(a),
             None => file_addr("mesh", &file.mesh)?,
@@ -136,6 +146,7 @@ impl Settings {
                 .or(file.data)
                 .unwrap_or_else(|| ocmesh_node::default_data_dir().to_path_buf()),
             http,
+            grpc,
             mesh,
             tls,
             peers,
@@ -158,7 +169,9 @@ mod tests {
 
     #[test]
     fn flags_win_over_file_and_defaults_fill_the_rest() {
-        let (_d, p) = write("http = \"127.0.0.1:4000\"\nsite = \"file-site\"\npeers = [\"127.0.0.1:7001\"]\n");
+        let (_d, p) = write(
+            "http = \"127.0.0.1:4000\"\ngrpc = \"127.0.0.1:4001\"\nsite = \"file-site\"\npeers = [\"127.0.0.1:7001\"]\n",
+        );
         let s = Settings::resolve(RunArgs {
             config: Some(p.clone()),
             http: Some("127.0.0.1:5000".parse().expect("addr")),
@@ -166,6 +179,7 @@ mod tests {
         })
         .expect("resolve");
         assert_eq!(s.http.port(), 5000);
+        assert_eq!(s.grpc.port(), 4001, "the file fills what flags leave");
         assert_eq!(s.site.as_deref(), Some("file-site"));
         assert_eq!(s.peers.len(), 1);
         assert_eq!(s.data, PathBuf::from("ocmesh-data"));
@@ -175,10 +189,24 @@ mod tests {
         })
         .expect("resolve");
         assert_eq!(s.http.port(), 4000);
+        assert_eq!(s.grpc.port(), 4001);
+    }
+
+    #[test]
+    fn grpc_listens_on_50051_by_default() {
+        let s = Settings::resolve(RunArgs::default()).expect("resolve");
+        assert_eq!(s.grpc, SocketAddr::from(([127, 0, 0, 1], 50051)));
     }
 
     #[test]
     fn bad_files_name_the_problem() {
+        let (_d, p) = write("grpc = \"nope\"\n");
+        let e = Settings::resolve(RunArgs {
+            config: Some(p),
+            ..Default::default()
+        })
+        .expect_err("bad grpc addr");
+        assert!(format!("{e:#}").contains("`grpc`"), "{e:#}");
         let (_d, p) = write("http = \"nope\"\n");
         let e = Settings::resolve(RunArgs {
             config: Some(p),

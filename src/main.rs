@@ -187,6 +187,10 @@ async fn run(settings: config::Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", settings.http))?;
     tracing::info!(addr = %listener.local_addr()?, "http listening");
+    let grpc_listener = tokio::net::TcpListener::bind(settings.grpc)
+        .await
+        .with_context(|| format!("cannot listen for OpenIAP gRPC on {}", settings.grpc))?;
+    tracing::info!(addr = %grpc_listener.local_addr()?, "openiap grpc listening");
     let mut limits = ocmesh_api::Limits::default();
     if let Some(max) = settings.max_file_bytes {
         limits.max_file_bytes = max;
@@ -204,8 +208,40 @@ async fn run(settings: config::Settings) -> anyhow::Result<()> {
         #[cfg(not(feature = "rabbitmq"))]
         Some(_) => anyhow::bail!("--amqp needs a build with the rabbitmq feature (cargo build --features rabbitmq)"),
     };
+    // One stop signal for both servers: SIGINT/SIGTERM, or either server ending.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = std::sync::Arc::new(stop_tx);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let signal_tx = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = signal_tx.send(true);
+    });
+    let flow = ocmesh_api::openiap::FlowServer::new(node.clone(), Default::default());
+    let grpc_tx = stop_tx.clone();
+    let grpc_stopped = stopped(stop_rx.clone());
+    let grpc = tokio::spawn(async move {
+        let r = ocmesh_api::openiap::serve_grpc(grpc_listener, flow, grpc_stopped).await;
+        let _ = grpc_tx.send(true);
+        r
+    });
     let router = ocmesh_api::router_with_broker(node, mesh.as_ref().map(|m| m.peers()), limits, broker);
-    ocmesh_api::serve(listener, router, shutdown_signal()).await?;
+    let http = ocmesh_api::serve(listener, router, stopped(stop_rx)).await;
+    let _ = stop_tx.send(true);
+    // Open OpenIAP streams end with the process; give replies in flight a moment.
+    let grpc_abort = grpc.abort_handle();
+    match tokio::time::timeout(std::time::Duration::from_secs(5), grpc).await {
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "openiap grpc server failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "openiap grpc task failed"),
+        Ok(Ok(Ok(()))) => {}
+        Err(_) => {
+            grpc_abort.abort();
+            tracing::info!("openiap streams still open after 5 s; closed them");
+        }
+    }
+    http?;
     if let Some(mesh) = mesh {
         mesh.shutdown().await;
     }

@@ -312,13 +312,15 @@ impl Drop for Site {
 
 /// Keeps the caller's environment out of a child: every inherited
 /// `OCMESH_*` variable is removed, so only what the test sets applies.
+/// One default is set: OpenIAP gRPC on an ephemeral port, since processes
+/// run side by side (a test's own `OCMESH_GRPC` or `--grpc` wins).
 pub fn hermetic(cmd: &mut Command) -> &mut Command {
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("OCMESH_") {
             cmd.env_remove(k);
         }
     }
-    cmd
+    cmd.env("OCMESH_GRPC", "127.0.0.1:0")
 }
 
 /// Polls `check` every 100 ms until it returns true or `timeout` passes.

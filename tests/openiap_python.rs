@@ -1,0 +1,201 @@
+//! The OpenIAP Python package from PyPI (`openiap`, pinned), unmodified,
+//! against a real `ocmesh run`: sign-in (and a refused one), documents,
+//! a work item pushed, popped and completed, an error reply that leaves
+//! the connection usable. The result is cross-checked over REST.
+//!
+//! The test installs the package into a venv under the target directory
+//! (reused by later runs). When Python, venv or PyPI is not available it
+//! prints why and passes, unless `OCMESH_REQUIRE_PYTHON=1` is set, in which
+//! case that is a failure. Every external step has a time limit.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use common::{PASSWORD, Site, free_tcp, hermetic};
+
+const OPENIAP_VERSION: &str = "0.0.37";
+
+fn required() -> bool {
+    std::env::var("OCMESH_REQUIRE_PYTHON").is_ok_and(|v| v == "1")
+}
+
+/// What a bounded child process left behind.
+struct Ran {
+    status: Option<ExitStatus>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    fn ok(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
+    fn describe(&self) -> String {
+        let status = match self.status {
+            Some(s) => s.to_string(),
+            None => "killed after its time limit".to_owned(),
+        };
+        let tail = |s: &str| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        format!(
+            "{status}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            tail(&self.stdout),
+            tail(&self.stderr)
+        )
+    }
+}
+
+/// Runs `cmd` to completion or kills it at `limit`; output goes through
+/// files, so a chatty child cannot block on a full pipe.
+fn run_bounded(cmd: &mut Command, limit: Duration, scratch: &Path) -> anyhow::Result<Ran> {
+    std::fs::create_dir_all(scratch)?;
+    let (out, err) = (scratch.join("stdout"), scratch.join("stderr"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(std::fs::File::create(&err)?)
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break Some(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Ran {
+        status,
+        stdout: std::fs::read_to_string(&out).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err).unwrap_or_default(),
+    })
+}
+
+/// A Python with `openiap==OPENIAP_VERSION` installed, or why there is none.
+fn python_with_openiap() -> Result<PathBuf, String> {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let venv = base.join(format!("openiap-py-{OPENIAP_VERSION}"));
+    let python = venv.join("bin").join("python");
+    let marker = venv.join("ocmesh-installed");
+    let scratch = base.join("openiap-py-logs");
+    let err = |what: &str, e: anyhow::Error| format!("{what}: {e:#}");
+    if marker.exists() {
+        let check = run_bounded(
+            Command::new(&python).args(["-c", "import openiap, grpc, google.protobuf"]),
+            Duration::from_secs(60),
+            &scratch,
+        )
+        .map_err(|e| err("cannot run the venv's python", e))?;
+        if check.ok() {
+            return Ok(python);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let made = run_bounded(
+        Command::new("python3").arg("-m").arg("venv").arg(&venv),
+        Duration::from_secs(120),
+        &scratch,
+    )
+    .map_err(|e| err("python3 is not available", e))?;
+    if !made.ok() {
+        return Err(format!("python3 -m venv failed: {}", made.describe()));
+    }
+    let pip = run_bounded(
+        Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--timeout",
+            "20",
+            "--retries",
+            "2",
+            &format!("openiap=={OPENIAP_VERSION}"),
+        ]),
+        Duration::from_secs(300),
+        &scratch,
+    )
+    .map_err(|e| err("cannot run pip", e))?;
+    if !pip.ok() {
+        return Err(format!(
+            "pip could not install openiap=={OPENIAP_VERSION} from PyPI: {}",
+            pip.describe()
+        ));
+    }
+    std::fs::write(&marker, OPENIAP_VERSION).map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
+    Ok(python)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openiap_python_package_drives_ocmesh() -> anyhow::Result<()> {
+    let python = match tokio::task::spawn_blocking(python_with_openiap).await? {
+        Ok(p) => p,
+        Err(reason) if required() => bail!("OCMESH_REQUIRE_PYTHON=1, but {reason}"),
+        Err(reason) => {
+            eprintln!("SKIPPED the_openiap_python_package_drives_ocmesh: {reason}");
+            return Ok(());
+        }
+    };
+
+    let root = tempfile::tempdir()?;
+    let grpc = free_tcp();
+    let mut site = Site::single_with(root.path(), "py", &["--grpc", &grpc.to_string()]);
+    site.start().await?;
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openiap_smoke.py");
+    let scratch = root.path().join("python-run");
+    let ran = tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(&python);
+        hermetic(&mut cmd)
+            .arg(&script)
+            .arg(format!("grpc://{grpc}"))
+            .arg("admin")
+            .arg(PASSWORD)
+            .env("PYTHONUNBUFFERED", "1")
+            // The client reads these when given no URL; keep the caller's out.
+            .env_remove("apiurl")
+            .env_remove("grpcapiurl")
+            .env_remove("jwt");
+        run_bounded(&mut cmd, Duration::from_secs(120), &scratch)
+    })
+    .await??;
+    let Some(line) = ran.stdout.lines().find_map(|l| l.strip_prefix("OPENIAP-OK ")) else {
+        bail!(
+            "the openiap client failed: {}\n--- ocmesh log ---\n{}",
+            ran.describe(),
+            site.log_tail(40)
+        );
+    };
+    assert!(ran.ok(), "{}", ran.describe());
+    let summary: Value = serde_json::from_str(line).context("summary line")?;
+    assert_eq!(summary["user"], "admin");
+    assert_eq!(summary["roles"], serde_json::json!(["admins", "users"]));
+
+    // What the Python client did is what the node holds.
+    let id = summary["workitem"].as_str().context("work item id")?;
+    let (status, item) = site.get(&format!("/api/v1/workitems/{id}")).await?;
+    assert_eq!(status, 200, "{item}");
+    assert_eq!(item["state"], "successful", "{item}");
+    assert_eq!(item["payload"], serde_json::json!({"order": 42, "shipped": true}));
+    let (status, queue) = site.get("/api/v1/workitemqueues/pyjobs").await?;
+    assert_eq!(status, 200, "{queue}");
+    assert!(
+        site.log_text().contains("openiap signin"),
+        "the node logged the sign-in"
+    );
+    Ok(())
+}

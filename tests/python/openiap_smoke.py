@@ -1,0 +1,118 @@
+"""Drives a running ocmesh with the unmodified `openiap` package from PyPI.
+
+Usage: python openiap_smoke.py grpc://127.0.0.1:PORT USERNAME PASSWORD
+
+Signs in (and fails to with a wrong password), inserts and queries
+documents, creates a work-item queue, pushes an item, pops it, completes
+it, and checks each answer. Prints one line `OPENIAP-OK {json}` and exits 0
+on success; prints `OPENIAP-FAIL reason` and exits 1 otherwise. Every call
+has a timeout, and the process exits with os._exit so the client's
+background threads cannot keep it alive.
+"""
+
+import asyncio
+import json
+import os
+import sys
+import traceback
+
+CALL_TIMEOUT = 20
+
+
+async def call(what, awaitable):
+    try:
+        return await asyncio.wait_for(awaitable, CALL_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"{what}: no answer within {CALL_TIMEOUT} s")
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+async def main(url, username, password):
+    from openiap import Client
+    from openiap.protowrap import protowrap
+    from proto import base_pb2, workitems_pb2
+
+    client = Client(url)
+
+    # A wrong password is an error reply, surfaced by the client as an exception.
+    try:
+        await call("bad signin", client.Signin(username, password + "-wrong"))
+        raise AssertionError("signin with a wrong password succeeded")
+    except ValueError as e:
+        check("wrong password" in str(e), f"bad signin error: {e}")
+
+    user = await call("signin", client.Signin(username, password))
+    check(user.username == username, f"signed in as {user.username!r}")
+    check(client.jwt, "signin returned no jwt")
+    roles = sorted(r.name for r in user.roles)
+
+    a = await call("insertone", client.InsertOne({"name": "py-a", "_type": "pytest", "n": 1}, "entities"))
+    check(a.get("_id") and a.get("name") == "py-a", f"insertone returned {a}")
+    many = await call(
+        "insertmany",
+        client.InsertMany([{"name": "py-b", "_type": "pytest", "n": 2}, {"name": "py-c", "_type": "pytest", "n": 3}], "entities"),
+    )
+    check(len(many) == 2, f"insertmany returned {many}")
+    docs = await call(
+        "query",
+        client.Query(collectionname="entities", query={"_type": "pytest"}, orderby={"n": -1}, top=10),
+    )
+    check([d["name"] for d in docs] == ["py-c", "py-b", "py-a"], f"query returned {docs}")
+    count = await call("count", client.Count({"_type": "pytest"}, "entities"))
+    check(count == 3, f"count returned {count}")
+    updated = await call("updateone", client.UpdateOne({**a, "name": "py-a2"}, "entities"))
+    check(updated["name"] == "py-a2" and updated["_version"] == 1, f"updateone returned {updated}")
+    old = await call("getdocumentversion", client.GetDocumentVersion(a["_id"], "entities", 0))
+    check(old["name"] == "py-a", f"version 0 is {old}")
+    deleted = await call("deleteone", client.DeleteOne(many[0]["_id"], "entities"))
+    check(deleted == 1, f"deleteone returned {deleted}")
+
+    # The 0.0.37 client has no AddWorkItemQueue helper: send its message raw.
+    request = base_pb2.Envelope(command="addworkitemqueue")
+    request.data.Pack(workitems_pb2.AddWorkItemQueueRequest(name="pyjobs", maxretries=3))
+    await call("addworkitemqueue", protowrap.RPC(client, request))
+    queues = await call("query mq", client.Query(collectionname="mq", query={"name": "pyjobs"}))
+    check(len(queues) == 1, f"queue document: {queues}")
+
+    pushed = await call("pushworkitem", client.PushWorkitem("pyjobs", "job-1", {"order": 42}))
+    check(pushed.state == "new" and pushed.wiq == "pyjobs", f"pushed {pushed}")
+    popped = await call("popworkitem", client.PopWorkitem("pyjobs"))
+    check(popped is not None and getattr(popped, "_id") == getattr(pushed, "_id"), f"popped {popped}")
+    check(popped.state == "processing", f"popped state {popped.state}")
+    check(json.loads(popped.payload) == {"order": 42}, f"payload {popped.payload}")
+    popped.state = "successful"
+    popped.payload = json.dumps({"order": 42, "shipped": True})
+    done = await call("updateworkitem", client.UpdateWorkitem(popped))
+    check(done is not None and done.state == "successful", f"updateworkitem returned {done}")
+    empty = await call("popworkitem (empty)", client.PopWorkitem("pyjobs"))
+    check(empty is None, f"empty queue popped {empty}")
+
+    # Bad input gets an error and the connection keeps working.
+    try:
+        await call("query bad", client.Query(collectionname="entities", query={"n": {"$where": "1"}}))
+        raise AssertionError("a query with an unsupported operator succeeded")
+    except ValueError as e:
+        check("SERVER ERROR" in str(e), f"bad query error: {e}")
+    still = await call("count again", client.Count({"_type": "pytest"}, "entities"))
+    check(still == 2, f"count after delete returned {still}")
+
+    return {"user": user.username, "roles": roles, "workitem": getattr(done, "_id"), "state": done.state}
+
+
+if __name__ == "__main__":
+    code = 1
+    try:
+        url, username, password = sys.argv[1:4]
+        summary = asyncio.run(main(url, username, password))
+        print("OPENIAP-OK " + json.dumps(summary), flush=True)
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - report anything, then exit
+        traceback.print_exc()
+        print(f"OPENIAP-FAIL {e!r}", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
