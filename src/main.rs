@@ -222,12 +222,13 @@ async fn run(settings: config::Settings) -> anyhow::Result<()> {
     let flow = ocmesh_api::openiap::FlowServer::new(node.clone(), Default::default());
     let grpc_tx = stop_tx.clone();
     let grpc_stopped = stopped(stop_rx.clone());
+    let grpc_flow = flow.clone();
     let grpc = tokio::spawn(async move {
-        let r = ocmesh_api::openiap::serve_grpc(grpc_listener, flow, grpc_stopped).await;
+        let r = ocmesh_api::openiap::serve_grpc(grpc_listener, grpc_flow, grpc_stopped).await;
         let _ = grpc_tx.send(true);
         r
     });
-    let router = ocmesh_api::router_with_broker(node, mesh.as_ref().map(|m| m.peers()), limits, broker);
+    let router = ocmesh_api::router_with_openiap(node, mesh.as_ref().map(|m| m.peers()), limits, broker, flow);
     let http = ocmesh_api::serve(listener, router, stopped(stop_rx)).await;
     let _ = stop_tx.send(true);
     // Open OpenIAP streams end with the process; give replies in flight a moment.

@@ -45,6 +45,9 @@ pub struct ApiState {
     pub peers: Option<PeerTable>,
     pub limits: Limits,
     pub broker: Broker,
+    /// The OpenIAP protocol (shared with the gRPC listener when the binary
+    /// passes its own).
+    pub openiap: openiap::FlowServer,
 }
 
 /// Request limits.
@@ -72,11 +75,25 @@ pub fn router_with_limits(node: Node, peers: Option<PeerTable>, limits: Limits) 
     router_with_broker(node, peers, limits, Broker::embedded())
 }
 
-/// The REST API of a site.
+/// The REST API of a site, with OpenIAP over WebSocket on its own dispatcher.
 pub fn router_with_broker(node: Node, peers: Option<PeerTable>, limits: Limits, broker: Broker) -> Router {
+    let openiap = openiap::FlowServer::new(node.clone(), openiap::GrpcLimits::default());
+    router_with_openiap(node, peers, limits, broker, openiap)
+}
+
+/// The REST API of a site, plus OpenIAP over WebSocket (`/ws/v2`) served
+/// by `openiap` (pass the gRPC listener's, so both share limits and counters).
+pub fn router_with_openiap(
+    node: Node,
+    peers: Option<PeerTable>,
+    limits: Limits,
+    broker: Broker,
+    openiap: openiap::FlowServer,
+) -> Router {
     let docs = "/api/v1/collections/{collection}/documents";
     Router::new()
         .route("/health", get(health))
+        .route("/ws/v2", get(openiap::websocket))
         .route("/api/v1/signin", post(signin))
         .route(docs, post(insert_document))
         .route(
@@ -145,6 +162,7 @@ pub fn router_with_broker(node: Node, peers: Option<PeerTable>, limits: Limits, 
             peers,
             limits,
             broker,
+            openiap,
         })
 }
 
@@ -926,6 +944,7 @@ async fn metrics(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {
     let peers = s.peers.as_ref().map(|p| p.snapshot()).unwrap_or_default();
     if let Value::Object(obj) = &mut m {
         obj.insert("peers".into(), serde_json::to_value(peers).unwrap_or(Value::Null));
+        obj.insert("openiap".into(), s.openiap.stats().snapshot());
     }
     Json(m)
 }

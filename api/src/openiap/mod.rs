@@ -16,9 +16,9 @@
 
 mod convert;
 mod dispatch;
+mod ws;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -34,6 +34,7 @@ use ocmesh_proto::openiap::flow_service_server::{FlowService, FlowServiceServer}
 
 pub use convert::ConvertError;
 pub use dispatch::{CommandError, Dispatcher, Handled, LONG_TOKEN_SECS, Session, SignedIn, unpack};
+pub use ws::websocket;
 
 /// Per-connection limits.
 #[derive(Debug, Clone, Copy)]
@@ -151,6 +152,7 @@ impl FlowService for FlowServer {
         let peer = request.remote_addr();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.limits.outbound_queue.max(1));
+        let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
         tokio::spawn(connection(self.clone(), inbound, tx, peer));
         let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
         Ok(Response::new(Box::pin(out)))
@@ -204,21 +206,25 @@ async fn run_guarded(dispatcher: &Dispatcher, session: &Session, request: Envelo
     }
 }
 
-/// The connection actor: reads the stream until it ends.
-async fn connection(server: FlowServer, mut inbound: Streaming<Envelope>, tx: Outbound, peer: Option<SocketAddr>) {
+/// The connection actor: reads envelopes until the stream ends. `inbound`
+/// yields an `Err` for a stream that broke or could not be decoded.
+async fn connection<S>(server: FlowServer, mut inbound: S, tx: Outbound, peer: String)
+where
+    S: futures_util::Stream<Item = Result<Envelope, Status>> + Unpin + Send,
+{
+    use futures_util::StreamExt;
     let stats = server.stats.clone();
     stats.connections_open.fetch_add(1, Ordering::Relaxed);
     stats.connections_total.fetch_add(1, Ordering::Relaxed);
-    let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
     tracing::info!(%peer, "openiap stream opened");
     let in_flight = Arc::new(Semaphore::new(server.limits.max_in_flight.max(1)));
     let mut session = Session::default();
     let mut requests = 0u64;
     let reason = loop {
-        let env = match inbound.message().await {
-            Ok(Some(env)) => env,
-            Ok(None) => break "client closed the stream".to_owned(),
-            Err(status) => {
+        let env = match inbound.next().await {
+            Some(Ok(env)) => env,
+            None => break "client closed the stream".to_owned(),
+            Some(Err(status)) => {
                 // Undecodable or over the transport cap: nothing of it ran.
                 stats.stream_errors.fetch_add(1, Ordering::Relaxed);
                 let reason = format!("stream error: {status}");
