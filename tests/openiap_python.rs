@@ -1,7 +1,12 @@
 //! The OpenIAP Python package from PyPI (`openiap`, pinned), unmodified,
-//! against a real `ocmesh run`: sign-in (and a refused one), documents,
-//! a work item pushed, popped and completed, an error reply that leaves
-//! the connection usable. The result is cross-checked over REST.
+//! against a real `ocmesh run`, once over gRPC and once over WebSocket
+//! (`/ws/v2`): sign-in (and a refused one), documents, a work item pushed,
+//! popped and completed, an error reply that leaves the connection usable.
+//! The results are cross-checked over REST.
+//!
+//! `websockets` is pinned below 14: openiap 0.0.37 reads the `open`
+//! attribute that websockets 14 removed, so with a newer one its WebSocket
+//! transport fails on the client side before reaching any server.
 //!
 //! The test installs the package into a venv under the target directory
 //! (reused by later runs). When Python, venv or PyPI is not available it
@@ -20,6 +25,8 @@ use serde_json::Value;
 use common::{PASSWORD, Site, free_tcp, hermetic};
 
 const OPENIAP_VERSION: &str = "0.0.37";
+/// What the test installs (the marker file records it).
+const REQUIREMENTS: [&str; 2] = ["openiap==0.0.37", "websockets<14"];
 
 fn required() -> bool {
     std::env::var("OCMESH_REQUIRE_PYTHON").is_ok_and(|v| v == "1")
@@ -92,7 +99,7 @@ fn python_with_openiap() -> Result<PathBuf, String> {
     let marker = venv.join("ocmesh-installed");
     let scratch = base.join("openiap-py-logs");
     let err = |what: &str, e: anyhow::Error| format!("{what}: {e:#}");
-    if marker.exists() {
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == REQUIREMENTS.join(" ")) {
         let check = run_bounded(
             Command::new(&python).args(["-c", "import openiap, grpc, google.protobuf"]),
             Duration::from_secs(60),
@@ -114,29 +121,31 @@ fn python_with_openiap() -> Result<PathBuf, String> {
         return Err(format!("python3 -m venv failed: {}", made.describe()));
     }
     let pip = run_bounded(
-        Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "--no-input",
-            "--timeout",
-            "20",
-            "--retries",
-            "2",
-            &format!("openiap=={OPENIAP_VERSION}"),
-        ]),
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--timeout",
+                "20",
+                "--retries",
+                "2",
+            ])
+            .args(REQUIREMENTS),
         Duration::from_secs(300),
         &scratch,
     )
     .map_err(|e| err("cannot run pip", e))?;
     if !pip.ok() {
         return Err(format!(
-            "pip could not install openiap=={OPENIAP_VERSION} from PyPI: {}",
+            "pip could not install {} from PyPI: {}",
+            REQUIREMENTS.join(" "),
             pip.describe()
         ));
     }
-    std::fs::write(&marker, OPENIAP_VERSION).map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
+    std::fs::write(&marker, REQUIREMENTS.join(" ")).map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
     Ok(python)
 }
 
@@ -156,46 +165,57 @@ async fn the_openiap_python_package_drives_ocmesh() -> anyhow::Result<()> {
     let mut site = Site::single_with(root.path(), "py", &["--grpc", &grpc.to_string()]);
     site.start().await?;
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openiap_smoke.py");
-    let scratch = root.path().join("python-run");
-    let ran = tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new(&python);
-        hermetic(&mut cmd)
-            .arg(&script)
-            .arg(format!("grpc://{grpc}"))
-            .arg("admin")
-            .arg(PASSWORD)
-            .env("PYTHONUNBUFFERED", "1")
-            // The client reads these when given no URL; keep the caller's out.
-            .env_remove("apiurl")
-            .env_remove("grpcapiurl")
-            .env_remove("jwt");
-        run_bounded(&mut cmd, Duration::from_secs(120), &scratch)
-    })
-    .await??;
-    let Some(line) = ran.stdout.lines().find_map(|l| l.strip_prefix("OPENIAP-OK ")) else {
-        bail!(
-            "the openiap client failed: {}\n--- ocmesh log ---\n{}",
-            ran.describe(),
-            site.log_tail(40)
-        );
-    };
-    assert!(ran.ok(), "{}", ran.describe());
-    let summary: Value = serde_json::from_str(line).context("summary line")?;
-    assert_eq!(summary["user"], "admin");
-    assert_eq!(summary["roles"], serde_json::json!(["admins", "users"]));
+    for (url, tag) in [
+        (format!("grpc://{grpc}"), "grpc"),
+        (format!("ws://{}/ws/v2", site.http), "ws"),
+    ] {
+        let summary = run_client(&python, &url, tag, root.path())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:#}\n--- ocmesh log ---\n{}", site.log_tail(40)))?;
+        assert_eq!(summary["user"], "admin");
+        assert_eq!(summary["roles"], serde_json::json!(["admins", "users"]));
 
-    // What the Python client did is what the node holds.
-    let id = summary["workitem"].as_str().context("work item id")?;
-    let (status, item) = site.get(&format!("/api/v1/workitems/{id}")).await?;
-    assert_eq!(status, 200, "{item}");
-    assert_eq!(item["state"], "successful", "{item}");
-    assert_eq!(item["payload"], serde_json::json!({"order": 42, "shipped": true}));
-    let (status, queue) = site.get("/api/v1/workitemqueues/pyjobs").await?;
-    assert_eq!(status, 200, "{queue}");
+        // What the Python client did is what the node holds.
+        let id = summary["workitem"].as_str().context("work item id")?;
+        let (status, item) = site.get(&format!("/api/v1/workitems/{id}")).await?;
+        assert_eq!(status, 200, "{item}");
+        assert_eq!(item["state"], "successful", "{item}");
+        assert_eq!(item["payload"], serde_json::json!({"order": 42, "shipped": true}));
+        let (status, queue) = site.get(&format!("/api/v1/workitemqueues/{tag}jobs")).await?;
+        assert_eq!(status, 200, "{queue}");
+    }
     assert!(
         site.log_text().contains("openiap signin"),
-        "the node logged the sign-in"
+        "the node logged the sign-ins"
     );
     Ok(())
+}
+
+/// Runs the smoke script against `url`; its summary line, parsed.
+async fn run_client(python: &Path, url: &str, tag: &str, root: &Path) -> anyhow::Result<Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openiap_smoke.py");
+    let scratch = root.join(format!("python-{tag}"));
+    let mut cmd = Command::new(python);
+    hermetic(&mut cmd)
+        .arg(&script)
+        .arg(url)
+        .arg("admin")
+        .arg(PASSWORD)
+        .arg(tag)
+        .env("PYTHONUNBUFFERED", "1")
+        // The client reads these when given no URL; keep the caller's out.
+        .env_remove("apiurl")
+        .env_remove("grpcapiurl")
+        .env_remove("jwt");
+    let ran = tokio::task::spawn_blocking(move || run_bounded(&mut cmd, Duration::from_secs(120), &scratch)).await??;
+    let Some(line) = ran.stdout.lines().find_map(|l| l.strip_prefix("OPENIAP-OK ")) else {
+        bail!("the openiap client failed over {url}: {}", ran.describe());
+    };
+    if !ran.ok() {
+        bail!(
+            "the openiap client over {url} printed success but exited with {}",
+            ran.describe()
+        );
+    }
+    serde_json::from_str(line).context("summary line")
 }

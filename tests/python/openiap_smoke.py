@@ -1,6 +1,10 @@
 """Drives a running ocmesh with the unmodified `openiap` package from PyPI.
 
-Usage: python openiap_smoke.py grpc://127.0.0.1:PORT USERNAME PASSWORD
+Usage: python openiap_smoke.py URL USERNAME PASSWORD [TAG]
+
+URL is grpc://HOST:PORT or ws://HOST:PORT/ws/v2. TAG (default "py") names
+this run's queue (TAGjobs) and documents (_type TAGtest), so runs over
+both transports can share one server.
 
 Signs in (and fails to with a wrong password), inserts and queries
 documents, creates a work-item queue, pushes an item, pops it, completes
@@ -31,12 +35,13 @@ def check(cond, what):
         raise AssertionError(what)
 
 
-async def main(url, username, password):
+async def main(url, username, password, tag):
     from openiap import Client
     from openiap.protowrap import protowrap
     from proto import base_pb2, workitems_pb2
 
     client = Client(url)
+    TYPE, QUEUE = f"{tag}test", f"{tag}jobs"
 
     # A wrong password is an error reply, surfaced by the client as an exception.
     try:
@@ -50,19 +55,19 @@ async def main(url, username, password):
     check(client.jwt, "signin returned no jwt")
     roles = sorted(r.name for r in user.roles)
 
-    a = await call("insertone", client.InsertOne({"name": "py-a", "_type": "pytest", "n": 1}, "entities"))
+    a = await call("insertone", client.InsertOne({"name": "py-a", "_type": TYPE, "n": 1}, "entities"))
     check(a.get("_id") and a.get("name") == "py-a", f"insertone returned {a}")
     many = await call(
         "insertmany",
-        client.InsertMany([{"name": "py-b", "_type": "pytest", "n": 2}, {"name": "py-c", "_type": "pytest", "n": 3}], "entities"),
+        client.InsertMany([{"name": "py-b", "_type": TYPE, "n": 2}, {"name": "py-c", "_type": TYPE, "n": 3}], "entities"),
     )
     check(len(many) == 2, f"insertmany returned {many}")
     docs = await call(
         "query",
-        client.Query(collectionname="entities", query={"_type": "pytest"}, orderby={"n": -1}, top=10),
+        client.Query(collectionname="entities", query={"_type": TYPE}, orderby={"n": -1}, top=10),
     )
     check([d["name"] for d in docs] == ["py-c", "py-b", "py-a"], f"query returned {docs}")
-    count = await call("count", client.Count({"_type": "pytest"}, "entities"))
+    count = await call("count", client.Count({"_type": TYPE}, "entities"))
     check(count == 3, f"count returned {count}")
     updated = await call("updateone", client.UpdateOne({**a, "name": "py-a2"}, "entities"))
     check(updated["name"] == "py-a2" and updated["_version"] == 1, f"updateone returned {updated}")
@@ -73,14 +78,14 @@ async def main(url, username, password):
 
     # The 0.0.37 client has no AddWorkItemQueue helper: send its message raw.
     request = base_pb2.Envelope(command="addworkitemqueue")
-    request.data.Pack(workitems_pb2.AddWorkItemQueueRequest(name="pyjobs", maxretries=3))
+    request.data.Pack(workitems_pb2.AddWorkItemQueueRequest(name=QUEUE, maxretries=3))
     await call("addworkitemqueue", protowrap.RPC(client, request))
-    queues = await call("query mq", client.Query(collectionname="mq", query={"name": "pyjobs"}))
+    queues = await call("query mq", client.Query(collectionname="mq", query={"name": QUEUE}))
     check(len(queues) == 1, f"queue document: {queues}")
 
-    pushed = await call("pushworkitem", client.PushWorkitem("pyjobs", "job-1", {"order": 42}))
-    check(pushed.state == "new" and pushed.wiq == "pyjobs", f"pushed {pushed}")
-    popped = await call("popworkitem", client.PopWorkitem("pyjobs"))
+    pushed = await call("pushworkitem", client.PushWorkitem(QUEUE, "job-1", {"order": 42}))
+    check(pushed.state == "new" and pushed.wiq == QUEUE, f"pushed {pushed}")
+    popped = await call("popworkitem", client.PopWorkitem(QUEUE))
     check(popped is not None and getattr(popped, "_id") == getattr(pushed, "_id"), f"popped {popped}")
     check(popped.state == "processing", f"popped state {popped.state}")
     check(json.loads(popped.payload) == {"order": 42}, f"payload {popped.payload}")
@@ -88,7 +93,7 @@ async def main(url, username, password):
     popped.payload = json.dumps({"order": 42, "shipped": True})
     done = await call("updateworkitem", client.UpdateWorkitem(popped))
     check(done is not None and done.state == "successful", f"updateworkitem returned {done}")
-    empty = await call("popworkitem (empty)", client.PopWorkitem("pyjobs"))
+    empty = await call("popworkitem (empty)", client.PopWorkitem(QUEUE))
     check(empty is None, f"empty queue popped {empty}")
 
     # Bad input gets an error and the connection keeps working.
@@ -97,17 +102,18 @@ async def main(url, username, password):
         raise AssertionError("a query with an unsupported operator succeeded")
     except ValueError as e:
         check("SERVER ERROR" in str(e), f"bad query error: {e}")
-    still = await call("count again", client.Count({"_type": "pytest"}, "entities"))
+    still = await call("count again", client.Count({"_type": TYPE}, "entities"))
     check(still == 2, f"count after delete returned {still}")
 
-    return {"user": user.username, "roles": roles, "workitem": getattr(done, "_id"), "state": done.state}
+    return {"user": user.username, "roles": roles, "workitem": getattr(done, "_id"), "state": done.state, "queue": QUEUE}
 
 
 if __name__ == "__main__":
     code = 1
     try:
         url, username, password = sys.argv[1:4]
-        summary = asyncio.run(main(url, username, password))
+        tag = sys.argv[4] if len(sys.argv) > 4 else "py"
+        summary = asyncio.run(main(url, username, password, tag))
         print("OPENIAP-OK " + json.dumps(summary), flush=True)
         code = 0
     except BaseException as e:  # noqa: BLE001 - report anything, then exit
