@@ -94,6 +94,7 @@ pub fn router_with_openiap(
     Router::new()
         .route("/health", get(health))
         .route("/ws/v2", get(openiap::websocket))
+        .route("/config", get(openiap::config))
         .route("/api/v1/signin", post(signin))
         .route(docs, post(insert_document))
         .route(

@@ -2,7 +2,7 @@
 //! socket: the Python client's framing (length and envelope as two
 //! messages) and the Rust client's (both in one message, several envelopes
 //! per message), replies framed the way both read them, and the socket
-//! closed with a reason on bad framing.
+//! closed with a reason on bad framing; `GET /config` naming the socket.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -198,5 +198,24 @@ async fn bad_framing_closes_with_a_reason() {
     // The server took no harm.
     let mut ws = connect(addr).await;
     send_split(&mut ws, &envelope("ping", "9", "PingRequest", &pb::PingRequest {})).await;
+    assert_eq!(recv(&mut ws).await.command, "pong");
+}
+
+#[tokio::test]
+async fn config_points_clients_at_the_socket() {
+    let (addr, _dir, _stop) = site().await;
+    let config: Value = reqwest::get(format!("http://{addr}/config"))
+        .await
+        .expect("GET /config")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(config["domain"], "127.0.0.1");
+    assert_eq!(config["supports_watch"], false);
+    assert_eq!(config["enable_analytics"], false);
+    let wsurl = config["wsurl"].as_str().expect("wsurl");
+    assert_eq!(wsurl, format!("ws://{addr}/ws/v2"));
+    let mut ws = connect_async(wsurl).await.expect("the advertised socket works").0;
+    send_split(&mut ws, &envelope("ping", "1", "PingRequest", &pb::PingRequest {})).await;
     assert_eq!(recv(&mut ws).await.command, "pong");
 }

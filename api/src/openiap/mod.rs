@@ -14,6 +14,7 @@
 //! reason; client input never panics the server, and one connection's
 //! failure never touches another's.
 
+mod config;
 mod convert;
 mod dispatch;
 mod ws;
@@ -32,6 +33,7 @@ use ocmesh_node::Node;
 use ocmesh_proto::openiap::Envelope;
 use ocmesh_proto::openiap::flow_service_server::{FlowService, FlowServiceServer};
 
+pub use config::config;
 pub use convert::ConvertError;
 pub use dispatch::{CommandError, Dispatcher, Handled, LONG_TOKEN_SECS, Session, SignedIn, unpack};
 pub use ws::websocket;
