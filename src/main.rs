@@ -228,8 +228,15 @@ async fn run(settings: config::Settings) -> anyhow::Result<()> {
         let _ = grpc_tx.send(true);
         r
     });
+    let closer = flow.clone();
     let router = ocmesh_api::router_with_openiap(node, mesh.as_ref().map(|m| m.peers()), limits, broker, flow);
-    let http = ocmesh_api::serve(listener, router, stopped(stop_rx)).await;
+    let http_stopped = stopped(stop_rx);
+    let http = ocmesh_api::serve(listener, router, async move {
+        http_stopped.await;
+        // WebSocket streams are upgraded HTTP requests: end them too.
+        closer.close_streams();
+    })
+    .await;
     let _ = stop_tx.send(true);
     // Open OpenIAP streams end with the process; give replies in flight a moment.
     let grpc_abort = grpc.abort_handle();

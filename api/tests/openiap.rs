@@ -1041,3 +1041,23 @@ async fn pop(c: &mut Conn, queue: &str) -> Option<pb::Workitem> {
     let r: pb::PopWorkitemResponse = c.ok("popworkitem", "PopWorkitemRequest", &req).await;
     r.workitem
 }
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_with_unavailable() {
+    let mut s = server(GrpcLimits::default()).await;
+    let mut c = connect(s.addr).await;
+    c.signin("admin", PASSWORD).await;
+    let (stop, _) = oneshot::channel();
+    drop(std::mem::replace(&mut s._stop, stop));
+    let ended = tokio::time::timeout(WAIT, c.rx.message()).await.expect("ends in time");
+    match ended {
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status}"),
+        Ok(m) => panic!("expected UNAVAILABLE, got {m:?}"),
+    }
+    // New connections are refused once the server is down.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while FlowServiceClient::connect(format!("http://{}", s.addr)).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting after shutdown");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

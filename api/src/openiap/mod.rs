@@ -107,6 +107,8 @@ pub struct FlowServer {
     dispatcher: Arc<Dispatcher>,
     limits: GrpcLimits,
     stats: Arc<GrpcStats>,
+    /// Set once by `close_streams`; every connection actor watches it.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl FlowServer {
@@ -115,7 +117,15 @@ impl FlowServer {
             dispatcher: Arc::new(Dispatcher::new(node, limits)),
             limits,
             stats: Arc::new(GrpcStats::default()),
+            closing: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// Ends every open stream (gRPC with UNAVAILABLE, WebSocket with a
+    /// close frame) after the replies already queued, and every later one
+    /// at once: for shutdown, so clients reconnect instead of waiting.
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
     }
 
     pub fn stats(&self) -> Arc<GrpcStats> {
@@ -131,13 +141,19 @@ impl FlowServer {
     }
 }
 
-/// Serves FlowService on `listener` until `shutdown` completes.
+/// Serves FlowService on `listener` until `shutdown` completes; then ends
+/// the open streams (`close_streams`) and waits for their connections.
 pub async fn serve_grpc(
     listener: tokio::net::TcpListener,
     server: FlowServer,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GrpcServeError> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let closer = server.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closer.close_streams();
+    };
     tonic::transport::Server::builder()
         .add_service(server.into_service())
         .serve_with_incoming_shutdown(incoming, shutdown)
@@ -222,8 +238,18 @@ where
     let in_flight = Arc::new(Semaphore::new(server.limits.max_in_flight.max(1)));
     let mut session = Session::default();
     let mut requests = 0u64;
+    let mut closing = server.closing.subscribe();
     let reason = loop {
-        let env = match inbound.next().await {
+        let next = tokio::select! {
+            biased;
+            _ = closing.wait_for(|c| *c) => None,
+            next = inbound.next() => Some(next),
+        };
+        let Some(next) = next else {
+            let _ = tx.send(Err(Status::unavailable("ocmesh is shutting down"))).await;
+            break "server shutting down".to_owned();
+        };
+        let env = match next {
             Some(Ok(env)) => env,
             None => break "client closed the stream".to_owned(),
             Some(Err(status)) => {

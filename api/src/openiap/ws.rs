@@ -8,7 +8,7 @@
 //! outgoing envelopes are two messages, length then bytes, which both
 //! read. Invariants: a length over the transport cap, bytes that do not
 //! decode, or a text message close the socket with a policy close frame
-//! and a logged reason (an envelope's id is unknown, so no reply can
+//! (1008; shutdown sends 1001, going away) and a logged reason (an envelope's id is unknown, so no reply can
 //! carry it); buffered bytes never exceed one envelope plus one message;
 //! the channels between reader, actor and writer are bounded.
 
@@ -138,8 +138,13 @@ async fn serve(flow: FlowServer, socket: WebSocket) {
                     }
                 }
                 Err(status) => {
+                    let code = match status.code() {
+                        // Shutdown: the client should reconnect.
+                        tonic::Code::Unavailable => close_code::AWAY,
+                        _ => close_code::POLICY,
+                    };
                     let frame = CloseFrame {
-                        code: close_code::POLICY,
+                        code,
                         reason: close_reason(status.message()).into(),
                     };
                     let _ = sink.send(Message::Close(Some(frame))).await;
