@@ -655,9 +655,8 @@ impl Dispatcher {
                     .workitemqueue
                     .ok_or_else(|| CommandError::Invalid("updateworkitemqueue needs a workitemqueue".into()))?;
                 // By id when given (so a queue can be renamed), else by name.
-                let current = self.queue_name(&q.name, &q.id, who).await?;
                 let current = if q.id.is_empty() {
-                    current
+                    self.queue_name(&q.name, "", who).await?
                 } else {
                     self.queue_name("", &q.id, who).await?
                 };
