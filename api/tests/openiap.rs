@@ -938,6 +938,7 @@ async fn limits_answer_with_errors_not_dropped_streams() {
         hard_max_message_bytes: 256 * 1024,
         max_in_flight: 1,
         outbound_queue: 4,
+        max_connections: 8,
     };
     let s = server(limits).await;
     let mut c = connect(s.addr).await;
@@ -1060,4 +1061,37 @@ async fn shutdown_ends_open_streams_with_unavailable() {
         assert!(tokio::time::Instant::now() < deadline, "still accepting after shutdown");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn one_stream_over_the_node_limit_is_refused() {
+    let s = server(GrpcLimits {
+        max_connections: 2,
+        ..GrpcLimits::default()
+    })
+    .await;
+    let mut a = connect(s.addr).await;
+    let _b = connect(s.addr).await;
+    let mut client = FlowServiceClient::connect(format!("http://{}", s.addr))
+        .await
+        .expect("connect");
+    let (_tx, rx) = mpsc::channel::<pb::Envelope>(1);
+    let outbound = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
+    let refused = client.setup_stream(outbound).await.expect_err("a third stream");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+    assert_eq!(a.call("ping", "PingRequest", &pb::PingRequest {}).await.command, "pong");
+    // A closed stream frees its slot.
+    drop(a);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_tx, rx) = mpsc::channel::<pb::Envelope>(1);
+        let outbound = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
+        if client.setup_stream(outbound).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the slot never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rejected = s.stats.snapshot()["rejected_connections"].as_u64();
+    assert!(rejected >= Some(1), "{rejected:?}");
 }

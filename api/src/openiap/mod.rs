@@ -9,7 +9,8 @@
 //! Invariants: every channel is bounded (`GrpcLimits::outbound_queue`, with
 //! a counter of times it was full); at most `max_in_flight` commands run per
 //! connection, and one more gets an `error` reply instead of being queued;
-//! an envelope over `max_message_bytes` gets an `error` reply, one over the
+//! at most `max_connections` streams are open per node (one more is
+//! refused at once); an envelope over `max_message_bytes` gets an `error` reply, one over the
 //! transport cap (`hard_max_message_bytes`) ends that stream with a logged
 //! reason; client input never panics the server, and one connection's
 //! failure never touches another's.
@@ -25,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::FutureExt;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -50,6 +51,9 @@ pub struct GrpcLimits {
     pub max_in_flight: usize,
     /// Replies waiting to be written to one connection.
     pub outbound_queue: usize,
+    /// Open streams (gRPC and WebSocket together) per node; one more is
+    /// refused (RESOURCE_EXHAUSTED, or a close frame).
+    pub max_connections: usize,
 }
 
 impl Default for GrpcLimits {
@@ -60,6 +64,7 @@ impl Default for GrpcLimits {
             hard_max_message_bytes: 16 * 1024 * 1024,
             max_in_flight: 64,
             outbound_queue: 128,
+            max_connections: 4096,
         }
     }
 }
@@ -75,6 +80,8 @@ pub struct GrpcStats {
     pub rejected_in_flight: AtomicU64,
     /// Replies that found the outbound queue full and had to wait.
     pub outbound_full: AtomicU64,
+    /// Streams refused because `max_connections` were open.
+    pub rejected_connections: AtomicU64,
     /// Streams ended by a transport or decode error.
     pub stream_errors: AtomicU64,
 }
@@ -90,6 +97,7 @@ impl GrpcStats {
             "rejected_in_flight": g(&self.rejected_in_flight),
             "outbound_full": g(&self.outbound_full),
             "stream_errors": g(&self.stream_errors),
+            "rejected_connections": g(&self.rejected_connections),
         })
     }
 }
@@ -107,6 +115,8 @@ pub struct FlowServer {
     dispatcher: Arc<Dispatcher>,
     limits: GrpcLimits,
     stats: Arc<GrpcStats>,
+    /// One permit per open stream.
+    slots: Arc<Semaphore>,
     /// Set once by `close_streams`; every connection actor watches it.
     closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -118,7 +128,19 @@ impl FlowServer {
             limits,
             stats: Arc::new(GrpcStats::default()),
             closing: Arc::new(tokio::sync::watch::Sender::new(false)),
+            slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
         }
+    }
+
+    /// A slot for one more stream, or the refusal to give its client.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            self.stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+            Status::resource_exhausted(format!(
+                "this node already serves {} OpenIAP streams; try again later",
+                self.limits.max_connections
+            ))
+        })
     }
 
     /// Ends every open stream (gRPC with UNAVAILABLE, WebSocket with a
@@ -167,11 +189,12 @@ impl FlowService for FlowServer {
         &self,
         request: Request<Streaming<Envelope>>,
     ) -> Result<Response<BoxStream<Envelope>>, Status> {
+        let slot = self.admit()?;
         let peer = request.remote_addr();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.limits.outbound_queue.max(1));
         let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
-        tokio::spawn(connection(self.clone(), inbound, tx, peer));
+        tokio::spawn(connection(self.clone(), inbound, tx, peer, slot));
         let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
         Ok(Response::new(Box::pin(out)))
     }
@@ -226,7 +249,7 @@ async fn run_guarded(dispatcher: &Dispatcher, session: &Session, request: Envelo
 
 /// The connection actor: reads envelopes until the stream ends. `inbound`
 /// yields an `Err` for a stream that broke or could not be decoded.
-async fn connection<S>(server: FlowServer, mut inbound: S, tx: Outbound, peer: String)
+async fn connection<S>(server: FlowServer, mut inbound: S, tx: Outbound, peer: String, slot: OwnedSemaphorePermit)
 where
     S: futures_util::Stream<Item = Result<Envelope, Status>> + Unpin + Send,
 {
@@ -298,5 +321,6 @@ where
         }
     };
     stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+    drop(slot);
     tracing::info!(%peer, requests, %reason, "openiap stream closed");
 }

@@ -85,9 +85,21 @@ fn close_reason(message: &str) -> String {
     message[..end].to_owned()
 }
 
-async fn serve(flow: FlowServer, socket: WebSocket) {
+async fn serve(flow: FlowServer, mut socket: WebSocket) {
     let limits = flow.limits;
     let cap = frame_cap(&flow);
+    let slot = match flow.admit() {
+        Ok(slot) => slot,
+        Err(status) => {
+            tracing::warn!(reason = %status.message(), "openiap websocket refused");
+            let frame = CloseFrame {
+                code: close_code::AGAIN,
+                reason: close_reason(status.message()).into(),
+            };
+            let _ = socket.send(Message::Close(Some(frame))).await;
+            return;
+        }
+    };
     let (mut sink, mut stream) = socket.split();
     let (in_tx, in_rx) = mpsc::channel::<Result<Envelope, Status>>(limits.max_in_flight.max(1));
     let (out_tx, mut out_rx) = mpsc::channel::<Result<Envelope, Status>>(limits.outbound_queue.max(1));
@@ -158,7 +170,7 @@ async fn serve(flow: FlowServer, socket: WebSocket) {
     let inbound = Box::pin(futures_util::stream::unfold(in_rx, |mut rx| async move {
         rx.recv().await.map(|e| (e, rx))
     }));
-    connection(flow, inbound, out_tx, "websocket".into()).await;
+    connection(flow, inbound, out_tx, "websocket".into(), slot).await;
 }
 
 #[cfg(test)]
