@@ -4,7 +4,7 @@
 //! narrow the candidates; the filter is always applied to the documents
 //! they yield, so an index can never change a query's answer.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::query::value::{resolve, split_path};
 
@@ -37,9 +37,26 @@ pub fn key_of(v: &Value) -> Option<Vec<u8>> {
 }
 
 /// The index keys of `doc` for `field`, deduplicated.
+#[cfg(test)]
 pub fn keys_for(doc: &Value, field: &str) -> Vec<Vec<u8>> {
     let mut found = Vec::new();
     resolve(doc, &split_path(field), &mut found);
+    keys_of_found(found)
+}
+
+/// `keys_for` on a document's fields, without wrapping them in a `Value`.
+pub fn keys_for_map(doc: &Map<String, Value>, field: &str) -> Vec<Vec<u8>> {
+    let path = split_path(field);
+    let mut found = Vec::new();
+    if let Some((first, rest)) = path.split_first()
+        && let Some(child) = doc.get(first)
+    {
+        resolve(child, rest, &mut found);
+    }
+    keys_of_found(found)
+}
+
+fn keys_of_found(found: Vec<&Value>) -> Vec<Vec<u8>> {
     let mut keys: Vec<Vec<u8>> = found
         .into_iter()
         .flat_map(|v| match v {
@@ -72,6 +89,10 @@ mod tests {
         let doc = json!({"tags": ["b", "a", "b", {"x": 1}], "n": 1, "o": {"p": true}});
         assert_eq!(keys_for(&doc, "tags").len(), 2);
         assert_eq!(keys_for(&doc, "o.p"), vec![vec![6, 1]]);
+        let map = doc.as_object().expect("object");
+        for field in ["tags", "o.p", "n", "missing"] {
+            assert_eq!(keys_for_map(map, field), keys_for(&doc, field), "{field}");
+        }
         assert!(keys_for(&doc, "missing").is_empty());
         assert_eq!(key_of(&json!(1)), key_of(&json!(1.0)));
     }

@@ -24,6 +24,7 @@ pub mod messaging;
 pub mod query;
 mod store;
 mod users;
+mod wal;
 pub mod workitems;
 mod writer;
 
@@ -51,8 +52,8 @@ pub(crate) fn system_principal() -> Principal {
 }
 
 use store::{
-    CHANGES, CREDENTIALS, DOCUMENTS, INDEX, INDEX_DEFS, META_HLC, META_SITE, META_TOKEN_SECRET, ORIGIN_MAX, VERSIONS,
-    VV,
+    CHANGES, CREDENTIALS, DOCUMENTS, INDEX, INDEX_DEFS, META_HLC, META_SITE, META_TOKEN_SECRET, META_WAL_EPOCH, ORIGIN_MAX,
+    VERSIONS, VV,
 };
 use users::{Credential, VerifiedCache};
 use writer::{Request, WriteDone, WriteOp, Writer};
@@ -94,6 +95,13 @@ pub struct NodeStats {
     /// Time the writer spent carrying out writes, and in redb's commit.
     pub apply_nanos: AtomicU64,
     pub commit_nanos: AtomicU64,
+    /// Durable redb commits (each empties the write-ahead log).
+    pub checkpoints: AtomicU64,
+    /// Bytes appended to the write-ahead log, and time spent syncing them.
+    pub wal_bytes: AtomicU64,
+    pub wal_nanos: AtomicU64,
+    /// Changes replayed from the write-ahead log when the node opened.
+    pub wal_replayed: AtomicU64,
 }
 
 /// A running site. Cheap to clone.
@@ -111,6 +119,7 @@ struct Inner {
     token_secret: Vec<u8>,
     verified: VerifiedCache,
     stats: Arc<NodeStats>,
+    signals: Arc<workitems::QueueSignals>,
 }
 
 /// What `Node::open` reports besides the node.
@@ -149,11 +158,24 @@ impl Node {
             source,
         })?;
         let db = Arc::new(db);
-        let (last_hlc, vv, token_secret, generated) = init_store(&db, &config)?;
+        let wal_path = config.data_dir.join("ocmesh.wal");
+        let (mut wal, logged) = wal::Wal::open(&wal_path).map_err(|e| OpenError::Storage(StorageError(e.to_string())))?;
+        let init = init_store(&db, &config, &logged)?;
+        drop(logged);
+        wal.checkpointed();
+        wal.trim().map_err(|e| OpenError::Storage(StorageError(e.to_string())))?;
+        if init.replayed > 0 {
+            tracing::info!(changes = init.replayed, "replayed the write-ahead log");
+        }
+        let (last_hlc, vv, token_secret, generated) = (init.last_hlc, init.vv, init.token_secret, init.generated);
 
         let stats = Arc::new(NodeStats::default());
+        stats
+            .wal_replayed
+            .store(init.replayed, std::sync::atomic::Ordering::Relaxed);
         let (vv_tx, vv_rx) = watch::channel(vv.clone());
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_BOUND);
+        let signals = Arc::new(workitems::QueueSignals::default());
         let writer = Writer {
             db: db.clone(),
             site: config.site.clone(),
@@ -161,6 +183,10 @@ impl Node {
             vv,
             published: vv_tx,
             stats: stats.clone(),
+            signals: signals.clone(),
+            wal,
+            wal_epoch: init.wal_epoch,
+            failed: None,
         };
         let lease_tick = tx.downgrade();
         std::thread::Builder::new()
@@ -193,6 +219,7 @@ impl Node {
                 token_secret,
                 verified: VerifiedCache::new(),
                 stats,
+                signals,
             }),
         };
         Ok(Opened {
@@ -228,6 +255,10 @@ impl Node {
             "writer_queue_now": WRITE_QUEUE_BOUND - self.inner.writes.capacity(),
             "writer_apply_ms": s.apply_nanos.load(Relaxed) / 1_000_000,
             "writer_commit_ms": s.commit_nanos.load(Relaxed) / 1_000_000,
+            "checkpoints": s.checkpoints.load(Relaxed),
+            "wal_bytes": s.wal_bytes.load(Relaxed),
+            "wal_ms": s.wal_nanos.load(Relaxed) / 1_000_000,
+            "wal_replayed": s.wal_replayed.load(Relaxed),
             "remote_applied": s.remote_applied.load(Relaxed),
             "remote_duplicates": s.remote_duplicates.load(Relaxed),
             "clock_clamped": s.clock_clamped.load(Relaxed),
@@ -482,9 +513,15 @@ impl Node {
         wait: Option<std::time::Duration>,
     ) -> Result<Option<Value>, WriteError> {
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
-        let mut commits = self.subscribe();
+        let mut signal = None;
         loop {
-            commits.borrow_and_update();
+            // Registered before the attempt, so an item readied between the
+            // attempt and the wait still wakes us.
+            let notified = signal.as_ref().map(|s: &Arc<tokio::sync::Notify>| {
+                let mut n = Box::pin(s.clone().notified_owned());
+                n.as_mut().enable();
+                n
+            });
             match self
                 .write(WriteOp::PopItem {
                     queue: queue.into(),
@@ -500,10 +537,16 @@ impl Node {
             if tokio::time::Instant::now() >= deadline {
                 return Ok(None);
             }
-            // Wake on any commit (a push, a retry) or every 200 ms for items
-            // whose nextrun arrives.
+            // Wake when an item is readied on this queue, or every 200 ms
+            // for items whose nextrun arrives.
             let tick = (tokio::time::Instant::now() + std::time::Duration::from_millis(200)).min(deadline);
-            let _ = tokio::time::timeout_at(tick, commits.changed()).await;
+            match notified {
+                Some(n) => {
+                    let _ = tokio::time::timeout_at(tick, n).await;
+                }
+                // First miss: the queue exists; watch it from now on.
+                None => signal = Some(self.inner.signals.of(queue)),
+            }
         }
     }
 
@@ -998,14 +1041,31 @@ impl Node {
 /// Creates the tables, checks the site name, makes the token secret and the
 /// admin user on first start. Returns the last HLC, the version vector, the
 /// token secret and a generated admin password if one was made.
-fn init_store(
-    db: &Database,
-    config: &NodeConfig,
-) -> Result<(Timestamp, VersionVector, Vec<u8>, Option<String>), OpenError> {
+/// What opening the store found or made.
+struct Init {
+    last_hlc: Timestamp,
+    vv: VersionVector,
+    token_secret: Vec<u8>,
+    generated: Option<String>,
+    /// Changes recovered from the write-ahead log.
+    replayed: u64,
+    /// Epoch for new log records.
+    wal_epoch: u64,
+}
+
+fn init_store(db: &Database, config: &NodeConfig, logged: &[u8]) -> Result<Init, OpenError> {
     let txn = db.begin_write().map_err(StorageError::from)?;
     let mut generated = None;
-    let (last, vv, secret) = {
+    let (last, vv, secret, replayed, wal_epoch) = {
         let mut t = store::WriteTables::open(&txn)?;
+        let epoch = match t.meta.get(META_WAL_EPOCH).map_err(StorageError::from)? {
+            Some(v) => u64::from_be_bytes(
+                v.value()
+                    .try_into()
+                    .map_err(|_| StorageError("stored write-ahead log epoch is damaged".into()))?,
+            ),
+            None => 0,
+        };
         let stored = t
             .meta
             .get(META_SITE)
@@ -1030,6 +1090,11 @@ fn init_store(
             )),
             None => Timestamp::default(),
         };
+        // Groups acknowledged after the last checkpoint.
+        let (replayed, replayed_hlc) = t.replay(&wal::parse_records(logged, epoch))?;
+        let last = last.max(Timestamp::from_raw(replayed_hlc));
+        t.set_meta(META_HLC, &last.raw().to_be_bytes())?;
+        t.set_meta(META_WAL_EPOCH, &(epoch + 1).to_be_bytes())?;
         let stored = t
             .meta
             .get(META_TOKEN_SECRET)
@@ -1067,10 +1132,17 @@ fn init_store(
                 .insert("admin", bytes.as_slice())
                 .map_err(StorageError::from)?;
         }
-        (last, store::read_vv(&t.vv)?, secret)
+        (last, store::read_vv(&t.vv)?, secret, replayed, epoch + 1)
     };
     txn.commit().map_err(StorageError::from)?;
-    Ok((last, vv, secret, generated))
+    Ok(Init {
+        last_hlc: last,
+        vv,
+        token_secret: secret,
+        generated,
+        replayed,
+        wal_epoch,
+    })
 }
 
 /// How a read finds its candidate documents.

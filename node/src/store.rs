@@ -9,7 +9,7 @@
 //! - `documents`: (collection, id) → current JSON with `_version`; absent
 //!   when the current version is a delete.
 //! - `history_len`: (collection, id) → number of versions.
-//! - `meta`: site name, last HLC, secrets.
+//! - `meta`: site name, last HLC, write-ahead log epoch, secrets.
 //! - `credentials`: user name → local login record (not replicated).
 //! - `index_defs`, `index`: secondary indexes of current documents.
 
@@ -36,6 +36,8 @@ pub(crate) const INDEX: TableDefinition<(&str, &str, &[u8], &str), ()> = TableDe
 pub(crate) const META_SITE: &str = "site";
 pub(crate) const META_HLC: &str = "hlc";
 pub(crate) const META_TOKEN_SECRET: &str = "token_secret";
+/// Epoch of the write-ahead log records not yet checkpointed (u64 BE).
+pub(crate) const META_WAL_EPOCH: &str = "wal_epoch";
 
 /// Upper bound for origin names in range scans: site names are ASCII.
 pub(crate) const ORIGIN_MAX: &str = "\u{7f}";
@@ -96,6 +98,13 @@ pub(crate) fn version_view(change: &Change, number: u64) -> Result<Value, Storag
     Ok(Value::Object(doc))
 }
 
+/// What a local write hands to `WriteTables::append`: its body, and the
+/// current document it replaces, both already parsed.
+pub(crate) struct LocalWrite {
+    pub body: Map<String, Value>,
+    pub old: Option<Map<String, Value>>,
+}
+
 /// Open tables of one write transaction.
 pub(crate) struct WriteTables<'t> {
     pub meta: Table<'t, &'static str, &'static [u8]>,
@@ -112,6 +121,27 @@ pub(crate) struct WriteTables<'t> {
     pub wi_delayed: Table<'t, (&'static str, u64, &'static str), (u64, u64)>,
     pub wi_leases: Table<'t, (u64, &'static str), ()>,
     pub chunks: Table<'t, &'static [u8], &'static [u8]>,
+    /// Queues that got an item ready to pop in this transaction, once per
+    /// item: poppers waiting on them are woken after the commit.
+    pub readied: Vec<String>,
+    /// The changes appended in this transaction, each length-delimited: the
+    /// group's write-ahead log record.
+    pub log: Vec<u8>,
+    /// Highest seq appended per origin, written to `version_vector` once
+    /// per transaction by `flush_vv`.
+    vv_pending: Vec<(String, u64)>,
+    /// Lookups repeated by most writes of a group, valid for this transaction.
+    pub cache: GroupCache,
+}
+
+/// What the writes of one group look up again and again. Whoever changes
+/// the underlying tables in the transaction clears the matching part.
+#[derive(Default)]
+pub(crate) struct GroupCache {
+    /// Collection → indexed fields (`index_defs`).
+    pub indexed: std::collections::HashMap<String, Vec<String>>,
+    /// Queue name → (queue document id, current queue document).
+    pub queues: std::collections::HashMap<String, (String, Map<String, Value>)>,
 }
 
 impl<'t> WriteTables<'t> {
@@ -131,18 +161,29 @@ impl<'t> WriteTables<'t> {
             wi_delayed: txn.open_table(crate::workitems::WI_DELAYED)?,
             wi_leases: txn.open_table(crate::workitems::WI_LEASES)?,
             chunks: txn.open_table(CHUNKS)?,
+            readied: Vec::new(),
+            log: Vec::new(),
+            vv_pending: Vec::new(),
+            cache: GroupCache::default(),
         })
     }
 
     /// Appends a change to the log and to its document's history, then
     /// recomputes the document's current state. The caller has checked that
-    /// `change.seq` is the origin's next sequence number. Returns the
-    /// document's history length.
-    pub fn append(&mut self, change: &Change) -> Result<u64, StorageError> {
+    /// `change.seq` is the origin's next sequence number. A local write
+    /// passes its body and the document it replaces (`local`), already
+    /// parsed, so nothing is decoded again. Returns the document's history
+    /// length and, when this change became the current version, its view.
+    pub fn append(&mut self, change: &Change, local: Option<LocalWrite>) -> Result<(u64, Option<Value>), StorageError> {
         let bytes = change.encode_to_vec();
         self.changes
             .insert((change.origin.as_str(), change.seq), bytes.as_slice())?;
-        self.vv.insert(change.origin.as_str(), change.seq)?;
+        prost::encoding::encode_varint(bytes.len() as u64, &mut self.log);
+        self.log.extend_from_slice(&bytes);
+        match self.vv_pending.iter_mut().find(|(o, _)| *o == change.origin) {
+            Some(entry) => entry.1 = change.seq,
+            None => self.vv_pending.push((change.origin.clone(), change.seq)),
+        }
         let key = (change.collection.as_str(), change.doc_id.as_str());
         let existed = self
             .versions
@@ -160,74 +201,112 @@ impl<'t> WriteTables<'t> {
         }
         let len = self.history_len.get(key)?.map(|g| g.value()).unwrap_or(0) + 1;
         self.history_len.insert(key, len)?;
-        self.materialize(key.0, key.1, len)?;
-        Ok(len)
+        let view = self.materialize(change, local, len)?;
+        Ok((len, view))
     }
 
-    /// Rewrites the current document from the greatest version.
-    fn materialize(&mut self, collection: &str, id: &str, len: u64) -> Result<(), StorageError> {
-        let last_seq_origin = {
+    /// Rewrites the current document from the greatest version; returns
+    /// the current view when `change` is that version.
+    fn materialize(
+        &mut self,
+        change: &Change,
+        local: Option<LocalWrite>,
+        len: u64,
+    ) -> Result<Option<Value>, StorageError> {
+        let (collection, id) = (change.collection.as_str(), change.doc_id.as_str());
+        let (greatest, first_hlc) = {
             let mut range = self
                 .versions
                 .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?;
-            match range.next_back() {
+            let first = match range.next() {
                 Some(entry) => {
                     let (k, v) = entry?;
-                    Some((k.value().3.to_owned(), v.value()))
+                    let k = k.value();
+                    (k.3.to_owned(), v.value(), k.2)
                 }
-                None => None,
+                None => return Ok(None),
+            };
+            let last = match range.next_back() {
+                Some(entry) => {
+                    let (k, v) = entry?;
+                    (k.value().3.to_owned(), v.value())
+                }
+                None => (first.0.clone(), first.1),
+            };
+            (last, first.2)
+        };
+        let is_this = greatest.0 == change.origin && greatest.1 == change.seq;
+        let (body, old) = match local {
+            Some(l) if is_this => (Some(l.body), l.old),
+            _ => (None, self.current(collection, id)?),
+        };
+        let current_change;
+        let current = if is_this {
+            change
+        } else {
+            current_change = match self.changes.get((greatest.0.as_str(), greatest.1))? {
+                Some(g) => decode_change(g.value())?,
+                None => {
+                    return Err(StorageError(format!(
+                        "history of {collection}/{id} points at missing change {}:{}",
+                        greatest.0, greatest.1
+                    )));
+                }
+            };
+            &current_change
+        };
+        let new = if current.kind == ChangeKind::Delete as i32 {
+            if old.is_some() {
+                self.documents.remove((collection, id))?;
             }
-        };
-        let Some((origin, seq)) = last_seq_origin else {
-            return Ok(());
-        };
-        let change = match self.changes.get((origin.as_str(), seq))? {
-            Some(g) => decode_change(g.value())?,
-            None => {
-                return Err(StorageError(format!(
-                    "history of {collection}/{id} points at missing change {origin}:{seq}"
-                )));
-            }
-        };
-        let old = self.current(collection, id)?.map(Value::Object);
-        let new = if change.kind == ChangeKind::Delete as i32 {
-            self.documents.remove((collection, id))?;
             None
         } else {
-            let doc = version_view(&change, len - 1)?;
+            let mut doc = match body {
+                Some(b) => b,
+                None => body_object(current)?,
+            };
+            doc.insert("_version".into(), Value::from(len - 1));
             let bytes = serde_json::to_vec(&doc).map_err(|e| StorageError(e.to_string()))?;
             self.documents.insert((collection, id), bytes.as_slice())?;
             Some(doc)
         };
         for field in self.indexed_fields(collection)? {
-            self.reindex(collection, &field, id, old.as_ref(), new.as_ref())?;
+            self.reindex_map(collection, &field, id, old.as_ref(), new.as_ref())?;
+        }
+        if collection == crate::workitems::QUEUES {
+            self.cache.queues.clear();
         }
         if collection == crate::workitems::QUEUES || collection == crate::workitems::ITEMS {
             // FIFO order within a priority: the HLC of the document's first version.
-            let fifo = match self
-                .versions
-                .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?
-                .next()
-            {
-                Some(entry) => entry?.0.value().2,
-                None => 0,
-            };
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
-            crate::workitems::reindex(self, collection, id, old.as_ref(), new.as_ref(), fifo, now)?;
+            crate::workitems::reindex(self, collection, id, old.as_ref(), new.as_ref(), first_hlc, now)?;
         }
-        Ok(())
+        let deleted = current.kind == ChangeKind::Delete as i32;
+        Ok(match new {
+            Some(doc) if is_this => Some(Value::Object(doc)),
+            None if is_this && deleted => {
+                let mut doc = body_object(change)?;
+                doc.insert("_version".into(), Value::from(len - 1));
+                Some(Value::Object(doc))
+            }
+            _ => None,
+        })
     }
 
     /// Fields indexed in `collection`, `_type` included.
-    pub fn indexed_fields(&self, collection: &str) -> Result<Vec<String>, StorageError> {
+    pub fn indexed_fields(&mut self, collection: &str) -> Result<Vec<String>, StorageError> {
+        if let Some(fields) = self.cache.indexed.get(collection) {
+            return Ok(fields.clone());
+        }
         let mut fields: Vec<String> = crate::index::ALWAYS_INDEXED.iter().map(|f| (*f).to_owned()).collect();
         for entry in self.index_defs.range((collection, "")..=(collection, ORIGIN_MAX))? {
             let (k, _) = entry?;
             fields.push(k.value().1.to_owned());
         }
+        self.cache.indexed.insert(collection.to_owned(), fields.clone());
         Ok(fields)
     }
 
@@ -240,8 +319,25 @@ impl<'t> WriteTables<'t> {
         old: Option<&Value>,
         new: Option<&Value>,
     ) -> Result<(), StorageError> {
-        let old_keys = old.map(|d| crate::index::keys_for(d, field)).unwrap_or_default();
-        let new_keys = new.map(|d| crate::index::keys_for(d, field)).unwrap_or_default();
+        self.reindex_map(
+            collection,
+            field,
+            id,
+            old.and_then(Value::as_object),
+            new.and_then(Value::as_object),
+        )
+    }
+
+    fn reindex_map(
+        &mut self,
+        collection: &str,
+        field: &str,
+        id: &str,
+        old: Option<&Map<String, Value>>,
+        new: Option<&Map<String, Value>>,
+    ) -> Result<(), StorageError> {
+        let old_keys = old.map(|d| crate::index::keys_for_map(d, field)).unwrap_or_default();
+        let new_keys = new.map(|d| crate::index::keys_for_map(d, field)).unwrap_or_default();
         for k in old_keys.iter().filter(|k| !new_keys.contains(k)) {
             self.index.remove((collection, field, k.as_slice(), id))?;
         }
@@ -261,6 +357,45 @@ impl<'t> WriteTables<'t> {
             },
             None => Ok(None),
         }
+    }
+
+    /// Writes the version vector entries of the changes appended so far.
+    pub fn flush_vv(&mut self) -> Result<(), StorageError> {
+        for (origin, seq) in self.vv_pending.drain(..) {
+            self.vv.insert(origin.as_str(), seq)?;
+        }
+        Ok(())
+    }
+
+    /// Re-applies the changes of write-ahead log records that the last
+    /// checkpoint does not hold; returns how many and the greatest HLC.
+    pub fn replay(&mut self, records: &[&[u8]]) -> Result<(u64, u64), StorageError> {
+        let mut vv = read_vv(&self.vv)?;
+        let (mut applied, mut max_hlc) = (0, 0);
+        for record in records {
+            let mut buf = *record;
+            while !buf.is_empty() {
+                let change = Change::decode_length_delimited(&mut buf)
+                    .map_err(|e| StorageError(format!("write-ahead log record does not decode: {e}")))?;
+                let held = vv.get(&change.origin);
+                if change.seq <= held {
+                    continue;
+                }
+                if change.seq != held + 1 {
+                    return Err(StorageError(format!(
+                        "write-ahead log skips from {}:{held} to seq {}",
+                        change.origin, change.seq
+                    )));
+                }
+                self.append(&change, None)?;
+                vv.advance(&change.origin, change.seq);
+                max_hlc = max_hlc.max(change.hlc);
+                applied += 1;
+            }
+        }
+        self.flush_vv()?;
+        self.log.clear();
+        Ok((applied, max_hlc))
     }
 
     pub fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), StorageError> {

@@ -34,6 +34,35 @@ pub(crate) const WI_DELAYED: TableDefinition<(&str, u64, &str), (u64, u64)> = Ta
 /// (lease expiry ms, id) → (): processing items.
 pub(crate) const WI_LEASES: TableDefinition<(u64, &str), ()> = TableDefinition::new("wi_leases");
 
+/// Wakes poppers waiting on a queue when items become ready there, one
+/// waiter per ready item, instead of every waiter on every commit.
+#[derive(Debug, Default)]
+pub(crate) struct QueueSignals {
+    by_queue: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Notify>>>,
+}
+
+impl QueueSignals {
+    /// The signal of `queue`, made on first use. Only queues that exist get
+    /// here (a pop on a missing queue fails first), so the map stays small.
+    pub fn of(&self, queue: &str) -> std::sync::Arc<tokio::sync::Notify> {
+        let mut map = self.by_queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(queue.to_owned()).or_default().clone()
+    }
+
+    /// Called after a commit with one entry per item made ready.
+    pub fn ready(&self, queues: &[String]) {
+        if queues.is_empty() {
+            return;
+        }
+        let map = self.by_queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for q in queues {
+            if let Some(signal) = map.get(q) {
+                signal.notify_one();
+            }
+        }
+    }
+}
+
 /// Why a work-item operation was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkItemError {
@@ -131,29 +160,21 @@ pub(crate) fn reindex(
     t: &mut WriteTables<'_>,
     collection: &str,
     id: &str,
-    old: Option<&Value>,
-    new: Option<&Value>,
+    old: Option<&Map<String, Value>>,
+    new: Option<&Map<String, Value>>,
     fifo: u64,
     now_ms: u64,
 ) -> Result<(), StorageError> {
-    let as_obj = |v: Option<&Value>| v.and_then(Value::as_object).cloned();
-    let (old, new) = (as_obj(old), as_obj(new));
-    let typed = |d: &Option<Map<String, Value>>, ty: &str| {
-        d.as_ref()
-            .filter(|m| m.get("_type").and_then(Value::as_str) == Some(ty))
-            .cloned()
-    };
+    fn typed<'d>(d: Option<&'d Map<String, Value>>, ty: &str) -> Option<&'d Map<String, Value>> {
+        d.filter(|m| m.get("_type").and_then(Value::as_str) == Some(ty))
+    }
     if collection == QUEUES {
         let queues = &mut t.wi_queues;
-        if let Some(name) =
-            typed(&old, QUEUE_TYPE).and_then(|m| m.get("name").and_then(Value::as_str).map(str::to_owned))
-        {
-            queues.remove(name.as_str())?;
+        if let Some(name) = typed(old, QUEUE_TYPE).and_then(|m| m.get("name").and_then(Value::as_str)) {
+            queues.remove(name)?;
         }
-        if let Some(name) =
-            typed(&new, QUEUE_TYPE).and_then(|m| m.get("name").and_then(Value::as_str).map(str::to_owned))
-        {
-            queues.insert(name.as_str(), id)?;
+        if let Some(name) = typed(new, QUEUE_TYPE).and_then(|m| m.get("name").and_then(Value::as_str)) {
+            queues.insert(name, id)?;
         }
         return Ok(());
     }
@@ -161,25 +182,34 @@ pub(crate) fn reindex(
         return Ok(());
     }
     let (ready, delayed, leases) = (&mut t.wi_ready, &mut t.wi_delayed, &mut t.wi_leases);
-    if let Some(o) = typed(&old, ITEM_TYPE) {
-        let queue = o.get("wiq").and_then(Value::as_str).unwrap_or_default().to_owned();
-        ready.remove((queue.as_str(), priority_key(&o), fifo, id))?;
-        if let Some(at) = time_field(&o, "nextrun") {
-            delayed.remove((queue.as_str(), at, id))?;
-        }
-        if let Some(until) = time_field(&o, "_leaseuntil") {
-            leases.remove((until, id))?;
+    if let Some(o) = typed(old, ITEM_TYPE) {
+        let queue = o.get("wiq").and_then(Value::as_str).unwrap_or_default();
+        // Only `new` items sit in ready/delayed, only `processing` ones in leases.
+        match o.get("state").and_then(Value::as_str) {
+            Some("new") => {
+                ready.remove((queue, priority_key(o), fifo, id))?;
+                if let Some(at) = time_field(o, "nextrun") {
+                    delayed.remove((queue, at, id))?;
+                }
+            }
+            Some("processing") => {
+                if let Some(until) = time_field(o, "_leaseuntil") {
+                    leases.remove((until, id))?;
+                }
+            }
+            _ => {}
         }
     }
-    if let Some(n) = typed(&new, ITEM_TYPE) {
-        let queue = n.get("wiq").and_then(Value::as_str).unwrap_or_default().to_owned();
+    if let Some(n) = typed(new, ITEM_TYPE) {
+        let queue = n.get("wiq").and_then(Value::as_str).unwrap_or_default();
         match n.get("state").and_then(Value::as_str) {
-            Some("new") => match time_field(&n, "nextrun") {
+            Some("new") => match time_field(n, "nextrun") {
                 Some(at) if at > now_ms => {
-                    delayed.insert((queue.as_str(), at, id), (priority_key(&n), fifo))?;
+                    delayed.insert((queue, at, id), (priority_key(n), fifo))?;
                 }
                 _ => {
-                    ready.insert((queue.as_str(), priority_key(&n), fifo, id), ())?;
+                    ready.insert((queue, priority_key(n), fifo, id), ())?;
+                    t.readied.push(queue.to_owned());
                 }
             },
             Some("processing") => {
@@ -247,12 +277,15 @@ fn physical_now() -> u64 {
 }
 
 impl Writer {
-    fn queue(&self, t: &WriteTables<'_>, name: &str) -> Result<(String, QueueSettings), WriteError> {
+    fn queue(&self, t: &mut WriteTables<'_>, name: &str) -> Result<(String, QueueSettings), WriteError> {
         let (id, doc) = self.queue_doc(t, name)?;
         Ok((id, QueueSettings::from_doc(&doc)?))
     }
 
-    fn queue_doc(&self, t: &WriteTables<'_>, name: &str) -> Result<(String, Map<String, Value>), WriteError> {
+    fn queue_doc(&self, t: &mut WriteTables<'_>, name: &str) -> Result<(String, Map<String, Value>), WriteError> {
+        if let Some(found) = t.cache.queues.get(name) {
+            return Ok(found.clone());
+        }
         let id = match t.wi_queues.get(name).map_err(StorageError::from)? {
             Some(id) => id.value().to_owned(),
             None => return Err(WorkItemError::NoQueue(name.to_owned()).into()),
@@ -260,6 +293,7 @@ impl Writer {
         let doc = t
             .current(QUEUES, &id)?
             .ok_or_else(|| WorkItemError::NoQueue(name.to_owned()))?;
+        t.cache.queues.insert(name.to_owned(), (id.clone(), doc.clone()));
         Ok((id, doc))
     }
 
@@ -267,7 +301,7 @@ impl Writer {
     /// caller cannot even read looks like a missing one.
     fn invocable_queue(
         &self,
-        t: &WriteTables<'_>,
+        t: &mut WriteTables<'_>,
         name: &str,
         by: &Principal,
     ) -> Result<(String, Map<String, Value>, QueueSettings), WriteError> {
@@ -404,13 +438,14 @@ impl Writer {
         let Some(id) = t.first_ready(queue)? else {
             return Ok(WriteDone::Nothing);
         };
-        let Some(mut doc) = t.current(ITEMS, &id)? else {
+        let Some(current) = t.current(ITEMS, &id)? else {
             return Err(StorageError(format!("ready work item {id} has no document")).into());
         };
+        let mut doc = current.clone();
         doc.insert("state".into(), "processing".into());
         doc.insert("lastrun".into(), iso8601(now).into());
         doc.insert("_leaseuntil".into(), iso8601(now + q.lease_ms).into());
-        self.replace_unchecked(t, ITEMS.into(), id, doc, by)
+        self.replace_current(t, ITEMS.into(), id, doc, current, by)
     }
 
     /// Records the end of an item's work and routes or retries it.
@@ -436,11 +471,12 @@ impl Writer {
             Some(other) => return Err(WorkItemError::BadErrorType(other.to_owned()).into()),
         };
         crate::ids::validate_id(id)?;
-        let mut doc = t
+        let current = t
             .current(ITEMS, id)?
             .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?;
+        let mut doc = current.clone();
         let queue = doc.get("wiq").and_then(Value::as_str).unwrap_or_default().to_owned();
-        if !crate::acl::allowed(&Value::Object(doc.clone()), by, crate::acl::READ) {
+        if !crate::acl::allowed_map(&doc, by, crate::acl::READ) {
             return Err(WorkItemError::NoItem(id.to_owned()).into());
         }
         let (_, _, q) = self.invocable_queue(t, &queue, by)?;
@@ -470,7 +506,7 @@ impl Writer {
                 route_to
             }
         };
-        let done = self.replace_unchecked(t, ITEMS.into(), id.to_owned(), doc.clone(), by)?;
+        let done = self.replace_current(t, ITEMS.into(), id.to_owned(), doc.clone(), current, by)?;
         if let Some(target) = route {
             let mut copy = Map::new();
             for f in ["name", "payload", "priority", "files"] {
@@ -543,6 +579,7 @@ impl WriteTables<'_> {
         for (at, id, (prio, fifo)) in due {
             self.wi_delayed.remove((queue, at, id.as_str()))?;
             self.wi_ready.insert((queue, prio, fifo, id.as_str()), ())?;
+            self.readied.push(queue.to_owned());
         }
         Ok(())
     }

@@ -16,11 +16,15 @@ use ocmesh_replication::{Change, ChangeKind, Clock, Timestamp, VersionVector};
 
 use crate::error::{ApplyError, WriteError};
 use crate::ids::{iso8601, new_object_id, validate_collection, validate_id};
-use crate::store::{META_HLC, StorageError, WriteTables, body_object, version_view};
+use crate::store::{LocalWrite, META_HLC, META_WAL_EPOCH, StorageError, WriteTables, body_object};
 use crate::{NodeStats, Principal};
 
 /// Most requests committed together.
 const MAX_GROUP: usize = 512;
+/// How long, and how many times, the writer waits for more requests to
+/// join a group (see `Writer::run`).
+const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
+const GATHER_ROUNDS: usize = 4;
 
 /// A write to carry out.
 #[derive(Debug)]
@@ -163,6 +167,19 @@ pub struct ApplyReport {
     pub clock_clamped: u64,
 }
 
+type GroupDone = (Vec<Result<WriteDone, WriteError>>, Vec<String>);
+
+impl WriteOp {
+    /// Ops that write redb tables the write-ahead log does not carry; their
+    /// group is committed durably.
+    fn writes_outside_changes(&self) -> bool {
+        matches!(
+            self,
+            WriteOp::CreateIndex { .. } | WriteOp::DropIndex { .. } | WriteOp::PutChunk { .. } | WriteOp::CreateUser { .. }
+        )
+    }
+}
+
 pub(crate) struct Request {
     pub op: WriteOp,
     pub reply: oneshot::Sender<Result<WriteDone, WriteError>>,
@@ -176,6 +193,13 @@ pub(crate) struct Writer {
     pub vv: VersionVector,
     pub published: watch::Sender<VersionVector>,
     pub stats: Arc<NodeStats>,
+    pub signals: Arc<crate::workitems::QueueSignals>,
+    pub wal: crate::wal::Wal,
+    /// Epoch of the log records written since the last checkpoint.
+    pub wal_epoch: u64,
+    /// Set when a group reached the log but not redb: later writes would
+    /// reuse its sequence numbers, so the writer refuses all until restart.
+    pub failed: Option<String>,
 }
 
 fn physical_ms() -> u64 {
@@ -188,14 +212,36 @@ fn physical_ms() -> u64 {
 impl Writer {
     /// Runs until every sender is gone.
     pub fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut last_group = 0;
         while let Some(first) = rx.blocking_recv() {
             let mut batch = vec![first];
-            while batch.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
+            let drain = |batch: &mut Vec<Request>, rx: &mut mpsc::Receiver<Request>| {
+                while batch.len() < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+            };
+            drain(&mut batch, &mut rx);
+            // Concurrent callers send their next write right after their
+            // last answer; a moment's wait lets them join this group instead
+            // of alternating between two half-size groups. A lone caller
+            // (last group of one) is not kept waiting.
+            if last_group > 1 {
+                for _ in 0..GATHER_ROUNDS {
+                    if batch.len() >= last_group || batch.len() >= MAX_GROUP {
+                        break;
+                    }
+                    let had = batch.len();
+                    std::thread::sleep(GATHER_WAIT);
+                    drain(&mut batch, &mut rx);
+                    if batch.len() == had {
+                        break;
+                    }
                 }
             }
+            last_group = batch.len();
             self.stats.writer_queue.store(rx.len() as u64, Ordering::Relaxed);
             let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
             let results = self.commit_group(requests);
@@ -204,15 +250,36 @@ impl Writer {
                 let _ = reply.send(result);
             }
         }
+        // Clean shutdown: make everything durable in redb and empty the log.
+        if self.failed.is_none() {
+            let done = self
+                .db
+                .begin_write()
+                .map_err(StorageError::from)
+                .and_then(|txn| txn.commit().map_err(StorageError::from));
+            match done {
+                Ok(()) => {
+                    self.wal.checkpointed();
+                    if let Err(e) = self.wal.trim() {
+                        tracing::warn!(error = %e, "could not shrink the write-ahead log at shutdown");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "final checkpoint failed; the write-ahead log will be replayed"),
+            }
+        }
     }
 
     /// Executes a group of writes in one transaction. On a storage failure
     /// every write of the group fails and in-memory state is rolled back.
     fn commit_group(&mut self, ops: Vec<WriteOp>) -> Vec<Result<WriteDone, WriteError>> {
         let n = ops.len();
+        if let Some(why) = &self.failed {
+            return (0..n).map(|_| Err(WriteError::Storage(StorageError(why.clone())))).collect();
+        }
         let (clock, vv) = (self.clock.clone(), self.vv.clone());
         match self.try_commit_group(ops) {
-            Ok(results) => {
+            Ok((results, readied)) => {
+                self.signals.ready(&readied);
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
                 if self.vv != *self.published.borrow() {
@@ -229,10 +296,25 @@ impl Writer {
         }
     }
 
-    fn try_commit_group(&mut self, ops: Vec<WriteOp>) -> Result<Vec<Result<WriteDone, WriteError>>, StorageError> {
+    /// Returns each write's result and the queues that got ready items.
+    /// Returns each write's result and the queues that got ready items.
+    ///
+    /// Durability: a group is committed to redb without syncing and its
+    /// changes are appended to the write-ahead log and synced, unless it
+    /// writes outside the change log (indexes, chunks, credentials) or a
+    /// checkpoint is due; then it is a durable redb commit that also
+    /// empties the log.
+    fn try_commit_group(&mut self, ops: Vec<WriteOp>) -> Result<GroupDone, StorageError> {
         let started = std::time::Instant::now();
-        let txn = self.db.begin_write()?;
+        let checkpoint = self.wal.checkpoint_due() || ops.iter().any(WriteOp::writes_outside_changes);
+        let mut txn = self.db.begin_write()?;
+        if !checkpoint {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StorageError(e.to_string()))?;
+        }
         let mut results = Vec::with_capacity(ops.len());
+        let vv_before = self.vv.clone();
+        let (log, readied);
         {
             let mut t = WriteTables::open(&txn)?;
             for op in ops {
@@ -302,17 +384,56 @@ impl Writer {
                 }
                 results.push(r);
             }
+            if !checkpoint && self.vv == vv_before {
+                // Nothing changed (empty pops, refused writes): no commit.
+                drop(t);
+                txn.abort()?;
+                return Ok((results, Vec::new()));
+            }
+            t.flush_vv()?;
             t.set_meta(META_HLC, &self.clock.last().raw().to_be_bytes())?;
+            if checkpoint {
+                t.set_meta(META_WAL_EPOCH, &(self.wal_epoch + 1).to_be_bytes())?;
+            }
+            log = std::mem::take(&mut t.log);
+            readied = std::mem::take(&mut t.readied);
         }
         let committing = std::time::Instant::now();
         self.stats
             .apply_nanos
             .fetch_add(committing.duration_since(started).as_nanos() as u64, Ordering::Relaxed);
-        txn.commit()?;
+        if checkpoint {
+            txn.commit()?;
+            self.wal_epoch += 1;
+            self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+            self.wal.checkpointed();
+        } else {
+            // The log first: once it holds the group, the group must reach
+            // redb too, or later groups would reuse its sequence numbers.
+            let logging = std::time::Instant::now();
+            if let Err(e) = self.wal.append(self.wal_epoch, &log) {
+                return Err(self.fail(e.to_string()));
+            }
+            self.stats
+                .wal_nanos
+                .fetch_add(logging.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            if let Err(e) = txn.commit() {
+                return Err(self.fail(format!("{e} (after the write-ahead log took the group)")));
+            }
+            self.stats.wal_bytes.fetch_add(log.len() as u64, Ordering::Relaxed);
+        }
         self.stats
             .commit_nanos
             .fetch_add(committing.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(results)
+        Ok((results, readied))
+    }
+
+    /// Stops all further writes until restart, whose recovery replays the log.
+    fn fail(&mut self, why: String) -> StorageError {
+        let why = format!("the writer stopped: {why}; restart the node to recover from the write-ahead log");
+        tracing::error!("{why}");
+        self.failed = Some(why.clone());
+        StorageError(why)
     }
 
     /// Fresh HLC reading for a local write.
@@ -348,7 +469,7 @@ impl Writer {
         doc.insert("_createdby".into(), by.name.clone().into());
         doc.insert("_createdbyid".into(), by.id.clone().into());
         stamp_modified(&mut doc, now, by);
-        self.local_change(t, ChangeKind::Insert, &collection, &id, doc, hlc, by)
+        self.local_change(t, ChangeKind::Insert, &collection, &id, doc, None, hlc, by)
             .map(WriteDone::Document)
     }
 
@@ -376,11 +497,27 @@ impl Writer {
         t: &mut WriteTables<'_>,
         collection: String,
         id: String,
-        mut doc: Map<String, Value>,
+        doc: Map<String, Value>,
         by: &Principal,
     ) -> Result<WriteDone, WriteError> {
         validate_collection(&collection)?;
         validate_id(&id)?;
+        let Some(current) = t.current(&collection, &id)? else {
+            return Err(WriteError::NotFound { collection, id });
+        };
+        self.replace_current(t, collection, id, doc, current, by)
+    }
+
+    /// `replace_unchecked` with the current document already read.
+    pub(crate) fn replace_current(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        collection: String,
+        id: String,
+        mut doc: Map<String, Value>,
+        current: Map<String, Value>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
         match doc.get("_id") {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) if *s == id => {}
@@ -391,9 +528,6 @@ impl Writer {
                 });
             }
         }
-        let Some(current) = t.current(&collection, &id)? else {
-            return Err(WriteError::NotFound { collection, id });
-        };
         match doc.get("_acl") {
             None | Some(Value::Null) => {
                 if let Some(acl) = current.get("_acl") {
@@ -411,7 +545,7 @@ impl Writer {
             }
         }
         stamp_modified(&mut doc, Value::String(iso8601(hlc.physical_ms())), by);
-        self.local_change(t, ChangeKind::Update, &collection, &id, doc, hlc, by)
+        self.local_change(t, ChangeKind::Update, &collection, &id, doc, Some(current), hlc, by)
             .map(WriteDone::Document)
     }
 
@@ -428,12 +562,13 @@ impl Writer {
             return Err(WriteError::NotFound { collection, id });
         };
         check(&doc, by, crate::acl::DELETE, &collection, &id)?;
+        let current = doc.clone();
         let hlc = self.stamp();
         let now = Value::String(iso8601(hlc.physical_ms()));
         strip_store_fields(&mut doc);
         doc.insert("_deleted".into(), now.clone());
         stamp_modified(&mut doc, now, by);
-        self.local_change(t, ChangeKind::Delete, &collection, &id, doc, hlc, by)
+        self.local_change(t, ChangeKind::Delete, &collection, &id, doc, Some(current), hlc, by)
             .map(WriteDone::Document)
     }
 
@@ -446,10 +581,11 @@ impl Writer {
         collection: &str,
         id: &str,
         body: Map<String, Value>,
+        old: Option<Map<String, Value>>,
         hlc: Timestamp,
         by: &Principal,
     ) -> Result<Value, WriteError> {
-        let body = serde_json::to_vec(&Value::Object(body)).map_err(|e| StorageError(e.to_string()))?;
+        let bytes = serde_json::to_vec(&body).map_err(|e| StorageError(e.to_string()))?;
         let seq = self.vv.get(&self.site) + 1;
         let change = Change {
             origin: self.site.clone(),
@@ -458,12 +594,13 @@ impl Writer {
             kind: kind as i32,
             collection: collection.to_owned(),
             doc_id: id.to_owned(),
-            body,
+            body: bytes,
             author: by.id.clone(),
         };
-        let number = t.append(&change)? - 1;
+        let (_, view) = t.append(&change, Some(LocalWrite { body, old }))?;
         self.vv.advance(&self.site, seq);
-        Ok(version_view(&change, number)?)
+        // A local change carries the newest HLC, so it is the current version.
+        view.ok_or_else(|| StorageError(format!("local change {id} did not become current")).into())
     }
 
     /// Applies a peer's changes: skips those already held, refuses the whole
@@ -507,7 +644,7 @@ impl Writer {
             if self.clock.observe(Timestamp::from_raw(c.hlc), now).clamped {
                 report.clock_clamped += 1;
             }
-            t.append(&c)?;
+            t.append(&c, None)?;
             self.vv.advance(&c.origin, c.seq);
             report.applied += 1;
         }
@@ -543,6 +680,7 @@ fn create_index(t: &mut WriteTables<'_>, collection: &str, field: &str) -> Resul
     if t.indexed_fields(collection)?.iter().any(|f| f == field) {
         return Ok(WriteDone::Nothing);
     }
+    t.cache.indexed.remove(collection);
     t.index_defs
         .insert((collection, field), b"{}".as_slice())
         .map_err(StorageError::from)?;
@@ -573,6 +711,7 @@ fn drop_index(t: &mut WriteTables<'_>, collection: &str, field: &str) -> Result<
             "the index on {field} is built in and cannot be dropped"
         )));
     }
+    t.cache.indexed.remove(collection);
     if t.index_defs
         .remove((collection, field))
         .map_err(StorageError::from)?
@@ -709,7 +848,7 @@ impl Writer {
 }
 
 fn may(doc: &Map<String, Value>, by: &Principal, right: u64) -> bool {
-    crate::acl::allowed(&Value::Object(doc.clone()), by, right)
+    crate::acl::allowed_map(doc, by, right)
 }
 
 /// Refuses a write the caller lacks `right` for: as a missing document
@@ -941,7 +1080,7 @@ impl Writer {
         let hlc = self.stamp();
         strip_store_fields(&mut doc);
         stamp_modified(&mut doc, Value::String(iso8601(hlc.physical_ms())), by);
-        self.local_change(t, ChangeKind::Insert, &collection, &id, doc, hlc, by)
+        self.local_change(t, ChangeKind::Insert, &collection, &id, doc, None, hlc, by)
             .map(WriteDone::Document)
     }
 }
