@@ -52,8 +52,8 @@ pub(crate) fn system_principal() -> Principal {
 }
 
 use store::{
-    CHANGES, CREDENTIALS, DOCUMENTS, INDEX, INDEX_DEFS, META_HLC, META_SITE, META_TOKEN_SECRET, META_WAL_EPOCH, ORIGIN_MAX,
-    VERSIONS, VV,
+    CHANGES, CREDENTIALS, DOCUMENTS, INDEX, INDEX_DEFS, META_HLC, META_SITE, META_TOKEN_SECRET, META_WAL_EPOCH,
+    ORIGIN_MAX, VERSIONS, VV,
 };
 use users::{Credential, VerifiedCache};
 use writer::{Request, WriteDone, WriteOp, Writer};
@@ -159,11 +159,13 @@ impl Node {
         })?;
         let db = Arc::new(db);
         let wal_path = config.data_dir.join("ocmesh.wal");
-        let (mut wal, logged) = wal::Wal::open(&wal_path).map_err(|e| OpenError::Storage(StorageError(e.to_string())))?;
+        let (mut wal, logged) =
+            wal::Wal::open(&wal_path).map_err(|e| OpenError::Storage(StorageError(e.to_string())))?;
         let init = init_store(&db, &config, &logged)?;
         drop(logged);
         wal.checkpointed();
-        wal.trim().map_err(|e| OpenError::Storage(StorageError(e.to_string())))?;
+        wal.trim()
+            .map_err(|e| OpenError::Storage(StorageError(e.to_string())))?;
         if init.replayed > 0 {
             tracing::info!(changes = init.replayed, "replayed the write-ahead log");
         }

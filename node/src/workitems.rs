@@ -213,7 +213,7 @@ pub(crate) fn reindex(
                 }
             },
             Some("processing") => {
-                if let Some(until) = time_field(&n, "_leaseuntil") {
+                if let Some(until) = time_field(n, "_leaseuntil") {
                     leases.insert((until, id), ())?;
                 }
             }

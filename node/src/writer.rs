@@ -175,7 +175,10 @@ impl WriteOp {
     fn writes_outside_changes(&self) -> bool {
         matches!(
             self,
-            WriteOp::CreateIndex { .. } | WriteOp::DropIndex { .. } | WriteOp::PutChunk { .. } | WriteOp::CreateUser { .. }
+            WriteOp::CreateIndex { .. }
+                | WriteOp::DropIndex { .. }
+                | WriteOp::PutChunk { .. }
+                | WriteOp::CreateUser { .. }
         )
     }
 }
@@ -274,7 +277,9 @@ impl Writer {
     fn commit_group(&mut self, ops: Vec<WriteOp>) -> Vec<Result<WriteDone, WriteError>> {
         let n = ops.len();
         if let Some(why) = &self.failed {
-            return (0..n).map(|_| Err(WriteError::Storage(StorageError(why.clone())))).collect();
+            return (0..n)
+                .map(|_| Err(WriteError::Storage(StorageError(why.clone()))))
+                .collect();
         }
         let (clock, vv) = (self.clock.clone(), self.vv.clone());
         match self.try_commit_group(ops) {
