@@ -91,6 +91,7 @@ pub fn router_with_openiap(
     broker: Broker,
     openiap: openiap::FlowServer,
 ) -> Router {
+    openiap.use_broker(broker.clone());
     let docs = "/api/v1/collections/{collection}/documents";
     Router::new()
         .route("/health", get(health))

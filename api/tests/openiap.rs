@@ -42,6 +42,7 @@ async fn server(limits: GrpcLimits) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let flow = FlowServer::new(node.clone(), limits);
+    flow.use_broker(ocmesh_node::messaging::Broker::embedded());
     let stats = flow.stats();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(ocmesh_api::openiap::serve_grpc(listener, flow, async {
@@ -61,6 +62,8 @@ async fn server(limits: GrpcLimits) -> Server {
 struct Conn {
     tx: mpsc::Sender<pb::Envelope>,
     rx: Streaming<pb::Envelope>,
+    /// Pushed envelopes (no `rid`) that arrived while waiting for a reply.
+    events: std::collections::VecDeque<pb::Envelope>,
     next: u64,
     /// Set on every request when not empty.
     jwt: String,
@@ -78,6 +81,7 @@ async fn connect(addr: SocketAddr) -> Conn {
     Conn {
         tx,
         rx,
+        events: Default::default(),
         next: 0,
         jwt: String::new(),
     }
@@ -115,9 +119,15 @@ impl Conn {
 
     async fn call_raw(&mut self, command: &str, data: Option<Any>) -> pb::Envelope {
         let id = self.send(command, data).await;
-        let reply = self.recv().await;
-        assert_eq!(reply.rid, id, "replies come back for their request");
-        reply
+        loop {
+            let reply = self.recv().await;
+            if reply.rid.is_empty() {
+                self.events.push_back(reply);
+                continue;
+            }
+            assert_eq!(reply.rid, id, "replies come back for their request");
+            return reply;
+        }
     }
 
     async fn call<M: Message>(&mut self, command: &str, name: &str, msg: &M) -> pb::Envelope {
@@ -939,6 +949,7 @@ async fn limits_answer_with_errors_not_dropped_streams() {
         max_in_flight: 1,
         outbound_queue: 4,
         max_connections: 8,
+        ..GrpcLimits::default()
     };
     let s = server(limits).await;
     let mut c = connect(s.addr).await;
@@ -1094,4 +1105,466 @@ async fn one_stream_over_the_node_limit_is_refused() {
     }
     let rejected = s.stats.snapshot()["rejected_connections"].as_u64();
     assert!(rejected >= Some(1), "{rejected:?}");
+}
+
+// ---- pushed events: watch, message queues, token refresh ----
+
+impl Conn {
+    /// The next pushed envelope (no `rid`) named `command`; replies to
+    /// nothing are not expected here, so anything else fails the test.
+    async fn event(&mut self, command: &str) -> pb::Envelope {
+        let ev = match self.events.pop_front() {
+            Some(ev) => ev,
+            None => self.recv().await,
+        };
+        assert!(ev.rid.is_empty(), "expected a pushed {command}, got a reply {ev:?}");
+        assert_eq!(ev.command, command, "{ev:?}");
+        ev
+    }
+
+    async fn watch_event(&mut self) -> pb::WatchEvent {
+        let ev = self.event("watchevent").await;
+        pb::WatchEvent::decode(ev.data.expect("data").value.as_slice()).expect("WatchEvent")
+    }
+
+    async fn queue_event(&mut self) -> pb::QueueEvent {
+        let ev = self.event("queueevent").await;
+        pb::QueueEvent::decode(ev.data.expect("data").value.as_slice()).expect("QueueEvent")
+    }
+
+    async fn watch(&mut self, collection: &str, paths: &[&str]) -> String {
+        let r: pb::WatchResponse = self
+            .ok(
+                "watch",
+                "WatchRequest",
+                &pb::WatchRequest {
+                    collectionname: collection.into(),
+                    paths: paths.iter().map(|p| p.to_string()).collect(),
+                },
+            )
+            .await;
+        assert!(!r.id.is_empty());
+        r.id
+    }
+
+    /// Nothing pushed arrives before the reply to a ping.
+    async fn quiet(&mut self) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(self.events.is_empty(), "unexpected events: {:?}", self.events);
+        let id = self.send("ping", Some(any("PingRequest", &pb::PingRequest {}))).await;
+        let next = self.recv().await;
+        assert_eq!(
+            (next.command.as_str(), next.rid.as_str()),
+            ("pong", id.as_str()),
+            "{next:?}"
+        );
+    }
+
+    async fn register_queue(&mut self, name: &str) -> String {
+        let r: pb::RegisterQueueResponse = self
+            .ok(
+                "registerqueue",
+                "RegisterQueueRequest",
+                &pb::RegisterQueueRequest { queuename: name.into() },
+            )
+            .await;
+        r.queuename
+    }
+
+    async fn queue_message(&mut self, m: pb::QueueMessageRequest) -> pb::Envelope {
+        self.call("queuemessage", "QueueMessageRequest", &m).await
+    }
+}
+
+async fn with_bob(s: &Server) {
+    let admin = ocmesh_node::Principal {
+        id: String::new(),
+        name: String::new(),
+        roles: vec![ocmesh_node::acl::ADMINS_ROLE_ID.into()],
+    };
+    s.node
+        .create_user("bob", "bobpw", "Bob", &admin)
+        .await
+        .expect("create bob");
+}
+
+fn doc_of(ev: &pb::WatchEvent) -> Value {
+    serde_json::from_str(&ev.document).expect("document is JSON")
+}
+
+#[tokio::test]
+async fn watch_pushes_changes_the_watcher_may_read() {
+    let s = server(GrpcLimits::default()).await;
+    with_bob(&s).await;
+    let mut a = connect(s.addr).await;
+    let mut b = connect(s.addr).await;
+
+    // Not signed in, bad paths, unknown ids: errors, and the stream lives on.
+    let e = a
+        .err(
+            "watch",
+            "WatchRequest",
+            &pb::WatchRequest {
+                collectionname: "entities".into(),
+                paths: vec![],
+            },
+        )
+        .await;
+    assert_eq!(e.code, 401, "{}", e.message);
+    a.signin("admin", PASSWORD).await;
+    b.signin("bob", "bobpw").await;
+    let e = a
+        .err(
+            "watch",
+            "WatchRequest",
+            &pb::WatchRequest {
+                collectionname: "entities".into(),
+                paths: vec!["$.[?(@._type == 'x')]".into()],
+            },
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+    assert!(e.message.contains("JSON filters"), "{}", e.message);
+    let e = a
+        .err("unwatch", "UnWatchRequest", &pb::UnWatchRequest { id: "nope".into() })
+        .await;
+    assert_eq!(e.code, 404, "{}", e.message);
+
+    let wa = a.watch("entities", &[]).await;
+    let wb = b.watch("entities", &[]).await;
+    let typed = a.watch("entities", &[r#"{"_type": "order"}"#]).await;
+
+    // The admin's document: bob may not read it, so he hears nothing of it.
+    let secret = a.insert("entities", json!({"name": "secret"})).await;
+    let id = secret["_id"].as_str().expect("id").to_owned();
+    let ev = a.watch_event().await;
+    assert_eq!((ev.id.as_str(), ev.operation.as_str()), (wa.as_str(), "insert"));
+    assert_eq!(doc_of(&ev)["name"], "secret");
+    let mut updated = secret.clone();
+    updated["name"] = json!("secret2");
+    let _: pb::UpdateOneResponse = a
+        .ok(
+            "updateone",
+            "UpdateOneRequest",
+            &pb::UpdateOneRequest {
+                collectionname: "entities".into(),
+                item: updated.to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let ev = a.watch_event().await;
+    assert_eq!(ev.operation, "update");
+    assert_eq!(doc_of(&ev)["name"], "secret2");
+    let _: pb::DeleteOneResponse = a
+        .ok(
+            "deleteone",
+            "DeleteOneRequest",
+            &pb::DeleteOneRequest {
+                collectionname: "entities".into(),
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let ev = a.watch_event().await;
+    assert_eq!(ev.operation, "delete");
+    assert_eq!(doc_of(&ev)["_id"], id.as_str());
+
+    // Bob's own document reaches both; the typed watch only sees orders.
+    b.insert("entities", json!({"name": "bobs", "_type": "order"})).await;
+    let ev = b.watch_event().await;
+    assert_eq!((ev.id.as_str(), ev.operation.as_str()), (wb.as_str(), "insert"));
+    assert_eq!(doc_of(&ev)["name"], "bobs");
+    let mut seen = vec![a.watch_event().await.id, a.watch_event().await.id];
+    seen.sort();
+    let mut want = vec![wa.clone(), typed.clone()];
+    want.sort();
+    assert_eq!(seen, want, "both of the admin's watches saw the order");
+    // Other collections are not watched.
+    b.insert("other", json!({"name": "elsewhere"})).await;
+    b.quiet().await;
+
+    // After unwatch, nothing more; the other watch carries on.
+    let _: pb::UnWatchResponse = b
+        .ok("unwatch", "UnWatchRequest", &pb::UnWatchRequest { id: wb.clone() })
+        .await;
+    let e = b.err("unwatch", "UnWatchRequest", &pb::UnWatchRequest { id: wb }).await;
+    assert_eq!(e.code, 404, "a watch ends once: {}", e.message);
+    b.insert("entities", json!({"name": "unseen"})).await;
+    b.quiet().await;
+    let ev = a.watch_event().await;
+    assert_eq!(
+        (ev.id.as_str(), doc_of(&ev)["name"].as_str()),
+        (wa.as_str(), Some("unseen"))
+    );
+    a.quiet().await;
+}
+
+#[tokio::test]
+async fn a_watcher_that_does_not_keep_up_is_dropped_not_waited_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Node::open(NodeConfig {
+        data_dir: dir.path().to_path_buf(),
+        site: "a".into(),
+        admin_password: Some(PASSWORD.into()),
+    })
+    .expect("open")
+    .node;
+    let limits = GrpcLimits {
+        event_queue: 1,
+        watch_stall: Duration::from_millis(100),
+        max_watches: 1,
+        ..GrpcLimits::default()
+    };
+    let d = ocmesh_api::openiap::Dispatcher::new(node, limits);
+    let (session, mut events) = d.open_session("test", "here");
+    let request = |command: &str, name: &str, msg: &dyn Fn() -> Any| pb::Envelope {
+        command: command.into(),
+        id: format!("{command}-{name}"),
+        data: Some(msg()),
+        ..Default::default()
+    };
+    let signin = d
+        .handle(
+            &session,
+            request("signin", "1", &|| {
+                any(
+                    "SigninRequest",
+                    &pb::SigninRequest {
+                        username: "admin".into(),
+                        password: PASSWORD.into(),
+                        ..Default::default()
+                    },
+                )
+            }),
+        )
+        .await;
+    let session = signin.session.expect("signed in");
+    let watch = || {
+        request("watch", "w", &|| {
+            any(
+                "WatchRequest",
+                &pb::WatchRequest {
+                    collectionname: "entities".into(),
+                    paths: vec![],
+                },
+            )
+        })
+    };
+    let h = d.handle(&session, watch()).await;
+    assert_eq!(h.replies[0].command, "watchreply");
+    // One watch per connection here: a second is refused.
+    let h = d.handle(&session, watch()).await;
+    assert_eq!(h.replies[0].command, "error");
+    assert_eq!(error_of(&h.replies[0]).code, 429);
+
+    for i in 0..5 {
+        let h = d
+            .handle(
+                &session,
+                request("insertone", &i.to_string(), &|| {
+                    any(
+                        "InsertOneRequest",
+                        &pb::InsertOneRequest {
+                            collectionname: "entities".into(),
+                            item: json!({"n": i}).to_string(),
+                            ..Default::default()
+                        },
+                    )
+                }),
+            )
+            .await;
+        assert_eq!(h.replies[0].command, "insertonereply", "writes never wait for watchers");
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let first = tokio::time::timeout(WAIT, events.recv())
+        .await
+        .expect("event")
+        .expect("open");
+    assert_eq!(first.command, "watchevent");
+    let dropped = tokio::time::timeout(WAIT, events.recv())
+        .await
+        .expect("event")
+        .expect("open");
+    assert_eq!(dropped.command, "error", "{dropped:?}");
+    let e = error_of(&dropped);
+    assert!(e.message.contains("did not take its events"), "{}", e.message);
+    assert_eq!(
+        d.live_stats()
+            .watches_dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The dropped watch is gone: a new one may start.
+    let h = d.handle(&session, watch()).await;
+    assert_eq!(h.replies[0].command, "watchreply");
+    d.close_session(&session).await;
+}
+
+#[tokio::test]
+async fn message_queues_carry_an_rpc_round_trip_between_two_clients() {
+    let s = server(GrpcLimits::default()).await;
+    let mut service = connect(s.addr).await;
+    let mut caller = connect(s.addr).await;
+    let e = service
+        .err(
+            "registerqueue",
+            "RegisterQueueRequest",
+            &pb::RegisterQueueRequest { queuename: "x".into() },
+        )
+        .await;
+    assert_eq!(e.code, 401, "{}", e.message);
+    service.signin("admin", PASSWORD).await;
+    caller.signin("admin", PASSWORD).await;
+
+    assert_eq!(service.register_queue("rpc-svc").await, "rpc-svc");
+    let reply_queue = caller.register_queue("").await;
+    assert!(!reply_queue.is_empty() && reply_queue != "rpc-svc");
+
+    // The request: to the service's queue, with replyto and correlationId.
+    let sent = caller
+        .queue_message(pb::QueueMessageRequest {
+            queuename: "rpc-svc".into(),
+            correlation_id: "corr-1".into(),
+            replyto: reply_queue.clone(),
+            data: json!({"payload": {"question": 6}}).to_string(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(sent.command, "queuemessagereply", "{:?}", error_text(&sent));
+    let req = service.queue_event().await;
+    assert_eq!(req.queuename, "rpc-svc");
+    assert_eq!(
+        (req.correlation_id.as_str(), req.replyto.as_str()),
+        ("corr-1", reply_queue.as_str())
+    );
+    let asked: Value = serde_json::from_str(&req.data).expect("JSON data");
+    assert_eq!(asked["payload"]["question"], 6);
+
+    // The answer goes to replyto with the same correlationId.
+    let answered = service
+        .queue_message(pb::QueueMessageRequest {
+            queuename: req.replyto.clone(),
+            correlation_id: req.correlation_id.clone(),
+            data: json!({"payload": {"answer": 42}}).to_string(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(answered.command, "queuemessagereply", "{:?}", error_text(&answered));
+    let reply = caller.queue_event().await;
+    assert_eq!(reply.queuename, reply_queue);
+    assert_eq!((reply.correlation_id.as_str(), reply.replyto.as_str()), ("corr-1", ""));
+    let answer: Value = serde_json::from_str(&reply.data).expect("JSON data");
+    assert_eq!(answer["payload"]["answer"], 42);
+
+    // Exchanges: a fanout with a queue of its own.
+    let e = caller
+        .err(
+            "registerexchange",
+            "RegisterExchangeRequest",
+            &pb::RegisterExchangeRequest {
+                exchangename: "news".into(),
+                algorithm: "shout".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+    let ex: pb::RegisterExchangeResponse = service
+        .ok(
+            "registerexchange",
+            "RegisterExchangeRequest",
+            &pb::RegisterExchangeRequest {
+                exchangename: "news".into(),
+                algorithm: "fanout".into(),
+                addqueue: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(!ex.queuename.is_empty());
+    let sent = caller
+        .queue_message(pb::QueueMessageRequest {
+            exchangename: "news".into(),
+            data: "\"hello\"".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(sent.command, "queuemessagereply", "{:?}", error_text(&sent));
+    let ev = service.queue_event().await;
+    assert_eq!(
+        (ev.queuename.as_str(), ev.data.as_str()),
+        (ex.queuename.as_str(), "\"hello\"")
+    );
+
+    // Errors: no such queue, no target, unknown registration.
+    let e = error_of(
+        &caller
+            .queue_message(pb::QueueMessageRequest {
+                queuename: "nobody-listens".into(),
+                data: "{}".into(),
+                ..Default::default()
+            })
+            .await,
+    );
+    assert_eq!(e.code, 404, "{}", e.message);
+    let e = error_of(&caller.queue_message(pb::QueueMessageRequest::default()).await);
+    assert_eq!(e.code, 400, "{}", e.message);
+    let e = caller
+        .err(
+            "unregisterqueue",
+            "UnRegisterQueueRequest",
+            &pb::UnRegisterQueueRequest {
+                queuename: "rpc-svc".into(),
+            },
+        )
+        .await;
+    assert_eq!(
+        e.code, 404,
+        "only the registering connection unregisters: {}",
+        e.message
+    );
+
+    // Unregistered: messages wait in the named queue, and no events come.
+    let _: pb::UnRegisterQueueResponse = service
+        .ok(
+            "unregisterqueue",
+            "UnRegisterQueueRequest",
+            &pb::UnRegisterQueueRequest {
+                queuename: "rpc-svc".into(),
+            },
+        )
+        .await;
+    let sent = caller
+        .queue_message(pb::QueueMessageRequest {
+            queuename: "rpc-svc".into(),
+            data: "{}".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(sent.command, "queuemessagereply");
+    service.quiet().await;
+
+    // Closing the caller deletes its temporary reply queue.
+    drop(caller);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = service
+            .queue_message(pb::QueueMessageRequest {
+                queuename: reply_queue.clone(),
+                data: "{}".into(),
+                ..Default::default()
+            })
+            .await;
+        if r.command == "error" {
+            assert_eq!(error_of(&r).code, 404);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the temporary queue outlived its connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1038,6 +1038,43 @@ impl Node {
             serde_json::from_slice(v.value()).map_err(|e| StorageError(format!("credential of {username}: {e}")))?;
         Ok(Some(cred))
     }
+
+    /// Names of the collections that hold at least one current (not
+    /// deleted) document, in name order. Reads one key per collection.
+    pub fn collection_names(&self) -> Result<Vec<String>, ReadError> {
+        let txn = self.read()?;
+        let table = match txn.open_table(DOCUMENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        let mut next = table.first()?.map(|(k, _)| k.value().0.to_owned());
+        while let Some(collection) = next {
+            // Document ids are hex, so (collection, ORIGIN_MAX) sorts after all of its keys.
+            next = match table.range((collection.as_str(), ORIGIN_MAX)..)?.next() {
+                Some(entry) => Some(entry?.0.value().0.to_owned()),
+                None => None,
+            };
+            out.push(collection);
+        }
+        Ok(out)
+    }
+
+    /// `read_changes` with the request's parts: changes above `after` (a
+    /// vector from `subscribe`), at most `max_changes` and about `max_bytes`.
+    pub fn changes_since(
+        &self,
+        after: &VersionVector,
+        max_changes: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Change>, ReadError> {
+        self.read_changes(&FetchRequest {
+            after: after.clone(),
+            max_changes,
+            max_bytes,
+        })
+    }
 }
 
 /// Creates the tables, checks the site name, makes the token secret and the

@@ -7,18 +7,22 @@
 //! that fails wrote nothing (the node's writes are all-or-none); a reply
 //! larger than the message limit becomes an `error`.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prost::Message;
 use prost_types::Any;
 use serde_json::{Map, Value, json};
 
+use ocmesh_node::messaging::{Broker, MqError};
 use ocmesh_node::query::{Filter, Query};
 use ocmesh_node::{AuthError, Node, Principal, ReadError, WriteError, acl, workitems};
 use ocmesh_proto::openiap as pb;
 
 use super::GrpcLimits;
 use super::convert::{self, ConvertError, pack};
+use super::live::{self, Connection, Events, LiveStats, Registry};
 use crate::auth::{TOKEN_LIFETIME_SECS, issue_token, verify_token};
 use crate::error::ApiError;
 
@@ -47,6 +51,20 @@ const USER_COMMANDS: &[&str] = &[
     "addworkitemqueue",
     "updateworkitemqueue",
     "deleteworkitemqueue",
+    "watch",
+    "unwatch",
+    "registerqueue",
+    "registerexchange",
+    "queuemessage",
+    "unregisterqueue",
+    "listcollections",
+    "createcollection",
+    "dropcollection",
+    "createindex",
+    "getindexes",
+    "dropindex",
+    "insertorupdatemany",
+    "customcommand",
 ];
 
 /// Why a command failed; its text is the `ErrorResponse.message`.
@@ -87,6 +105,14 @@ pub enum CommandError {
     TooManyInFlight { limit: usize },
     #[error("internal error: {0}")]
     Internal(String),
+    /// A per-connection limit (watches, queues) was reached.
+    #[error("{0}")]
+    Limit(String),
+    /// The command needs a live connection (a stream), not a lone request.
+    #[error("{0} needs a streaming connection (SetupStream or /ws/v2)")]
+    NeedsConnection(&'static str),
+    #[error("no message broker is attached to this OpenIAP server")]
+    NoBroker,
 }
 
 impl CommandError {
@@ -97,7 +123,9 @@ impl CommandError {
             CommandError::Node { code, .. } => *code,
             CommandError::Unsupported(_) => 501,
             CommandError::TooLarge { .. } | CommandError::ReplyTooLarge { .. } => 413,
-            CommandError::TooManyInFlight { .. } => 429,
+            CommandError::TooManyInFlight { .. } | CommandError::Limit(_) => 429,
+            CommandError::NeedsConnection(_) => 400,
+            CommandError::NoBroker => 503,
             CommandError::Internal(_) => 500,
             CommandError::UnknownCommand(_)
             | CommandError::WrongType { .. }
@@ -127,7 +155,7 @@ macro_rules! node_error_from {
         }
     )*};
 }
-node_error_from!(WriteError, ReadError, AuthError);
+node_error_from!(WriteError, ReadError, AuthError, MqError);
 
 /// Who a connection is signed in as.
 #[derive(Debug, Clone)]
@@ -143,6 +171,9 @@ pub struct SignedIn {
 #[derive(Debug, Clone, Default)]
 pub struct Session {
     pub signed_in: Option<SignedIn>,
+    /// The live connection (for watches, queues, pushed events); `None`
+    /// for requests handled alone.
+    pub conn: Option<Arc<Connection>>,
 }
 
 /// What one request produced.
@@ -156,14 +187,14 @@ pub struct Handled {
     pub failed: bool,
 }
 
-struct Done {
+pub(super) struct Done {
     command: String,
     data: Any,
     session: Option<Session>,
 }
 
 impl Done {
-    fn reply(command: &str, data: Any) -> Result<Done, CommandError> {
+    pub(super) fn reply(command: &str, data: Any) -> Result<Done, CommandError> {
         Ok(Done {
             command: format!("{command}reply"),
             data,
@@ -175,10 +206,17 @@ impl Done {
 /// Runs OpenIAP commands against a node.
 #[derive(Debug)]
 pub struct Dispatcher {
-    node: Node,
-    limits: GrpcLimits,
+    pub(super) node: Node,
+    pub(super) limits: GrpcLimits,
     next_id: AtomicU64,
+    next_conn: AtomicU64,
+    broker: tokio::sync::watch::Sender<Option<Broker>>,
+    pub(super) clients: Registry,
+    pub(super) live: Arc<LiveStats>,
 }
+
+/// How long a queue command waits for `set_broker` before failing.
+const BROKER_WAIT: Duration = Duration::from_secs(5);
 
 impl Dispatcher {
     pub fn new(node: Node, limits: GrpcLimits) -> Self {
@@ -186,6 +224,64 @@ impl Dispatcher {
             node,
             limits,
             next_id: AtomicU64::new(1),
+            next_conn: AtomicU64::new(1),
+            broker: tokio::sync::watch::Sender::new(None),
+            clients: Registry::default(),
+            live: Arc::new(LiveStats::default()),
+        }
+    }
+
+    /// Attaches the message broker queue commands use (the first one wins).
+    pub fn set_broker(&self, broker: Broker) {
+        self.broker.send_if_modified(|b| {
+            if b.is_none() {
+                *b = Some(broker);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub(super) async fn broker(&self) -> Result<Broker, CommandError> {
+        let mut rx = self.broker.subscribe();
+        match tokio::time::timeout(BROKER_WAIT, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(b)) => b.clone().ok_or(CommandError::NoBroker),
+            _ => Err(CommandError::NoBroker),
+        }
+    }
+
+    pub fn live_stats(&self) -> Arc<LiveStats> {
+        self.live.clone()
+    }
+
+    /// A session for a new connection, and the events pushed to it (watch
+    /// and queue events, token refreshes). End it with `close_session`.
+    pub fn open_session(&self, transport: &str, peer: &str) -> (Session, Events) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (conn, events) = Connection::new(id, transport, peer, self.limits.event_queue);
+        if !self.clients.add(&conn, self.limits.max_connections.max(1)) {
+            tracing::warn!(connection = id, "client registry full; this connection is not listed");
+        }
+        (
+            Session {
+                signed_in: None,
+                conn: Some(conn),
+            },
+            events,
+        )
+    }
+
+    /// Stops a session's watches, consumers and token refresh, and deletes
+    /// the temporary queues it made.
+    pub async fn close_session(&self, session: &Session) {
+        if let Some(conn) = &session.conn {
+            self.clients.remove(conn.id());
+            let temporary = conn.close();
+            if !temporary.is_empty() {
+                let broker = self.broker.borrow().clone();
+                live::delete_queues(broker, temporary).await;
+            }
         }
     }
 
@@ -265,10 +361,13 @@ impl Dispatcher {
                     session: None,
                 })
             }
-            "signin" => self.signin(env).await,
+            "signin" => self.signin(session, env).await,
             c if USER_COMMANDS.contains(&c) => {
                 let who = self.caller(session, env).await?;
-                self.as_user(command, &who, env).await
+                match self.live_command(command, &who, session, env).await {
+                    Some(done) => done,
+                    None => self.as_user(command, &who, env).await,
+                }
             }
             other => Err(CommandError::UnknownCommand(other.to_owned())),
         }
@@ -276,15 +375,15 @@ impl Dispatcher {
 
     /// The user a request runs as: its envelope's jwt, else the connection's sign-in.
     async fn caller(&self, session: &Session, env: &pb::Envelope) -> Result<Principal, CommandError> {
-        let token = if !env.jwt.is_empty() {
-            env.jwt.as_str()
-        } else {
-            match &session.signed_in {
-                Some(s) => s.jwt.as_str(),
-                None => return Err(CommandError::NotSignedIn),
-            }
-        };
-        self.principal_of(token).await
+        if !env.jwt.is_empty() {
+            return self.principal_of(&env.jwt).await;
+        }
+        // The connection's token, refreshed in place, else the session's.
+        let current = session.conn.as_ref().and_then(|c| c.shared.signed_in());
+        match current.as_ref().or(session.signed_in.as_ref()) {
+            Some(s) => self.principal_of(&s.jwt).await,
+            None => Err(CommandError::NotSignedIn),
+        }
     }
 
     async fn principal_of(&self, token: &str) -> Result<Principal, CommandError> {
@@ -293,7 +392,7 @@ impl Dispatcher {
         blocking(move || node.with_roles(who)).await
     }
 
-    async fn signin(&self, env: &pb::Envelope) -> Result<Done, CommandError> {
+    async fn signin(&self, current: &Session, env: &pb::Envelope) -> Result<Done, CommandError> {
         let req: pb::SigninRequest = unpack(env, "SigninRequest")?;
         let who = if !req.password.is_empty() {
             if req.username.is_empty() {
@@ -323,7 +422,12 @@ impl Dispatcher {
                 username: user.username.clone(),
                 jwt: jwt.clone(),
             }),
+            conn: current.conn.clone(),
         });
+        if let (Some(s), Some(conn)) = (&session, &current.conn) {
+            *conn.shared.signed_in.lock().unwrap_or_else(|e| e.into_inner()) = s.signed_in.clone();
+            self.start_refresh(conn, lifetime);
+        }
         tracing::info!(user = %user.username, validateonly = req.validateonly, agent = %req.agent, "openiap signin");
         Ok(Done {
             command: "signinreply".into(),
@@ -334,39 +438,46 @@ impl Dispatcher {
 
     /// OpenCore's user shape: id, name, username, email and role names.
     async fn user_message(&self, who: &Principal) -> Result<pb::User, CommandError> {
-        let node = self.node.clone();
-        let who = who.clone();
-        blocking(move || {
-            let doc = node.get("users", &who.id).ok();
-            let field = |d: &Option<Value>, k: &str| {
-                d.as_ref()
-                    .and_then(|d| d.get(k))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            };
-            let roles = who
-                .roles
-                .iter()
-                .map(|rid| {
-                    let name = field(&node.get("users", rid).ok(), "name").unwrap_or_else(|| match rid.as_str() {
-                        acl::ADMINS_ROLE_ID => "admins".to_owned(),
-                        acl::USERS_ROLE_ID => "users".to_owned(),
-                        other => other.to_owned(),
-                    });
-                    pb::Role { id: rid.clone(), name }
-                })
-                .collect();
-            Ok::<_, CommandError>(pb::User {
-                id: who.id.clone(),
-                name: field(&doc, "name").unwrap_or_else(|| who.name.clone()),
-                username: field(&doc, "username").unwrap_or_else(|| who.name.clone()),
-                email: field(&doc, "email").unwrap_or_default(),
-                roles,
-            })
-        })
-        .await
+        user_message(&self.node, who).await
     }
+}
 
+/// OpenCore's user shape: id, name, username, email and role names.
+pub(super) async fn user_message(node: &Node, who: &Principal) -> Result<pb::User, CommandError> {
+    let node = node.clone();
+    let who = who.clone();
+    blocking(move || {
+        let doc = node.get("users", &who.id).ok();
+        let field = |d: &Option<Value>, k: &str| {
+            d.as_ref()
+                .and_then(|d| d.get(k))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let roles = who
+            .roles
+            .iter()
+            .map(|rid| {
+                let name = field(&node.get("users", rid).ok(), "name").unwrap_or_else(|| match rid.as_str() {
+                    acl::ADMINS_ROLE_ID => "admins".to_owned(),
+                    acl::USERS_ROLE_ID => "users".to_owned(),
+                    other => other.to_owned(),
+                });
+                pb::Role { id: rid.clone(), name }
+            })
+            .collect();
+        Ok::<_, CommandError>(pb::User {
+            id: who.id.clone(),
+            name: field(&doc, "name").unwrap_or_else(|| who.name.clone()),
+            username: field(&doc, "username").unwrap_or_else(|| who.name.clone()),
+            email: field(&doc, "email").unwrap_or_default(),
+            roles,
+        })
+    })
+    .await
+}
+
+impl Dispatcher {
     async fn as_user(&self, command: &str, who: &Principal, env: &pb::Envelope) -> Result<Done, CommandError> {
         let node = &self.node;
         match command {
@@ -836,7 +947,7 @@ pub fn unpack<M: Message + Default>(env: &pb::Envelope, expected: &'static str) 
 }
 
 /// Runs a synchronous store read on the blocking pool.
-async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, CommandError>
+pub(super) async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, CommandError>
 where
     T: Send + 'static,
     E: Into<CommandError> + Send + 'static,

@@ -15,14 +15,17 @@
 //! reason; client input never panics the server, and one connection's
 //! failure never touches another's.
 
+mod commands;
 mod config;
 mod convert;
 mod dispatch;
+mod live;
 mod ws;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use serde_json::{Value, json};
@@ -37,6 +40,7 @@ use ocmesh_proto::openiap::flow_service_server::{FlowService, FlowServiceServer}
 pub use config::config;
 pub use convert::ConvertError;
 pub use dispatch::{CommandError, Dispatcher, Handled, LONG_TOKEN_SECS, Session, SignedIn, unpack};
+pub use live::{Connection, Events, LiveStats};
 pub use ws::websocket;
 
 /// Per-connection limits.
@@ -54,6 +58,17 @@ pub struct GrpcLimits {
     /// Open streams (gRPC and WebSocket together) per node; one more is
     /// refused (RESOURCE_EXHAUSTED, or a close frame).
     pub max_connections: usize,
+    /// Events (watch, queue, token refresh) waiting for one connection.
+    pub event_queue: usize,
+    /// How long a watch waits for room in a full event queue before it is
+    /// dropped (the client is not keeping up).
+    pub watch_stall: Duration,
+    /// Watches, and registered message queues, per connection.
+    pub max_watches: usize,
+    pub max_queues: usize,
+    /// A signed-in connection gets a `refreshtoken` this long before its
+    /// token expires.
+    pub token_refresh_lead: Duration,
 }
 
 impl Default for GrpcLimits {
@@ -65,6 +80,11 @@ impl Default for GrpcLimits {
             max_in_flight: 64,
             outbound_queue: 128,
             max_connections: 4096,
+            event_queue: 256,
+            watch_stall: Duration::from_secs(10),
+            max_watches: 64,
+            max_queues: 64,
+            token_refresh_lead: Duration::from_secs(3600),
         }
     }
 }
@@ -154,6 +174,18 @@ impl FlowServer {
         self.stats.clone()
     }
 
+    /// The message broker OpenIAP's queue commands use (the REST API's,
+    /// so both see the same queues). Until it is set they wait briefly,
+    /// then fail with 503.
+    pub fn use_broker(&self, broker: ocmesh_node::messaging::Broker) {
+        self.dispatcher.set_broker(broker);
+    }
+
+    /// The dispatcher every connection of this server uses.
+    pub fn dispatcher(&self) -> Arc<Dispatcher> {
+        self.dispatcher.clone()
+    }
+
     /// The tonic service, with the transport's message caps set.
     pub fn into_service(self) -> FlowServiceServer<FlowServer> {
         let hard = self.limits.hard_max_message_bytes.max(self.limits.max_message_bytes);
@@ -194,7 +226,7 @@ impl FlowService for FlowServer {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.limits.outbound_queue.max(1));
         let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
-        tokio::spawn(connection(self.clone(), inbound, tx, peer, slot));
+        tokio::spawn(connection(self.clone(), inbound, tx, "grpc", peer, slot));
         let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
         Ok(Response::new(Box::pin(out)))
     }
@@ -249,8 +281,14 @@ async fn run_guarded(dispatcher: &Dispatcher, session: &Session, request: Envelo
 
 /// The connection actor: reads envelopes until the stream ends. `inbound`
 /// yields an `Err` for a stream that broke or could not be decoded.
-async fn connection<S>(server: FlowServer, mut inbound: S, tx: Outbound, peer: String, slot: OwnedSemaphorePermit)
-where
+async fn connection<S>(
+    server: FlowServer,
+    mut inbound: S,
+    tx: Outbound,
+    transport: &'static str,
+    peer: String,
+    slot: OwnedSemaphorePermit,
+) where
     S: futures_util::Stream<Item = Result<Envelope, Status>> + Unpin + Send,
 {
     use futures_util::StreamExt;
@@ -259,7 +297,18 @@ where
     stats.connections_total.fetch_add(1, Ordering::Relaxed);
     tracing::info!(%peer, "openiap stream opened");
     let in_flight = Arc::new(Semaphore::new(server.limits.max_in_flight.max(1)));
-    let mut session = Session::default();
+    let (mut session, mut events) = server.dispatcher.open_session(transport, &peer);
+    // Pushed events go out through the same bounded queue as replies.
+    let forward = {
+        let (tx, stats) = (tx.clone(), stats.clone());
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if !send(&tx, &stats, ev).await {
+                    break;
+                }
+            }
+        })
+    };
     let mut requests = 0u64;
     let mut closing = server.closing.subscribe();
     let reason = loop {
@@ -320,6 +369,8 @@ where
             }
         }
     };
+    server.dispatcher.close_session(&session).await;
+    forward.abort();
     stats.connections_open.fetch_sub(1, Ordering::Relaxed);
     drop(slot);
     tracing::info!(%peer, requests, %reason, "openiap stream closed");

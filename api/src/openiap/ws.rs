@@ -170,7 +170,7 @@ async fn serve(flow: FlowServer, mut socket: WebSocket) {
     let inbound = Box::pin(futures_util::stream::unfold(in_rx, |mut rx| async move {
         rx.recv().await.map(|e| (e, rx))
     }));
-    connection(flow, inbound, out_tx, "websocket".into(), slot).await;
+    connection(flow, inbound, out_tx, "websocket", "websocket".into(), slot).await;
 }
 
 #[cfg(test)]
