@@ -1568,3 +1568,252 @@ async fn message_queues_carry_an_rpc_round_trip_between_two_clients() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn collections_indexes_upserts_and_clients() {
+    let s = server(GrpcLimits::default()).await;
+    with_bob(&s).await;
+    let mut a = connect(s.addr).await;
+    let e = a
+        .err(
+            "listcollections",
+            "ListCollectionsRequest",
+            &pb::ListCollectionsRequest::default(),
+        )
+        .await;
+    assert_eq!(e.code, 401, "{}", e.message);
+    a.signin("admin", PASSWORD).await;
+    a.insert("entities", json!({"name": "x"})).await;
+    a.insert("things", json!({"name": "y"})).await;
+    let r: pb::ListCollectionsResponse = a
+        .ok(
+            "listcollections",
+            "ListCollectionsRequest",
+            &pb::ListCollectionsRequest::default(),
+        )
+        .await;
+    let names: Vec<Value> = serde_json::from_str(&r.results).expect("JSON");
+    let names: Vec<&str> = names.iter().filter_map(|c| c["name"].as_str()).collect();
+    assert!(names.contains(&"entities") && names.contains(&"things"), "{names:?}");
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted, once each: {names:?}");
+
+    // createcollection accepts a valid name (collections are implicit); dropcollection is refused.
+    let _: pb::CreateCollectionResponse = a
+        .ok(
+            "createcollection",
+            "CreateCollectionRequest",
+            &pb::CreateCollectionRequest {
+                collectionname: "fresh".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let e = a
+        .err(
+            "createcollection",
+            "CreateCollectionRequest",
+            &pb::CreateCollectionRequest {
+                collectionname: "capped".into(),
+                capped: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 501, "{}", e.message);
+    let e = a
+        .err(
+            "createcollection",
+            "CreateCollectionRequest",
+            &pb::CreateCollectionRequest::default(),
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+    let e = a
+        .err(
+            "dropcollection",
+            "DropCollectionRequest",
+            &pb::DropCollectionRequest {
+                collectionname: "things".into(),
+            },
+        )
+        .await;
+    assert_eq!(e.code, 501, "{}", e.message);
+    assert!(e.message.contains("dropcollection"), "{}", e.message);
+
+    // Indexes: one field each, listed MongoDB-style, dropped by name.
+    let created: pb::CreateIndexResponse = a
+        .ok(
+            "createindex",
+            "CreateIndexRequest",
+            &pb::CreateIndexRequest {
+                collectionname: "entities".into(),
+                index: r#"{"name": 1}"#.into(),
+                options: "{}".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(created.result, "name_1");
+    for bad in [r#"{"a": 1, "b": 1}"#, r#"{"a": "text"}"#, "not json"] {
+        let e = a
+            .err(
+                "createindex",
+                "CreateIndexRequest",
+                &pb::CreateIndexRequest {
+                    collectionname: "entities".into(),
+                    index: bad.into(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert_eq!(e.code, 400, "{bad}: {}", e.message);
+    }
+    let e = a
+        .err(
+            "createindex",
+            "CreateIndexRequest",
+            &pb::CreateIndexRequest {
+                collectionname: "entities".into(),
+                index: r#"{"a": 1}"#.into(),
+                options: r#"{"unique": true}"#.into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+    let indexes = |r: pb::GetIndexesResponse| -> Vec<String> {
+        let v: Vec<Value> = serde_json::from_str(&r.results).expect("JSON");
+        v.iter().filter_map(|i| i["name"].as_str().map(str::to_owned)).collect()
+    };
+    let get = pb::GetIndexesRequest {
+        collectionname: "entities".into(),
+    };
+    let r: pb::GetIndexesResponse = a.ok("getindexes", "GetIndexesRequest", &get).await;
+    assert_eq!(indexes(r), ["_id_", "_type_1", "name_1"]);
+    let drop_req = |name: &str| pb::DropIndexRequest {
+        collectionname: "entities".into(),
+        name: name.into(),
+    };
+    let _: pb::DropIndexResponse = a.ok("dropindex", "DropIndexRequest", &drop_req("name_1")).await;
+    let r: pb::GetIndexesResponse = a.ok("getindexes", "GetIndexesRequest", &get).await;
+    assert_eq!(indexes(r), ["_id_", "_type_1"]);
+    let e = a.err("dropindex", "DropIndexRequest", &drop_req("name_1")).await;
+    assert_eq!(e.code, 404, "{}", e.message);
+    let e = a.err("dropindex", "DropIndexRequest", &drop_req("_id_")).await;
+    assert_eq!(e.code, 400, "{}", e.message);
+
+    // insertorupdatemany: by a uniqueness field, inserting then updating.
+    let upsert = |items: Value| pb::InsertOrUpdateManyRequest {
+        collectionname: "things".into(),
+        uniqeness: "sku".into(),
+        items: items.to_string(),
+        ..Default::default()
+    };
+    let r: pb::InsertOrUpdateManyResponse = a
+        .ok(
+            "insertorupdatemany",
+            "InsertOrUpdateManyRequest",
+            &upsert(json!([{"sku": "a", "n": 1}, {"sku": "b", "n": 1}])),
+        )
+        .await;
+    let first: Vec<Value> = serde_json::from_str(&r.results).expect("JSON");
+    assert_eq!(first.len(), 2);
+    let r: pb::InsertOrUpdateManyResponse = a
+        .ok(
+            "insertorupdatemany",
+            "InsertOrUpdateManyRequest",
+            &upsert(json!([{"sku": "a", "n": 2}])),
+        )
+        .await;
+    let second: Vec<Value> = serde_json::from_str(&r.results).expect("JSON");
+    assert_eq!(second[0]["_id"], first[0]["_id"], "updated in place");
+    assert_eq!(second[0]["n"], 2);
+    assert_eq!(a.query("things", json!({"sku": {"$exists": true}})).await.len(), 2);
+    let e = a
+        .err(
+            "insertorupdatemany",
+            "InsertOrUpdateManyRequest",
+            &upsert(json!({"not": "a list"})),
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+
+    // getclients: the admin sees every connection, bob only his own.
+    let mut b = connect(s.addr).await;
+    b.signin("bob", "bobpw").await;
+    let clients = |c: pb::CustomCommandResponse| -> Vec<Value> { serde_json::from_str(&c.result).expect("JSON") };
+    let get = pb::CustomCommandRequest {
+        command: "getclients".into(),
+        ..Default::default()
+    };
+    let all = clients(a.ok("customcommand", "CustomCommandRequest", &get).await);
+    let users: Vec<&str> = all.iter().filter_map(|c| c["username"].as_str()).collect();
+    assert_eq!(users, ["admin", "bob"], "{all:?}");
+    assert!(
+        all.iter()
+            .all(|c| c["transport"] == "grpc" && c["connected"].is_string()),
+        "{all:?}"
+    );
+    let mine = clients(b.ok("customcommand", "CustomCommandRequest", &get).await);
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0]["username"], "bob");
+    let e = a
+        .err(
+            "customcommand",
+            "CustomCommandRequest",
+            &pb::CustomCommandRequest {
+                command: "shutdown".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+    // A closed connection leaves the list.
+    drop(b);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = clients(a.ok("customcommand", "CustomCommandRequest", &get).await);
+        if now.len() == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob's closed connection is still listed: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn long_lived_connections_get_a_refreshed_token_before_expiry() {
+    // Refresh two seconds after sign-in (the token lives 24 h).
+    let lead = Duration::from_secs(24 * 3600 - 2);
+    let s = server(GrpcLimits {
+        token_refresh_lead: lead,
+        ..GrpcLimits::default()
+    })
+    .await;
+    let mut c = connect(s.addr).await;
+    let signed = c.signin("admin", PASSWORD).await;
+    let ev = c.event("refreshtoken").await;
+    let r = pb::RefreshToken::decode(ev.data.expect("data").value.as_slice()).expect("RefreshToken");
+    assert_eq!(r.username, "admin");
+    assert_eq!(r.user.expect("user").username, "admin");
+    assert_ne!(r.jwt, signed.jwt, "a new token");
+    // The new token works, and the connection carries on with it.
+    c.jwt = r.jwt.clone();
+    assert_eq!(c.query("entities", json!({})).await.len(), 0);
+    c.jwt.clear();
+    assert_eq!(c.call("ping", "PingRequest", &pb::PingRequest {}).await.command, "pong");
+    // It repeats for as long as the connection lives.
+    let ev = c.event("refreshtoken").await;
+    let again = pb::RefreshToken::decode(ev.data.expect("data").value.as_slice()).expect("RefreshToken");
+    assert_ne!(again.jwt, r.jwt);
+
+    // With the default lead, nothing arrives soon.
+    let s = server(GrpcLimits::default()).await;
+    let mut c = connect(s.addr).await;
+    c.signin("admin", PASSWORD).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.quiet().await;
+}
