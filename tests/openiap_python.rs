@@ -1,7 +1,9 @@
 //! The OpenIAP Python package from PyPI (`openiap`, pinned), unmodified,
 //! against a real `ocmesh run`, once over gRPC and once over WebSocket
 //! (`/ws/v2`): sign-in (and a refused one), documents, a work item pushed,
-//! popped and completed, an error reply that leaves the connection usable.
+//! popped and completed, an error reply that leaves the connection usable,
+//! a watch event, an RPC round trip through message queues, collections and
+//! upserts.
 //! The results are cross-checked over REST.
 //!
 //! `websockets` is pinned below 14: openiap 0.0.37 reads the `open`
@@ -174,6 +176,8 @@ async fn the_openiap_python_package_drives_ocmesh() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e:#}\n--- ocmesh log ---\n{}", site.log_tail(40)))?;
         assert_eq!(summary["user"], "admin");
         assert_eq!(summary["roles"], serde_json::json!(["admins", "users"]));
+        assert_eq!(summary["watch"], "insert", "{summary}");
+        assert_eq!(summary["rpc"], serde_json::json!({"answer": 42}), "{summary}");
 
         // What the Python client did is what the node holds.
         let id = summary["workitem"].as_str().context("work item id")?;

@@ -8,7 +8,9 @@ both transports can share one server.
 
 Signs in (and fails to with a wrong password), inserts and queries
 documents, creates a work-item queue, pushes an item, pops it, completes
-it, and checks each answer. Prints one line `OPENIAP-OK {json}` and exits 0
+it, watches a collection, makes an RPC call through message queues (its own
+reply queue and service queue), lists collections, upserts, and checks each
+answer. Prints one line `OPENIAP-OK {json}` and exits 0
 on success; prints `OPENIAP-FAIL reason` and exits 1 otherwise. Every call
 has a timeout, and the process exits with os._exit so the client's
 background threads cannot keep it alive.
@@ -105,7 +107,63 @@ async def main(url, username, password, tag):
     still = await call("count again", client.Count({"_type": TYPE}, "entities"))
     check(still == 2, f"count after delete returned {still}")
 
-    return {"user": user.username, "roles": roles, "workitem": getattr(done, "_id"), "state": done.state, "queue": QUEUE}
+
+    # Watch: the server pushes a watchevent for a matching insert.
+    seen = asyncio.Queue()
+
+    async def on_change(_client, operation, document):
+        await seen.put((operation, document))
+
+    watch_id = await call("watch", client.Watch("entities", [json.dumps({"_type": f"{TYPE}w"})], on_change))
+    check(watch_id, "watch returned no id")
+    await call("insertone watched", client.InsertOne({"name": "py-w", "_type": f"{TYPE}w"}, "entities"))
+    operation, document = await call("watchevent", seen.get())
+    check(operation == "insert" and document.get("name") == "py-w", f"watch event {operation} {document}")
+    await call("unwatch", client.UnWatch(watch_id))
+
+    # Message queues: an RPC round trip through the client's own reply queue.
+    async def on_reply(_client, _msg, _payload):
+        return None
+
+    async def service(_client, _msg, payload):
+        return {"answer": payload["question"] * 7}
+
+    reply_queue = await call("registerqueue (reply)", client.RegisterQueue("", on_reply))
+    check(reply_queue, "no temporary queue name")
+    rpc_queue = await call("registerqueue", client.RegisterQueue(f"{tag}rpc", service))
+    check(rpc_queue == f"{tag}rpc", f"registered {rpc_queue}")
+    answer = await call("queuemessage rpc", client.QueueMessage(f"{tag}rpc", {"question": 6}, rpc=True))
+    check(answer == {"answer": 42}, f"rpc answered {answer}")
+
+    # Collections and upserts.
+    collections = await call("listcollections", client.ListCollections())
+    names = [c["name"] for c in collections]
+    check("entities" in names and "mq" in names, f"collections {names}")
+    upserted = await call(
+        "insertorupdatemany",
+        client.InsertOrUpdateMany([{"name": "py-u", "_type": TYPE, "n": 9}], "entities", uniqeness="name"),
+    )
+    check(len(upserted) == 1 and upserted[0]["n"] == 9, f"insertorupdatemany returned {upserted}")
+    again = await call(
+        "insertorupdatemany again",
+        client.InsertOrUpdateMany([{"name": "py-u", "_type": TYPE, "n": 10}], "entities", uniqeness="name"),
+    )
+    check(again[0]["_id"] == upserted[0]["_id"] and again[0]["n"] == 10, f"upsert returned {again}")
+    try:
+        await call("dropcollection", client.DropCollection("entities"))
+        raise AssertionError("dropcollection succeeded")
+    except ValueError as e:
+        check("dropcollection" in str(e), f"dropcollection error: {e}")
+
+    return {
+        "user": user.username,
+        "roles": roles,
+        "workitem": getattr(done, "_id"),
+        "state": done.state,
+        "queue": QUEUE,
+        "watch": operation,
+        "rpc": answer,
+    }
 
 
 if __name__ == "__main__":
