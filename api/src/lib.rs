@@ -10,6 +10,7 @@
 
 mod auth;
 mod error;
+pub mod openapi;
 pub mod openiap;
 
 use std::future::Future;
@@ -93,6 +94,7 @@ pub fn router_with_openiap(
     let docs = "/api/v1/collections/{collection}/documents";
     Router::new()
         .route("/health", get(health))
+        .route("/api/openapi.json", get(openapi_json))
         .route("/ws/v2", get(openiap::websocket))
         .route("/config", get(openiap::config))
         .route("/api/v1/signin", post(signin))
@@ -272,6 +274,23 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// The OpenAPI document of this API (no sign-in needed).
+#[utoipa::path(
+    get,
+    path = "/api/openapi.json",
+    tag = "meta",
+    responses((status = 200, description = "this document", body = Object))
+)]
+async fn openapi_json() -> Response {
+    openapi::document_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "meta",
+    responses((status = 200, description = "the node is up: {status, site}", body = Object))
+)]
 async fn health(State(s): State<ApiState>) -> Json<Value> {
     Json(json!({"status": "ok", "site": s.node.site()}))
 }
@@ -282,6 +301,13 @@ struct SignIn {
     password: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/signin",
+    tag = "auth",
+    request_body(content = Object, description = "{username, password}", example = json!({"username": "admin", "password": "secret"})),
+    responses((status = 200, description = "a bearer token and the user: {jwt, user}", body = Object), (status = 401, description = "wrong user name or password", body = crate::openapi::ErrorBody), crate::openapi::PublicErrors)
+)]
 async fn signin(State(s): State<ApiState>, JsonObject(body): JsonObject) -> Result<Json<Value>, ApiError> {
     let SignIn { username, password } = serde_json::from_value(Value::Object(body))
         .map_err(|e| ApiError::bad_request(format!("sign-in needs {{\"username\", \"password\"}}: {e}")))?;
@@ -292,6 +318,15 @@ async fn signin(State(s): State<ApiState>, JsonObject(body): JsonObject) -> Resu
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/collections/{collection}/documents",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name")),
+    request_body(content = Object, description = "the document; _id is generated when absent", example = json!({"name": "x", "_type": "thing"})),
+    responses((status = 201, description = "the stored document with _id, _version and stamps", body = Object), (status = 409, description = "a document with this _id exists", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn insert_document(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -302,6 +337,14 @@ async fn insert_document(
     Ok((StatusCode::CREATED, Json(stored)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/collections/{collection}/documents/{id}",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    responses((status = 200, description = "the current document", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn get_document(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -311,6 +354,15 @@ async fn get_document(
     Ok(Json(blocking(move || node.get_as(&collection, &id, &who)).await?))
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/v1/collections/{collection}/documents/{id}",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    request_body(content = Object, description = "the whole new document (its _id, when given, must match the path)"),
+    responses((status = 200, description = "the new current document", body = Object), (status = 409, description = "conflict", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn replace_document(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -320,6 +372,14 @@ async fn replace_document(
     Ok(Json(s.node.replace(&collection, &id, doc, &who).await?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/collections/{collection}/documents/{id}",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    responses((status = 200, description = "the deleted version (history is kept)", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn delete_document(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -329,6 +389,15 @@ async fn delete_document(
 }
 
 /// `PATCH` with update operators (`$set $unset $inc $push $pull`).
+#[utoipa::path(
+    patch,
+    path = "/api/v1/collections/{collection}/documents/{id}",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    request_body(content = Object, description = "update operators: $set $unset $inc $push $pull", example = json!({"$set": {"name": "y"}})),
+    responses((status = 200, description = "the updated document", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn update_document(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -340,6 +409,14 @@ async fn update_document(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/collections/{collection}/documents/{id}/recover",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    responses((status = 201, description = "the document restored from its last version before the delete", body = Object), (status = 409, description = "the document is not deleted", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn recover_document(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -373,6 +450,15 @@ fn no_more_fields(body: &Map<String, Value>, allowed: &str) -> Result<(), ApiErr
 }
 
 /// `{documents: [...]}`: all inserted, or none.
+#[utoipa::path(
+    post,
+    path = "/api/v1/collections/{collection}/insertmany",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name")),
+    request_body(content = Object, description = "{documents: [...]}", example = json!({"documents": [{"name": "a"}, {"name": "b"}]})),
+    responses((status = 201, description = "the stored documents (all or none)", body = Vec<Object>), (status = 409, description = "an _id exists", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn insert_many(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -387,6 +473,15 @@ async fn insert_many(
 
 /// `{document, uniqueness}` (OpenCore also spells it `uniqeness`): a
 /// comma-separated string or an array of field names; default `_id`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/collections/{collection}/insertorupdate",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name")),
+    request_body(content = Object, description = "{document, uniqueness?}: uniqueness is a comma-separated string or an array of field names, default _id", example = json!({"document": {"name": "a"}, "uniqueness": "name"})),
+    responses((status = 200, description = "the stored document", body = Object), (status = 409, description = "more than one document matches the uniqueness fields", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn insert_or_update(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -424,6 +519,15 @@ async fn insert_or_update(
 }
 
 /// `{filter, update}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/collections/{collection}/updatemany",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name")),
+    request_body(content = Object, description = "{filter, update}", example = json!({"filter": {"name": "a"}, "update": {"$set": {"done": true}}})),
+    responses((status = 200, description = "{modified: N}", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn update_many(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -440,6 +544,15 @@ async fn update_many(
 }
 
 /// `{filter}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/collections/{collection}/deletemany",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name")),
+    request_body(content = Object, description = "{filter}", example = json!({"filter": {"done": true}})),
+    responses((status = 200, description = "{deleted: N}", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn delete_many(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -452,6 +565,14 @@ async fn delete_many(
     Ok(Json(json!({"deleted": deleted.len()})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/collections/{collection}/documents/{id}/versions",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    responses((status = 200, description = "every version, oldest first", body = Vec<Object>), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn list_versions(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -463,6 +584,14 @@ async fn list_versions(
     )))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/collections/{collection}/documents/{id}/versions/{n}",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id"), ("n" = u64, Path, description = "version number, counted from 0")),
+    responses((status = 200, description = "that version of the document", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn get_version(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -488,6 +617,15 @@ fn parse_filter(body: &mut Map<String, Value>) -> Result<ocmesh_node::query::Fil
 }
 
 /// `POST .../query` with `{filter, projection, sort, skip, top}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/collections/{collection}/query",
+    tag = "queries",
+    params(("collection" = String, Path, description = "collection name")),
+    request_body(content = Object, description = "{filter?, projection?, sort?, skip?, top? (default 100)}", example = json!({"filter": {"_type": "thing"}, "sort": {"name": 1}, "top": 10})),
+    responses((status = 200, description = "the matching documents the caller may read", body = Vec<Object>), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn query_documents(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -502,6 +640,15 @@ async fn query_documents(
 }
 
 /// `POST .../count` with `{filter}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/collections/{collection}/count",
+    tag = "queries",
+    params(("collection" = String, Path, description = "collection name")),
+    request_body(content = Object, description = "{filter?}", example = json!({"filter": {"_type": "thing"}})),
+    responses((status = 200, description = "{count: N}", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn count_documents(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -518,6 +665,15 @@ async fn count_documents(
 }
 
 /// `POST .../distinct` with `{field, filter}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/collections/{collection}/distinct",
+    tag = "queries",
+    params(("collection" = String, Path, description = "collection name")),
+    request_body(content = Object, description = "{field, filter?}", example = json!({"field": "name"})),
+    responses((status = 200, description = "the distinct values of the field", body = Vec<Value>), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn distinct_values(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -540,6 +696,14 @@ async fn distinct_values(
     )))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/collections/{collection}/indexes",
+    tag = "queries",
+    params(("collection" = String, Path, description = "collection name")),
+    responses((status = 200, description = "[{field}] for every index of the collection", body = Vec<Object>), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn list_indexes(
     State(s): State<ApiState>,
     Caller(_): Caller,
@@ -553,6 +717,15 @@ async fn list_indexes(
 }
 
 /// `POST .../indexes` with `{field}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/collections/{collection}/indexes",
+    tag = "queries",
+    params(("collection" = String, Path, description = "collection name")),
+    request_body(content = Object, description = "{field}: a field path", example = json!({"field": "name"})),
+    responses((status = 201, description = "{field}", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn create_index(
     State(s): State<ApiState>,
     Caller(_): Caller,
@@ -567,6 +740,14 @@ async fn create_index(
     Ok((StatusCode::CREATED, Json(json!({"field": field}))).into_response())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/collections/{collection}/indexes/{field}",
+    tag = "queries",
+    params(("collection" = String, Path, description = "collection name"), ("field" = String, Path, description = "indexed field path")),
+    responses((status = 200, description = "{dropped: field}", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn drop_index(
     State(s): State<ApiState>,
     Caller(_): Caller,
@@ -576,6 +757,14 @@ async fn drop_index(
     Ok(Json(json!({"dropped": field})))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/workitemqueues",
+    tag = "workitems",
+    request_body(content = Object, description = "the queue: {name, maxretries?, retrydelay?, leasetime?, success_wiq?, failed_wiq?, _acl?}", example = json!({"name": "jobs", "maxretries": 3})),
+    responses((status = 201, description = "the queue document", body = Object), (status = 409, description = "a queue of that name exists", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn add_queue(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -585,6 +774,14 @@ async fn add_queue(
     Ok((StatusCode::CREATED, Json(q)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/workitemqueues/{name}",
+    tag = "workitems",
+    params(("name" = String, Path, description = "queue name")),
+    responses((status = 200, description = "the queue document", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn get_queue(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -594,6 +791,15 @@ async fn get_queue(
     Ok(Json(blocking(move || node.queue_as(&name, &who)).await?))
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/v1/workitemqueues/{name}",
+    tag = "workitems",
+    params(("name" = String, Path, description = "queue name")),
+    request_body(content = Object, description = "queue fields to change"),
+    responses((status = 200, description = "the updated queue document", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn update_queue(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -603,6 +809,14 @@ async fn update_queue(
     Ok(Json(s.node.update_queue(&name, doc, &who).await?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/workitemqueues/{name}",
+    tag = "workitems",
+    params(("name" = String, Path, description = "queue name")),
+    responses((status = 200, description = "the deleted queue document", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn delete_queue(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -612,6 +826,15 @@ async fn delete_queue(
 }
 
 /// One item as the body, or `{"items": [...]}` for many.
+#[utoipa::path(
+    post,
+    path = "/api/v1/workitemqueues/{name}/workitems",
+    tag = "workitems",
+    params(("name" = String, Path, description = "queue name")),
+    request_body(content = Object, description = "one item ({name?, payload?, priority?, nextrun?, files?, ...}), or {items: [...]} for many", example = json!({"name": "job 1", "payload": {"x": 1}})),
+    responses((status = 201, description = "the pushed items", body = Vec<Object>), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn push_workitems(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -643,6 +866,14 @@ struct PopParams {
 }
 
 /// Pops an item: 200 with it, or 204 when none is due (after `?wait=` seconds).
+#[utoipa::path(
+    post,
+    path = "/api/v1/workitemqueues/{name}/pop",
+    tag = "workitems",
+    params(("name" = String, Path, description = "queue name"), ("wait" = Option<f64>, Query, description = "seconds to wait for an item, 0 to 300")),
+    responses((status = 200, description = "the popped item, now processing under a lease", body = Object), (status = 204, description = "no item came due within wait"), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn pop_workitem(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -660,6 +891,14 @@ async fn pop_workitem(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/workitems/{id}",
+    tag = "workitems",
+    params(("id" = String, Path, description = "work item id")),
+    responses((status = 200, description = "the work item", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn get_workitem(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -681,6 +920,15 @@ struct WorkItemUpdate {
 }
 
 /// `{state: successful|failed|retry, errortype?, errormessage?, payload?}`.
+#[utoipa::path(
+    put,
+    path = "/api/v1/workitems/{id}",
+    tag = "workitems",
+    params(("id" = String, Path, description = "work item id")),
+    request_body(content = Object, description = "{state: successful|failed|retry, errortype?: application|business, errormessage?, payload?}", example = json!({"state": "successful"})),
+    responses((status = 200, description = "the work item in its new state", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn update_workitem(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -696,6 +944,14 @@ async fn update_workitem(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/workitems/{id}",
+    tag = "workitems",
+    params(("id" = String, Path, description = "work item id")),
+    responses((status = 200, description = "the deleted work item", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn delete_workitem(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -713,6 +969,15 @@ struct UploadParams {
 
 /// `POST /api/v1/files?filename=NAME[&contentType=TYPE]` with the raw
 /// content as the body, streamed to the store a chunk at a time.
+#[utoipa::path(
+    post,
+    path = "/api/v1/files",
+    tag = "files",
+    params(("filename" = String, Query, description = "file name"), ("contentType" = Option<String>, Query, description = "MIME type, default application/octet-stream")),
+    request_body(content = String, content_type = "application/octet-stream", description = "the raw file content"),
+    responses((status = 201, description = "the fs.files metadata document", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn upload_file(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -734,6 +999,14 @@ async fn upload_file(
 }
 
 /// Streams a file's content, one chunk read at a time.
+#[utoipa::path(
+    get,
+    path = "/api/v1/files/{id}",
+    tag = "files",
+    params(("id" = String, Path, description = "file id")),
+    responses((status = 200, description = "the file content, with its content type", content_type = "application/octet-stream", body = String), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn download_file(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -773,6 +1046,14 @@ fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/files/{id}",
+    tag = "files",
+    params(("id" = String, Path, description = "file id")),
+    responses((status = 200, description = "the deleted metadata document", body = Object), (status = 409, description = "a work item lists this file", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn delete_file(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -791,6 +1072,14 @@ struct NewUser {
 }
 
 /// `{username, password, name?}`: admins only.
+#[utoipa::path(
+    post,
+    path = "/api/v1/users",
+    tag = "auth",
+    request_body(content = Object, description = "{username, password, name?} (admins only)", example = json!({"username": "robot", "password": "secret", "name": "Robot"})),
+    responses((status = 201, description = "the new user document", body = Object), (status = 409, description = "the user name is taken", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn create_user(
     State(s): State<ApiState>,
     Caller(who): Caller,
@@ -823,6 +1112,14 @@ fn opt_str(body: &mut Map<String, Value>, key: &str) -> Result<Option<String>, A
 }
 
 /// `{name?}`: without a name, a temporary queue with a generated name.
+#[utoipa::path(
+    post,
+    path = "/api/v1/mq/queues",
+    tag = "mq",
+    request_body(content = Object, description = "{name?}: without a name, a temporary queue with a generated one", example = json!({"name": "jobs"})),
+    responses((status = 201, description = "{name}", body = Object), crate::openapi::BrokerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn mq_declare_queue(
     State(s): State<ApiState>,
     Caller(_): Caller,
@@ -834,6 +1131,14 @@ async fn mq_declare_queue(
     Ok((StatusCode::CREATED, Json(json!({"name": name}))).into_response())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/mq/queues/{name}",
+    tag = "mq",
+    params(("name" = String, Path, description = "queue name")),
+    responses((status = 200, description = "{deleted: name}", body = Object), crate::openapi::BrokerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn mq_delete_queue(
     State(s): State<ApiState>,
     Caller(_): Caller,
@@ -844,6 +1149,14 @@ async fn mq_delete_queue(
 }
 
 /// `{name, type: direct|fanout|topic}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/mq/exchanges",
+    tag = "mq",
+    request_body(content = Object, description = "{name, type?: direct|fanout|topic (default fanout)}", example = json!({"name": "events", "type": "topic"})),
+    responses((status = 201, description = "{name, type}", body = Object), crate::openapi::BrokerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn mq_declare_exchange(
     State(s): State<ApiState>,
     Caller(_): Caller,
@@ -857,6 +1170,14 @@ async fn mq_declare_exchange(
 }
 
 /// `{queue, exchange, routingkey?}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/mq/bindings",
+    tag = "mq",
+    request_body(content = Object, description = "{queue, exchange, routingkey?}", example = json!({"queue": "jobs", "exchange": "events", "routingkey": "a.*"})),
+    responses((status = 200, description = "{queue, exchange, routingkey}", body = Object), crate::openapi::BrokerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn mq_bind(
     State(s): State<ApiState>,
     Caller(_): Caller,
@@ -871,6 +1192,14 @@ async fn mq_bind(
 }
 
 /// `{queue | exchange + routingkey, data, replyto?, correlationId?, expiration? (ms)}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/mq/publish",
+    tag = "mq",
+    request_body(content = Object, description = "{queue | exchange + routingkey, data, replyto?, correlationId?, expiration? (ms)}", example = json!({"queue": "jobs", "data": {"x": 1}})),
+    responses((status = 200, description = "{published: true}", body = Object), crate::openapi::BrokerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn mq_publish(
     State(s): State<ApiState>,
     Caller(_): Caller,
@@ -918,6 +1247,14 @@ async fn mq_publish(
 
 /// Takes the next message of a queue: 200 `{data, replyto, correlationId}`,
 /// or 204 when none arrives within `?wait=` seconds.
+#[utoipa::path(
+    post,
+    path = "/api/v1/mq/queues/{name}/next",
+    tag = "mq",
+    params(("name" = String, Path, description = "queue name"), ("wait" = Option<f64>, Query, description = "seconds to wait for a message, 0 to 300 (default 0)")),
+    responses((status = 200, description = "{data, replyto, correlationId}", body = Object), (status = 204, description = "no message arrived within wait"), crate::openapi::BrokerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn mq_next(
     State(s): State<ApiState>,
     Caller(_): Caller,
@@ -940,6 +1277,13 @@ async fn mq_next(
 }
 
 /// Node counters and queue depths, and each peer's status.
+#[utoipa::path(
+    get,
+    path = "/api/v1/metrics",
+    tag = "meta",
+    responses((status = 200, description = "node counters, queue depths, peers, OpenIAP counters", body = Object), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn metrics(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {
     let mut m = s.node.metrics();
     let peers = s.peers.as_ref().map(|p| p.snapshot()).unwrap_or_default();
@@ -951,6 +1295,13 @@ async fn metrics(State(s): State<ApiState>, Caller(_): Caller) -> Json<Value> {
 }
 
 /// Each peer's status as the mesh reports it; empty without a mesh.
+#[utoipa::path(
+    get,
+    path = "/api/v1/mesh/peers",
+    tag = "meta",
+    responses((status = 200, description = "each peer's status; empty without a mesh", body = Vec<Object>), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
 async fn mesh_peers(State(s): State<ApiState>, Caller(_): Caller) -> Json<Vec<PeerStatus>> {
     Json(s.peers.as_ref().map(|p| p.snapshot()).unwrap_or_default())
 }
