@@ -129,6 +129,8 @@ pub fn router_with_openiap(
             axum::routing::delete(drop_index),
         )
         .route("/api/v1/mesh/peers", get(mesh_peers))
+        .route("/api/v1/conflicts", get(list_conflicts))
+        .route(&format!("{docs}/{{id}}/conflicts"), get(document_conflicts))
         .route("/api/v1/metrics", get(metrics))
         .route("/api/v1/files", post(upload_file))
         .route("/api/v1/users", post(create_user))
@@ -582,6 +584,56 @@ async fn list_versions(
     let node = s.node.clone();
     Ok(Json(Value::Array(
         blocking(move || node.versions_as(&collection, &id, &who)).await?,
+    )))
+}
+
+/// Which conflicts to list.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct ConflictFilter {
+    /// Only this collection's documents.
+    collection: Option<String>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/conflicts",
+    tag = "documents",
+    params(ConflictFilter),
+    responses((status = 200, description = "same-field conflicts in the histories the caller may read: [{collection, _id, field, kept, lost}], kept and lost being version numbers", body = Vec<Object>), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
+async fn list_conflicts(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    axum::extract::Query(filter): axum::extract::Query<ConflictFilter>,
+) -> Result<Json<Value>, ApiError> {
+    let node = s.node.clone();
+    Ok(Json(Value::Array(
+        blocking(move || node.conflicts(filter.collection.as_deref(), None, &who)).await?,
+    )))
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/collections/{collection}/documents/{id}/conflicts",
+    tag = "documents",
+    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    responses((status = 200, description = "the document's same-field conflicts: [{collection, _id, field, kept, lost}]", body = Vec<Object>), crate::openapi::CallerErrors),
+    security(("basic" = []), ("bearer" = []))
+)]
+async fn document_conflicts(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path((collection, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let node = s.node.clone();
+    Ok(Json(Value::Array(
+        blocking(move || {
+            // A document the caller cannot read looks missing, conflicts or not.
+            node.versions_as(&collection, &id, &who)?;
+            node.conflicts(Some(&collection), Some(&id), &who)
+        })
+        .await?,
     )))
 }
 

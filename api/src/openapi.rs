@@ -174,6 +174,8 @@ fn openiap_config() {}
         crate::delete_many,
         crate::list_versions,
         crate::get_version,
+        crate::list_conflicts,
+        crate::document_conflicts,
         crate::query_documents,
         crate::count_documents,
         crate::distinct_values,

@@ -715,3 +715,72 @@ async fn serve_answers_then_shuts_down_gracefully() {
         "listener closed after shutdown"
     );
 }
+
+/// Conflicts made by a concurrent edit at another site are listed over
+/// REST, for all documents and per document; a missing document is a 404.
+#[tokio::test]
+async fn conflicts_are_listed() {
+    let s = site();
+    let r = s.admin(Method::POST, DOCS, Some(json!({"x": 0}))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let id = r.body["_id"].as_str().expect("id").to_owned();
+    let doc_url = format!("{DOCS}/{id}");
+    let r = s.admin(Method::GET, &format!("{doc_url}/conflicts"), None).await;
+    assert_eq!((r.status, r.body.clone()), (StatusCode::OK, json!([])));
+
+    // Site b gets the document, edits x; site a edits x too, unaware.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = Node::open(NodeConfig {
+        data_dir: dir.path().to_path_buf(),
+        site: "b".into(),
+        admin_password: Some(PASSWORD.into()),
+    })
+    .expect("open b")
+    .node;
+    let everything = ocmesh_replication::FetchRequest {
+        after: ocmesh_replication::VersionVector::new(),
+        max_changes: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+    b.apply(s.node.read_changes(&everything).expect("read a"))
+        .await
+        .expect("apply at b");
+    let r = s
+        .admin(Method::PATCH, &doc_url, Some(json!({"$set": {"x": "a"}})))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let b_admin = ocmesh_node::Principal {
+        id: "0".repeat(24),
+        name: "admin".into(),
+        roles: vec![ocmesh_node::acl::ADMINS_ROLE_ID.into()],
+    };
+    b.update("things", &id, json!({"$set": {"x": "b"}}), &b_admin)
+        .await
+        .expect("edit at b");
+    let from_b: Vec<_> = b
+        .read_changes(&everything)
+        .expect("read b")
+        .into_iter()
+        .filter(|c| c.origin == "b")
+        .collect();
+    s.node.apply(from_b).await.expect("apply at a");
+
+    for url in [
+        "/api/v1/conflicts".to_owned(),
+        format!("{doc_url}/conflicts"),
+        "/api/v1/conflicts?collection=things".into(),
+    ] {
+        let r = s.admin(Method::GET, &url, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{url}: {}", r.body);
+        let list = r.body.as_array().expect("array");
+        assert_eq!(list.len(), 1, "{url}: {}", r.body);
+        assert_eq!(list[0]["field"], "x");
+        assert_eq!(list[0]["_id"], id.as_str());
+    }
+    let r = s.admin(Method::GET, "/api/v1/conflicts?collection=other", None).await;
+    assert_eq!(r.body, json!([]));
+    let r = s
+        .admin(Method::GET, &format!("{DOCS}/0123456789abcdef01234567/conflicts"), None)
+        .await;
+    assert_error(&r, StatusCode::NOT_FOUND, "not_found");
+}

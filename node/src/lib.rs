@@ -895,6 +895,44 @@ impl Node {
         }
     }
 
+    /// Same-field conflicts in the histories of `collection` (all
+    /// collections when `None`), or of one document, that `who` may read:
+    /// `{collection, _id, field, kept, lost}` with version numbers.
+    pub fn conflicts(
+        &self,
+        collection: Option<&str>,
+        id: Option<&str>,
+        who: &Principal,
+    ) -> Result<Vec<Value>, ReadError> {
+        let txn = self.read()?;
+        let table = match txn.open_table(store::CONFLICTS) {
+            Ok(t) => t,
+            // No conflict was ever recorded.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(StorageError::from(e).into()),
+        };
+        let (lo, hi) = match (collection, id) {
+            (Some(c), Some(i)) => ((c, i), (c, i)),
+            (Some(c), None) => ((c, ""), (c, ORIGIN_MAX)),
+            _ => (("", ""), (ORIGIN_MAX, ORIGIN_MAX)),
+        };
+        let mut out = Vec::new();
+        for entry in table
+            .range((lo.0, lo.1, "", 0u64, 0u64)..=(hi.0, hi.1, ORIGIN_MAX, u64::MAX, u64::MAX))
+            .map_err(StorageError::from)?
+        {
+            let (k, _) = entry.map_err(StorageError::from)?;
+            let (c, i, field, kept, lost) = k.value();
+            if self.readable_history(c, i, who).is_err() {
+                continue;
+            }
+            out.push(serde_json::json!({
+                "collection": c, "_id": i, "field": field, "kept": kept, "lost": lost,
+            }));
+        }
+        Ok(out)
+    }
+
     /// `versions`, for a caller with read right on the document.
     pub fn versions_as(&self, collection: &str, id: &str, who: &Principal) -> Result<Vec<Value>, ReadError> {
         self.readable_history(collection, id, who)?;

@@ -12,6 +12,7 @@
 //! - `meta`: site name, last HLC, write-ahead log epoch, secrets.
 //! - `credentials`: user name → local login record (not replicated).
 //! - `index_defs`, `index`: secondary indexes of current documents.
+//! - `conflicts`: same-field conflicts found when a history was merged.
 
 use prost::Message;
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
@@ -30,6 +31,9 @@ pub(crate) const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::ne
 pub(crate) const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
 /// (collection, field) → index options (JSON).
 pub(crate) const INDEX_DEFS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("index_defs");
+/// (collection, id, field, kept version, lost version) → (): same-field
+/// conflicts of a document's history (see `ocmesh_replication::merge`).
+pub(crate) const CONFLICTS: TableDefinition<(&str, &str, &str, u64, u64), ()> = TableDefinition::new("conflicts");
 /// (collection, field, value key, id) → (): one entry per indexed value.
 pub(crate) const INDEX: TableDefinition<(&str, &str, &[u8], &str), ()> = TableDefinition::new("index");
 
@@ -98,6 +102,21 @@ pub(crate) fn version_view(change: &Change, number: u64) -> Result<Value, Storag
     Ok(Value::Object(doc))
 }
 
+/// A stored change as the merge reads it.
+pub(crate) fn version_record(change: &Change) -> Result<ocmesh_replication::merge::VersionRecord, StorageError> {
+    let base = (change.base_hlc != 0 || !change.base_origin.is_empty()).then(|| ocmesh_replication::VersionKey {
+        hlc: Timestamp::from_raw(change.base_hlc),
+        origin: change.base_origin.clone(),
+    });
+    Ok(ocmesh_replication::merge::VersionRecord {
+        key: ocmesh_replication::VersionKey::of(change),
+        kind: ChangeKind::try_from(change.kind).unwrap_or(ChangeKind::Update),
+        fields: change.partial.then(|| change.fields.clone()),
+        base,
+        body: body_object(change)?,
+    })
+}
+
 /// What a local write hands to `WriteTables::append`: its body, and the
 /// current document it replaces, both already parsed.
 pub(crate) struct LocalWrite {
@@ -121,6 +140,7 @@ pub(crate) struct WriteTables<'t> {
     pub wi_delayed: Table<'t, (&'static str, u64, &'static str), (u64, u64)>,
     pub wi_leases: Table<'t, (u64, &'static str), ()>,
     pub chunks: Table<'t, &'static [u8], &'static [u8]>,
+    pub conflicts: Table<'t, (&'static str, &'static str, &'static str, u64, u64), ()>,
     /// Queues that got an item ready to pop in this transaction, once per
     /// item: poppers waiting on them are woken after the commit.
     pub readied: Vec<String>,
@@ -161,6 +181,7 @@ impl<'t> WriteTables<'t> {
             wi_delayed: txn.open_table(crate::workitems::WI_DELAYED)?,
             wi_leases: txn.open_table(crate::workitems::WI_LEASES)?,
             chunks: txn.open_table(CHUNKS)?,
+            conflicts: txn.open_table(CONFLICTS)?,
             readied: Vec::new(),
             log: Vec::new(),
             vv_pending: Vec::new(),
@@ -205,8 +226,14 @@ impl<'t> WriteTables<'t> {
         Ok((len, view))
     }
 
-    /// Rewrites the current document from the greatest version; returns
-    /// the current view when `change` is that version.
+    /// Recomputes the current document after `change` joined its history
+    /// (see `ocmesh_replication::merge`); returns the current view when
+    /// `change` is the greatest version.
+    ///
+    /// Fast paths: a local write, or a peer's write that built on our
+    /// greatest version, is the new greatest and saw everything we hold,
+    /// so the current document is the old one with its fields applied.
+    /// Anything else (a concurrent or late version) refolds the history.
     fn materialize(
         &mut self,
         change: &Change,
@@ -214,7 +241,7 @@ impl<'t> WriteTables<'t> {
         len: u64,
     ) -> Result<Option<Value>, StorageError> {
         let (collection, id) = (change.collection.as_str(), change.doc_id.as_str());
-        let (greatest, first_hlc) = {
+        let (greatest, previous, first_hlc) = {
             let mut range = self
                 .versions
                 .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?;
@@ -226,49 +253,59 @@ impl<'t> WriteTables<'t> {
                 }
                 None => return Ok(None),
             };
-            let last = match range.next_back() {
-                Some(entry) => {
-                    let (k, v) = entry?;
-                    (k.value().3.to_owned(), v.value())
-                }
-                None => (first.0.clone(), first.1),
+            let mut back = || -> Result<Option<(String, u64, u64)>, StorageError> {
+                Ok(match range.next_back() {
+                    Some(entry) => {
+                        let (k, v) = entry?;
+                        let k = k.value();
+                        Some((k.3.to_owned(), v.value(), k.2))
+                    }
+                    None => None,
+                })
             };
-            (last, first.2)
+            let last = back()?.unwrap_or_else(|| first.clone());
+            // The version before the greatest, when there are two or more.
+            let previous = if len >= 2 {
+                back()?.or_else(|| Some(first.clone()))
+            } else {
+                None
+            };
+            (last, previous, first.2)
         };
         let is_this = greatest.0 == change.origin && greatest.1 == change.seq;
-        let (body, old) = match local {
-            Some(l) if is_this => (Some(l.body), l.old),
-            _ => (None, self.current(collection, id)?),
-        };
-        let current_change;
-        let current = if is_this {
-            change
-        } else {
-            current_change = match self.changes.get((greatest.0.as_str(), greatest.1))? {
-                Some(g) => decode_change(g.value())?,
-                None => {
-                    return Err(StorageError(format!(
-                        "history of {collection}/{id} points at missing change {}:{}",
-                        greatest.0, greatest.1
-                    )));
-                }
-            };
-            &current_change
-        };
-        let new = if current.kind == ChangeKind::Delete as i32 {
-            if old.is_some() {
-                self.documents.remove((collection, id))?;
+        let deleted = change.kind == ChangeKind::Delete as i32;
+        let (new, old) = match local {
+            Some(l) if is_this => {
+                let new = (!deleted).then_some(l.body);
+                (new, l.old)
             }
-            None
-        } else {
-            let mut doc = match body {
-                Some(b) => b,
-                None => body_object(current)?,
-            };
-            doc.insert("_version".into(), Value::from(len - 1));
-            let bytes = serde_json::to_vec(&doc).map_err(|e| StorageError(e.to_string()))?;
-            self.documents.insert((collection, id), bytes.as_slice())?;
-            Some(doc)
+            _ => {
+                let old = self.current(collection, id)?;
+                let builds_on_previous = match &previous {
+                    Some((origin, _, hlc)) => change.base_hlc == *hlc && change.base_origin == *origin,
+                    None => true,
+                };
+                let new = if is_this && builds_on_previous {
+                    self.apply_fields(change, old.clone())?
+                } else {
+                    self.refold(collection, id)?
+                };
+                (new, old)
+            }
+        };
+        let new = match new {
+            None => {
+                if old.is_some() {
+                    self.documents.remove((collection, id))?;
+                }
+                None
+            }
+            Some(mut doc) => {
+                doc.insert("_version".into(), Value::from(len - 1));
+                let bytes = serde_json::to_vec(&doc).map_err(|e| StorageError(e.to_string()))?;
+                self.documents.insert((collection, id), bytes.as_slice())?;
+                Some(doc)
+            }
         };
         for field in self.indexed_fields(collection)? {
             self.reindex_map(collection, &field, id, old.as_ref(), new.as_ref())?;
@@ -284,15 +321,109 @@ impl<'t> WriteTables<'t> {
                 .unwrap_or(0);
             crate::workitems::reindex(self, collection, id, old.as_ref(), new.as_ref(), first_hlc, now)?;
         }
-        let deleted = current.kind == ChangeKind::Delete as i32;
-        Ok(match new {
-            Some(doc) if is_this => Some(Value::Object(doc)),
-            None if is_this && deleted => {
+        if !is_this {
+            return Ok(None);
+        }
+        Ok(Some(match new {
+            Some(doc) => Value::Object(doc),
+            // A delete shows the document as it was deleted.
+            None => {
                 let mut doc = body_object(change)?;
                 doc.insert("_version".into(), Value::from(len - 1));
-                Some(Value::Object(doc))
+                Value::Object(doc)
             }
-            _ => None,
+        }))
+    }
+
+    /// The greatest version's effect on the document before it.
+    fn apply_fields(
+        &self,
+        change: &Change,
+        old: Option<Map<String, Value>>,
+    ) -> Result<Option<Map<String, Value>>, StorageError> {
+        let body = body_object(change)?;
+        Ok(match ChangeKind::try_from(change.kind) {
+            Ok(ChangeKind::Delete) => None,
+            Ok(ChangeKind::Update) if change.partial => old.map(|mut doc| {
+                doc.remove("_version");
+                for f in &change.fields {
+                    match body.get(f) {
+                        Some(v) => {
+                            doc.insert(f.clone(), v.clone());
+                        }
+                        None => {
+                            doc.shift_remove(f);
+                        }
+                    }
+                }
+                doc
+            }),
+            // A whole-document update of a deleted document leaves it deleted.
+            Ok(ChangeKind::Update) if old.is_none() => None,
+            _ => Some(body),
+        })
+    }
+
+    /// Merges the whole history of a document and records its conflicts.
+    fn refold(&mut self, collection: &str, id: &str) -> Result<Option<Map<String, Value>>, StorageError> {
+        let keys: Vec<(String, u64)> = {
+            let mut out = Vec::new();
+            for entry in self
+                .versions
+                .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?
+            {
+                let (k, v) = entry?;
+                out.push((k.value().3.to_owned(), v.value()));
+            }
+            out
+        };
+        let mut records = Vec::with_capacity(keys.len());
+        for (origin, seq) in keys {
+            let change = match self.changes.get((origin.as_str(), seq))? {
+                Some(g) => decode_change(g.value())?,
+                None => {
+                    return Err(StorageError(format!(
+                        "history of {collection}/{id} points at missing change {origin}:{seq}"
+                    )));
+                }
+            };
+            records.push(version_record(&change)?);
+        }
+        let merged = ocmesh_replication::merge::merge(records);
+        let stale: Vec<(String, u64, u64)> = {
+            let mut out = Vec::new();
+            for entry in self
+                .conflicts
+                .range((collection, id, "", 0u64, 0u64)..=(collection, id, ORIGIN_MAX, u64::MAX, u64::MAX))?
+            {
+                let (k, _) = entry?;
+                let k = k.value();
+                out.push((k.2.to_owned(), k.3, k.4));
+            }
+            out
+        };
+        for (field, kept, lost) in stale {
+            self.conflicts.remove((collection, id, field.as_str(), kept, lost))?;
+        }
+        for c in &merged.conflicts {
+            self.conflicts
+                .insert((collection, id, c.field.as_str(), c.kept, c.lost), ())?;
+        }
+        Ok(merged.doc)
+    }
+
+    /// The key of a document's greatest version, if it has any.
+    pub fn greatest_version(&self, collection: &str, id: &str) -> Result<Option<(u64, String)>, StorageError> {
+        let mut range = self
+            .versions
+            .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?;
+        Ok(match range.next_back() {
+            Some(entry) => {
+                let (k, _) = entry?;
+                let k = k.value();
+                Some((k.2, k.3.to_owned()))
+            }
+            None => None,
         })
     }
 

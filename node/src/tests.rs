@@ -744,3 +744,162 @@ async fn acknowledged_writes_survive_a_crash_through_the_log() {
     assert!(held < before.get("a"), "the torn last record is not replayed");
     assert!(held > 0);
 }
+
+/// Two sites edit different fields of one document while apart: both edits
+/// survive the merge. Edits of the same field keep the later one, both stay
+/// in history, and the conflict is listed the same on both sites.
+#[tokio::test]
+async fn concurrent_field_edits_merge_and_same_field_edits_are_conflicts() {
+    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let (a, b) = (open(da.path(), "a"), open(db.path(), "b"));
+    let doc = a
+        .insert("entities", obj(json!({"x": 0, "y": 0, "z": 0})), &admin())
+        .await
+        .expect("insert");
+    let id = doc["_id"].as_str().expect("id").to_owned();
+    b.apply(all_changes(&a)).await.expect("apply");
+
+    a.update("entities", &id, json!({"$set": {"x": "a", "z": "a"}}), &admin())
+        .await
+        .expect("a");
+    b.update("entities", &id, json!({"$set": {"y": "b", "z": "b"}}), &admin())
+        .await
+        .expect("b");
+    let from = |n: &Node, o: &str| -> Vec<Change> { all_changes(n).into_iter().filter(|c| c.origin == o).collect() };
+    let (from_a, from_b) = (from(&a, "a"), from(&b, "b"));
+    a.apply(from_b).await.expect("apply at a");
+    b.apply(from_a).await.expect("apply at b");
+    let (ga, gb) = (a.get("entities", &id).expect("a"), b.get("entities", &id).expect("b"));
+    assert_eq!(ga, gb, "both sites show the same document");
+    assert_eq!(ga["x"], "a", "a's edit of x survived");
+    assert_eq!(ga["y"], "b", "b's edit of y survived");
+    assert_eq!(ga["_version"], 2);
+    let (ca, cb) = (
+        a.conflicts(None, None, &admin()).expect("a"),
+        b.conflicts(Some("entities"), Some(&id), &admin()).expect("b"),
+    );
+    assert_eq!(ca, cb);
+    assert_eq!(ca.len(), 1, "{ca:?}");
+    assert_eq!(ca[0]["field"], "z");
+    // The later version's value stands; the other is still in history.
+    let kept = ca[0]["kept"].as_u64().expect("kept");
+    let lost = ca[0]["lost"].as_u64().expect("lost");
+    assert_eq!(ga["z"], a.version("entities", &id, kept).expect("kept")["z"]);
+    assert_ne!(ga["z"], a.version("entities", &id, lost).expect("lost")["z"]);
+    // A user who cannot read the document does not see its conflicts.
+    let stranger = Principal {
+        id: "1".repeat(24),
+        name: "stranger".into(),
+        roles: vec![acl::USERS_ROLE_ID.into()],
+    };
+    assert!(a.conflicts(None, None, &stranger).expect("list").is_empty());
+}
+
+/// A delete made at one site is not undone by an edit a late peer made to
+/// the old document.
+#[tokio::test]
+async fn a_late_edit_does_not_bring_a_deleted_document_back() {
+    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let (a, b) = (open(da.path(), "a"), open(db.path(), "b"));
+    let doc = a
+        .insert("entities", obj(json!({"x": 0})), &admin())
+        .await
+        .expect("insert");
+    let id = doc["_id"].as_str().expect("id").to_owned();
+    b.apply(all_changes(&a)).await.expect("apply");
+    a.delete("entities", &id, &admin()).await.expect("delete");
+    // b edits later (a greater HLC) without having seen the delete.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    b.update("entities", &id, json!({"$set": {"x": 1}}), &admin())
+        .await
+        .expect("edit");
+    let from_b: Vec<Change> = all_changes(&b).into_iter().filter(|c| c.origin == "b").collect();
+    let from_a: Vec<Change> = all_changes(&a).into_iter().filter(|c| c.origin == "a").collect();
+    a.apply(from_b).await.expect("apply at a");
+    b.apply(from_a).await.expect("apply at b");
+    for n in [&a, &b] {
+        assert!(matches!(n.get("entities", &id), Err(ReadError::NotFound { .. })));
+        assert_eq!(n.versions("entities", &id).expect("history").len(), 3);
+        assert_eq!(n.conflicts(None, None, &admin()).expect("list")[0]["field"], "_deleted");
+    }
+}
+
+/// Three sites edit one document while apart, then two fresh sites receive
+/// everything in different interleavings (and with duplicates): every site
+/// ends with the same document and the same conflicts.
+#[tokio::test]
+async fn merged_state_does_not_depend_on_delivery_order() {
+    for seed in 1..=4u64 {
+        let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().expect("tmp")).collect();
+        let names = ["a", "b", "c", "d", "e"];
+        let nodes: Vec<Node> = dirs.iter().zip(names).map(|(d, n)| open(d.path(), n)).collect();
+        let doc = nodes[0]
+            .insert("entities", obj(json!({"p": 0, "q": 0, "r": 0})), &admin())
+            .await
+            .expect("insert");
+        let id = doc["_id"].as_str().expect("id").to_owned();
+        let base = all_changes(&nodes[0]);
+        for n in &nodes[1..] {
+            n.apply(base.clone()).await.expect("apply");
+        }
+        let mut s = seed;
+        let mut next = |m: u64| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 33) % m
+        };
+        for step in 0..9 {
+            let site = &nodes[(next(3)) as usize];
+            let field = ["p", "q", "r"][next(3) as usize];
+            let update = if next(4) == 0 {
+                json!({"$unset": {field: ""}})
+            } else {
+                json!({"$set": {field: format!("{}{step}", site.site())}})
+            };
+            site.update("entities", &id, update, &admin()).await.expect("edit");
+        }
+        let per_origin: Vec<Vec<Change>> = ["a", "b", "c"]
+            .iter()
+            .map(|o| {
+                all_changes(nodes[0..3].iter().find(|n| n.site() == *o).expect("site"))
+                    .into_iter()
+                    .filter(|c| c.origin == *o)
+                    .collect()
+            })
+            .collect();
+        // d: origin by origin; e: interleaved one change at a time, some twice.
+        for changes in &per_origin {
+            nodes[3].apply(changes.clone()).await.expect("apply d");
+        }
+        let mut cursors = [0usize; 3];
+        while cursors.iter().zip(&per_origin).any(|(c, l)| *c < l.len()) {
+            let o = next(3) as usize;
+            let Some(c) = per_origin[o].get(cursors[o]) else {
+                continue;
+            };
+            nodes[4].apply(vec![c.clone()]).await.expect("apply e");
+            if next(3) == 0 {
+                nodes[4].apply(vec![c.clone()]).await.expect("duplicate");
+            }
+            cursors[o] += 1;
+        }
+        // The three writers exchange everything too.
+        for n in &nodes[0..3] {
+            for (o, changes) in per_origin.iter().enumerate() {
+                if ["a", "b", "c"][o] != n.site() {
+                    n.apply(changes.clone()).await.expect("exchange");
+                }
+            }
+        }
+        let expect = (
+            nodes[3].get("entities", &id).expect("d"),
+            nodes[3].conflicts(None, None, &admin()).expect("d"),
+        );
+        for n in &nodes {
+            let got = (
+                n.get("entities", &id).expect("get"),
+                n.conflicts(None, None, &admin()).expect("conflicts"),
+            );
+            assert_eq!(got, expect, "seed {seed}: site {} differs", n.site());
+        }
+    }
+}

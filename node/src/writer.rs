@@ -592,6 +592,20 @@ impl Writer {
     ) -> Result<Value, WriteError> {
         let bytes = serde_json::to_vec(&body).map_err(|e| StorageError(e.to_string()))?;
         let seq = self.vv.get(&self.site) + 1;
+        // An update names the fields it changed, so a concurrent update of
+        // other fields at another site survives the merge.
+        let fields = match (kind, &old) {
+            (ChangeKind::Update, Some(old)) => {
+                let mut f = ocmesh_replication::merge::changed_fields(old, &body);
+                f.retain(|f| f != "_version");
+                Some(f)
+            }
+            _ => None,
+        };
+        let (base_hlc, base_origin) = match kind {
+            ChangeKind::Insert => (0, String::new()),
+            _ => t.greatest_version(collection, id)?.unwrap_or_default(),
+        };
         let change = Change {
             origin: self.site.clone(),
             seq,
@@ -601,6 +615,10 @@ impl Writer {
             doc_id: id.to_owned(),
             body: bytes,
             author: by.id.clone(),
+            partial: fields.is_some(),
+            fields: fields.unwrap_or_default(),
+            base_hlc,
+            base_origin,
         };
         let (_, view) = t.append(&change, Some(LocalWrite { body, old }))?;
         self.vv.advance(&self.site, seq);

@@ -108,6 +108,7 @@ mod tests {
             doc_id: "0123456789abcdef01234567".into(),
             body: b"{}".to_vec(),
             author: "u".into(),
+            ..Default::default()
         }
     }
 

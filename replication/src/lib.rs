@@ -3,6 +3,8 @@
 //! - [`hlc`]: the hybrid logical clock that orders writes across sites.
 //! - [`change`]: change records, their validation, and the version order
 //!   (`VersionKey`: HLC, then origin) that picks a document's current version.
+//! - [`merge`]: a document's current state and conflicts from its set of
+//!   versions, field by field.
 //! - [`vv`]: version vectors, one contiguous sequence number per origin.
 //! - [`session`]: the sync session state machine run on each side of a link.
 //!
@@ -14,6 +16,7 @@
 
 pub mod change;
 pub mod hlc;
+pub mod merge;
 pub mod session;
 pub mod vv;
 

@@ -77,6 +77,7 @@ impl Replica {
             doc_id: id.to_owned(),
             body: body.to_vec(),
             author: "sim".into(),
+            ..Default::default()
         };
         self.append(change.clone());
         Some(change)

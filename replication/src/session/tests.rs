@@ -46,6 +46,7 @@ impl MemLog {
                 doc_id: format!("{:024x}", seq),
                 body: vec![b'x'; 100],
                 author: "admin".into(),
+                ..Default::default()
             });
         }
     }

@@ -1,0 +1,320 @@
+//! Merging a document's versions into its current state, field by field.
+//!
+//! A document's history is a set of versions; its current state is a pure
+//! function of that set, so every site that holds the same versions shows
+//! the same document, whatever order they arrived in and however often.
+//! The versions are folded in `VersionKey` order (HLC, then origin):
+//! - an insert (or a whole-document write) sets the whole document;
+//! - a partial update sets or removes just the top-level fields it names,
+//!   so concurrent updates of different fields both survive;
+//! - a delete removes the document. An update ordered after a delete it did
+//!   not see leaves the document deleted: a late peer's edit never brings a
+//!   deleted document back (only an insert, such as a recover, does).
+//!
+//! A same-field conflict is two updates that set the same field where the
+//! later one did not build on the earlier one (the earlier is ordered after
+//! the later one's base). The later one's value stands; both stay in
+//! history, and the pair is reported. Bookkeeping fields (`_modified`...)
+//! are set by every write and never reported.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use crate::change::{ChangeKind, VersionKey};
+
+/// Fields every write stamps; their last writer wins without a conflict.
+pub const BOOKKEEPING: &[&str] = &["_modified", "_modifiedby", "_modifiedbyid", "_version"];
+
+/// One version of a document, as the merge reads it.
+#[derive(Debug, Clone)]
+pub struct VersionRecord {
+    pub key: VersionKey,
+    pub kind: ChangeKind,
+    /// `Some(fields)` for a partial update; `None` for a whole-document write.
+    pub fields: Option<Vec<String>>,
+    /// The version the writer replaced, when it said.
+    pub base: Option<VersionKey>,
+    pub body: Map<String, Value>,
+}
+
+/// A same-field conflict: `kept` overwrote `lost` without having seen it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub field: String,
+    /// Positions in version order (the `_version` numbers).
+    pub kept: u64,
+    pub lost: u64,
+}
+
+/// A document's current state and its conflicts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merged {
+    /// `None` when the document is deleted (or never existed).
+    pub doc: Option<Map<String, Value>>,
+    pub conflicts: Vec<Conflict>,
+}
+
+/// Folds a document's versions (any order, duplicates allowed) into its
+/// current state.
+pub fn merge(mut versions: Vec<VersionRecord>) -> Merged {
+    versions.sort_by(|a, b| a.key.cmp(&b.key));
+    versions.dedup_by(|a, b| a.key == b.key);
+    let mut doc: Option<Map<String, Value>> = None;
+    // Field → position of the version that last set it.
+    let mut setter: HashMap<String, usize> = HashMap::new();
+    let mut deleted_at: Option<usize> = None;
+    let mut conflicts = Vec::new();
+    for (pos, v) in versions.iter().enumerate() {
+        // Whether the version at `other` was unknown to this one's writer.
+        let unseen = |other: usize| v.base.as_ref().is_some_and(|b| versions[other].key > *b);
+        match v.kind {
+            ChangeKind::Delete => {
+                doc = None;
+                setter.clear();
+                deleted_at = Some(pos);
+            }
+            ChangeKind::Update if v.fields.is_some() => {
+                let Some(current) = doc.as_mut() else {
+                    // An edit of a document deleted behind its back.
+                    if let Some(d) = deleted_at.filter(|d| unseen(*d)) {
+                        conflicts.push(Conflict {
+                            field: "_deleted".into(),
+                            kept: d as u64,
+                            lost: pos as u64,
+                        });
+                    }
+                    continue;
+                };
+                for f in v.fields.iter().flatten() {
+                    if !BOOKKEEPING.contains(&f.as_str())
+                        && let Some(&prev) = setter.get(f)
+                        && prev != pos
+                        && unseen(prev)
+                    {
+                        conflicts.push(Conflict {
+                            field: f.clone(),
+                            kept: pos as u64,
+                            lost: prev as u64,
+                        });
+                    }
+                    match v.body.get(f) {
+                        Some(value) => {
+                            current.insert(f.clone(), value.clone());
+                        }
+                        None => {
+                            current.shift_remove(f);
+                        }
+                    }
+                    setter.insert(f.clone(), pos);
+                }
+            }
+            ChangeKind::Update if doc.is_none() => {
+                // A whole-document update after a delete it did not see.
+                if let Some(d) = deleted_at.filter(|d| unseen(*d)) {
+                    conflicts.push(Conflict {
+                        field: "_deleted".into(),
+                        kept: d as u64,
+                        lost: pos as u64,
+                    });
+                }
+            }
+            // An insert, or a whole-document update of a live document.
+            _ => {
+                doc = Some(v.body.clone());
+                setter = v.body.keys().map(|k| (k.clone(), pos)).collect();
+                deleted_at = None;
+            }
+        }
+    }
+    Merged { doc, conflicts }
+}
+
+/// The top-level fields whose values differ between two versions of a
+/// document (present in one only, or unequal), bookkeeping included.
+pub fn changed_fields(old: &Map<String, Value>, new: &Map<String, Value>) -> Vec<String> {
+    let mut out: Vec<String> = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    out.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Timestamp;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn key(hlc: u64, origin: &str) -> VersionKey {
+        VersionKey {
+            hlc: Timestamp::from_raw(hlc),
+            origin: origin.into(),
+        }
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    fn insert(hlc: u64, origin: &str, body: Value) -> VersionRecord {
+        VersionRecord {
+            key: key(hlc, origin),
+            kind: ChangeKind::Insert,
+            fields: None,
+            base: None,
+            body: obj(body),
+        }
+    }
+
+    fn update(hlc: u64, origin: &str, base: (u64, &str), body: Value, fields: &[&str]) -> VersionRecord {
+        VersionRecord {
+            key: key(hlc, origin),
+            kind: ChangeKind::Update,
+            fields: Some(fields.iter().map(|f| (*f).to_owned()).collect()),
+            base: Some(key(base.0, base.1)),
+            body: obj(body),
+        }
+    }
+
+    fn delete(hlc: u64, origin: &str, base: (u64, &str)) -> VersionRecord {
+        VersionRecord {
+            key: key(hlc, origin),
+            kind: ChangeKind::Delete,
+            fields: None,
+            base: Some(key(base.0, base.1)),
+            body: Map::new(),
+        }
+    }
+
+    #[test]
+    fn concurrent_edits_of_different_fields_both_survive() {
+        let m = merge(vec![
+            insert(1, "a", json!({"x": 0, "y": 0})),
+            update(2, "a", (1, "a"), json!({"x": 1, "y": 0}), &["x"]),
+            update(3, "b", (1, "a"), json!({"x": 0, "y": 2}), &["y"]),
+        ]);
+        assert_eq!(m.doc, Some(obj(json!({"x": 1, "y": 2}))));
+        assert!(m.conflicts.is_empty());
+    }
+
+    #[test]
+    fn a_same_field_conflict_is_reported_and_the_later_value_stands() {
+        let m = merge(vec![
+            insert(1, "a", json!({"x": 0})),
+            update(2, "a", (1, "a"), json!({"x": 1}), &["x", "_modified"]),
+            update(3, "b", (1, "a"), json!({"x": 2}), &["x", "_modified"]),
+        ]);
+        assert_eq!(m.doc, Some(obj(json!({"x": 2}))));
+        assert_eq!(
+            m.conflicts,
+            vec![Conflict {
+                field: "x".into(),
+                kept: 2,
+                lost: 1
+            }]
+        );
+        // An edit that built on the other is no conflict.
+        let m = merge(vec![
+            insert(1, "a", json!({"x": 0})),
+            update(2, "a", (1, "a"), json!({"x": 1}), &["x"]),
+            update(3, "b", (2, "a"), json!({"x": 2}), &["x"]),
+        ]);
+        assert!(m.conflicts.is_empty());
+    }
+
+    #[test]
+    fn a_late_edit_never_brings_a_deleted_document_back() {
+        let m = merge(vec![
+            insert(1, "a", json!({"x": 0})),
+            delete(2, "a", (1, "a")),
+            update(9, "b", (1, "a"), json!({"x": 5}), &["x"]),
+        ]);
+        assert_eq!(m.doc, None);
+        assert_eq!(m.conflicts.len(), 1);
+        // A recover (an insert) does.
+        let m = merge(vec![
+            insert(1, "a", json!({"x": 0})),
+            delete(2, "a", (1, "a")),
+            insert(3, "a", json!({"x": 0})),
+        ]);
+        assert_eq!(m.doc, Some(obj(json!({"x": 0}))));
+    }
+
+    #[test]
+    fn changed_fields_names_sets_and_removals() {
+        let mut f = changed_fields(
+            &obj(json!({"a": 1, "b": 2, "c": 3})),
+            &obj(json!({"a": 1, "b": 9, "d": 4})),
+        );
+        f.sort();
+        assert_eq!(f, vec!["b", "c", "d"]);
+    }
+
+    fn arb_versions() -> impl Strategy<Value = Vec<VersionRecord>> {
+        let update = (
+            2u64..40,
+            "[a-c]",
+            0u64..40,
+            "[a-c]",
+            proptest::collection::vec(("[p-s]", proptest::option::of(0i64..4)), 1..3),
+        )
+            .prop_map(|(h, o, bh, bo, sets)| {
+                let mut body = Map::new();
+                let mut fields = Vec::new();
+                for (f, v) in sets {
+                    if let Some(v) = v {
+                        body.insert(f.clone(), Value::from(v));
+                    }
+                    fields.push(f);
+                }
+                VersionRecord {
+                    key: key(h, &o),
+                    kind: ChangeKind::Update,
+                    fields: Some(fields),
+                    base: Some(key(bh.min(h - 1), &bo)),
+                    body,
+                }
+            });
+        let del = (2u64..40, "[a-c]").prop_map(|(h, o)| delete(h, &o, (1, "a")));
+        let some = prop_oneof![4 => update, 1 => del];
+        proptest::collection::vec(some, 0..12).prop_map(|v| {
+            // Keys are unique in real histories (a clock never repeats).
+            let mut out = vec![insert(1, "a", json!({"p": 0}))];
+            for r in v {
+                if !out.iter().any(|o| o.key == r.key) {
+                    out.push(r);
+                }
+            }
+            out
+        })
+    }
+
+    proptest! {
+        /// Order, duplication and grouping of delivery never change the outcome:
+        /// merging is commutative, idempotent and associative.
+        #[test]
+        fn merge_is_order_and_duplicate_independent(versions in arb_versions(), seed in any::<u64>()) {
+            let once = merge(versions.clone());
+            let mut shuffled = versions.clone();
+            let mut s = seed;
+            for i in (1..shuffled.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                shuffled.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            // Duplicates, as a peer re-sending what was already applied.
+            let dup: Vec<_> = shuffled.iter().take(3).cloned().collect();
+            shuffled.extend(dup);
+            prop_assert_eq!(&merge(shuffled), &once);
+            // Associativity: a site that merged a prefix, then received the
+            // rest, holds the union; the union's merge is the same.
+            let (left, right) = versions.split_at(versions.len() / 2);
+            let mut union: Vec<_> = right.to_vec();
+            union.extend(left.iter().cloned());
+            prop_assert_eq!(merge(union), once);
+        }
+    }
+}
