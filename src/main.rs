@@ -2,6 +2,7 @@
 
 mod amqp_bench;
 mod bench;
+mod bench_openiap;
 mod config;
 
 use std::path::PathBuf;
@@ -49,6 +50,8 @@ enum Command {
 enum BenchCommand {
     /// The work-item cycle (push, pop, complete), optionally against RabbitMQ.
     Workitems(bench::WorkItemBench),
+    /// The work-item round trip over OpenIAP gRPC against the node called directly.
+    Openiap(bench_openiap::OpenIapBench),
 }
 
 #[derive(Subcommand, Debug)]
@@ -83,6 +86,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(bench::run_workitems(b)),
+        Command::Bench(BenchCommand::Openiap(b)) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(bench_openiap::run(b)),
         Command::Sim { scenario, seed, seeds } => sim(&scenario, seed, seeds.as_deref()),
         Command::Ca(CaCommand::Init { dir }) => {
             let files = ca::init_ca(&dir)?;

@@ -48,3 +48,36 @@ fn workitem_bench_runs() {
         assert!(text.contains("rabbitmq: 300 items") && text.contains("ratio"), "{text}");
     }
 }
+
+/// `ocmesh bench openiap` runs both halves (gRPC and direct) and prints
+/// their rates, latencies and the overhead.
+#[test]
+fn openiap_bench_runs() -> anyhow::Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ocmesh"))
+        .args([
+            "bench",
+            "openiap",
+            "--cycles",
+            "120",
+            "--clients",
+            "4",
+            "--payload",
+            "64",
+        ])
+        .env("OCMESH_LOG", "warn")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for half in ["direct:", "grpc:"] {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(half))
+            .ok_or_else(|| anyhow::anyhow!("no {half} line in:\n{text}"))?;
+        anyhow::ensure!(
+            line.contains("120 cycles in") && line.contains("cycles/s") && line.contains("p50") && line.contains("p99"),
+            "{line}"
+        );
+    }
+    anyhow::ensure!(text.contains("overhead 1 - grpc/direct:"), "{text}");
+    Ok(())
+}
