@@ -1817,3 +1817,94 @@ async fn long_lived_connections_get_a_refreshed_token_before_expiry() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     c.quiet().await;
 }
+
+#[tokio::test]
+async fn aggregate_runs_a_pipeline_over_what_the_caller_may_read() {
+    let s = server(GrpcLimits::default()).await;
+    with_bob(&s).await;
+    let mut a = connect(s.addr).await;
+    a.signin("admin", PASSWORD).await;
+    let mut b = connect(s.addr).await;
+    b.signin("bob", "bobpw").await;
+    for (region, n) in [("north", 1), ("north", 2), ("south", 5)] {
+        b.insert("sales", json!({"_type": "sale", "region": region, "n": n}))
+            .await;
+    }
+    a.insert("sales", json!({"_type": "sale", "region": "north", "n": 100}))
+        .await;
+    a.insert("sales", json!({"_type": "other", "region": "west", "n": 7}))
+        .await;
+
+    async fn agg(c: &mut Conn, pipeline: Value) -> Vec<Value> {
+        let r: pb::AggregateResponse = c
+            .ok(
+                "aggregate",
+                "AggregateRequest",
+                &pb::AggregateRequest {
+                    collectionname: "sales".into(),
+                    aggregates: pipeline.to_string(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        serde_json::from_str(&r.results).expect("JSON")
+    }
+    let by_region = json!([
+        {"$match": {"_type": "sale"}},
+        {"$group": {"_id": "$region", "total": {"$sum": "$n"}, "avg": {"$avg": "$n"}, "count": {"$sum": 1},
+                    "max": {"$max": "$n"}, "ns": {"$push": "$n"}}},
+        {"$sort": {"_id": 1}}
+    ]);
+    // Bob sees only his own sales.
+    let r = agg(&mut b, by_region.clone()).await;
+    assert_eq!(
+        r,
+        vec![
+            json!({"_id": "north", "total": 3, "avg": 1.5, "count": 2, "max": 2, "ns": [1, 2]}),
+            json!({"_id": "south", "total": 5, "avg": 5.0, "count": 1, "max": 5, "ns": [5]}),
+        ]
+    );
+    // The admin sees everything.
+    let r = agg(&mut a, by_region).await;
+    assert_eq!(r[0]["total"], 103, "{r:?}");
+    let r = agg(&mut a, json!([{"$count": "n"}])).await;
+    assert_eq!(r, vec![json!({"n": 5})]);
+    let r = agg(
+        &mut a,
+        json!([{"$sort": {"n": -1}}, {"$skip": 1}, {"$limit": 2}, {"$project": {"n": 1, "_id": 0}}]),
+    )
+    .await;
+    assert_eq!(r, vec![json!({"n": 7}), json!({"n": 5})]);
+    let r = agg(
+        &mut a,
+        json!([{"$group": {"_id": null, "regions": {"$addToSet": "$region"}}}]),
+    )
+    .await;
+    assert_eq!(r[0]["regions"].as_array().map(Vec::len), Some(3), "{r:?}");
+
+    for (bad, what) in [
+        (json!([{"$lookup": {}}]), "$lookup"),
+        (json!("nope"), "array"),
+        (json!([{"$project": {"x": "$n"}}]), "$project"),
+        (
+            json!([{"$group": {"_id": "$region", "x": {"$median": "$n"}}}]),
+            "$median",
+        ),
+        (json!([{"$limit": -1}]), "$limit"),
+        (json!([{"$match": {"n": {"$where": 1}}}]), "$match"),
+    ] {
+        let e = a
+            .err(
+                "aggregate",
+                "AggregateRequest",
+                &pb::AggregateRequest {
+                    collectionname: "sales".into(),
+                    aggregates: bad.to_string(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert_eq!(e.code, 400, "{bad}: {}", e.message);
+        assert!(e.message.contains(what), "{bad}: {}", e.message);
+    }
+}

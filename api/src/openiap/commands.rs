@@ -14,6 +14,7 @@ use ocmesh_node::query::Filter;
 use ocmesh_node::{Principal, acl, ids};
 use ocmesh_proto::openiap as pb;
 
+use super::aggregate;
 use super::convert::{self, pack};
 use super::dispatch::{CommandError, Dispatcher, Done, Session, blocking, unpack, user_message};
 use super::live::{Connection, WatchSpec};
@@ -93,6 +94,7 @@ impl Dispatcher {
             "dropindex" => self.drop_index(env).await,
             "insertorupdatemany" => self.insert_or_update_many(who, env).await,
             "customcommand" => self.custom_command(who, env),
+            "aggregate" => self.aggregate(who, env).await,
             _ => return None,
         };
         Some(done)
@@ -392,6 +394,27 @@ impl Dispatcher {
             pack(
                 "InsertOrUpdateManyResponse",
                 &pb::InsertOrUpdateManyResponse { results },
+            ),
+        )
+    }
+
+    async fn aggregate(&self, who: &Principal, env: &pb::Envelope) -> Result<Done, CommandError> {
+        let r: pb::AggregateRequest = unpack(env, "AggregateRequest")?;
+        if !r.queryas.is_empty() && r.queryas != who.id {
+            return Err(CommandError::Unsupported("queryas (querying as another user)"));
+        }
+        let mut stages = aggregate::parse(&r.aggregates)?;
+        let q = aggregate::source(&mut stages)?;
+        let (n, c, w) = (self.node.clone(), r.collectionname, who.clone());
+        let docs = blocking(move || n.query_as(&c, &q, &w)).await?;
+        let results = aggregate::run(docs, &stages)?;
+        Done::reply(
+            "aggregate",
+            pack(
+                "AggregateResponse",
+                &pb::AggregateResponse {
+                    results: Value::Array(results).to_string(),
+                },
             ),
         )
     }

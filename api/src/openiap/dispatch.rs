@@ -65,6 +65,7 @@ const USER_COMMANDS: &[&str] = &[
     "dropindex",
     "insertorupdatemany",
     "customcommand",
+    "aggregate",
 ];
 
 /// Why a command failed; its text is the `ErrorResponse.message`.

@@ -15,6 +15,7 @@
 //! reason; client input never panics the server, and one connection's
 //! failure never touches another's.
 
+mod aggregate;
 mod commands;
 mod config;
 mod convert;
