@@ -1908,3 +1908,93 @@ async fn aggregate_runs_a_pipeline_over_what_the_caller_may_read() {
         assert!(e.message.contains(what), "{bad}: {}", e.message);
     }
 }
+
+#[tokio::test]
+async fn download_streams_a_file_in_chunks_then_replies() {
+    let s = server(GrpcLimits::default()).await;
+    with_bob(&s).await;
+    let admin = ocmesh_node::Principal {
+        id: "000000000000000000000001".into(),
+        name: "admin".into(),
+        roles: vec![ocmesh_node::acl::ADMINS_ROLE_ID.into()],
+    };
+    let content: Vec<u8> = (0..600 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut up = s.node.upload(1 << 30);
+    up.write(&content).await.expect("write");
+    let file = up
+        .finish("report.bin", "application/x-test", serde_json::Map::new(), &admin)
+        .await
+        .expect("finish");
+    let file_id = file["_id"].as_str().expect("id").to_owned();
+
+    let mut c = connect(s.addr).await;
+    c.signin("admin", PASSWORD).await;
+    for req in [
+        pb::DownloadRequest {
+            id: file_id.clone(),
+            ..Default::default()
+        },
+        pb::DownloadRequest {
+            filename: "report.bin".into(),
+            ..Default::default()
+        },
+    ] {
+        let id = c.send("download", Some(any("DownloadRequest", &req))).await;
+        let mut commands = Vec::new();
+        let mut got = Vec::new();
+        let reply = loop {
+            let m = c.recv().await;
+            assert_eq!(m.rid, id, "every part answers the download: {m:?}");
+            commands.push(m.command.clone());
+            let data = m.data.clone().expect("data");
+            match m.command.as_str() {
+                "beginstream" => {
+                    let b = pb::BeginStream::decode(data.value.as_slice()).expect("BeginStream");
+                    assert_eq!(b.stat.expect("stat").size, content.len() as i32);
+                    assert_eq!(b.checksum, file["blake3"].as_str().expect("blake3"));
+                }
+                "stream" => got.extend(pb::Stream::decode(data.value.as_slice()).expect("Stream").data),
+                "endstream" => {}
+                "downloadreply" => break pb::DownloadResponse::decode(data.value.as_slice()).expect("reply"),
+                other => panic!("unexpected {other}: {:?}", error_text(&m)),
+            }
+        };
+        assert_eq!(commands.first().map(String::as_str), Some("beginstream"));
+        assert_eq!(commands[commands.len() - 2], "endstream", "{commands:?}");
+        assert!(commands.iter().filter(|c| *c == "stream").count() >= 3, "{commands:?}");
+        assert!(got == content, "the bytes arrive whole and in order");
+        assert_eq!(
+            (reply.id.as_str(), reply.filename.as_str(), reply.mimetype.as_str()),
+            (file_id.as_str(), "report.bin", "application/x-test")
+        );
+    }
+    // Errors: nothing named, nothing there, and what bob may not read.
+    let e = c
+        .err("download", "DownloadRequest", &pb::DownloadRequest::default())
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+    let e = c
+        .err(
+            "download",
+            "DownloadRequest",
+            &pb::DownloadRequest {
+                filename: "absent.bin".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 404, "{}", e.message);
+    let mut b = connect(s.addr).await;
+    b.signin("bob", "bobpw").await;
+    let e = b
+        .err(
+            "download",
+            "DownloadRequest",
+            &pb::DownloadRequest {
+                id: file_id,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 404, "{}", e.message);
+}

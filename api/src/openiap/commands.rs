@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use ocmesh_node::files;
 use ocmesh_node::messaging::{ExchangeKind, Message as MqMessage};
-use ocmesh_node::query::Filter;
+use ocmesh_node::query::{Filter, Query};
 use ocmesh_node::{Principal, acl, ids};
 use ocmesh_proto::openiap as pb;
 
@@ -95,6 +96,7 @@ impl Dispatcher {
             "insertorupdatemany" => self.insert_or_update_many(who, env).await,
             "customcommand" => self.custom_command(who, env),
             "aggregate" => self.aggregate(who, env).await,
+            "download" => self.download(who, session, env).await,
             _ => return None,
         };
         Some(done)
@@ -417,6 +419,81 @@ impl Dispatcher {
                 },
             ),
         )
+    }
+
+    /// Sends a file as `beginstream`, `stream` chunks and `endstream`
+    /// (each with `rid` = the request's id), then `downloadreply`, all in
+    /// order through the connection's bounded event queue: a slow client
+    /// slows only its own download.
+    async fn download(&self, who: &Principal, session: &Session, env: &pb::Envelope) -> Result<Done, CommandError> {
+        let r: pb::DownloadRequest = unpack(env, "DownloadRequest")?;
+        let conn = conn_of(session, "download")?;
+        let (n, w) = (self.node.clone(), who.clone());
+        let doc = match (r.id.is_empty(), r.filename.is_empty()) {
+            (false, _) => {
+                let id = r.id.clone();
+                blocking(move || n.get_as(files::FILES, &id, &w)).await?
+            }
+            (true, false) => {
+                let q = Query::from_json(
+                    &json!({"query": {"filename": r.filename}, "orderby": {"_created": -1}, "top": 1}),
+                )
+                .map_err(|e| CommandError::Invalid(e.to_string()))?;
+                let mut found = blocking(move || n.query_as(files::FILES, &q, &w)).await?;
+                found
+                    .pop()
+                    .ok_or_else(|| not_found(format!("no file named {:?}", r.filename)))?
+            }
+            (true, true) => return Err(CommandError::Invalid("download needs an id or a filename".into())),
+        };
+        let hashes = files::chunk_hashes(&doc)
+            .ok_or_else(|| CommandError::Internal("the file document lists malformed chunks".into()))?;
+        let text = |k: &str| doc.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let rid = env.id.as_str();
+        let shared = &conn.shared;
+        let begin = pb::BeginStream {
+            checksum: text("blake3"),
+            stat: Some(pb::Stat {
+                size: doc
+                    .get("length")
+                    .and_then(Value::as_i64)
+                    .and_then(|l| i32::try_from(l).ok())
+                    .unwrap_or(-1),
+                ..Default::default()
+            }),
+        };
+        let gone = || CommandError::Internal("the connection closed during the download".into());
+        if !shared
+            .push(shared.answer("beginstream", rid, pack("BeginStream", &begin)))
+            .await
+        {
+            return Err(gone());
+        }
+        // Pieces well under the message limit.
+        let piece = (self.limits.max_message_bytes / 2).clamp(1, files::CHUNK_BYTES);
+        for hash in hashes {
+            let n = self.node.clone();
+            let chunk = blocking(move || n.read_chunk(&hash))
+                .await?
+                .ok_or_else(|| CommandError::Internal("a chunk of the file is missing".into()))?;
+            for data in chunk.chunks(piece) {
+                let ev = shared.answer("stream", rid, pack("Stream", &pb::Stream { data: data.to_vec() }));
+                if !shared.push(ev).await {
+                    return Err(gone());
+                }
+            }
+        }
+        let end = shared.answer("endstream", rid, pack("EndStream", &pb::EndStream {}));
+        let reply = pb::DownloadResponse {
+            id: text("_id"),
+            filename: text("filename"),
+            mimetype: text("contentType"),
+        };
+        let done = shared.answer("downloadreply", rid, pack("DownloadResponse", &reply));
+        if !shared.push(end).await || !shared.push(done).await {
+            return Err(gone());
+        }
+        Done::pushed()
     }
 
     fn custom_command(&self, who: &Principal, env: &pb::Envelope) -> Result<Done, CommandError> {

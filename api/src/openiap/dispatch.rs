@@ -66,6 +66,7 @@ const USER_COMMANDS: &[&str] = &[
     "insertorupdatemany",
     "customcommand",
     "aggregate",
+    "download",
 ];
 
 /// Why a command failed; its text is the `ErrorResponse.message`.
@@ -180,7 +181,8 @@ pub struct Session {
 /// What one request produced.
 #[derive(Debug)]
 pub struct Handled {
-    /// Exactly one reply today (streams will add more).
+    /// One reply; none when the reply was pushed through the connection's
+    /// event queue (a download sends its chunks, then its reply, that way).
     pub replies: Vec<pb::Envelope>,
     /// The connection's new state, when the command changed it.
     pub session: Option<Session>,
@@ -195,6 +197,15 @@ pub(super) struct Done {
 }
 
 impl Done {
+    /// The reply was pushed already (see `Dispatcher::handle`).
+    pub(super) fn pushed() -> Result<Done, CommandError> {
+        Ok(Done {
+            command: String::new(),
+            data: Any::default(),
+            session: None,
+        })
+    }
+
     pub(super) fn reply(command: &str, data: Any) -> Result<Done, CommandError> {
         Ok(Done {
             command: format!("{command}reply"),
@@ -326,6 +337,15 @@ impl Dispatcher {
             self.run(session, &request).await
         };
         let (reply, session, failed) = match outcome {
+            // A streamed reply (download) already went out through the
+            // connection's event queue, after its chunks.
+            Ok(done) if done.command.is_empty() => {
+                return Handled {
+                    replies: Vec::new(),
+                    session: None,
+                    failed: false,
+                };
+            }
             Ok(done) => {
                 let reply = self.envelope(&request, done.command, done.data);
                 let size = reply.encoded_len();

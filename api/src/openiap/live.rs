@@ -70,6 +70,14 @@ impl Shared {
         lock(&self.signed_in).clone()
     }
 
+    /// An envelope answering request `rid` (a streamed reply or chunk).
+    pub(crate) fn answer(&self, command: &str, rid: &str, data: Any) -> pb::Envelope {
+        pb::Envelope {
+            rid: rid.to_owned(),
+            ..self.event(command, data)
+        }
+    }
+
     /// Queues an event, waiting for room; false when the connection is gone.
     pub(crate) async fn push(&self, ev: pb::Envelope) -> bool {
         self.events.send(ev).await.is_ok()
