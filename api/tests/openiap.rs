@@ -1849,8 +1849,10 @@ async fn aggregate_runs_a_pipeline_over_what_the_caller_may_read() {
             .await;
         serde_json::from_str(&r.results).expect("JSON")
     }
+    // Documents come in id order; sort first so $push has a defined order.
     let by_region = json!([
         {"$match": {"_type": "sale"}},
+        {"$sort": {"n": 1}},
         {"$group": {"_id": "$region", "total": {"$sum": "$n"}, "avg": {"$avg": "$n"}, "count": {"$sum": 1},
                     "max": {"$max": "$n"}, "ns": {"$push": "$n"}}},
         {"$sort": {"_id": 1}}
@@ -1997,4 +1999,117 @@ async fn download_streams_a_file_in_chunks_then_replies() {
         )
         .await;
     assert_eq!(e.code, 404, "{}", e.message);
+}
+
+impl Conn {
+    /// Sends an upload's request and parts; returns the upload's id.
+    async fn upload(&mut self, filename: &str, parts: &[&[u8]]) -> String {
+        let id = self
+            .send(
+                "upload",
+                Some(any(
+                    "UploadRequest",
+                    &pb::UploadRequest {
+                        filename: filename.into(),
+                        mimetype: "text/plain".into(),
+                    },
+                )),
+            )
+            .await;
+        let part = |command: &str, data: Any| pb::Envelope {
+            command: command.into(),
+            rid: id.clone(),
+            data: Some(data),
+            ..Default::default()
+        };
+        let mut envs = vec![part("beginstream", any("BeginStream", &pb::BeginStream::default()))];
+        for p in parts {
+            envs.push(part("stream", any("Stream", &pb::Stream { data: p.to_vec() })));
+        }
+        envs.push(part("endstream", any("EndStream", &pb::EndStream {})));
+        for e in envs {
+            self.tx.send(e).await.expect("stream open");
+        }
+        id
+    }
+}
+
+#[tokio::test]
+async fn upload_takes_parts_in_order_and_answers_after_endstream() {
+    let s = server(GrpcLimits {
+        max_upload_bytes: 100_000,
+        ..GrpcLimits::default()
+    })
+    .await;
+    let mut c = connect(s.addr).await;
+    c.signin("admin", PASSWORD).await;
+    let parts: Vec<Vec<u8>> = (0..5u8).map(|i| vec![b'a' + i; 10_000]).collect();
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    let id = c.upload("notes.txt", &refs).await;
+    let reply = c.recv().await;
+    assert_eq!(
+        (reply.command.as_str(), reply.rid.as_str()),
+        ("uploadreply", id.as_str()),
+        "{:?}",
+        error_text(&reply)
+    );
+    let r = pb::UploadResponse::decode(reply.data.expect("data").value.as_slice()).expect("UploadResponse");
+    assert_eq!((r.filename.as_str(), r.bytes, r.chunks), ("notes.txt", 50_000, 5));
+    let doc = s.node.file(&r.id).expect("stored");
+    assert_eq!(doc["contentType"], "text/plain");
+    // What went up comes down, byte for byte.
+    let did = c
+        .send(
+            "download",
+            Some(any(
+                "DownloadRequest",
+                &pb::DownloadRequest {
+                    id: r.id.clone(),
+                    ..Default::default()
+                },
+            )),
+        )
+        .await;
+    let mut got = Vec::new();
+    loop {
+        let m = c.recv().await;
+        assert_eq!(m.rid, did);
+        match m.command.as_str() {
+            "stream" => got.extend(
+                pb::Stream::decode(m.data.expect("data").value.as_slice())
+                    .expect("Stream")
+                    .data,
+            ),
+            "downloadreply" => break,
+            _ => {}
+        }
+    }
+    assert!(got == parts.concat(), "round trip");
+
+    // Over the size limit: an error answers the upload, and nothing is named.
+    let big = vec![0u8; 60_000];
+    let id = c.upload("big.bin", &[&big, &big]).await;
+    let e = c.recv().await;
+    assert_eq!((e.command.as_str(), e.rid.as_str()), ("error", id.as_str()));
+    assert_eq!(error_of(&e).code, 413, "{}", error_of(&e).message);
+    // Its later parts are ignored quietly, and the stream lives on.
+    c.quiet().await;
+    // A part naming no open upload is an error.
+    let e = c.err("stream", "Stream", &pb::Stream { data: b"x".to_vec() }).await;
+    assert_eq!(e.code, 404, "{}", e.message);
+    let files = c.query("fs.files", json!({"filename": "big.bin"})).await;
+    assert!(files.is_empty(), "{files:?}");
+    // Errors on the upload request itself.
+    let e = c
+        .err(
+            "upload",
+            "UploadRequest",
+            &pb::UploadRequest {
+                filename: String::new(),
+                mimetype: String::new(),
+            },
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+    assert_eq!(c.call("ping", "PingRequest", &pb::PingRequest {}).await.command, "pong");
 }

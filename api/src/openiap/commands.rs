@@ -18,7 +18,7 @@ use ocmesh_proto::openiap as pb;
 use super::aggregate;
 use super::convert::{self, pack};
 use super::dispatch::{CommandError, Dispatcher, Done, Session, blocking, unpack, user_message};
-use super::live::{Connection, WatchSpec};
+use super::live::{Connection, UploadState, WatchSpec};
 use crate::auth::{issue_token, verify_token};
 
 fn conn_of<'a>(session: &'a Session, command: &'static str) -> Result<&'a Arc<Connection>, CommandError> {
@@ -97,6 +97,7 @@ impl Dispatcher {
             "customcommand" => self.custom_command(who, env),
             "aggregate" => self.aggregate(who, env).await,
             "download" => self.download(who, session, env).await,
+            "upload" => self.upload(who, session, env),
             _ => return None,
         };
         Some(done)
@@ -492,6 +493,112 @@ impl Dispatcher {
         let done = shared.answer("downloadreply", rid, pack("DownloadResponse", &reply));
         if !shared.push(end).await || !shared.push(done).await {
             return Err(gone());
+        }
+        Done::pushed()
+    }
+
+    /// Opens an upload: its parts follow as `beginstream`, `stream` and
+    /// `endstream` with `rid` = this request's id, and the `uploadreply`
+    /// (or an `error`) answers this request after `endstream`.
+    fn upload(&self, who: &Principal, session: &Session, env: &pb::Envelope) -> Result<Done, CommandError> {
+        let r: pb::UploadRequest = unpack(env, "UploadRequest")?;
+        let conn = conn_of(session, "upload")?;
+        if env.id.is_empty() {
+            return Err(CommandError::Invalid(
+                "upload needs an envelope id (its parts name it in rid)".into(),
+            ));
+        }
+        if r.filename.is_empty() || r.filename.len() > 1024 {
+            return Err(CommandError::Invalid(
+                "upload needs a filename of 1 to 1024 characters".into(),
+            ));
+        }
+        let state = UploadState {
+            upload: self.node.upload(self.limits.max_upload_bytes),
+            filename: r.filename,
+            mimetype: if r.mimetype.is_empty() {
+                "application/octet-stream".into()
+            } else {
+                r.mimetype
+            },
+            who: who.clone(),
+            started: std::time::Instant::now(),
+            chunks: 0,
+            failed: false,
+        };
+        if !conn.begin_upload(env.id.clone(), state, self.limits.max_uploads) {
+            return Err(CommandError::Limit(format!(
+                "this connection already has {} uploads open",
+                self.limits.max_uploads
+            )));
+        }
+        Done::pushed()
+    }
+
+    /// One part of an upload (`rid` names it). Parts get no reply; a
+    /// failure ends the upload with an `error` answering the upload.
+    pub(super) async fn upload_part(&self, session: &Session, env: &pb::Envelope) -> Result<Done, CommandError> {
+        let conn = conn_of(session, "upload")?;
+        let id = env.rid.clone();
+        let mut state = conn
+            .take_upload(&id)
+            .ok_or_else(|| not_found(format!("no upload {id:?} is open on this connection")))?;
+        let shared = &conn.shared;
+        let fail = |e: CommandError| {
+            let body = pb::ErrorResponse {
+                message: e.to_string(),
+                code: e.code(),
+                stack: String::new(),
+            };
+            shared.answer("error", &id, pack("ErrorResponse", &body))
+        };
+        match env.command.as_str() {
+            "beginstream" => {
+                let _: pb::BeginStream = unpack(env, "BeginStream")?;
+                conn.put_upload(id, state);
+            }
+            "stream" if state.failed => conn.put_upload(id, state),
+            "stream" => {
+                let part: pb::Stream = unpack(env, "Stream")?;
+                if let Err(e) = state.upload.write(&part.data).await {
+                    state.failed = true;
+                    shared.push(fail(e.into())).await;
+                } else {
+                    state.chunks += 1;
+                }
+                conn.put_upload(id, state);
+            }
+            _ if state.failed => {}
+            _ => {
+                let _: pb::EndStream = unpack(env, "EndStream")?;
+                let (chunks, started) = (state.chunks, state.started);
+                match state
+                    .upload
+                    .finish(&state.filename, &state.mimetype, serde_json::Map::new(), &state.who)
+                    .await
+                {
+                    Ok(doc) => {
+                        let bytes = doc.get("length").and_then(Value::as_u64).unwrap_or(0);
+                        let secs = started.elapsed().as_secs_f64().max(1e-6);
+                        let mb = bytes as f64 / (1024.0 * 1024.0);
+                        let reply = pb::UploadResponse {
+                            id: doc.get("_id").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                            filename: state.filename.clone(),
+                            bytes: i32::try_from(bytes).unwrap_or(i32::MAX),
+                            chunks: i32::try_from(chunks).unwrap_or(i32::MAX),
+                            mb: mb as f32,
+                            elapsed_time: i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX),
+                            mbps: (mb / secs) as f32,
+                        };
+                        shared
+                            .push(shared.answer("uploadreply", &id, pack("UploadResponse", &reply)))
+                            .await;
+                    }
+                    Err(e) => {
+                        shared.push(fail(e.into())).await;
+                    }
+                }
+            }
         }
         Done::pushed()
     }

@@ -67,6 +67,7 @@ const USER_COMMANDS: &[&str] = &[
     "customcommand",
     "aggregate",
     "download",
+    "upload",
 ];
 
 /// Why a command failed; its text is the `ErrorResponse.message`.
@@ -383,6 +384,7 @@ impl Dispatcher {
                 })
             }
             "signin" => self.signin(session, env).await,
+            "beginstream" | "stream" | "endstream" => self.upload_part(session, env).await,
             c if USER_COMMANDS.contains(&c) => {
                 let who = self.caller(session, env).await?;
                 match self.live_command(command, &who, session, env).await {

@@ -96,6 +96,20 @@ struct Tasks {
     refresh: Option<AbortHandle>,
 }
 
+/// A file `upload` in progress, keyed by the upload request's id.
+#[derive(Debug)]
+pub(crate) struct UploadState {
+    pub upload: ocmesh_node::files::Upload,
+    pub filename: String,
+    pub mimetype: String,
+    pub who: Principal,
+    pub started: std::time::Instant,
+    pub chunks: u64,
+    /// A part failed (and an error answered the upload): later parts are
+    /// ignored, and `endstream` closes it quietly.
+    pub failed: bool,
+}
+
 /// One live OpenIAP connection (a gRPC stream or a WebSocket).
 #[derive(Debug)]
 pub struct Connection {
@@ -105,6 +119,7 @@ pub struct Connection {
     pub connected: SystemTime,
     tasks: Mutex<Tasks>,
     next_watch: AtomicU64,
+    uploads: Mutex<HashMap<String, UploadState>>,
 }
 
 impl Connection {
@@ -122,6 +137,7 @@ impl Connection {
             connected: SystemTime::now(),
             tasks: Mutex::new(Tasks::default()),
             next_watch: AtomicU64::new(1),
+            uploads: Mutex::new(HashMap::new()),
         };
         (Arc::new(conn), rx)
     }
@@ -227,6 +243,25 @@ impl Connection {
         })
     }
 
+    /// Registers an upload; false when `max` are open already.
+    pub(crate) fn begin_upload(&self, id: String, state: UploadState, max: usize) -> bool {
+        let mut u = lock(&self.uploads);
+        if u.len() >= max {
+            return false;
+        }
+        u.insert(id, state);
+        true
+    }
+
+    /// Takes an upload out (to write to it without holding the lock).
+    pub(crate) fn take_upload(&self, id: &str) -> Option<UploadState> {
+        lock(&self.uploads).remove(id)
+    }
+
+    pub(crate) fn put_upload(&self, id: String, state: UploadState) {
+        lock(&self.uploads).insert(id, state);
+    }
+
     pub(crate) fn set_refresh(&self, handle: AbortHandle) {
         if let Some(old) = lock(&self.tasks).refresh.replace(handle) {
             old.abort();
@@ -235,6 +270,8 @@ impl Connection {
 
     /// Aborts every task; returns the temporary queues to delete.
     pub(crate) fn close(&self) -> Vec<String> {
+        // Unfinished uploads leave only unnamed chunks behind.
+        lock(&self.uploads).clear();
         let mut t = lock(&self.tasks);
         for (_, h) in t.watches.drain() {
             h.abort();

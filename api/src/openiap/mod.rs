@@ -70,6 +70,9 @@ pub struct GrpcLimits {
     /// A signed-in connection gets a `refreshtoken` this long before its
     /// token expires.
     pub token_refresh_lead: Duration,
+    /// Largest file `upload` accepts, and uploads open at once per connection.
+    pub max_upload_bytes: u64,
+    pub max_uploads: usize,
 }
 
 impl Default for GrpcLimits {
@@ -86,6 +89,8 @@ impl Default for GrpcLimits {
             max_watches: 64,
             max_queues: 64,
             token_refresh_lead: Duration::from_secs(3600),
+            max_upload_bytes: 1 << 30,
+            max_uploads: 4,
         }
     }
 }
@@ -340,8 +345,12 @@ async fn connection<S>(
         };
         requests += 1;
         stats.requests.fetch_add(1, Ordering::Relaxed);
-        if env.command == "signin" {
-            // In order: what follows a sign-in runs as its user.
+        if matches!(
+            env.command.as_str(),
+            "signin" | "upload" | "beginstream" | "stream" | "endstream"
+        ) {
+            // In order: what follows a sign-in runs as its user, and an
+            // upload's parts arrive in the order they were sent.
             let h = run_guarded(&server.dispatcher, &session, env).await;
             if let Some(s) = h.session.clone() {
                 session = s;
