@@ -1290,6 +1290,8 @@ async fn watch_pushes_changes_the_watcher_may_read() {
         .ok("unwatch", "UnWatchRequest", &pb::UnWatchRequest { id: wb.clone() })
         .await;
     let e = b.err("unwatch", "UnWatchRequest", &pb::UnWatchRequest { id: wb }).await;
+    let events = s.stats.snapshot()["watch_events"].as_u64().unwrap_or(0);
+    assert!(events >= 6, "watch events are counted: {events}");
     assert_eq!(e.code, 404, "a watch ends once: {}", e.message);
     b.insert("entities", json!({"name": "unseen"})).await;
     b.quiet().await;

@@ -9,8 +9,8 @@ both transports can share one server.
 Signs in (and fails to with a wrong password), inserts and queries
 documents, creates a work-item queue, pushes an item, pops it, completes
 it, watches a collection, makes an RPC call through message queues (its own
-reply queue and service queue), lists collections, upserts, and checks each
-answer. Prints one line `OPENIAP-OK {json}` and exits 0
+reply queue and service queue), lists collections, upserts, aggregates, and
+checks each answer. Prints one line `OPENIAP-OK {json}` and exits 0
 on success; prints `OPENIAP-FAIL reason` and exits 1 otherwise. Every call
 has a timeout, and the process exits with os._exit so the client's
 background threads cannot keep it alive.
@@ -149,6 +149,14 @@ async def main(url, username, password, tag):
         client.InsertOrUpdateMany([{"name": "py-u", "_type": TYPE, "n": 10}], "entities", uniqeness="name"),
     )
     check(again[0]["_id"] == upserted[0]["_id"] and again[0]["n"] == 10, f"upsert returned {again}")
+    totals = await call(
+        "aggregate",
+        client.Aggregate(
+            [{"$match": {"_type": TYPE}}, {"$group": {"_id": None, "n": {"$sum": "$n"}, "docs": {"$count": {}}}}],
+            "entities",
+        ),
+    )
+    check(len(totals) == 1 and totals[0]["docs"] == 3, f"aggregate returned {totals}")
     try:
         await call("dropcollection", client.DropCollection("entities"))
         raise AssertionError("dropcollection succeeded")

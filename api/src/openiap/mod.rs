@@ -110,6 +110,8 @@ pub struct GrpcStats {
     pub rejected_connections: AtomicU64,
     /// Streams ended by a transport or decode error.
     pub stream_errors: AtomicU64,
+    /// Pushed events (watches, queues, token refreshes).
+    pub live: Arc<LiveStats>,
 }
 
 impl GrpcStats {
@@ -124,6 +126,11 @@ impl GrpcStats {
             "outbound_full": g(&self.outbound_full),
             "stream_errors": g(&self.stream_errors),
             "rejected_connections": g(&self.rejected_connections),
+            "watch_events": g(&self.live.watch_events),
+            "watches_dropped": g(&self.live.watches_dropped),
+            "watch_events_too_large": g(&self.live.events_too_large),
+            "queue_events": g(&self.live.queue_events),
+            "token_refreshes": g(&self.live.refreshes),
         })
     }
 }
@@ -149,10 +156,14 @@ pub struct FlowServer {
 
 impl FlowServer {
     pub fn new(node: Node, limits: GrpcLimits) -> Self {
+        let dispatcher = Arc::new(Dispatcher::new(node, limits));
         FlowServer {
-            dispatcher: Arc::new(Dispatcher::new(node, limits)),
             limits,
-            stats: Arc::new(GrpcStats::default()),
+            stats: Arc::new(GrpcStats {
+                live: dispatcher.live_stats(),
+                ..GrpcStats::default()
+            }),
+            dispatcher,
             closing: Arc::new(tokio::sync::watch::Sender::new(false)),
             slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
         }
