@@ -2,8 +2,8 @@
 //! against a real `ocmesh run`, once over gRPC and once over WebSocket
 //! (`/ws/v2`): sign-in (and a refused one), documents, a work item pushed,
 //! popped and completed, an error reply that leaves the connection usable,
-//! a watch event, an RPC round trip through message queues, collections and
-//! upserts.
+//! a watch event, an RPC round trip through message queues, collections,
+//! upserts, aggregate, and a file uploaded and downloaded.
 //! The results are cross-checked over REST.
 //!
 //! `websockets` is pinned below 14: openiap 0.0.37 reads the `open`
@@ -178,6 +178,7 @@ async fn the_openiap_python_package_drives_ocmesh() -> anyhow::Result<()> {
         assert_eq!(summary["roles"], serde_json::json!(["admins", "users"]));
         assert_eq!(summary["watch"], "insert", "{summary}");
         assert_eq!(summary["rpc"], serde_json::json!({"answer": 42}), "{summary}");
+        assert_eq!(summary["download"], "hello world", "{summary}");
 
         // What the Python client did is what the node holds.
         let id = summary["workitem"].as_str().context("work item id")?;

@@ -9,8 +9,8 @@ both transports can share one server.
 Signs in (and fails to with a wrong password), inserts and queries
 documents, creates a work-item queue, pushes an item, pops it, completes
 it, watches a collection, makes an RPC call through message queues (its own
-reply queue and service queue), lists collections, upserts, aggregates, and
-checks each answer. Prints one line `OPENIAP-OK {json}` and exits 0
+reply queue and service queue), lists collections, upserts, aggregates,
+uploads and downloads a file, and checks each answer. Prints one line `OPENIAP-OK {json}` and exits 0
 on success; prints `OPENIAP-FAIL reason` and exits 1 otherwise. Every call
 has a timeout, and the process exits with os._exit so the client's
 background threads cannot keep it alive.
@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 import traceback
 
 CALL_TIMEOUT = 20
@@ -157,6 +158,30 @@ async def main(url, username, password, tag):
         ),
     )
     check(len(totals) == 1 and totals[0]["docs"] == 3, f"aggregate returned {totals}")
+    # Files: the 0.0.37 client has no upload helper, so send the upload and
+    # its parts raw (its reply type is unknown to the client, which then
+    # resolves the call with None); download with the client's DownloadFile.
+    upload = base_pb2.Envelope(command="upload")
+    upload.data.Pack(base_pb2.UploadRequest(filename=f"{tag}-hello.txt", mimetype="text/plain"))
+    rid = str(next(protowrap.uniqueid()))
+    uploaded = protowrap.RPC(client, upload, rid)
+    for command, part in [
+        ("beginstream", base_pb2.BeginStream()),
+        ("stream", base_pb2.Stream(data=b"hello ")),
+        ("stream", base_pb2.Stream(data=b"world")),
+        ("endstream", base_pb2.EndStream()),
+    ]:
+        envelope = base_pb2.Envelope(command=command, rid=rid)
+        envelope.data.Pack(part)
+        client.grpcqueue.put(envelope)
+    await call("upload", uploaded)
+    with tempfile.TemporaryDirectory() as out:
+        got = await call("download", client.DownloadFile(Filename=f"{tag}-hello.txt", OutPath=out))
+        check(got.filename == f"{tag}-hello.txt", f"downloaded {got}")
+        with open(os.path.join(out, got.filename), "rb") as f:
+            content = f.read()
+    check(content == b"hello world", f"downloaded content {content!r}")
+
     try:
         await call("dropcollection", client.DropCollection("entities"))
         raise AssertionError("dropcollection succeeded")
@@ -171,6 +196,7 @@ async def main(url, username, password, tag):
         "queue": QUEUE,
         "watch": operation,
         "rpc": answer,
+        "download": content.decode(),
     }
 
 
