@@ -2,10 +2,14 @@
 //!
 //! No sockets here, so every command and every error path is testable with
 //! a node alone. Invariants: each request gets exactly one reply, `rid` =
-//! the request's `id`; a reply is `<command>reply` (`pong` for `ping`) or
-//! `error` with an `ErrorResponse`; client input never panics; a request
-//! that fails wrote nothing (the node's writes are all-or-none); a reply
-//! larger than the message limit becomes an `error`.
+//! the request's `id` (`download` and `upload` send theirs, after their
+//! stream parts, through the connection's event queue; an upload's parts
+//! get none); a reply is `<command>reply` (`pong` for `ping`) or `error`
+//! with an `ErrorResponse`; client input never panics; a request that
+//! fails wrote nothing (the node's writes are all-or-none; the exception
+//! is `insertorupdatemany`, item by item); a reply larger than the message
+//! limit becomes an `error`. Server-pushed events (`watchevent`,
+//! `queueevent`, `refreshtoken`) have no `rid`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -5,7 +5,7 @@
 //! Invariants: every event a server pushes goes through the connection's
 //! bounded event queue (`GrpcLimits::event_queue`); a watch whose events
 //! find that queue full for `watch_stall` is dropped (logged, counted, and
-//! announced with an `error` envelope when room comes back), so a slow
+//! announced with an `error` envelope if room comes back within 5 s), so a slow
 //! client never holds more than its queue and never slows the node (watches
 //! read the change log at their own pace); a queue consumer waits instead,
 //! leaving messages in the broker. Closing a connection aborts all of its
@@ -402,7 +402,7 @@ async fn end_watch(conn: &Shared, id: &str, why: &str, wait: Duration) {
         .events
         .send_timeout(
             conn.event("error", pack("ErrorResponse", &body)),
-            wait.max(Duration::from_secs(1)),
+            wait.max(Duration::from_secs(5)),
         )
         .await;
 }

@@ -4,8 +4,10 @@
 //! unchanged.
 //!
 //! Each stream gets a connection actor: it reads envelopes in order, runs
-//! `signin` inline (so later messages see the new user) and every other
-//! command as its own task, and writes replies through one bounded queue.
+//! `signin` inline (so later messages see the new user), and `upload` with
+//! its parts (so they stay in order), every other command as its own task,
+//! and writes replies, and the events the server pushes (through the
+//! connection's bounded event queue), through one bounded queue.
 //! Invariants: every channel is bounded (`GrpcLimits::outbound_queue`, with
 //! a counter of times it was full); at most `max_in_flight` commands run per
 //! connection, and one more gets an `error` reply instead of being queued;
