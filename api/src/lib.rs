@@ -308,7 +308,7 @@ struct SignIn {
     post,
     path = "/api/v1/signin",
     tag = "auth",
-    request_body(content = Object, description = "{username, password}", example = json!({"username": "admin", "password": "secret"})),
+    request_body(content = crate::openapi::SignInBody, description = "{username, password}", example = json!({"username": "admin", "password": "secret"})),
     responses((status = 200, description = "a bearer token and the user: {jwt, user}", body = Object), (status = 401, description = "wrong user name or password", body = crate::openapi::ErrorBody), crate::openapi::PublicErrors)
 )]
 async fn signin(State(s): State<ApiState>, JsonObject(body): JsonObject) -> Result<Json<Value>, ApiError> {
@@ -325,7 +325,7 @@ async fn signin(State(s): State<ApiState>, JsonObject(body): JsonObject) -> Resu
     post,
     path = "/api/v1/collections/{collection}/documents",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name")),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$")),
     request_body(content = Object, description = "the document; _id is generated when absent", example = json!({"name": "x", "_type": "thing"})),
     responses((status = 201, description = "the stored document with _id, _version and stamps", body = Object), (status = 409, description = "a document with this _id exists", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
@@ -344,7 +344,7 @@ async fn insert_document(
     get,
     path = "/api/v1/collections/{collection}/documents/{id}",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$"), ("id" = String, Path, description = "document id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
     responses((status = 200, description = "the current document", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -361,7 +361,7 @@ async fn get_document(
     put,
     path = "/api/v1/collections/{collection}/documents/{id}",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$"), ("id" = String, Path, description = "document id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
     request_body(content = Object, description = "the whole new document (its _id, when given, must match the path)"),
     responses((status = 200, description = "the new current document", body = Object), (status = 409, description = "conflict", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
@@ -379,7 +379,7 @@ async fn replace_document(
     delete,
     path = "/api/v1/collections/{collection}/documents/{id}",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$"), ("id" = String, Path, description = "document id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
     responses((status = 200, description = "the deleted version (history is kept)", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -396,7 +396,7 @@ async fn delete_document(
     patch,
     path = "/api/v1/collections/{collection}/documents/{id}",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$"), ("id" = String, Path, description = "document id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
     request_body(content = Object, description = "update operators: $set $unset $inc $push $pull", example = json!({"$set": {"name": "y"}})),
     responses((status = 200, description = "the updated document", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
@@ -416,7 +416,7 @@ async fn update_document(
     post,
     path = "/api/v1/collections/{collection}/documents/{id}/recover",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$"), ("id" = String, Path, description = "document id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
     responses((status = 201, description = "the document restored from its last version before the delete", body = Object), (status = 409, description = "the document is not deleted", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -457,8 +457,8 @@ fn no_more_fields(body: &Map<String, Value>, allowed: &str) -> Result<(), ApiErr
     post,
     path = "/api/v1/collections/{collection}/insertmany",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name")),
-    request_body(content = Object, description = "{documents: [...]}", example = json!({"documents": [{"name": "a"}, {"name": "b"}]})),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$")),
+    request_body(content = crate::openapi::InsertManyBody, description = "{documents: [...]}", example = json!({"documents": [{"name": "a"}, {"name": "b"}]})),
     responses((status = 201, description = "the stored documents (all or none)", body = Vec<Object>), (status = 409, description = "an _id exists", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -480,8 +480,8 @@ async fn insert_many(
     post,
     path = "/api/v1/collections/{collection}/insertorupdate",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name")),
-    request_body(content = Object, description = "{document, uniqueness?}: uniqueness is a comma-separated string or an array of field names, default _id", example = json!({"document": {"name": "a"}, "uniqueness": "name"})),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$")),
+    request_body(content = crate::openapi::InsertOrUpdateBody, description = "{document, uniqueness?}: uniqueness is a comma-separated string or an array of field names, default _id", example = json!({"document": {"name": "a"}, "uniqueness": "name"})),
     responses((status = 200, description = "the stored document", body = Object), (status = 409, description = "more than one document matches the uniqueness fields", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -526,8 +526,8 @@ async fn insert_or_update(
     post,
     path = "/api/v1/collections/{collection}/updatemany",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name")),
-    request_body(content = Object, description = "{filter, update}", example = json!({"filter": {"name": "a"}, "update": {"$set": {"done": true}}})),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$")),
+    request_body(content = crate::openapi::UpdateManyBody, description = "{filter, update}", example = json!({"filter": {"name": "a"}, "update": {"$set": {"done": true}}})),
     responses((status = 200, description = "{modified: N}", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -551,8 +551,8 @@ async fn update_many(
     post,
     path = "/api/v1/collections/{collection}/deletemany",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name")),
-    request_body(content = Object, description = "{filter}", example = json!({"filter": {"done": true}})),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$")),
+    request_body(content = crate::openapi::FilterBody, description = "{filter}", example = json!({"filter": {"done": true}})),
     responses((status = 200, description = "{deleted: N}", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -572,7 +572,7 @@ async fn delete_many(
     get,
     path = "/api/v1/collections/{collection}/documents/{id}/versions",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$"), ("id" = String, Path, description = "document id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
     responses((status = 200, description = "every version, oldest first", body = Vec<Object>), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -617,7 +617,7 @@ async fn list_conflicts(
     get,
     path = "/api/v1/collections/{collection}/documents/{id}/conflicts",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id")),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$"), ("id" = String, Path, description = "document id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
     responses((status = 200, description = "the document's same-field conflicts: [{collection, _id, field, kept, lost}]", body = Vec<Object>), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -641,7 +641,7 @@ async fn document_conflicts(
     get,
     path = "/api/v1/collections/{collection}/documents/{id}/versions/{n}",
     tag = "documents",
-    params(("collection" = String, Path, description = "collection name"), ("id" = String, Path, description = "document id"), ("n" = u64, Path, description = "version number, counted from 0")),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$"), ("id" = String, Path, description = "document id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$"), ("n" = u64, Path, description = "version number, counted from 0")),
     responses((status = 200, description = "that version of the document", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -674,7 +674,7 @@ fn parse_filter(body: &mut Map<String, Value>) -> Result<ocmesh_node::query::Fil
     post,
     path = "/api/v1/collections/{collection}/query",
     tag = "queries",
-    params(("collection" = String, Path, description = "collection name")),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$")),
     request_body(content = Object, description = "{filter?, projection?, sort?, skip?, top? (default 100)}", example = json!({"filter": {"_type": "thing"}, "sort": {"name": 1}, "top": 10})),
     responses((status = 200, description = "the matching documents the caller may read", body = Vec<Object>), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
@@ -697,8 +697,8 @@ async fn query_documents(
     post,
     path = "/api/v1/collections/{collection}/count",
     tag = "queries",
-    params(("collection" = String, Path, description = "collection name")),
-    request_body(content = Object, description = "{filter?}", example = json!({"filter": {"_type": "thing"}})),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$")),
+    request_body(content = crate::openapi::FilterBody, description = "{filter?}", example = json!({"filter": {"_type": "thing"}})),
     responses((status = 200, description = "{count: N}", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -722,8 +722,8 @@ async fn count_documents(
     post,
     path = "/api/v1/collections/{collection}/distinct",
     tag = "queries",
-    params(("collection" = String, Path, description = "collection name")),
-    request_body(content = Object, description = "{field, filter?}", example = json!({"field": "name"})),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$")),
+    request_body(content = crate::openapi::DistinctBody, description = "{field, filter?}", example = json!({"field": "name"})),
     responses((status = 200, description = "the distinct values of the field", body = Vec<Value>), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -753,7 +753,7 @@ async fn distinct_values(
     get,
     path = "/api/v1/collections/{collection}/indexes",
     tag = "queries",
-    params(("collection" = String, Path, description = "collection name")),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$")),
     responses((status = 200, description = "[{field}] for every index of the collection", body = Vec<Object>), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -774,8 +774,8 @@ async fn list_indexes(
     post,
     path = "/api/v1/collections/{collection}/indexes",
     tag = "queries",
-    params(("collection" = String, Path, description = "collection name")),
-    request_body(content = Object, description = "{field}: a field path", example = json!({"field": "name"})),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$")),
+    request_body(content = crate::openapi::IndexBody, description = "{field}: a field path", example = json!({"field": "name"})),
     responses((status = 201, description = "{field}", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -797,7 +797,7 @@ async fn create_index(
     delete,
     path = "/api/v1/collections/{collection}/indexes/{field}",
     tag = "queries",
-    params(("collection" = String, Path, description = "collection name"), ("field" = String, Path, description = "indexed field path")),
+    params(("collection" = String, Path, description = "collection name: letters, digits, _ - .; 1 to 120 long; not starting with . or system.", pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,119}$"), ("field" = String, Path, description = "indexed field path")),
     responses((status = 200, description = "{dropped: field}", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -814,7 +814,7 @@ async fn drop_index(
     post,
     path = "/api/v1/workitemqueues",
     tag = "workitems",
-    request_body(content = Object, description = "the queue: {name, maxretries?, retrydelay?, leasetime?, success_wiq?, failed_wiq?, _acl?}", example = json!({"name": "jobs", "maxretries": 3})),
+    request_body(content = crate::openapi::QueueBody, description = "the queue: {name, maxretries?, retrydelay?, leasetime?, success_wiq?, failed_wiq?, _acl?}", example = json!({"name": "jobs", "maxretries": 3})),
     responses((status = 201, description = "the queue document", body = Object), (status = 409, description = "a queue of that name exists", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -923,7 +923,7 @@ struct PopParams {
     post,
     path = "/api/v1/workitemqueues/{name}/pop",
     tag = "workitems",
-    params(("name" = String, Path, description = "queue name"), ("wait" = Option<f64>, Query, description = "seconds to wait for an item, 0 to 300")),
+    params(("name" = String, Path, description = "queue name"), ("wait" = Option<f64>, Query, description = "seconds to wait for an item, 0 to 300", minimum = 0, maximum = 300)),
     responses((status = 200, description = "the popped item, now processing under a lease", body = Object), (status = 204, description = "no item came due within wait"), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -948,7 +948,7 @@ async fn pop_workitem(
     get,
     path = "/api/v1/workitems/{id}",
     tag = "workitems",
-    params(("id" = String, Path, description = "work item id")),
+    params(("id" = String, Path, description = "work item id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
     responses((status = 200, description = "the work item", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -977,8 +977,8 @@ struct WorkItemUpdate {
     put,
     path = "/api/v1/workitems/{id}",
     tag = "workitems",
-    params(("id" = String, Path, description = "work item id")),
-    request_body(content = Object, description = "{state: successful|failed|retry, errortype?: application|business, errormessage?, payload?}", example = json!({"state": "successful"})),
+    params(("id" = String, Path, description = "work item id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
+    request_body(content = crate::openapi::WorkItemUpdateBody, description = "{state: successful|failed|retry, errortype?: application|business, errormessage?, payload?}", example = json!({"state": "successful"})),
     responses((status = 200, description = "the work item in its new state", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -1001,7 +1001,7 @@ async fn update_workitem(
     delete,
     path = "/api/v1/workitems/{id}",
     tag = "workitems",
-    params(("id" = String, Path, description = "work item id")),
+    params(("id" = String, Path, description = "work item id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
     responses((status = 200, description = "the deleted work item", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -1026,7 +1026,7 @@ struct UploadParams {
     post,
     path = "/api/v1/files",
     tag = "files",
-    params(("filename" = String, Query, description = "file name"), ("contentType" = Option<String>, Query, description = "MIME type, default application/octet-stream")),
+    params(("filename" = String, Query, description = "file name", min_length = 1), ("contentType" = Option<String>, Query, description = "MIME type, default application/octet-stream")),
     request_body(content = String, content_type = "application/octet-stream", description = "the raw file content"),
     responses((status = 201, description = "the fs.files metadata document", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
@@ -1056,7 +1056,7 @@ async fn upload_file(
     get,
     path = "/api/v1/files/{id}",
     tag = "files",
-    params(("id" = String, Path, description = "file id")),
+    params(("id" = String, Path, description = "file id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
     responses((status = 200, description = "the file content, with its content type", content_type = "application/octet-stream", body = String), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -1103,7 +1103,7 @@ fn hex_of(bytes: &[u8]) -> String {
     delete,
     path = "/api/v1/files/{id}",
     tag = "files",
-    params(("id" = String, Path, description = "file id")),
+    params(("id" = String, Path, description = "file id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
     responses((status = 200, description = "the deleted metadata document", body = Object), (status = 409, description = "a work item lists this file", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -1129,7 +1129,7 @@ struct NewUser {
     post,
     path = "/api/v1/users",
     tag = "auth",
-    request_body(content = Object, description = "{username, password, name?} (admins only)", example = json!({"username": "robot", "password": "secret", "name": "Robot"})),
+    request_body(content = crate::openapi::NewUserBody, description = "{username, password, name?} (admins only)", example = json!({"username": "robot", "password": "secret", "name": "Robot"})),
     responses((status = 201, description = "the new user document", body = Object), (status = 409, description = "the user name is taken", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -1169,7 +1169,7 @@ fn opt_str(body: &mut Map<String, Value>, key: &str) -> Result<Option<String>, A
     post,
     path = "/api/v1/mq/queues",
     tag = "mq",
-    request_body(content = Object, description = "{name?}: without a name, a temporary queue with a generated one", example = json!({"name": "jobs"})),
+    request_body(content = crate::openapi::MqQueueBody, description = "{name?}: without a name, a temporary queue with a generated one", example = json!({"name": "jobs"})),
     responses((status = 201, description = "{name}", body = Object), crate::openapi::BrokerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -1206,7 +1206,7 @@ async fn mq_delete_queue(
     post,
     path = "/api/v1/mq/exchanges",
     tag = "mq",
-    request_body(content = Object, description = "{name, type?: direct|fanout|topic (default fanout)}", example = json!({"name": "events", "type": "topic"})),
+    request_body(content = crate::openapi::MqExchangeBody, description = "{name, type?: direct|fanout|topic (default fanout)}", example = json!({"name": "events", "type": "topic"})),
     responses((status = 201, description = "{name, type}", body = Object), crate::openapi::BrokerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -1227,7 +1227,7 @@ async fn mq_declare_exchange(
     post,
     path = "/api/v1/mq/bindings",
     tag = "mq",
-    request_body(content = Object, description = "{queue, exchange, routingkey?}", example = json!({"queue": "jobs", "exchange": "events", "routingkey": "a.*"})),
+    request_body(content = crate::openapi::MqBindBody, description = "{queue, exchange, routingkey?}", example = json!({"queue": "jobs", "exchange": "events", "routingkey": "a.*"})),
     responses((status = 200, description = "{queue, exchange, routingkey}", body = Object), crate::openapi::BrokerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
@@ -1304,7 +1304,7 @@ async fn mq_publish(
     post,
     path = "/api/v1/mq/queues/{name}/next",
     tag = "mq",
-    params(("name" = String, Path, description = "queue name"), ("wait" = Option<f64>, Query, description = "seconds to wait for a message, 0 to 300 (default 0)")),
+    params(("name" = String, Path, description = "queue name"), ("wait" = Option<f64>, Query, description = "seconds to wait for a message, 0 to 300 (default 0)", minimum = 0, maximum = 300)),
     responses((status = 200, description = "{data, replyto, correlationId}", body = Object), (status = 204, description = "no message arrived within wait"), crate::openapi::BrokerErrors),
     security(("basic" = []), ("bearer" = []))
 )]

@@ -239,3 +239,176 @@ pub(crate) fn document_response() -> Response {
         Err(e) => e.into_response(),
     }
 }
+
+// Request bodies, for the document only: the handlers read a `JsonObject`
+// and check its fields themselves (with the same rules).
+
+/// `POST /api/v1/signin`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct SignInBody {
+    #[schema(min_length = 1)]
+    pub username: String,
+    pub password: String,
+}
+
+/// `POST /api/v1/users` (admins only).
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct NewUserBody {
+    #[schema(min_length = 1)]
+    pub username: String,
+    #[schema(min_length = 1)]
+    pub password: String,
+    pub name: Option<String>,
+}
+
+/// The state a work item is completed with.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum WorkItemState {
+    Successful,
+    Failed,
+    Retry,
+}
+
+/// `PUT /api/v1/workitems/{id}`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct WorkItemUpdateBody {
+    pub state: WorkItemState,
+    /// `application` (retried up to the queue's maxretries) or `business` (never retried).
+    pub errortype: Option<String>,
+    pub errormessage: Option<String>,
+    /// Replaces the item's payload when given.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+}
+
+/// `POST .../insertmany`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct InsertManyBody {
+    #[schema(value_type = Vec<Object>)]
+    pub documents: Vec<serde_json::Value>,
+}
+
+/// `POST .../insertorupdate`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct InsertOrUpdateBody {
+    #[schema(value_type = Object)]
+    pub document: serde_json::Value,
+    /// Field names that identify the document: a comma-separated string
+    /// or an array of strings (default `_id`).
+    #[schema(value_type = Option<Value>)]
+    pub uniqueness: Option<serde_json::Value>,
+}
+
+/// `POST .../updatemany`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct UpdateManyBody {
+    /// A query filter (`$eq $ne $gt ... $and $or`); default `{}`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub filter: serde_json::Value,
+    /// Update operators (`$set $unset $inc $push $pull`).
+    #[schema(value_type = Object)]
+    pub update: serde_json::Value,
+}
+
+/// `POST .../deletemany` and `POST .../count`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct FilterBody {
+    /// A query filter; default `{}`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub filter: serde_json::Value,
+}
+
+/// `POST .../distinct`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct DistinctBody {
+    #[schema(min_length = 1)]
+    pub field: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub filter: serde_json::Value,
+}
+
+/// `POST .../indexes`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct IndexBody {
+    /// A field path, dotted through nested objects.
+    #[schema(min_length = 1)]
+    pub field: String,
+}
+
+/// `POST /api/v1/workitemqueues`: the queue document; other fields are kept.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct QueueBody {
+    #[schema(min_length = 1)]
+    pub name: String,
+    pub maxretries: Option<i64>,
+    /// Seconds before a retried item is due again.
+    pub retrydelay: Option<f64>,
+    /// Seconds a popped item stays leased (default 300).
+    pub leasetime: Option<f64>,
+    pub success_wiq: Option<String>,
+    pub failed_wiq: Option<String>,
+}
+
+/// `POST /api/v1/mq/queues`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct MqQueueBody {
+    /// Without a name, a temporary queue with a generated one.
+    pub name: Option<String>,
+}
+
+/// An exchange's routing.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum ExchangeType {
+    Direct,
+    Fanout,
+    Topic,
+}
+
+/// `POST /api/v1/mq/exchanges`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct MqExchangeBody {
+    #[schema(min_length = 1)]
+    pub name: String,
+    /// Default `fanout`.
+    #[serde(rename = "type")]
+    pub kind: Option<ExchangeType>,
+}
+
+/// `POST /api/v1/mq/bindings`.
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct MqBindBody {
+    pub queue: String,
+    pub exchange: String,
+    pub routingkey: Option<String>,
+}

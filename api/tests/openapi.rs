@@ -138,7 +138,7 @@ fn concrete(template: &str) -> String {
         .split('/')
         .map(|seg| match seg {
             "{n}" => "0".to_owned(),
-            s if s.starts_with('{') => "x0123456789abcdef0123456".to_owned(),
+            s if s.starts_with('{') => "0123456789abcdef01234567".to_owned(),
             s => s.to_owned(),
         })
         .collect::<Vec<_>>()
