@@ -82,8 +82,8 @@ fn bench_principal() -> Principal {
 }
 
 /// A fresh node in a temporary directory, removed on drop.
-struct TempNode {
-    node: Node,
+pub(crate) struct TempNode {
+    pub(crate) node: Node,
     dir: std::path::PathBuf,
 }
 
@@ -94,12 +94,17 @@ impl Drop for TempNode {
 }
 
 fn temp_node(tag: &str) -> anyhow::Result<TempNode> {
+    temp_node_with(tag, "bench")
+}
+
+/// `temp_node` whose admin signs in with `admin_password`.
+pub(crate) fn temp_node_with(tag: &str, admin_password: &str) -> anyhow::Result<TempNode> {
     let dir = std::env::temp_dir().join(format!("ocmesh-bench-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let opened = Node::open(NodeConfig {
         data_dir: dir.clone(),
         site: "bench".into(),
-        admin_password: Some("bench".into()),
+        admin_password: Some(admin_password.into()),
     })
     .with_context(|| format!("opening a bench node in {}", dir.display()))?;
     Ok(TempNode { node: opened.node, dir })

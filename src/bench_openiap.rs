@@ -18,7 +18,7 @@ use serde_json::{Map, json};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Streaming;
 
-use ocmesh_node::{Node, NodeConfig, Principal};
+use ocmesh_node::Principal;
 use ocmesh_proto::openiap as pb;
 use ocmesh_proto::openiap::flow_service_client::FlowServiceClient;
 
@@ -44,28 +44,9 @@ pub struct OpenIapBench {
     pub payload: usize,
 }
 
-/// A fresh node in a temporary directory, removed on drop.
-struct TempNode {
-    node: Node,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for TempNode {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-async fn temp_node(tag: &str) -> anyhow::Result<TempNode> {
-    let dir = std::env::temp_dir().join(format!("ocmesh-bench-openiap-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let opened = Node::open(NodeConfig {
-        data_dir: dir.clone(),
-        site: "bench".into(),
-        admin_password: Some(PASSWORD.into()),
-    })
-    .with_context(|| format!("opening a bench node in {}", dir.display()))?;
-    let tmp = TempNode { node: opened.node, dir };
+/// A fresh node with the bench queue.
+async fn temp_node(tag: &str) -> anyhow::Result<crate::bench::TempNode> {
+    let tmp = crate::bench::temp_node_with(&format!("openiap-{tag}"), PASSWORD)?;
     let who = tmp.node.authenticate(USER, PASSWORD).await?;
     let mut queue = Map::new();
     queue.insert("name".into(), json!(QUEUE));
