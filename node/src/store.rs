@@ -264,8 +264,9 @@ impl<'t> WriteTables<'t> {
                 })
             };
             let last = back()?.unwrap_or_else(|| first.clone());
-            // The version before the greatest, when there are two or more.
-            let previous = if len >= 2 {
+            // The version before the greatest, when there are two or more;
+            // only a peer's change needs it (a local write is always current).
+            let previous = if len >= 2 && local.is_none() {
                 back()?.or_else(|| Some(first.clone()))
             } else {
                 None
