@@ -6,7 +6,7 @@
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use ocmesh_proto::federation::Frame;
+use ocmesh_proto::federation::{Frame, Hello, MeshHello, MeshHelloFrame};
 
 /// Largest accepted frame: a batch's byte budget plus one maximal change.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
@@ -74,6 +74,36 @@ pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
+/// Encodes a frame holding `hello` with the mesh shell's fields
+/// (`MeshHello`) appended inside the hello: a peer reads the same `Hello`
+/// from it, plus `incarnation` if it knows the field.
+pub fn encode_hello_frame(hello: &Hello, incarnation: u64) -> Result<Vec<u8>, FrameError> {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let mut inner = hello.encode_to_vec();
+    inner.extend(MeshHello { incarnation }.encode_to_vec());
+    // `Frame.hello` is field 1, an embedded message: key, length, bytes.
+    let mut body = Vec::with_capacity(inner.len() + 11);
+    encode_key(1, WireType::LengthDelimited, &mut body);
+    encode_varint(inner.len() as u64, &mut body);
+    body.extend_from_slice(&inner);
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// The sender's incarnation in the encoded frame `bytes` (without the
+/// length prefix), or 0 when it is not a hello or does not say.
+pub fn incarnation_of(bytes: &[u8]) -> u64 {
+    MeshHelloFrame::decode(bytes)
+        .ok()
+        .and_then(|f| f.hello)
+        .map_or(0, |h| h.incarnation)
+}
+
 /// Writes one frame.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<usize, FrameError> {
     let bytes = encode_frame(frame)?;
@@ -104,6 +134,27 @@ mod tests {
         assert_eq!(read_frame(&mut r, &mut buf).await.expect("1"), Some(hello()));
         assert_eq!(read_frame(&mut r, &mut buf).await.expect("2"), Some(hello()));
         assert_eq!(read_frame(&mut r, &mut buf).await.expect("end"), None);
+    }
+
+    #[tokio::test]
+    async fn a_hello_carries_the_incarnation_and_stays_a_hello() {
+        let Some(Kind::Hello(h)) = hello().kind else {
+            panic!("not a hello")
+        };
+        let bytes = encode_hello_frame(&h, 1_764_000_000_123_456).expect("encode");
+        let mut r = bytes.as_slice();
+        let mut buf = Vec::new();
+        // A peer that knows nothing of the incarnation reads the same hello.
+        assert_eq!(read_frame(&mut r, &mut buf).await.expect("read"), Some(hello()));
+        assert_eq!(incarnation_of(&buf), 1_764_000_000_123_456);
+        // A plain hello (an older peer) says 0; so does a frame that is not a hello.
+        let plain = encode_frame(&hello()).expect("encode");
+        assert_eq!(incarnation_of(&plain[4..]), 0);
+        let ack = Frame {
+            kind: Some(Kind::Ack(ocmesh_proto::federation::Ack { batch: 7, have: None })),
+        };
+        assert_eq!(incarnation_of(&encode_frame(&ack).expect("encode")[4..]), 0);
+        assert_eq!(incarnation_of(&[0xff, 0xff]), 0);
     }
 
     #[tokio::test]

@@ -4,8 +4,11 @@
 //! The shell around `ocmesh_replication::SyncSession`: it turns the
 //! session's outputs into stream writes and store reads and writes, and
 //! stream frames, local commits and timers into session inputs. One
-//! connection per peer pair is kept: when both sides dial each other, the
-//! connection dialed by the site whose name sorts first wins on both sides.
+//! connection per peer pair is kept: a connection to a newer run of the
+//! peer (a greater incarnation in its hello) replaces the one to an older
+//! run at once; between the same two runs, when both sides dial each other,
+//! the connection dialed by the site whose name sorts first wins on both
+//! sides.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -14,15 +17,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use ocmesh_node::Node;
-use ocmesh_proto::federation::Frame;
+use ocmesh_proto::federation::{Frame, frame::Kind};
 use ocmesh_replication::{Input, Output, SessionConfig, SyncSession, VersionVector};
 
-use crate::frame::{FrameError, read_frame, write_frame};
+use crate::frame::{FrameError, encode_hello_frame, incarnation_of, read_frame, write_frame};
 use crate::status::{PeerStatus, PeerTable};
 use crate::tls::{self, SiteIdentity, TlsError};
 
@@ -33,12 +37,15 @@ const CLOSE_PROTOCOL: u32 = 2;
 const CLOSE_REFUSED_CHANGES: u32 = 3;
 const CLOSE_FRAME: u32 = 4;
 const CLOSE_SELF: u32 = 5;
+const CLOSE_SUPERSEDED: u32 = 6;
 
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A session that lasted this long resets the dial backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new connection may take to deliver the peer's hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a site joins the mesh.
 #[derive(Debug, Clone)]
@@ -76,6 +83,8 @@ enum SessionEnd {
     Write(#[from] quinn::WriteError),
     #[error("the peer ended the sync stream")]
     StreamEnded,
+    #[error("no hello from the peer within {HELLO_TIMEOUT:?}")]
+    NoHello,
     #[error("shutting down")]
     Shutdown,
 }
@@ -89,6 +98,10 @@ pub struct MeshStats {
     pub frames_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub frames_received: AtomicU64,
+    /// Bytes of sync frames received (length prefixes included).
+    pub bytes_received: AtomicU64,
+    /// Connections to an older run of a peer replaced by one to its newer run.
+    pub superseded_connections: AtomicU64,
 }
 
 /// The active connection with each peer site.
@@ -102,12 +115,18 @@ struct Registry {
 struct Active {
     id: u64,
     dialed_by_us: bool,
+    /// The peer's incarnation, from its hello.
+    incarnation: u64,
     conn: Connection,
 }
 
 struct Shared {
     node: Node,
     local_site: String,
+    /// This run of the site (see `MeshHello` in federation.proto).
+    incarnation: u64,
+    /// Dial backoff jitter.
+    rng: Mutex<StdRng>,
     config: MeshConfig,
     table: PeerTable,
     registry: Mutex<Registry>,
@@ -149,25 +168,54 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// An incarnation for a process starting now: its start time in
+/// microseconds since the Unix epoch (at least 1), so a restarted site's
+/// run compares greater than the one it replaces unless the wall clock was
+/// set back by more than the downtime (then peers fall back to the QUIC
+/// idle timeout, as without incarnations).
+pub fn new_incarnation() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+        .max(1)
+}
+
 impl Mesh {
     /// Binds the endpoint and starts accepting and dialing.
     pub fn start(node: Node, identity: &SiteIdentity, config: MeshConfig) -> Result<Mesh, MeshError> {
-        if identity.site() != node.site() {
-            return Err(MeshError::SiteMismatch {
-                cert: identity.site().to_owned(),
-                node: node.site().to_owned(),
-            });
-        }
-        let mut endpoint =
+        check_site(&node, identity)?;
+        let endpoint =
             Endpoint::server(tls::server_config(identity)?, config.listen).map_err(|source| MeshError::Bind {
                 addr: config.listen,
                 source,
             })?;
+        Mesh::start_on(node, identity, config, endpoint, new_incarnation())
+    }
+
+    /// Starts the mesh on an endpoint the caller built (for example over a
+    /// simulated socket, with `Endpoint::new_with_abstract_socket`), as run
+    /// `incarnation` of the site. The endpoint's server and client
+    /// configurations are set here; `config.listen` is not used.
+    pub fn start_on(
+        node: Node,
+        identity: &SiteIdentity,
+        config: MeshConfig,
+        mut endpoint: Endpoint,
+        incarnation: u64,
+    ) -> Result<Mesh, MeshError> {
+        check_site(&node, identity)?;
+        endpoint.set_server_config(Some(tls::server_config(identity)?));
         endpoint.set_default_client_config(tls::client_config(identity)?);
         let (stop, shutdown) = watch::channel(false);
         let table = PeerTable::default();
+        let seed = node
+            .site()
+            .bytes()
+            .fold(incarnation, |h, b| h.rotate_left(5) ^ u64::from(b));
         let shared = Arc::new(Shared {
             local_site: node.site().to_owned(),
+            incarnation,
+            rng: Mutex::new(StdRng::seed_from_u64(seed)),
             node,
             config,
             table: table.clone(),
@@ -213,6 +261,16 @@ impl Mesh {
         while self.tasks.join_next().await.is_some() {}
         self.endpoint.wait_idle().await;
     }
+}
+
+fn check_site(node: &Node, identity: &SiteIdentity) -> Result<(), MeshError> {
+    if identity.site() != node.site() {
+        return Err(MeshError::SiteMismatch {
+            cert: identity.site().to_owned(),
+            node: node.site().to_owned(),
+        });
+    }
+    Ok(())
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
@@ -342,7 +400,10 @@ async fn dial_loop(shared: Arc<Shared>, endpoint: Endpoint, addr: SocketAddr) {
             }
         }
         // Full jitter over the upper half, so restarted sites do not dial in lockstep.
-        let sleep = rand::rng().random_range(backoff / 2..=backoff);
+        let sleep = match shared.rng.lock() {
+            Ok(mut rng) => rng.random_range(backoff / 2..=backoff),
+            Err(_) => backoff,
+        };
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
             _ = stopped(shutdown.clone()) => return,
@@ -372,8 +433,9 @@ enum ConnectionOutcome {
     Duplicate,
 }
 
-/// Registers the connection as the one for `site` (or closes it as a
-/// duplicate), runs its sync session to the end and unregisters it.
+/// Opens the sync stream and exchanges hellos; then registers the
+/// connection as the one for `site` (or closes it as a duplicate), runs its
+/// sync session to the end and unregisters it.
 async fn run_connection(
     shared: &Arc<Shared>,
     conn: Connection,
@@ -381,7 +443,21 @@ async fn run_connection(
     dialed_by_us: bool,
     address: String,
 ) -> Result<(), ConnectionOutcome> {
-    let id = match register(shared, &conn, &site, dialed_by_us) {
+    // Which connection to keep depends on the peer's incarnation, which its
+    // hello carries, so the hellos come before the registration.
+    let opening = tokio::time::timeout(HELLO_TIMEOUT, open_session(shared, &conn, &site, dialed_by_us));
+    let opened = tokio::select! {
+        r = opening => r.unwrap_or(Err(SessionEnd::NoHello)),
+        _ = stopped(shared.shutdown.clone()) => Err(SessionEnd::Shutdown),
+    };
+    let opened = match opened {
+        Ok(o) => o,
+        Err(end) => {
+            close_for(shared, &conn, &site, &end);
+            return Ok(());
+        }
+    };
+    let id = match register(shared, &conn, &site, dialed_by_us, opened.incarnation) {
         Some(id) => id,
         None => {
             tracing::debug!(peer = %site, "closing a duplicate connection");
@@ -411,24 +487,8 @@ async fn run_connection(
             }
         },
     );
-    let end = run_session(shared, &conn, &site, dialed_by_us).await;
-    let (code, reason) = match &end {
-        SessionEnd::Shutdown => (CLOSE_SHUTDOWN, "shutting down"),
-        SessionEnd::Protocol(_) => (CLOSE_PROTOCOL, "protocol error"),
-        SessionEnd::Refused(_) => (CLOSE_REFUSED_CHANGES, "changes refused"),
-        SessionEnd::Frame(_) => (CLOSE_FRAME, "bad frame"),
-        _ => (CLOSE_SHUTDOWN, "session ended"),
-    };
-    match &end {
-        SessionEnd::Shutdown => tracing::info!(peer = %site, "session ended: shutting down"),
-        SessionEnd::Connection(e) => tracing::info!(peer = %site, reason = %e, "peer connection lost"),
-        SessionEnd::Protocol(_) | SessionEnd::Frame(_) | SessionEnd::Refused(_) => {
-            shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(peer = %site, reason = %end, "closing the session with the peer");
-        }
-        other => tracing::warn!(peer = %site, reason = %other, "session ended"),
-    }
-    conn.close(VarInt::from_u32(code), reason.as_bytes());
+    let end = run_session(shared, &conn, &site, opened).await;
+    close_for(shared, &conn, &site, &end);
     let was_active = shared
         .registry
         .lock()
@@ -447,6 +507,29 @@ async fn run_connection(
     Ok(())
 }
 
+/// Logs and counts why a session ended, and closes its connection with the
+/// matching code.
+fn close_for(shared: &Shared, conn: &Connection, site: &str, end: &SessionEnd) {
+    let (code, reason) = match end {
+        SessionEnd::Shutdown => (CLOSE_SHUTDOWN, "shutting down"),
+        SessionEnd::Protocol(_) => (CLOSE_PROTOCOL, "protocol error"),
+        SessionEnd::Refused(_) => (CLOSE_REFUSED_CHANGES, "changes refused"),
+        SessionEnd::Frame(_) => (CLOSE_FRAME, "bad frame"),
+        SessionEnd::NoHello => (CLOSE_PROTOCOL, "no hello"),
+        _ => (CLOSE_SHUTDOWN, "session ended"),
+    };
+    match end {
+        SessionEnd::Shutdown => tracing::info!(peer = %site, "session ended: shutting down"),
+        SessionEnd::Connection(e) => tracing::info!(peer = %site, reason = %e, "peer connection lost"),
+        SessionEnd::Protocol(_) | SessionEnd::Frame(_) | SessionEnd::Refused(_) | SessionEnd::NoHello => {
+            shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(peer = %site, reason = %end, "closing the session with the peer");
+        }
+        other => tracing::warn!(peer = %site, reason = %other, "session ended"),
+    }
+    conn.close(VarInt::from_u32(code), reason.as_bytes());
+}
+
 fn unreachable_status(site: &str) -> PeerStatus {
     PeerStatus {
         site: Some(site.to_owned()),
@@ -460,20 +543,64 @@ fn unreachable_status(site: &str) -> PeerStatus {
     }
 }
 
+/// Which of two connections with one peer site to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Existing,
+    New,
+}
+
+/// The one-connection-per-pair rule, decided alike on both sides: a
+/// connection to a newer run of the peer (greater incarnation) beats one to
+/// an older run, whose process is gone (a killed site's connection lingers
+/// at its peers until the idle timeout); between connections to the same
+/// run, the one dialed by the site whose name sorts first wins, and of two
+/// dialed the same way the existing one stays.
+fn keep(local_site: &str, peer_site: &str, existing: (u64, bool), new: (u64, bool)) -> Keep {
+    let ((old_inc, old_dialed_by_us), (new_inc, new_dialed_by_us)) = (existing, new);
+    match new_inc.cmp(&old_inc) {
+        std::cmp::Ordering::Greater => Keep::New,
+        std::cmp::Ordering::Less => Keep::Existing,
+        std::cmp::Ordering::Equal => {
+            let we_win_ties = local_site < peer_site;
+            let preferred = |dialed_by_us: bool| dialed_by_us == we_win_ties;
+            if preferred(old_dialed_by_us) || !preferred(new_dialed_by_us) {
+                Keep::Existing
+            } else {
+                Keep::New
+            }
+        }
+    }
+}
+
 /// Makes `conn` the active connection for `site`, or returns `None` when
-/// the existing one is the one to keep. Both sites decide alike: the
-/// connection dialed by the site whose name sorts first wins.
-fn register(shared: &Shared, conn: &Connection, site: &str, dialed_by_us: bool) -> Option<u64> {
+/// the existing one is the one to keep (see [`keep`]).
+fn register(shared: &Shared, conn: &Connection, site: &str, dialed_by_us: bool, incarnation: u64) -> Option<u64> {
     let mut r = shared.registry.lock().ok()?;
-    let we_win_ties = shared.local_site.as_str() < site;
-    let preferred = |dialed_by_us: bool| dialed_by_us == we_win_ties;
     if let Some(existing) = r.by_site.get(site) {
-        if preferred(existing.dialed_by_us) || !preferred(dialed_by_us) {
+        let decision = keep(
+            &shared.local_site,
+            site,
+            (existing.incarnation, existing.dialed_by_us),
+            (incarnation, dialed_by_us),
+        );
+        if decision == Keep::Existing {
+            if incarnation < existing.incarnation {
+                tracing::warn!(peer = %site, incarnation, kept = existing.incarnation, "refusing a connection from an older run of the peer");
+            }
             return None;
         }
-        existing
-            .conn
-            .close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate connection");
+        if incarnation > existing.incarnation {
+            shared.stats.superseded_connections.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(peer = %site, old = existing.incarnation, new = incarnation, "the peer restarted: replacing the connection to its old run");
+            existing
+                .conn
+                .close(VarInt::from_u32(CLOSE_SUPERSEDED), b"superseded by a newer run");
+        } else {
+            existing
+                .conn
+                .close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate connection");
+        }
     }
     r.next_id += 1;
     let id = r.next_id;
@@ -482,42 +609,110 @@ fn register(shared: &Shared, conn: &Connection, site: &str, dialed_by_us: bool) 
         Active {
             id,
             dialed_by_us,
+            incarnation,
             conn: conn.clone(),
         },
     );
     Some(id)
 }
 
-/// Runs the sync session over one bidirectional stream: the dialer opens it.
-async fn run_session(shared: &Arc<Shared>, conn: &Connection, site: &str, dialed_by_us: bool) -> SessionEnd {
-    let streams = if dialed_by_us {
-        conn.open_bi().await
+/// A sync stream whose hellos have been exchanged.
+struct Opened {
+    send: SendStream,
+    recv: RecvStream,
+    session: SyncSession,
+    local: watch::Receiver<VersionVector>,
+    /// Outputs of `open` other than the hello, and what the peer's first
+    /// frame (its hello) yields.
+    pending: VecDeque<Output>,
+    incarnation: u64,
+}
+
+/// Opens the sync stream (the dialer opens it), sends our hello with our
+/// incarnation and reads the peer's first frame.
+async fn open_session(
+    shared: &Arc<Shared>,
+    conn: &Connection,
+    site: &str,
+    dialed_by_us: bool,
+) -> Result<Opened, SessionEnd> {
+    let (mut send, mut recv) = if dialed_by_us {
+        conn.open_bi().await?
     } else {
-        conn.accept_bi().await
+        conn.accept_bi().await?
     };
-    let (send, recv) = match streams {
-        Ok(s) => s,
-        Err(e) => return SessionEnd::Connection(e),
-    };
-    let config = shared.config.session.clone();
+    let mut local = shared.node.subscribe();
+    let mut session = SyncSession::new(
+        shared.config.session.clone(),
+        shared.local_site.clone(),
+        local.borrow_and_update().clone(),
+    );
+    let mut pending = VecDeque::new();
+    for out in session.open() {
+        match out {
+            Output::Send(Frame {
+                kind: Some(Kind::Hello(hello)),
+            }) => {
+                let bytes = encode_hello_frame(&hello, shared.incarnation)?;
+                send.write_all(&bytes).await?;
+                shared.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+                shared.stats.bytes_sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
+            other => pending.push_back(other),
+        }
+    }
+    let mut buf = Vec::new();
+    let first = read_frame(&mut recv, &mut buf).await?.ok_or(SessionEnd::StreamEnded)?;
+    shared.stats.frames_received.fetch_add(1, Ordering::Relaxed);
+    shared
+        .stats
+        .bytes_received
+        .fetch_add(4 + buf.len() as u64, Ordering::Relaxed);
+    let incarnation = incarnation_of(&buf);
+    tracing::debug!(peer = %site, incarnation, "hello from the peer");
+    pending.extend(session.handle(Input::Frame(first), now_ms()));
+    Ok(Opened {
+        send,
+        recv,
+        session,
+        local,
+        pending,
+        incarnation,
+    })
+}
+
+/// Runs the sync session over the opened stream.
+async fn run_session(shared: &Arc<Shared>, conn: &Connection, site: &str, opened: Opened) -> SessionEnd {
+    let config = &shared.config.session;
     // The peer can have at most its window of batches and acks for ours in
     // flight, plus its hello: with this bound the reader never waits on us
     // while we wait on the peer.
     let inbound_bound = (config.max_in_flight as usize) * 2 + 2;
     let (frames_tx, frames_rx) = mpsc::channel(inbound_bound);
+    let Opened {
+        send,
+        recv,
+        session,
+        local,
+        pending,
+        ..
+    } = opened;
     let reader = tokio::spawn(read_frames(recv, frames_tx));
-    let end = drive(shared, conn, site, send, frames_rx, config).await;
+    let end = drive(shared, conn, site, send, frames_rx, session, local, pending).await;
     reader.abort();
     end
 }
 
-async fn read_frames(mut recv: RecvStream, tx: mpsc::Sender<Result<Frame, FrameError>>) {
+/// A frame read from the peer, with its size on the wire.
+type Received = Result<(Frame, usize), FrameError>;
+
+async fn read_frames(mut recv: RecvStream, tx: mpsc::Sender<Received>) {
     let mut buf = Vec::new();
     loop {
         let r = read_frame(&mut recv, &mut buf).await;
         let last = !matches!(r, Ok(Some(_)));
         let item = match r {
-            Ok(Some(f)) => Ok(f),
+            Ok(Some(f)) => Ok((f, 4 + buf.len())),
             Ok(None) => return,
             Err(e) => Err(e),
         };
@@ -527,18 +722,18 @@ async fn read_frames(mut recv: RecvStream, tx: mpsc::Sender<Result<Frame, FrameE
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     shared: &Arc<Shared>,
     conn: &Connection,
     site: &str,
     mut send: SendStream,
-    mut frames: mpsc::Receiver<Result<Frame, FrameError>>,
-    config: SessionConfig,
+    mut frames: mpsc::Receiver<Received>,
+    mut session: SyncSession,
+    mut local: watch::Receiver<VersionVector>,
+    mut pending: VecDeque<Output>,
 ) -> SessionEnd {
     let node = &shared.node;
-    let mut local = node.subscribe();
-    let mut session = SyncSession::new(config, shared.local_site.clone(), local.borrow_and_update().clone());
-    let mut pending: VecDeque<Output> = session.open().into();
     let mut shutdown = shared.shutdown.clone();
     loop {
         while let Some(out) = pending.pop_front() {
@@ -591,8 +786,9 @@ async fn drive(
         );
         tokio::select! {
             frame = frames.recv() => match frame {
-                Some(Ok(f)) => {
+                Some(Ok((f, n))) => {
                     shared.stats.frames_received.fetch_add(1, Ordering::Relaxed);
+                    shared.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                     pending.extend(session.handle(Input::Frame(f), now_ms()));
                 }
                 Some(Err(e)) => return SessionEnd::Frame(e),
@@ -639,5 +835,53 @@ async fn refresh_idle_status(shared: Arc<Shared>) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Keep, keep};
+
+    /// Registers connections in arrival order as `register` does; returns
+    /// the index of the one left active.
+    fn survivor(local: &str, peer: &str, arrivals: &[(usize, u64, bool)]) -> Option<usize> {
+        let mut active: Option<(usize, u64, bool)> = None;
+        for &(i, inc, dialed_by_us) in arrivals {
+            match active {
+                Some((_, old_inc, old_dialed)) if keep(local, peer, (old_inc, old_dialed), (inc, dialed_by_us)) == Keep::Existing => {}
+                _ => active = Some((i, inc, dialed_by_us)),
+            }
+        }
+        active.map(|(i, _, _)| i)
+    }
+
+    #[test]
+    fn both_sides_keep_the_same_connection_in_any_arrival_order() {
+        // Connection 0 dialed by a, 1 dialed by b, between runs 7 of a and 9 of b.
+        let at_a = [(0, 9, true), (1, 9, false)];
+        let at_b = [(0, 7, false), (1, 7, true)];
+        for a_order in [[0, 1], [1, 0]] {
+            for b_order in [[0, 1], [1, 0]] {
+                let a = survivor("a", "b", &a_order.map(|i| at_a[i]));
+                let b = survivor("b", "a", &b_order.map(|i| at_b[i]));
+                assert_eq!(a, Some(0), "the connection dialed by the first name wins");
+                assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn a_newer_run_replaces_an_older_one_whoever_dialed() {
+        for old_dialed in [true, false] {
+            for new_dialed in [true, false] {
+                for (local, peer) in [("a", "b"), ("b", "a")] {
+                    assert_eq!(keep(local, peer, (5, old_dialed), (6, new_dialed)), Keep::New);
+                    assert_eq!(keep(local, peer, (6, old_dialed), (5, new_dialed)), Keep::Existing);
+                }
+            }
+        }
+        // A peer that does not send an incarnation (0) is replaced by its
+        // restarted, newer self.
+        assert_eq!(keep("b", "a", (0, false), (1_764_000_000_000_000, false)), Keep::New);
     }
 }

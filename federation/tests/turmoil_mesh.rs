@@ -1,0 +1,362 @@
+//! The real mesh (quinn, rustls, the session shell, real nodes on temporary
+//! directories) for three sites inside turmoil, through the `AsyncUdpSocket`
+//! adapter in `turmoil_udp`: links are partitioned, held and repaired while
+//! every site writes, and afterwards all three must agree and hold every
+//! acknowledged write. Fixed seeds; all timers run on turmoil's clock.
+//!
+//! What the writer thread does to simulated time: turmoil runs every host
+//! on one thread, each a current-thread tokio runtime with a paused clock.
+//! A node's writes are carried out by its own std thread (`ocmesh-writer`),
+//! which tokio does not know about: while a host awaits a write, its
+//! runtime sees no work and auto-advances the clock to the end of the tick,
+//! so a durable write takes one or more ticks of virtual time, as many as
+//! turmoil steps while the real fsync runs. (Store reads go through
+//! `spawn_blocking`, which does hold the clock still.) Timings in virtual
+//! time therefore vary a little from run to run with the machine's disk;
+//! the checks below depend only on the final state, never on timing,
+//! except the restart bound, which is far from the values that occur.
+
+mod turmoil_udp;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use turmoil::Sim;
+
+use ocmesh_federation::{Mesh, MeshConfig, ca, tls};
+use ocmesh_node::{Node, NodeConfig, Principal};
+
+const PORT: u16 = 7400;
+const SITES: [&str; 3] = ["a", "b", "c"];
+
+fn admin() -> Principal {
+    Principal {
+        roles: vec![ocmesh_node::acl::ADMINS_ROLE_ID.into()],
+        id: "0".repeat(24),
+        name: "admin".into(),
+    }
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+struct Site {
+    node: Node,
+    /// How many times the site's software has started (its incarnation).
+    runs: Arc<AtomicU64>,
+    _data: tempfile::TempDir,
+}
+
+/// Three sites on temporary directories, each a turmoil host whose
+/// software is the mesh (dialing the other two), restarted by `bounce`
+/// with the next incarnation.
+fn setup(sim: &mut Sim<'_>, seed: u64, ca_dir: &std::path::Path) -> BTreeMap<&'static str, Site> {
+    let mut sites = BTreeMap::new();
+    for (i, name) in SITES.into_iter().enumerate() {
+        let data = tempfile::tempdir().expect("tmp");
+        let node = Node::open(NodeConfig {
+            data_dir: data.path().into(),
+            site: name.into(),
+            admin_password: Some("pw".into()),
+        })
+        .expect("open")
+        .node;
+        let files = ca::issue_site_cert(ca_dir, name).expect("issue");
+        let identity = tls::load_identity(&ca_dir.join("ca.pem"), &files.cert, &files.key).expect("identity");
+        let runs = Arc::new(AtomicU64::new(0));
+        let (host_node, host_runs) = (node.clone(), runs.clone());
+        sim.host(name, move || {
+            let (node, identity, runs) = (host_node.clone(), identity.clone(), host_runs.clone());
+            async move {
+                let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                let endpoint = turmoil_udp::endpoint(PORT, seed ^ ((i as u64) << 32) ^ (run << 48)).await?;
+                let peers = SITES
+                    .iter()
+                    .filter(|s| **s != name)
+                    .map(|s| SocketAddr::new(turmoil::lookup(*s), PORT))
+                    .collect();
+                let config = MeshConfig {
+                    listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT)),
+                    peers,
+                    session: Default::default(),
+                };
+                let _mesh = Mesh::start_on(node, &identity, config, endpoint, run)?;
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        });
+        sites.insert(
+            name,
+            Site {
+                node,
+                runs,
+                _data: data,
+            },
+        );
+    }
+    sites
+}
+
+fn new_sim(seed: u64) -> (Sim<'static>, tempfile::TempDir) {
+    tls::install_crypto_provider();
+    let ca_dir = tempfile::tempdir().expect("tmp");
+    ca::init_ca(ca_dir.path()).expect("ca");
+    let sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .tick_duration(Duration::from_millis(1))
+        .simulation_duration(Duration::from_secs(3600))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(20))
+        .build();
+    (sim, ca_dir)
+}
+
+/// Steps the simulation until `done` holds or `limit` of virtual time has
+/// passed; returns the virtual time at which `done` first held.
+fn step_until(sim: &mut Sim<'_>, limit: Duration, mut done: impl FnMut(&mut Sim<'_>) -> bool) -> Option<Duration> {
+    while sim.elapsed() < limit {
+        if done(sim) {
+            return Some(sim.elapsed());
+        }
+        sim.step().expect("simulation step");
+    }
+    None
+}
+
+/// What the writers got acknowledged.
+#[derive(Default, Debug)]
+struct Acked {
+    /// Inserted documents.
+    docs: Vec<String>,
+    /// (document, field, value) set by an acknowledged update.
+    updates: Vec<(String, String, u64)>,
+    /// Work items pushed, and those completed at their site.
+    items: Vec<String>,
+    completed: Vec<String>,
+}
+
+/// A turmoil client that writes at every site every 100 ms of virtual time
+/// until `until`: a document each, a field of one shared document each (so
+/// concurrent edits meet), and a work item pushed, popped and completed on
+/// the site's own queue.
+fn writers(sim: &mut Sim<'_>, sites: &BTreeMap<&'static str, Site>, until: Duration, acked: Arc<Mutex<Acked>>) {
+    let nodes: Vec<(&'static str, Node)> = sites.iter().map(|(n, s)| (*n, s.node.clone())).collect();
+    sim.client("writers", async move {
+        let who = admin();
+        let shared_id = "shared-1".to_owned();
+        for (name, node) in &nodes {
+            node.add_queue(obj(json!({"name": format!("q-{name}")})), &who).await?;
+        }
+        nodes[0]
+            .1
+            .insert("entities", obj(json!({"_id": shared_id, "origin": "a"})), &who)
+            .await?;
+        let mut round = 0u64;
+        while turmoil::elapsed() < until {
+            round += 1;
+            for (name, node) in &nodes {
+                let doc = node
+                    .insert("entities", obj(json!({"site": name, "round": round})), &who)
+                    .await?;
+                let id = doc["_id"].as_str().unwrap_or_default().to_owned();
+                let field = format!("by_{name}");
+                // The shared document may not have reached this site yet.
+                let updated = node
+                    .update("entities", &shared_id, json!({"$set": {&field: round}}), &who)
+                    .await
+                    .is_ok();
+                let queue = format!("q-{name}");
+                let pushed = node
+                    .push_workitems(&queue, vec![obj(json!({"name": format!("{name}-{round}")}))], &who)
+                    .await?;
+                let mut acked = acked.lock().map_err(|_| "poisoned")?;
+                acked.docs.push(id);
+                if updated {
+                    acked.updates.push((shared_id.clone(), field, round));
+                }
+                acked
+                    .items
+                    .extend(pushed.iter().filter_map(|d| d["_id"].as_str().map(str::to_owned)));
+                drop(acked);
+                if round % 2 == 0
+                    && let Some(item) = node.pop_workitem(&queue, &who, None).await?
+                {
+                    let id = item["_id"].as_str().unwrap_or_default().to_owned();
+                    node.update_workitem(&id, "successful", None, None, None, &who).await?;
+                    acked.lock().map_err(|_| "poisoned")?.completed.push(id);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    });
+}
+
+fn all_agree(sites: &BTreeMap<&'static str, Site>) -> bool {
+    let mut vvs = sites.values().map(|s| s.node.version_vector());
+    let first = vvs.next().unwrap_or_default();
+    first.total() > 0 && vvs.all(|v| v == first)
+}
+
+/// Every acknowledged write is at every site, and the sites hold the same
+/// documents with the same histories.
+fn check_converged(sites: &BTreeMap<&'static str, Site>, acked: &Acked) {
+    let (first, rest): (Vec<_>, Vec<_>) = sites.iter().partition(|(n, _)| **n == "a");
+    let (_, a) = first[0];
+    let mut docs = acked.docs.clone();
+    docs.push("shared-1".into());
+    for id in &docs {
+        let here = a.node.get("entities", id).expect("acknowledged document at a");
+        let history = a.node.versions("entities", id).expect("history at a");
+        for (name, s) in &rest {
+            assert_eq!(s.node.get("entities", id).ok().as_ref(), Some(&here), "{id} at {name}");
+            assert_eq!(
+                s.node.versions("entities", id).expect("history"),
+                history,
+                "history of {id} at {name}"
+            );
+        }
+    }
+    for (id, field, value) in &acked.updates {
+        for (name, s) in sites {
+            let versions = s.node.versions("entities", id).expect("history");
+            assert!(
+                versions.iter().any(|v| v[field.as_str()] == json!(value)),
+                "acknowledged update {field}={value} of {id} missing at {name}"
+            );
+        }
+    }
+    for id in &acked.items {
+        let here = a.node.get("workitems", id).expect("work item at a");
+        for (name, s) in &rest {
+            assert_eq!(s.node.get("workitems", id).ok().as_ref(), Some(&here), "item {id} at {name}");
+        }
+    }
+    for id in &acked.completed {
+        for (name, s) in sites {
+            let item = s.node.get("workitems", id).expect("completed item");
+            assert_eq!(item["state"], "successful", "item {id} at {name}");
+        }
+    }
+}
+
+fn partitions_holds_and_repairs(seed: u64) {
+    let (mut sim, ca_dir) = new_sim(seed);
+    let sites = setup(&mut sim, seed, ca_dir.path());
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let writes_until = Duration::from_secs(62);
+    writers(&mut sim, &sites, writes_until, acked.clone());
+
+    let s = Duration::from_secs;
+    // a alone; then b-c held; a back through b only (c reaches a by relay);
+    // then c alone, reachable through a only; then every link cut for
+    // longer than the idle timeout, so connections die and are redialed.
+    type Fault = fn(&Sim<'_>);
+    let schedule: Vec<(Duration, &str, Fault)> = vec![
+        (s(2), "isolate a", |sim| {
+            sim.partition("a", "b");
+            sim.partition("a", "c");
+        }),
+        (s(6), "hold b-c", |sim| sim.hold("b", "c")),
+        (s(9), "repair a-b, release b-c", |sim| {
+            sim.repair("a", "b");
+            sim.release("b", "c");
+        }),
+        (s(14), "cut b-c", |sim| sim.partition("b", "c")),
+        (s(16), "repair a-c", |sim| sim.repair("a", "c")),
+        (s(20), "cut everything", |sim| {
+            sim.partition("a", "b");
+            sim.partition("a", "c");
+            sim.partition("b", "c");
+        }),
+        (s(60), "repair everything", |sim| {
+            sim.repair("a", "b");
+            sim.repair("a", "c");
+            sim.repair("b", "c");
+        }),
+    ];
+    for (at, what, fault) in schedule {
+        step_until(&mut sim, at, |_| false);
+        fault(&sim);
+        eprintln!("seed {seed}: {what} at {:?}", sim.elapsed());
+    }
+    step_until(&mut sim, writes_until + s(1), |_| false);
+    let converged = step_until(&mut sim, writes_until + s(90), |_| all_agree(&sites));
+    let acked = acked.lock().expect("acked");
+    assert!(
+        converged.is_some(),
+        "seed {seed}: no convergence by {:?}: {:?}",
+        sim.elapsed(),
+        sites.values().map(|s| s.node.version_vector()).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "seed {seed}: converged at {converged:?}: {} documents, {} updates, {} items ({} completed)",
+        acked.docs.len(),
+        acked.updates.len(),
+        acked.items.len(),
+        acked.completed.len()
+    );
+    assert!(acked.docs.len() >= 3 * 500, "writers kept writing: {}", acked.docs.len());
+    check_converged(&sites, &acked);
+}
+
+#[test]
+fn three_sites_converge_through_partitions_holds_and_repairs_seed_1() {
+    partitions_holds_and_repairs(1);
+}
+
+#[test]
+fn three_sites_converge_through_partitions_holds_and_repairs_seed_7() {
+    partitions_holds_and_repairs(7);
+}
+
+/// A site whose process dies (turmoil drops its runtime: no close reaches
+/// the peers) and starts again is taken back by both peers at once, not
+/// after the 30 s idle timeout: its new hello carries a newer incarnation.
+#[test]
+fn a_restarted_site_is_taken_back_at_once() {
+    let seed = 3;
+    let (mut sim, ca_dir) = new_sim(seed);
+    let sites = setup(&mut sim, seed, ca_dir.path());
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    writers(&mut sim, &sites, Duration::from_secs(4), acked.clone());
+    let written = step_until(&mut sim, Duration::from_secs(10), |sim| !sim.is_host_running("writers"));
+    assert!(written.is_some(), "the writers finished");
+    assert!(
+        step_until(&mut sim, Duration::from_secs(20), |_| all_agree(&sites)).is_some(),
+        "in sync before the restart"
+    );
+    let before = sites["a"].node.version_vector().total();
+    // Kill a and start it again right away.
+    sim.crash("a");
+    sim.bounce("a");
+    let restarted = sim.elapsed();
+    assert_eq!(sites["a"].runs.load(Ordering::SeqCst), 2);
+    // A write at the new a must reach both peers: only possible once they
+    // have taken its new connections.
+    let node = sites["a"].node.clone();
+    sim.client("after-restart", async move {
+        node.insert("entities", obj(json!({"after": "restart"})), &admin())
+            .await?;
+        Ok(())
+    });
+    let back = step_until(&mut sim, restarted + Duration::from_secs(60), |_| {
+        all_agree(&sites) && sites["b"].node.version_vector().total() > before
+    })
+    .map(|t| t - restarted);
+    eprintln!("restarted a taken back after {back:?} of virtual time");
+    let back = back.expect("the restarted site syncs again");
+    assert!(
+        back < Duration::from_secs(5),
+        "took {back:?}: peers waited for the old connection to idle out"
+    );
+    check_converged(&sites, &acked.lock().expect("acked"));
+}
