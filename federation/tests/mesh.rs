@@ -411,7 +411,8 @@ async fn an_in_sync_reconnect_costs_one_round_trip_under_1_kib() {
         a_node.clone(),
         &id,
         MeshConfig {
-            listen: addr_a,
+            // The old endpoint's socket may linger: a dials b, so any port does.
+            listen: free_udp(),
             peers: vec![addr_b],
             session: Default::default(),
         },
