@@ -153,52 +153,83 @@ fn writers(sim: &mut Sim<'_>, sites: &BTreeMap<&'static str, Site>, until: Durat
     let nodes: Vec<(&'static str, Node)> = sites.iter().map(|(n, s)| (*n, s.node.clone())).collect();
     sim.client("writers", async move {
         let who = admin();
-        let shared_id = SHARED_ID.to_owned();
-        for (name, node) in &nodes {
-            node.add_queue(obj(json!({"name": format!("q-{name}")})), &who).await?;
-        }
-        nodes[0]
-            .1
-            .insert("entities", obj(json!({"_id": shared_id, "origin": "a"})), &who)
-            .await?;
+        let setup = nodes.clone();
+        let setup_who = who.clone();
+        held(async move {
+            for (name, node) in &setup {
+                node.add_queue(obj(json!({"name": format!("q-{name}")})), &setup_who)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            setup[0]
+                .1
+                .insert("entities", obj(json!({"_id": SHARED_ID, "origin": "a"})), &setup_who)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+        .await?;
         let mut round = 0u64;
         while turmoil::elapsed() < until {
             round += 1;
             for (name, node) in &nodes {
-                let doc = node
-                    .insert("entities", obj(json!({"site": name, "round": round})), &who)
-                    .await?;
-                let id = doc["_id"].as_str().unwrap_or_default().to_owned();
-                let field = format!("by_{name}");
-                // The shared document may not have reached this site yet.
-                let updated = node
-                    .update("entities", &shared_id, json!({"$set": {&field: round}}), &who)
-                    .await
-                    .is_ok();
-                let queue = format!("q-{name}");
-                let pushed = node
-                    .push_workitems(&queue, vec![obj(json!({"name": format!("{name}-{round}")}))], &who)
-                    .await?;
-                let mut got = acked.lock().map_err(|_| "poisoned")?;
-                got.docs.push(id);
-                if updated {
-                    got.updates.push((shared_id.clone(), field, round));
-                }
-                got.items
-                    .extend(pushed.iter().filter_map(|d| d["_id"].as_str().map(str::to_owned)));
-                drop(got);
-                if round % 2 == 0
-                    && let Some(item) = node.pop_workitem(&queue, &who, None).await?
-                {
-                    let id = item["_id"].as_str().unwrap_or_default().to_owned();
-                    node.update_workitem(&id, "successful", None, None, None, &who).await?;
-                    acked.lock().map_err(|_| "poisoned")?.completed.push(id);
-                }
+                let (name, node, who, acked) = (*name, node.clone(), who.clone(), acked.clone());
+                held(async move { write_round(name, &node, &who, round, &acked).await }).await?;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(())
     });
+}
+
+/// One round of writes at one site; what is acknowledged goes to `acked`.
+async fn write_round(name: &str, node: &Node, who: &Principal, round: u64, acked: &Mutex<Acked>) -> Result<(), String> {
+    let e = |e: ocmesh_node::WriteError| e.to_string();
+    let doc = node
+        .insert("entities", obj(json!({"site": name, "round": round})), who)
+        .await
+        .map_err(e)?;
+    let id = doc["_id"].as_str().unwrap_or_default().to_owned();
+    let field = format!("by_{name}");
+    // The shared document may not have reached this site yet.
+    let updated = node
+        .update("entities", SHARED_ID, json!({"$set": {&field: round}}), who)
+        .await
+        .is_ok();
+    let queue = format!("q-{name}");
+    let pushed = node
+        .push_workitems(&queue, vec![obj(json!({"name": format!("{name}-{round}")}))], who)
+        .await
+        .map_err(e)?;
+    {
+        let mut got = acked.lock().map_err(|_| "poisoned")?;
+        got.docs.push(id);
+        if updated {
+            got.updates.push((SHARED_ID.to_owned(), field, round));
+        }
+        got.items
+            .extend(pushed.iter().filter_map(|d| d["_id"].as_str().map(str::to_owned)));
+    }
+    if round % 2 == 0
+        && let Some(item) = node.pop_workitem(&queue, who, None).await.map_err(e)?
+    {
+        let id = item["_id"].as_str().unwrap_or_default().to_owned();
+        node.update_workitem(&id, "successful", None, None, None, who)
+            .await
+            .map_err(e)?;
+        acked.lock().map_err(|_| "poisoned")?.completed.push(id);
+    }
+    Ok(())
+}
+
+/// Runs `f` (node writes) with turmoil's clock held: on a blocking thread,
+/// which stops tokio's paused clock from auto-advancing, instead of awaited
+/// on the host, where the clock would run on while the writer thread works.
+async fn held<T: Send + 'static>(f: impl Future<Output = Result<T, String>> + Send + 'static) -> Result<T, String> {
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || handle.block_on(f))
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 fn all_agree(sites: &BTreeMap<&'static str, Site>) -> bool {
