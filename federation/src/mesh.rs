@@ -757,9 +757,16 @@ async fn drive(
                     pending.extend(session.handle(Input::Fetched(changes), now_ms()));
                 }
                 Output::Apply { batch, changes } => {
-                    let report = match node.apply(changes).await {
-                        Ok(r) => r,
-                        Err(e) => return SessionEnd::Refused(e),
+                    // Awaited on a blocking thread, like the reads: under a
+                    // simulated paused clock (turmoil) time then stands still
+                    // while the writer thread works, instead of running on.
+                    let applier = node.clone();
+                    let rt = tokio::runtime::Handle::current();
+                    let applied = tokio::task::spawn_blocking(move || rt.block_on(applier.apply(changes))).await;
+                    let report = match applied {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(e)) => return SessionEnd::Refused(e),
+                        Err(e) => return SessionEnd::Store(e.to_string()),
                     };
                     tracing::trace!(peer = %site, batch, applied = report.applied, duplicates = report.duplicates, "applied batch");
                     let have = node.version_vector();
@@ -848,7 +855,8 @@ mod tests {
         let mut active: Option<(usize, u64, bool)> = None;
         for &(i, inc, dialed_by_us) in arrivals {
             match active {
-                Some((_, old_inc, old_dialed)) if keep(local, peer, (old_inc, old_dialed), (inc, dialed_by_us)) == Keep::Existing => {}
+                Some((_, old_inc, old_dialed))
+                    if keep(local, peer, (old_inc, old_dialed), (inc, dialed_by_us)) == Keep::Existing => {}
                 _ => active = Some((i, inc, dialed_by_us)),
             }
         }

@@ -430,13 +430,21 @@ async fn an_in_sync_reconnect_costs_one_round_trip_under_1_kib() {
         stats.bytes_sent.load(Relaxed),
         stats.bytes_received.load(Relaxed),
     ];
-    let [frames_sent, frames_received, bytes_sent, bytes_received] =
-        [0, 1, 2, 3].map(|i| after[i] - before[i]);
-    eprintln!("in-sync reconnect at b: {frames_sent} frame(s) sent ({bytes_sent} B), {frames_received} received ({bytes_received} B)");
-    assert_eq!((frames_sent, frames_received), (1, 1), "one hello each way, nothing else");
+    let [frames_sent, frames_received, bytes_sent, bytes_received] = [0, 1, 2, 3].map(|i| after[i] - before[i]);
+    eprintln!(
+        "in-sync reconnect at b: {frames_sent} frame(s) sent ({bytes_sent} B), {frames_received} received ({bytes_received} B)"
+    );
+    assert_eq!(
+        (frames_sent, frames_received),
+        (1, 1),
+        "one hello each way, nothing else"
+    );
     assert_eq!(a_mesh.stats().frames_sent.load(Relaxed), 1);
     assert_eq!(a_mesh.stats().bytes_sent.load(Relaxed), bytes_received);
-    assert!(bytes_sent + bytes_received < 1024, "{bytes_sent} + {bytes_received} bytes");
+    assert!(
+        bytes_sent + bytes_received < 1024,
+        "{bytes_sent} + {bytes_received} bytes"
+    );
     a_mesh.shutdown().await;
     b.mesh.shutdown().await;
     drop(a_data);

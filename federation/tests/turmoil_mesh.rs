@@ -54,6 +54,8 @@ struct Site {
     node: Node,
     /// How many times the site's software has started (its incarnation).
     runs: Arc<AtomicU64>,
+    /// The peer table of the site's current mesh.
+    peers: Arc<Mutex<Option<ocmesh_federation::PeerTable>>>,
     _data: tempfile::TempDir,
 }
 
@@ -74,23 +76,30 @@ fn setup(sim: &mut Sim<'_>, seed: u64, ca_dir: &std::path::Path) -> BTreeMap<&'s
         let files = ca::issue_site_cert(ca_dir, name).expect("issue");
         let identity = tls::load_identity(&ca_dir.join("ca.pem"), &files.cert, &files.key).expect("identity");
         let runs = Arc::new(AtomicU64::new(0));
-        let (host_node, host_runs) = (node.clone(), runs.clone());
+        let peers = Arc::new(Mutex::new(None));
+        let (host_node, host_runs, host_peers) = (node.clone(), runs.clone(), peers.clone());
         sim.host(name, move || {
-            let (node, identity, runs) = (host_node.clone(), identity.clone(), host_runs.clone());
+            let (node, identity, runs, peers) = (
+                host_node.clone(),
+                identity.clone(),
+                host_runs.clone(),
+                host_peers.clone(),
+            );
             async move {
                 let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
                 let endpoint = turmoil_udp::endpoint(PORT, seed ^ ((i as u64) << 32) ^ (run << 48)).await?;
-                let peers = SITES
+                let peer_addrs = SITES
                     .iter()
                     .filter(|s| **s != name)
                     .map(|s| SocketAddr::new(turmoil::lookup(*s), PORT))
                     .collect();
                 let config = MeshConfig {
                     listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT)),
-                    peers,
+                    peers: peer_addrs,
                     session: Default::default(),
                 };
-                let _mesh = Mesh::start_on(node, &identity, config, endpoint, run)?;
+                let mesh = Mesh::start_on(node, &identity, config, endpoint, run)?;
+                *peers.lock().map_err(|_| "poisoned")? = Some(mesh.peers());
                 std::future::pending::<()>().await;
                 Ok(())
             }
@@ -100,6 +109,7 @@ fn setup(sim: &mut Sim<'_>, seed: u64, ca_dir: &std::path::Path) -> BTreeMap<&'s
             Site {
                 node,
                 runs,
+                peers,
                 _data: data,
             },
         );
@@ -117,6 +127,7 @@ fn new_sim(seed: u64) -> (Sim<'static>, tempfile::TempDir) {
         .simulation_duration(Duration::from_secs(3600))
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(20))
+        .udp_capacity(1 << 14)
         .build();
     (sim, ca_dir)
 }
@@ -269,7 +280,11 @@ fn check_converged(sites: &BTreeMap<&'static str, Site>, acked: &Acked) {
     for id in &acked.items {
         let here = a.node.get("workitems", id).expect("work item at a");
         for (name, s) in &rest {
-            assert_eq!(s.node.get("workitems", id).ok().as_ref(), Some(&here), "item {id} at {name}");
+            assert_eq!(
+                s.node.get("workitems", id).ok().as_ref(),
+                Some(&here),
+                "item {id} at {name}"
+            );
         }
     }
     for id in &acked.completed {
@@ -325,9 +340,13 @@ fn partitions_holds_and_repairs(seed: u64) {
     let acked = acked.lock().expect("acked");
     assert!(
         converged.is_some(),
-        "seed {seed}: no convergence by {:?}: {:?}",
+        "seed {seed}: no convergence by {:?}: {:?}\n{:#?}",
         sim.elapsed(),
-        sites.values().map(|s| s.node.version_vector()).collect::<Vec<_>>()
+        sites.values().map(|s| s.node.version_vector()).collect::<Vec<_>>(),
+        sites
+            .values()
+            .map(|s| s.peers.lock().ok().and_then(|p| p.as_ref().map(|t| t.snapshot())))
+            .collect::<Vec<_>>()
     );
     eprintln!(
         "seed {seed}: converged at {converged:?}: {} documents, {} updates, {} items ({} completed)",
@@ -336,7 +355,11 @@ fn partitions_holds_and_repairs(seed: u64) {
         acked.items.len(),
         acked.completed.len()
     );
-    assert!(acked.docs.len() >= 3 * 500, "writers kept writing: {}", acked.docs.len());
+    assert!(
+        acked.docs.len() >= 3 * 300,
+        "writers kept writing: {}",
+        acked.docs.len()
+    );
     check_converged(&sites, &acked);
 }
 
