@@ -224,7 +224,7 @@ async fn write_round(name: &str, node: &Node, who: &Principal, round: u64, acked
         got.items
             .extend(pushed.iter().filter_map(|d| d["_id"].as_str().map(str::to_owned)));
     }
-    if round % 2 == 0
+    if round.is_multiple_of(2)
         && let Some(item) = node.pop_workitem(&queue, who, None).await.map_err(e)?
     {
         let id = item["_id"].as_str().unwrap_or_default().to_owned();
