@@ -1,29 +1,17 @@
 //! Two and three sites in one process over loopback QUIC: replication,
 //! catch-up, relay, and what a misbehaving peer gets.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::{Map, Value, json};
+use serde_json::json;
 
+use common::{admin, obj};
 use ocmesh_federation::{Mesh, MeshConfig, ca, frame, tls};
-use ocmesh_node::{Node, NodeConfig, Principal};
-
-fn admin() -> Principal {
-    Principal {
-        roles: vec![ocmesh_node::acl::ADMINS_ROLE_ID.into()],
-        id: "0".repeat(24),
-        name: "admin".into(),
-    }
-}
-
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => panic!("not an object"),
-    }
-}
+use ocmesh_node::{Node, NodeConfig};
 
 struct Site {
     node: Node,

@@ -19,6 +19,7 @@
 //! only on the final state, except the restart bound, which is far from
 //! the values that occur (about 0.1-0.2 s; over 31 s without incarnations).
 
+mod common;
 mod turmoil_udp;
 
 use std::collections::BTreeMap;
@@ -27,9 +28,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use turmoil::Sim;
 
+use common::{admin, obj};
 use ocmesh_federation::{Mesh, MeshConfig, ca, tls};
 use ocmesh_node::{Node, NodeConfig, Principal};
 
@@ -37,21 +39,6 @@ const PORT: u16 = 7400;
 const SITES: [&str; 3] = ["a", "b", "c"];
 /// The document every site edits (a field each).
 const SHARED_ID: &str = "5ba7ed000000000000000001";
-
-fn admin() -> Principal {
-    Principal {
-        roles: vec![ocmesh_node::acl::ADMINS_ROLE_ID.into()],
-        id: "0".repeat(24),
-        name: "admin".into(),
-    }
-}
-
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    }
-}
 
 struct Site {
     node: Node,
