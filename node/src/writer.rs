@@ -91,6 +91,11 @@ pub(crate) enum WriteOp {
         id: String,
         by: Principal,
     },
+    /// An operator moves an item to this site (a new ownership epoch).
+    TakeoverItem {
+        id: String,
+        by: Principal,
+    },
     /// Returns items whose processing lease ran out to their queues.
     ExpireLeases,
     UpdateOne {
@@ -321,7 +326,7 @@ impl Writer {
         let vv_before = self.vv.clone();
         let (log, readied);
         {
-            let mut t = WriteTables::open(&txn)?;
+            let mut t = WriteTables::open(&txn, &self.site)?;
             for op in ops {
                 let r = match op {
                     WriteOp::Insert { collection, doc, by } => self.insert(&mut t, collection, doc, &by),
@@ -349,6 +354,7 @@ impl Writer {
                         by,
                     } => self.finish(&mut t, &id, &state, errortype.as_deref(), errormessage, payload, &by),
                     WriteOp::DeleteItem { id, by } => self.delete_item(&mut t, &id, &by),
+                    WriteOp::TakeoverItem { id, by } => self.takeover(&mut t, &id, &by),
                     WriteOp::ExpireLeases => self.expire_leases(&mut t, &crate::system_principal()),
                     WriteOp::UpdateOne {
                         collection,
@@ -770,6 +776,7 @@ fn put_chunk(t: &mut WriteTables<'_>, hash: &[u8; 32], data: &[u8]) -> Result<Wr
     if t.chunks.get(hash.as_slice()).map_err(StorageError::from)?.is_none() {
         t.chunks.insert(hash.as_slice(), data).map_err(StorageError::from)?;
     }
+    t.chunks_wanted.remove(hash.as_slice()).map_err(StorageError::from)?;
     Ok(WriteDone::Nothing)
 }
 
