@@ -4,7 +4,7 @@
 //! - [`change`]: change records, their validation, and the version order
 //!   (`VersionKey`: HLC, then origin) that picks a document's current version.
 //! - [`merge`]: a document's current state and conflicts from its set of
-//!   versions, field by field.
+//!   versions, field by field; [`acl_merge`]: `_acl` per principal.
 //! - [`vv`]: version vectors, one contiguous sequence number per origin.
 //! - [`session`]: the sync session state machine run on each side of a link.
 //!
@@ -14,6 +14,7 @@
 //! prefix its version vector says. Applying a change twice is the same as
 //! applying it once.
 
+pub mod acl_merge;
 pub mod change;
 pub mod hlc;
 pub mod merge;
