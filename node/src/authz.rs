@@ -65,11 +65,14 @@ fn judge(t: &WriteTables<'_>, change: &Change) -> Result<Option<Refusal>, Storag
     if change.author == crate::system_principal().id {
         return Ok(None);
     }
-    let own = t.meta.get(META_SITE)?.is_some_and(|s| s.value() == change.origin.as_bytes());
+    let own = t
+        .meta
+        .get(META_SITE)?
+        .is_some_and(|s| s.value() == change.origin.as_bytes());
     if own {
         return Ok(None);
     }
-    let (collection, id) = (change.collection.as_str(), change.doc_id.as_str());
+    let collection = change.collection.as_str();
     let kind = ChangeKind::try_from(change.kind).unwrap_or(ChangeKind::Update);
     let (rights, on): (&[u64], Option<Map<String, Value>>) = match kind {
         ChangeKind::Insert => match below(t, change, true)? {
@@ -96,14 +99,20 @@ fn judge(t: &WriteTables<'_>, change: &Change) -> Result<Option<Refusal>, Storag
         name: String::new(),
         roles: vec![acl::USERS_ROLE_ID.to_owned()],
     };
-    let granted = |who: &Principal| on.as_ref().is_some_and(|d| rights.iter().any(|&r| acl::allowed_map(d, who, r)));
+    let granted = |who: &Principal| {
+        on.as_ref()
+            .is_some_and(|d| rights.iter().any(|&r| acl::allowed_map(d, who, r)))
+    };
     // Most changes are granted to the author by id or to every user, with
     // no deny in the way: no need to resolve roles.
     let has_deny = on
         .as_ref()
         .and_then(|d| d.get("_acl"))
         .and_then(Value::as_array)
-        .is_some_and(|a| a.iter().any(|e| e.get("deny").and_then(Value::as_bool).unwrap_or(false)));
+        .is_some_and(|a| {
+            a.iter()
+                .any(|e| e.get("deny").and_then(Value::as_bool).unwrap_or(false))
+        });
     if !has_deny && granted(&by) {
         return Ok(None);
     }

@@ -962,7 +962,7 @@ async fn a_change_whose_author_lacked_the_right_is_refused_and_counted() {
     body.remove("_version");
     body.insert("v".into(), json!(666));
     let insert = &from_origin(&a, "a")[0];
-    let forged = |seq: u64, kind: ChangeKind, author: &Principal| Change {
+    let forged = |seq: u64, kind: ocmesh_replication::ChangeKind, author: &Principal| Change {
         origin: "x".into(),
         seq,
         hlc: insert.hlc + seq * 1_000_000,
@@ -971,15 +971,15 @@ async fn a_change_whose_author_lacked_the_right_is_refused_and_counted() {
         doc_id: id.clone(),
         body: serde_json::to_vec(&body).expect("json"),
         author: author.id.clone(),
-        partial: kind == ChangeKind::Update,
+        partial: kind == ocmesh_replication::ChangeKind::Update,
         fields: vec!["v".into()],
         base_hlc: insert.hlc,
         base_origin: "a".into(),
     };
     let report = b
         .apply(vec![
-            forged(1, ChangeKind::Update, &reader),
-            forged(2, ChangeKind::Delete, &writer),
+            forged(1, ocmesh_replication::ChangeKind::Update, &reader),
+            forged(2, ocmesh_replication::ChangeKind::Delete, &writer),
         ])
         .await
         .expect("apply");
@@ -1024,7 +1024,11 @@ async fn a_revoke_concurrent_with_a_grant_wins_on_both_sites() {
         let entry = |rights: u64| json!({"_id": u.id, "name": "u", "rights": rights});
         let keep = json!({"_id": other.id, "name": "other", "rights": acl::READ | acl::UPDATE});
         let doc = a
-            .insert("entities", obj(json!({"v": 0, "_acl": [entry(acl::READ), keep]})), &admin())
+            .insert(
+                "entities",
+                obj(json!({"v": 0, "_acl": [entry(acl::READ), keep]})),
+                &admin(),
+            )
             .await
             .expect("insert");
         let id = doc["_id"].as_str().expect("id").to_owned();
@@ -1033,8 +1037,15 @@ async fn a_revoke_concurrent_with_a_grant_wins_on_both_sites() {
         let grant = json!({"$set": {"_acl": [entry(acl::READ | acl::UPDATE), keep]}});
         let revoke = json!({"$set": {"_acl": [keep]}});
         let (first, second) = if revoke_first { (&b, &a) } else { (&a, &b) };
-        let (first_op, second_op) = if revoke_first { (&revoke, &grant) } else { (&grant, &revoke) };
-        first.update("entities", &id, first_op.clone(), &admin()).await.expect("first");
+        let (first_op, second_op) = if revoke_first {
+            (&revoke, &grant)
+        } else {
+            (&grant, &revoke)
+        };
+        first
+            .update("entities", &id, first_op.clone(), &admin())
+            .await
+            .expect("first");
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         second
             .update("entities", &id, second_op.clone(), &admin())

@@ -180,6 +180,10 @@ fn changed(old: &Entries, new: &Entries) -> Vec<AclKey> {
         .filter(|(k, v)| find(old, k) != Some(v))
         .map(|(k, _)| k.clone())
         .collect();
-    out.extend(old.iter().filter(|(k, _)| find(new, k).is_none()).map(|(k, _)| k.clone()));
+    out.extend(
+        old.iter()
+            .filter(|(k, _)| find(new, k).is_none())
+            .map(|(k, _)| k.clone()),
+    );
     out
 }

@@ -341,7 +341,13 @@ mod tests {
         let base = json!({"_acl": [{"_id": "u", "rights": 2}, {"_id": "v", "rights": 2}]});
         let m = merge(vec![
             insert(1, "a", base),
-            update(2, "a", (1, "a"), json!({"_acl": [{"_id": "v", "rights": 2}]}), &["_acl"]),
+            update(
+                2,
+                "a",
+                (1, "a"),
+                json!({"_acl": [{"_id": "v", "rights": 2}]}),
+                &["_acl"],
+            ),
             update(
                 3,
                 "b",
@@ -371,7 +377,13 @@ mod tests {
         let m = merge(vec![
             insert(1, "a", undenied.clone()),
             update(2, "a", (1, "a"), denied.clone(), &["_acl"]),
-            update(3, "b", (1, "a"), json!({"_acl": [{"_id": "u", "rights": 2}]}), &["_acl"]),
+            update(
+                3,
+                "b",
+                (1, "a"),
+                json!({"_acl": [{"_id": "u", "rights": 2}]}),
+                &["_acl"],
+            ),
         ]);
         assert_eq!(rights_of(&m, "u", true), Some(4));
         assert_eq!(rights_of(&m, "u", false), Some(2));
@@ -379,7 +391,13 @@ mod tests {
         let m = merge(vec![
             insert(1, "a", denied),
             update(2, "b", (1, "a"), undenied, &["_acl"]),
-            update(3, "a", (1, "a"), json!({"_acl": [{"_id": "u", "rights": 6}, {"_id": "u", "rights": 8, "deny": true}]}), &["_acl"]),
+            update(
+                3,
+                "a",
+                (1, "a"),
+                json!({"_acl": [{"_id": "u", "rights": 6}, {"_id": "u", "rights": 8, "deny": true}]}),
+                &["_acl"],
+            ),
         ]);
         assert_eq!(rights_of(&m, "u", true), Some(8));
     }
@@ -388,10 +406,22 @@ mod tests {
     fn a_whole_document_update_merges_its_acl_per_principal() {
         let m = merge(vec![
             insert(1, "a", json!({"x": 0, "_acl": [{"_id": "u", "rights": 6}]})),
-            update(2, "a", (1, "a"), json!({"_acl": [{"_id": "u", "rights": 2}]}), &["_acl"]),
+            update(
+                2,
+                "a",
+                (1, "a"),
+                json!({"_acl": [{"_id": "u", "rights": 2}]}),
+                &["_acl"],
+            ),
             VersionRecord {
                 fields: None,
-                ..update(3, "b", (1, "a"), json!({"x": 1, "_acl": [{"_id": "u", "rights": 6}, {"_id": "w", "rights": 2}]}), &[])
+                ..update(
+                    3,
+                    "b",
+                    (1, "a"),
+                    json!({"x": 1, "_acl": [{"_id": "u", "rights": 6}, {"_id": "w", "rights": 2}]}),
+                    &[],
+                )
             },
         ]);
         assert_eq!(m.doc.as_ref().and_then(|d| d.get("x")), Some(&json!(1)));
@@ -453,7 +483,8 @@ mod tests {
                 body: obj(json!({"p": h, "_acl": acl})),
             },
         );
-        let reinsert = (2u64..40, "[a-c]", arb_acl()).prop_map(|(h, o, acl)| insert(h, &o, json!({"p": 1, "_acl": acl})));
+        let reinsert =
+            (2u64..40, "[a-c]", arb_acl()).prop_map(|(h, o, acl)| insert(h, &o, json!({"p": 1, "_acl": acl})));
         let some = prop_oneof![4 => update, 1 => del, 3 => acl, 1 => reinsert];
         proptest::collection::vec(some, 0..12).prop_map(|v| {
             // Keys are unique in real histories (a clock never repeats).
