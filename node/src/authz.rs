@@ -12,7 +12,8 @@
 //!   the greatest live version below it. A create needs no prior `_acl`,
 //!   except a role's (`_type: "role"` in `users`): only admins create those.
 //! - This site's own changes (replayed from the write-ahead log) were
-//!   checked when they were made. The node's own principal, this site's
+//!   checked when they were made. A change whose author acted as an admin
+//!   at its origin (`author_admin`), the node's own principal, this site's
 //!   `admin` user and members of the `admins` role (resolved here from the
 //!   role documents in `users`) bypass the check.
 //!
@@ -62,7 +63,7 @@ pub(crate) fn refuse(t: &WriteTables<'_>, change: &Change) -> Result<Option<Refu
 }
 
 fn judge(t: &WriteTables<'_>, change: &Change) -> Result<Option<Refusal>, StorageError> {
-    if change.author == crate::system_principal().id {
+    if change.author_admin || change.author == crate::system_principal().id {
         return Ok(None);
     }
     let own = t

@@ -971,6 +971,7 @@ async fn a_change_whose_author_lacked_the_right_is_refused_and_counted() {
         doc_id: id.clone(),
         body: serde_json::to_vec(&body).expect("json"),
         author: author.id.clone(),
+        author_admin: false,
         partial: kind == ocmesh_replication::ChangeKind::Update,
         fields: vec!["v".into()],
         base_hlc: insert.hlc,
@@ -997,6 +998,21 @@ async fn a_change_whose_author_lacked_the_right_is_refused_and_counted() {
     assert_eq!(c.get("entities", &id).expect("get"), doc, "unchanged at c");
     assert_eq!(c.stats().remote_refused.load(Ordering::Relaxed), 2);
 
+    // Another site's admin (not named in the `_acl`) may.
+    let mut by_admin = forged(3, ocmesh_replication::ChangeKind::Update, &user('9', "admin-x"));
+    by_admin.author_admin = true;
+    by_admin.fields = vec!["w".into()];
+    // A version's body is the whole document as written.
+    let mut whole = obj(doc.clone());
+    whole.remove("_version");
+    whole.insert("w".into(), json!("admin"));
+    by_admin.body = serde_json::to_vec(&whole).expect("json");
+    assert_eq!(b.apply(vec![by_admin]).await.expect("apply").refused, 0);
+    assert_eq!(b.get("entities", &id).expect("get")["w"], "admin");
+    // a refuses the same two.
+    let report = a.apply(from_origin(&b, "x")).await.expect("apply at a");
+    assert_eq!((report.applied, report.refused), (3, 2));
+
     // The writer's real update made at a is applied at b, on top.
     a.update("entities", &id, json!({"$set": {"v": 1}}), &writer)
         .await
@@ -1010,7 +1026,7 @@ async fn a_change_whose_author_lacked_the_right_is_refused_and_counted() {
     drop(b);
     let b = reopen(db.path(), "b").await;
     assert_eq!(b.get("entities", &id).expect("get")["v"], 1);
-    assert_eq!(b.versions("entities", &id).expect("history").len(), 2);
+    assert_eq!(b.versions("entities", &id).expect("history").len(), 3);
 }
 
 /// One site grants a user update right while another revokes the user's

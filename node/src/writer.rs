@@ -617,6 +617,7 @@ impl Writer {
             doc_id: id.to_owned(),
             body: bytes,
             author: by.id.clone(),
+            author_admin: by.is_admin(),
             partial: fields.is_some(),
             fields: fields.unwrap_or_default(),
             base_hlc,
