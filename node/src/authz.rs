@@ -130,25 +130,12 @@ fn with_roles(t: &WriteTables<'_>, who: Principal) -> Result<Principal, StorageE
     let mut roles: Vec<(String, Vec<String>)> = Vec::new();
     for entry in t.documents.range(("users", "")..=("users", ORIGIN_MAX))? {
         let (_, v) = entry?;
-        let Ok(Value::Object(d)) = serde_json::from_slice::<Value>(v.value()) else {
+        let Ok(d) = serde_json::from_slice::<Value>(v.value()) else {
             continue;
         };
-        if d.get("_type").and_then(Value::as_str) != Some("role") {
-            continue;
+        if d.get("_type").and_then(Value::as_str) == Some("role") {
+            roles.extend(role_members(&d));
         }
-        let Some(id) = d.get("_id").and_then(Value::as_str) else {
-            continue;
-        };
-        let members = d
-            .get("members")
-            .and_then(Value::as_array)
-            .map(|m| {
-                m.iter()
-                    .filter_map(|e| e.get("_id").and_then(Value::as_str).or(e.as_str()).map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        roles.push((id.to_owned(), members));
     }
     let mut start = vec![who.id.clone(), acl::USERS_ROLE_ID.to_owned()];
     if let Some(c) = t.credentials.get("admin")?
@@ -160,6 +147,22 @@ fn with_roles(t: &WriteTables<'_>, who: Principal) -> Result<Principal, StorageE
     let mut held = acl::expand_roles(&start, &roles);
     held.retain(|r| *r != who.id);
     Ok(Principal { roles: held, ..who })
+}
+
+/// A role document's id and its members' ids (`members` lists `{_id}`
+/// objects or bare ids).
+pub(crate) fn role_members(role: &Value) -> Option<(String, Vec<String>)> {
+    let id = role.get("_id")?.as_str()?.to_owned();
+    let members = role
+        .get("members")
+        .and_then(Value::as_array)
+        .map(|m| {
+            m.iter()
+                .filter_map(|e| e.get("_id").and_then(Value::as_str).or(e.as_str()).map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((id, members))
 }
 
 /// The body of the version `change` was based on, or of the greatest

@@ -1014,19 +1014,7 @@ impl Node {
             .map_err(|e| ReadError::Storage(StorageError(e.to_string())))?;
         let roles: Vec<(String, Vec<String>)> = self.with_documents("users", &filter, |docs| {
             docs.filter(|d| filter.matches(d))
-                .filter_map(|d| {
-                    let id = d.get("_id")?.as_str()?.to_owned();
-                    let members = d
-                        .get("members")
-                        .and_then(Value::as_array)
-                        .map(|m| {
-                            m.iter()
-                                .filter_map(|e| e.get("_id").and_then(Value::as_str).or(e.as_str()).map(str::to_owned))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    Some((id, members))
-                })
+                .filter_map(|d| authz::role_members(&d))
                 .collect()
         })?;
         let mut start = vec![who.id.clone(), acl::USERS_ROLE_ID.to_owned()];

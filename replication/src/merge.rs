@@ -303,59 +303,54 @@ mod tests {
             .map(|e| e["rights"].as_u64().unwrap_or(0))
     }
 
+    /// Merges an insert of `start` at (1, a) and two `_acl` edits, each
+    /// (its key, its base, its `_acl`).
+    fn acl_edits(start: &Value, edits: [((u64, &str), (u64, &str), Value); 2]) -> Merged {
+        let mut versions = vec![insert(1, "a", json!({"_acl": start}))];
+        for ((h, o), base, acl) in edits {
+            versions.push(update(h, o, base, json!({"_acl": acl}), &["_acl"]));
+        }
+        merge(versions)
+    }
+
     #[test]
     fn a_revoke_concurrent_with_a_grant_wins_in_either_order() {
-        let base = json!({"_acl": [{"_id": "u", "rights": 2}, {"_id": "o", "rights": 65535}]});
-        let grant = json!({"_acl": [{"_id": "u", "rights": 6}, {"_id": "o", "rights": 65535}]});
-        let revoke = json!({"_acl": [{"_id": "o", "rights": 65535}]});
+        let base = json!([{"_id": "u", "rights": 2}, {"_id": "o", "rights": 65535}]);
+        let grant = json!([{"_id": "u", "rights": 6}, {"_id": "o", "rights": 65535}]);
+        let revoke = json!([{"_id": "o", "rights": 65535}]);
         for (g, r) in [((2, "a"), (3, "b")), ((3, "b"), (2, "a"))] {
-            let m = merge(vec![
-                insert(1, "a", base.clone()),
-                update(g.0, g.1, (1, "a"), grant.clone(), &["_acl"]),
-                update(r.0, r.1, (1, "a"), revoke.clone(), &["_acl"]),
-            ]);
+            let m = acl_edits(&base, [(g, (1, "a"), grant.clone()), (r, (1, "a"), revoke.clone())]);
             assert_eq!(rights_of(&m, "u", false), None, "removed stays removed");
             assert_eq!(rights_of(&m, "o", false), Some(65535));
             assert_eq!(m.conflicts.len(), 1);
         }
         // Concurrent edits of one principal's rights: the intersection.
-        let read_delete = json!({"_acl": [{"_id": "u", "rights": 10}, {"_id": "o", "rights": 65535}]});
-        let m = merge(vec![
-            insert(1, "a", base.clone()),
-            update(2, "a", (1, "a"), grant.clone(), &["_acl"]),
-            update(3, "b", (1, "a"), read_delete, &["_acl"]),
-        ]);
+        let read_delete = json!([{"_id": "u", "rights": 10}, {"_id": "o", "rights": 65535}]);
+        let m = acl_edits(
+            &base,
+            [((2, "a"), (1, "a"), grant.clone()), ((3, "b"), (1, "a"), read_delete)],
+        );
         assert_eq!(rights_of(&m, "u", false), Some(2));
         // Sequential edits apply in order: a grant after the revoke it saw.
-        let m = merge(vec![
-            insert(1, "a", base.clone()),
-            update(2, "a", (1, "a"), revoke.clone(), &["_acl"]),
-            update(3, "b", (2, "a"), grant.clone(), &["_acl"]),
-        ]);
+        let m = acl_edits(&base, [((2, "a"), (1, "a"), revoke), ((3, "b"), (2, "a"), grant)]);
         assert_eq!(rights_of(&m, "u", false), Some(6));
         assert!(m.conflicts.is_empty());
     }
 
     #[test]
     fn concurrent_edits_of_different_principals_both_survive() {
-        let base = json!({"_acl": [{"_id": "u", "rights": 2}, {"_id": "v", "rights": 2}]});
-        let m = merge(vec![
-            insert(1, "a", base),
-            update(
-                2,
-                "a",
-                (1, "a"),
-                json!({"_acl": [{"_id": "v", "rights": 2}]}),
-                &["_acl"],
-            ),
-            update(
-                3,
-                "b",
-                (1, "a"),
-                json!({"_acl": [{"_id": "u", "rights": 2}, {"_id": "v", "rights": 2}, {"_id": "w", "rights": 4}]}),
-                &["_acl", "x"],
-            ),
-        ]);
+        let base = json!([{"_id": "u", "rights": 2}, {"_id": "v", "rights": 2}]);
+        let m = acl_edits(
+            &base,
+            [
+                ((2, "a"), (1, "a"), json!([{"_id": "v", "rights": 2}])),
+                (
+                    (3, "b"),
+                    (1, "a"),
+                    json!([{"_id": "u", "rights": 2}, {"_id": "v", "rights": 2}, {"_id": "w", "rights": 4}]),
+                ),
+            ],
+        );
         assert_eq!(rights_of(&m, "u", false), None);
         assert_eq!(rights_of(&m, "v", false), Some(2));
         assert_eq!(rights_of(&m, "w", false), Some(4));
@@ -364,44 +359,30 @@ mod tests {
 
     #[test]
     fn a_deny_added_concurrently_with_its_removal_stays() {
-        let denied = json!({"_acl": [{"_id": "u", "rights": 6}, {"_id": "u", "rights": 4, "deny": true}]});
-        let undenied = json!({"_acl": [{"_id": "u", "rights": 6}]});
-        let wider = json!({"_acl": [{"_id": "u", "rights": 6}, {"_id": "u", "rights": 12, "deny": true}]});
-        let m = merge(vec![
-            insert(1, "a", denied.clone()),
-            update(2, "a", (1, "a"), undenied.clone(), &["_acl"]),
-            update(3, "b", (1, "a"), wider, &["_acl"]),
-        ]);
+        let deny = |r: u64| json!([{"_id": "u", "rights": 6}, {"_id": "u", "rights": r, "deny": true}]);
+        let undenied = json!([{"_id": "u", "rights": 6}]);
+        let m = acl_edits(
+            &deny(4),
+            [((2, "a"), (1, "a"), undenied.clone()), ((3, "b"), (1, "a"), deny(12))],
+        );
         assert_eq!(rights_of(&m, "u", true), Some(12));
-        // Adding a deny while another site removes... nothing: it stays.
-        let m = merge(vec![
-            insert(1, "a", undenied.clone()),
-            update(2, "a", (1, "a"), denied.clone(), &["_acl"]),
-            update(
-                3,
-                "b",
-                (1, "a"),
-                json!({"_acl": [{"_id": "u", "rights": 2}]}),
-                &["_acl"],
-            ),
-        ]);
+        // A deny added while another site edits the grant: both stay.
+        let m = acl_edits(
+            &undenied,
+            [
+                ((2, "a"), (1, "a"), deny(4)),
+                ((3, "b"), (1, "a"), json!([{"_id": "u", "rights": 2}])),
+            ],
+        );
         assert_eq!(rights_of(&m, "u", true), Some(4));
         assert_eq!(rights_of(&m, "u", false), Some(2));
-        // Two sites each removing and adding denies concurrently: the union.
-        let m = merge(vec![
-            insert(1, "a", denied),
-            update(2, "b", (1, "a"), undenied, &["_acl"]),
-            update(
-                3,
-                "a",
-                (1, "a"),
-                json!({"_acl": [{"_id": "u", "rights": 6}, {"_id": "u", "rights": 8, "deny": true}]}),
-                &["_acl"],
-            ),
-        ]);
+        // One site removes the deny, the other changes it: it stays, changed.
+        let m = acl_edits(
+            &deny(4),
+            [((2, "b"), (1, "a"), undenied), ((3, "a"), (1, "a"), deny(8))],
+        );
         assert_eq!(rights_of(&m, "u", true), Some(8));
     }
-
     #[test]
     fn a_whole_document_update_merges_its_acl_per_principal() {
         let m = merge(vec![
