@@ -303,9 +303,11 @@ mod tests {
             .map(|e| e["rights"].as_u64().unwrap_or(0))
     }
 
-    /// Merges an insert of `start` at (1, a) and two `_acl` edits, each
-    /// (its key, its base, its `_acl`).
-    fn acl_edits(start: &Value, edits: [((u64, &str), (u64, &str), Value); 2]) -> Merged {
+    /// An `_acl` edit: its key, its base, its `_acl`.
+    type AclEdit<'a> = ((u64, &'a str), (u64, &'a str), Value);
+
+    /// Merges an insert of `start` at (1, a) and two `_acl` edits.
+    fn acl_edits(start: &Value, edits: [AclEdit<'_>; 2]) -> Merged {
         let mut versions = vec![insert(1, "a", json!({"_acl": start}))];
         for ((h, o), base, acl) in edits {
             versions.push(update(h, o, base, json!({"_acl": acl}), &["_acl"]));
