@@ -2,9 +2,9 @@
 //! have held the right to make it under the `_acl` of the version it was
 //! based on.
 //!
-//! - An update needs update right (on a work item, invoke will do: pop and
-//!   completion are made with it), a delete needs delete right, both judged
-//!   on the change's base version. When this site does not hold the base
+//! - An update needs update right (on a work item, invoke on the item or
+//!   on its queue will do: pop and completion are made with it), a delete
+//!   needs delete right, both judged on the change's base version. When this site does not hold the base
 //!   (or the change names none), the greatest version held below the
 //!   change stands in for it; a document with no version held here has
 //!   nothing to protect yet, and the change is let in.
@@ -118,10 +118,32 @@ fn judge(t: &WriteTables<'_>, change: &Change) -> Result<Option<Refusal>, Storag
         return Ok(None);
     }
     let by = with_roles(t, by)?;
-    if by.is_admin() || granted(&by) {
+    if by.is_admin() || granted(&by) || invokes_queue_of(t, change, on.as_ref(), &by)? {
         return Ok(None);
     }
     Ok(Some(Refusal { missing }))
+}
+
+/// Whether a work item's update is by a principal that may invoke the
+/// item's queue (as this site holds it): that, not the `_acl` the item
+/// copied from the queue when pushed, is what a local pop or completion
+/// checks.
+fn invokes_queue_of(
+    t: &WriteTables<'_>,
+    change: &Change,
+    item: Option<&Map<String, Value>>,
+    by: &Principal,
+) -> Result<bool, StorageError> {
+    let is_item_update = change.collection == crate::workitems::ITEMS && change.kind == ChangeKind::Update as i32;
+    let Some(queue) = item
+        .filter(|_| is_item_update)
+        .and_then(|i| i.get("wiqid"))
+        .and_then(Value::as_str)
+    else {
+        return Ok(false);
+    };
+    Ok(t.current(crate::workitems::QUEUES, queue)?
+        .is_some_and(|q| acl::allowed_map(&q, by, INVOKE)))
 }
 
 /// The author's roles as this site knows them, `admins` for its local

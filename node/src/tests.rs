@@ -1086,3 +1086,33 @@ async fn a_revoke_concurrent_with_a_grant_wins_on_both_sites() {
         }
     }
 }
+
+/// A work item popped by a user who may invoke its queue, but was granted
+/// that after the item (and its copy of the queue's `_acl`) was pushed, is
+/// let in at the other site: the queue, not the item's `_acl`, decides.
+#[tokio::test]
+async fn a_pop_by_a_queue_invoker_is_let_in_at_the_other_site() {
+    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let (a, b) = (open(da.path(), "a"), open(db.path(), "b"));
+    let (pusher, popper) = (user('1', "pusher"), user('2', "popper"));
+    let rights = acl::INVOKE | acl::READ;
+    let entry = |p: &Principal| json!({"_id": p.id, "name": p.name, "rights": rights});
+    a.add_queue(obj(json!({"name": "jobs", "_acl": [entry(&pusher)]})), &admin())
+        .await
+        .expect("queue");
+    a.push_workitems("jobs", vec![obj(json!({"payload": {"n": 1}}))], &pusher)
+        .await
+        .expect("push");
+    a.update_queue(
+        "jobs",
+        obj(json!({"name": "jobs", "_acl": [entry(&pusher), entry(&popper)]})),
+        &admin(),
+    )
+    .await
+    .expect("grant");
+    let item = a.pop_workitem("jobs", &popper, None).await.expect("pop").expect("item");
+    let report = b.apply(all_changes(&a)).await.expect("apply");
+    assert_eq!(report.refused, 0);
+    let id = item["_id"].as_str().expect("id");
+    assert_eq!(b.get("workitems", id).expect("item")["state"], "processing");
+}
