@@ -16,6 +16,7 @@
 //!   delete is a version too, so history is never lost.
 
 pub mod acl;
+mod authz;
 mod error;
 pub mod files;
 pub mod ids;
@@ -90,6 +91,8 @@ pub struct NodeStats {
     pub remote_applied: AtomicU64,
     pub remote_duplicates: AtomicU64,
     pub clock_clamped: AtomicU64,
+    /// Peers' changes refused because their author lacked the right.
+    pub remote_refused: AtomicU64,
     /// Requests waiting for the writer when it last took a group.
     pub writer_queue: AtomicU64,
     /// Time the writer spent carrying out writes, and in redb's commit.
@@ -264,6 +267,7 @@ impl Node {
             "remote_applied": s.remote_applied.load(Relaxed),
             "remote_duplicates": s.remote_duplicates.load(Relaxed),
             "clock_clamped": s.clock_clamped.load(Relaxed),
+            "remote_refused": s.remote_refused.load(Relaxed),
             "changes_held": self.version_vector().total(),
         })
     }
@@ -1065,19 +1069,7 @@ impl Node {
             .map_err(|e| ReadError::Storage(StorageError(e.to_string())))?;
         let roles: Vec<(String, Vec<String>)> = self.with_documents("users", &filter, |docs| {
             docs.filter(|d| filter.matches(d))
-                .filter_map(|d| {
-                    let id = d.get("_id")?.as_str()?.to_owned();
-                    let members = d
-                        .get("members")
-                        .and_then(Value::as_array)
-                        .map(|m| {
-                            m.iter()
-                                .filter_map(|e| e.get("_id").and_then(Value::as_str).or(e.as_str()).map(str::to_owned))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    Some((id, members))
-                })
+                .filter_map(|d| authz::role_members(&d))
                 .collect()
         })?;
         let mut start = vec![who.id.clone(), acl::USERS_ROLE_ID.to_owned()];

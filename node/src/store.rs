@@ -158,6 +158,8 @@ pub(crate) struct WriteTables<'t> {
     pub cache: GroupCache,
     /// This site's name: only items it owns enter its work-item tables.
     pub site: String,
+    /// Peers' changes refused in this transaction (see `crate::authz`).
+    pub refused: u64,
 }
 
 /// What the writes of one group look up again and again. Whoever changes
@@ -194,6 +196,7 @@ impl<'t> WriteTables<'t> {
             vv_pending: Vec::new(),
             cache: GroupCache::default(),
             site: site.to_owned(),
+            refused: 0,
         })
     }
 
@@ -202,7 +205,8 @@ impl<'t> WriteTables<'t> {
     /// `change.seq` is the origin's next sequence number. A local write
     /// passes its body and the document it replaces (`local`), already
     /// parsed, so nothing is decoded again. Returns the document's history
-    /// length and, when this change became the current version, its view.
+    /// length and, when this change became the current version, its view
+    /// (`(0, None)` for a peer's change refused by `crate::authz`).
     pub fn append(&mut self, change: &Change, local: Option<LocalWrite>) -> Result<(u64, Option<Value>), StorageError> {
         let bytes = change.encode_to_vec();
         self.changes
@@ -212,6 +216,11 @@ impl<'t> WriteTables<'t> {
         match self.vv_pending.iter_mut().find(|(o, _)| *o == change.origin) {
             Some(entry) => entry.1 = change.seq,
             None => self.vv_pending.push((change.origin.clone(), change.seq)),
+        }
+        // A peer's change whose author lacked the right stays in the log only.
+        if local.is_none() && crate::authz::refuse(self, change)?.is_some() {
+            self.refused += 1;
+            return Ok((0, None));
         }
         let key = (change.collection.as_str(), change.doc_id.as_str());
         let existed = self

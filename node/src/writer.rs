@@ -170,6 +170,8 @@ pub struct ApplyReport {
     pub duplicates: u64,
     /// Changes whose HLC was further ahead of our clock than the drift bound.
     pub clock_clamped: u64,
+    /// Changes logged but refused: their author lacked the right.
+    pub refused: u64,
 }
 
 type GroupDone = (Vec<Result<WriteDone, WriteError>>, Vec<String>);
@@ -621,6 +623,7 @@ impl Writer {
             doc_id: id.to_owned(),
             body: bytes,
             author: by.id.clone(),
+            author_admin: by.is_admin(),
             partial: fields.is_some(),
             fields: fields.unwrap_or_default(),
             base_hlc,
@@ -669,6 +672,7 @@ impl Writer {
             fresh.push(c);
         }
         let now = physical_ms();
+        let refused = t.refused;
         for c in fresh {
             if self.clock.observe(Timestamp::from_raw(c.hlc), now).clamped {
                 report.clock_clamped += 1;
@@ -677,6 +681,8 @@ impl Writer {
             self.vv.advance(&c.origin, c.seq);
             report.applied += 1;
         }
+        report.refused = t.refused - refused;
+        self.stats.remote_refused.fetch_add(report.refused, Ordering::Relaxed);
         if report.clock_clamped > 0 {
             tracing::warn!(
                 changes = report.clock_clamped,

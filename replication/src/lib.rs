@@ -4,7 +4,7 @@
 //! - [`change`]: change records, their validation, and the version order
 //!   (`VersionKey`: HLC, then origin) that picks a document's current version.
 //! - [`merge`]: a document's current state and conflicts from its set of
-//!   versions, field by field.
+//!   versions, field by field; [`acl_merge`]: `_acl` per principal.
 //! - [`ownership`]: which versions of a work item count after a forced
 //!   takeover moved it to another site.
 //! - [`vv`]: version vectors, one contiguous sequence number per origin.
@@ -18,6 +18,7 @@
 //! prefix its version vector says. Applying a change twice is the same as
 //! applying it once.
 
+pub mod acl_merge;
 pub mod change;
 pub mod chunks;
 pub mod hlc;
