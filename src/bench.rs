@@ -73,7 +73,7 @@ impl std::fmt::Display for Figures {
     }
 }
 
-fn bench_principal() -> Principal {
+pub(crate) fn bench_principal() -> Principal {
     Principal {
         roles: vec![ocmesh_node::acl::ADMINS_ROLE_ID.into()],
         id: "000000000000000000000001".into(),

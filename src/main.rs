@@ -2,6 +2,7 @@
 
 mod amqp_bench;
 mod bench;
+mod bench_crosssite;
 mod bench_openiap;
 mod config;
 
@@ -52,6 +53,8 @@ enum BenchCommand {
     Workitems(bench::WorkItemBench),
     /// The work-item round trip over OpenIAP gRPC against the node called directly.
     Openiap(bench_openiap::OpenIapBench),
+    /// A work item pushed at one site, done at another over the QUIC mesh, seen back at the first.
+    Crosssite(bench_crosssite::CrossSiteBench),
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,6 +93,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(bench_openiap::run(b)),
+        Command::Bench(BenchCommand::Crosssite(b)) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(bench_crosssite::run(b)),
         Command::Sim { scenario, seed, seeds } => sim(&scenario, seed, seeds.as_deref()),
         Command::Ca(CaCommand::Init { dir }) => {
             let files = ca::init_ca(&dir)?;

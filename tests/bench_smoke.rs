@@ -81,3 +81,16 @@ fn openiap_bench_runs() -> anyhow::Result<()> {
     anyhow::ensure!(text.contains("overhead 1 - grpc/direct:"), "{text}");
     Ok(())
 }
+
+/// `ocmesh bench crosssite` sends items across a real two-site mesh and
+/// prints their round-trip latency.
+#[test]
+fn crosssite_bench_runs() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ocmesh"))
+        .args(["bench", "crosssite", "--items", "20", "--concurrency", "2"])
+        .output()
+        .expect("run ocmesh bench crosssite");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("20 items in") && text.contains("p99"), "{text}");
+}

@@ -78,7 +78,10 @@ impl From<WriteError> for ApiError {
             WriteError::NotFound { .. } => ApiError::not_found(e.to_string()),
             WriteError::WorkItem(w) => match w {
                 WorkItemError::NoQueue(_) | WorkItemError::NoItem(_) => ApiError::not_found(e.to_string()),
-                WorkItemError::QueueExists(_) => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+                WorkItemError::QueueExists(_)
+                | WorkItemError::NotOwner { .. }
+                | WorkItemError::AlreadyOwner { .. }
+                | WorkItemError::Finished { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
                 _ => ApiError::bad_request(e.to_string()),
             },
             WriteError::AlreadyExists { .. } | WriteError::NotUnique { .. } | WriteError::NotDeleted { .. } => {
@@ -90,7 +93,7 @@ impl From<WriteError> for ApiError {
                 }
                 FileError::InUse(..) => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
                 FileError::NotFound(_) => ApiError::not_found(e.to_string()),
-                FileError::BadName => ApiError::bad_request(e.to_string()),
+                FileError::BadName | FileError::ChunkMismatch(_) => ApiError::bad_request(e.to_string()),
                 FileError::MissingChunk { .. } => ApiError::internal(e.to_string()),
             },
             WriteError::Forbidden { .. } => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),

@@ -152,6 +152,7 @@ pub fn router_with_openiap(
             "/api/v1/workitems/{id}",
             get(get_workitem).put(update_workitem).delete(delete_workitem),
         )
+        .route("/api/v1/workitems/{id}/takeover", post(takeover_workitem))
         .fallback(|| async { ApiError::not_found("no such route") })
         // After every route: it only reaches the routes added before it.
         .method_not_allowed_fallback(|req: Request| async move {
@@ -979,7 +980,7 @@ struct WorkItemUpdate {
     tag = "workitems",
     params(("id" = String, Path, description = "work item id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
     request_body(content = crate::openapi::WorkItemUpdateBody, description = "{state: successful|failed|retry, errortype?: application|business, errormessage?, payload?}", example = json!({"state": "successful"})),
-    responses((status = 200, description = "the work item in its new state", body = Object), crate::openapi::CallerErrors),
+    responses((status = 200, description = "the work item in its new state", body = Object), (status = 409, description = "another site owns the item", body = crate::openapi::ErrorBody), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
 async fn update_workitem(
@@ -1011,6 +1012,30 @@ async fn delete_workitem(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(s.node.delete_workitem(&id, &who).await?))
+}
+
+/// An operator's forced move of a work item to this site when its owner
+/// site is out of reach: the ownership epoch goes up, a processing item
+/// goes back to new, and a result the old owner reports later is kept in
+/// history as a conflict but never counts.
+#[utoipa::path(
+    post,
+    path = "/api/v1/workitems/{id}/takeover",
+    tag = "workitems",
+    params(("id" = String, Path, description = "work item id: an ObjectId, 24 hexadecimal digits", pattern = "^[0-9a-fA-F]{24}$")),
+    responses(
+        (status = 200, description = "the work item, now owned by this site under a new epoch", body = Object),
+        (status = 409, description = "the item is already owned here, or is no longer new or processing", body = crate::openapi::ErrorBody),
+        crate::openapi::CallerErrors
+    ),
+    security(("basic" = []), ("bearer" = []))
+)]
+async fn takeover_workitem(
+    State(s): State<ApiState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(s.node.takeover_workitem(&id, &who).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -1069,6 +1094,21 @@ async fn download_file(
     let doc = blocking(move || node.get_as(ocmesh_node::files::FILES, &id, &who)).await?;
     let hashes =
         ocmesh_node::files::chunk_hashes(&doc).ok_or_else(|| ApiError::internal("file lists malformed chunks"))?;
+    // A file replicated from a peer may be here before all its content.
+    let (node, listed) = (s.node.clone(), hashes.clone());
+    let missing = blocking(move || node.missing_chunks(&listed)).await?;
+    if let Some(first) = missing.first() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!(
+                "{} of this file's {} chunks (first {}) have not reached this site yet; try again shortly",
+                missing.len(),
+                hashes.len(),
+                hex_of(first)
+            ),
+        ));
+    }
     let node = s.node.clone();
     let stream = futures_util::stream::unfold((node, hashes.into_iter()), |(node, mut rest)| async move {
         let hash = rest.next()?;

@@ -203,6 +203,7 @@ fn openiap_config() {}
         crate::get_workitem,
         crate::update_workitem,
         crate::delete_workitem,
+        crate::takeover_workitem,
     ),
     components(schemas(ErrorBody)),
     modifiers(&SecuritySchemes),

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 
 use ocmesh_node::Node;
 use ocmesh_proto::federation::{Frame, frame::Kind};
+use ocmesh_replication::chunks::{Hash as ChunkHash, MAX_WANTED};
 use ocmesh_replication::{Input, Output, SessionConfig, SyncSession, VersionVector};
 
 use crate::frame::{FrameError, encode_hello_frame, incarnation_of, read_frame, write_frame};
@@ -102,6 +103,10 @@ pub struct MeshStats {
     pub bytes_received: AtomicU64,
     /// Connections to an older run of a peer replaced by one to its newer run.
     pub superseded_connections: AtomicU64,
+    /// Chunks received from peers and stored.
+    pub chunks_stored: AtomicU64,
+    /// Chunks a peer sent that the store refused.
+    pub chunks_refused: AtomicU64,
 }
 
 /// The active connection with each peer site.
@@ -138,7 +143,16 @@ struct Shared {
     known_sites: Mutex<HashMap<SocketAddr, String>>,
     stats: MeshStats,
     shutdown: watch::Receiver<bool>,
+    /// Chunks some session has asked its peer for, and when: another
+    /// session does not ask for them too until `CHUNK_ASK_TTL` has passed,
+    /// so a missing chunk comes over one link only.
+    chunks_asked: Mutex<HashMap<ChunkHash, Instant>>,
 }
+
+/// How long one session's ask for a chunk keeps other sessions from asking.
+const CHUNK_ASK_TTL: Duration = Duration::from_secs(10);
+/// How often a session looks for chunks this site still lacks.
+const CHUNK_POLL: Duration = Duration::from_secs(2);
 
 /// A running mesh. Dropping it does not stop it; call `shutdown`.
 #[derive(Debug)]
@@ -224,6 +238,7 @@ impl Mesh {
             known_sites: Mutex::default(),
             stats: MeshStats::default(),
             shutdown,
+            chunks_asked: Mutex::default(),
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(shared.clone(), endpoint.clone()));
@@ -735,6 +750,8 @@ async fn drive(
 ) -> SessionEnd {
     let node = &shared.node;
     let mut shutdown = shared.shutdown.clone();
+    let mut chunk_poll = tokio::time::interval(CHUNK_POLL);
+    chunk_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         while let Some(out) = pending.pop_front() {
             match out {
@@ -777,6 +794,25 @@ async fn drive(
                         acked.entry(site.to_owned()).or_default().merge(&vv);
                     }
                 }
+                Output::ReadChunk(hash) => {
+                    let reader = node.clone();
+                    let data = match tokio::task::spawn_blocking(move || reader.read_chunk(&hash)).await {
+                        Ok(Ok(d)) => d,
+                        Ok(Err(e)) => return SessionEnd::Store(e.to_string()),
+                        Err(e) => return SessionEnd::Store(e.to_string()),
+                    };
+                    pending.extend(session.handle(Input::ChunkRead { hash, data }, now_ms()));
+                }
+                Output::StoreChunk { hash, data } => match node.receive_chunk(hash, data).await {
+                    Ok(()) => {
+                        shared.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // The session already checked the hash: this is the store failing.
+                        shared.stats.chunks_refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %site, error = %e, "could not store a chunk from the peer");
+                    }
+                },
                 Output::Close(e) => return SessionEnd::Protocol(e),
             }
         }
@@ -813,10 +849,42 @@ async fn drive(
                 let vv = local.borrow_and_update().clone();
                 pending.extend(session.handle(Input::LocalAdvanced(vv), now_ms()));
             }
+            _ = chunk_poll.tick() => {
+                let wanted = match chunks_to_ask(shared).await {
+                    Ok(w) => w,
+                    Err(e) => return SessionEnd::Store(e),
+                };
+                if !wanted.is_empty() {
+                    pending.extend(session.handle(Input::ChunksWanted(wanted), now_ms()));
+                }
+            }
             e = conn.closed() => return SessionEnd::Connection(e),
             _ = shutdown.changed() => return SessionEnd::Shutdown,
         }
     }
+}
+
+/// Chunks this site lacks that no other session has asked for lately.
+async fn chunks_to_ask(shared: &Arc<Shared>) -> Result<Vec<ChunkHash>, String> {
+    let reader = shared.node.clone();
+    let wanted = tokio::task::spawn_blocking(move || reader.wanted_chunks(4 * MAX_WANTED))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if wanted.is_empty() {
+        return Ok(wanted);
+    }
+    let now = Instant::now();
+    let mut asked = shared
+        .chunks_asked
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    asked.retain(|_, at| now.duration_since(*at) < CHUNK_ASK_TTL);
+    let fresh: Vec<ChunkHash> = wanted.into_iter().filter(|h| !asked.contains_key(h)).collect();
+    for h in &fresh {
+        asked.insert(*h, now);
+    }
+    Ok(fresh)
 }
 
 /// Keeps `unacked` of peers without a session current as local writes go on.

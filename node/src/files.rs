@@ -30,6 +30,8 @@ pub enum FileError {
     MissingChunk { file: String, chunk: String },
     #[error("file name must be 1 to 1024 characters")]
     BadName,
+    #[error("chunk content does not match its hash {0}")]
+    ChunkMismatch(String),
 }
 
 /// A streaming upload: feed bytes with `write`, then `finish`.

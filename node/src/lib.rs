@@ -16,6 +16,7 @@
 //!   delete is a version too, so history is never lost.
 
 pub mod acl;
+mod authz;
 mod error;
 pub mod files;
 pub mod ids;
@@ -90,6 +91,8 @@ pub struct NodeStats {
     pub remote_applied: AtomicU64,
     pub remote_duplicates: AtomicU64,
     pub clock_clamped: AtomicU64,
+    /// Peers' changes refused because their author lacked the right.
+    pub remote_refused: AtomicU64,
     /// Requests waiting for the writer when it last took a group.
     pub writer_queue: AtomicU64,
     /// Time the writer spent carrying out writes, and in redb's commit.
@@ -264,6 +267,7 @@ impl Node {
             "remote_applied": s.remote_applied.load(Relaxed),
             "remote_duplicates": s.remote_duplicates.load(Relaxed),
             "clock_clamped": s.clock_clamped.load(Relaxed),
+            "remote_refused": s.remote_refused.load(Relaxed),
             "changes_held": self.version_vector().total(),
         })
     }
@@ -454,6 +458,51 @@ impl Node {
         Ok(table.get(hash.as_slice())?.map(|g| g.value().to_vec()))
     }
 
+    /// Up to `limit` chunks that files replicated here name but this site
+    /// does not hold yet, to ask peers for.
+    pub fn wanted_chunks(&self, limit: usize) -> Result<Vec<[u8; 32]>, ReadError> {
+        let txn = self.read()?;
+        let table = match txn.open_table(store::CHUNKS_WANTED) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter()?.take(limit) {
+            let (k, _) = entry?;
+            if let Ok(hash) = k.value().try_into() {
+                out.push(hash);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Which of `hashes` this site does not hold.
+    pub fn missing_chunks(&self, hashes: &[[u8; 32]]) -> Result<Vec<[u8; 32]>, ReadError> {
+        let txn = self.read()?;
+        let table = match txn.open_table(store::CHUNKS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(hashes.to_vec()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for h in hashes {
+            if table.get(h.as_slice())?.is_none() {
+                out.push(*h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores a chunk a peer sent, after checking its content matches its
+    /// BLAKE3 hash.
+    pub async fn receive_chunk(&self, hash: [u8; 32], data: Vec<u8>) -> Result<(), WriteError> {
+        if *blake3::hash(&data).as_bytes() != hash {
+            return Err(files::FileError::ChunkMismatch(hex::encode(hash)).into());
+        }
+        self.put_chunk(hash, data).await
+    }
+
     /// Deletes a file unless a work item still lists it.
     pub async fn delete_file(&self, id: &str, by: &Principal) -> Result<Value, WriteError> {
         self.write_document(WriteOp::DeleteFile {
@@ -569,6 +618,16 @@ impl Node {
             errortype: errortype.map(str::to_owned),
             errormessage,
             payload,
+            by: by.clone(),
+        })
+        .await
+    }
+
+    /// Forces an item whose owner is out of reach over to this site, under
+    /// a new ownership epoch (see `ocmesh_replication::ownership`).
+    pub async fn takeover_workitem(&self, id: &str, by: &Principal) -> Result<Value, WriteError> {
+        self.write_document(WriteOp::TakeoverItem {
+            id: id.into(),
             by: by.clone(),
         })
         .await
@@ -1010,19 +1069,7 @@ impl Node {
             .map_err(|e| ReadError::Storage(StorageError(e.to_string())))?;
         let roles: Vec<(String, Vec<String>)> = self.with_documents("users", &filter, |docs| {
             docs.filter(|d| filter.matches(d))
-                .filter_map(|d| {
-                    let id = d.get("_id")?.as_str()?.to_owned();
-                    let members = d
-                        .get("members")
-                        .and_then(Value::as_array)
-                        .map(|m| {
-                            m.iter()
-                                .filter_map(|e| e.get("_id").and_then(Value::as_str).or(e.as_str()).map(str::to_owned))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    Some((id, members))
-                })
+                .filter_map(|d| authz::role_members(&d))
                 .collect()
         })?;
         let mut start = vec![who.id.clone(), acl::USERS_ROLE_ID.to_owned()];
@@ -1134,7 +1181,7 @@ fn init_store(db: &Database, config: &NodeConfig, logged: &[u8]) -> Result<Init,
     let txn = db.begin_write().map_err(StorageError::from)?;
     let mut generated = None;
     let (last, vv, secret, replayed, wal_epoch) = {
-        let mut t = store::WriteTables::open(&txn)?;
+        let mut t = store::WriteTables::open(&txn, &config.site)?;
         let epoch = match t.meta.get(META_WAL_EPOCH).map_err(StorageError::from)? {
             Some(v) => u64::from_be_bytes(
                 v.value()

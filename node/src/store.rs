@@ -29,6 +29,9 @@ pub(crate) const HISTORY_LEN: TableDefinition<(&str, &str), u64> = TableDefiniti
 pub(crate) const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
 /// BLAKE3 hash → chunk bytes: file content, stored once per distinct chunk.
 pub(crate) const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
+/// Chunks that a peer's file document names and this site does not hold
+/// yet: federation asks peers for them by hash.
+pub(crate) const CHUNKS_WANTED: TableDefinition<&[u8], ()> = TableDefinition::new("chunks_wanted");
 /// (collection, field) → index options (JSON).
 pub(crate) const INDEX_DEFS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("index_defs");
 /// (collection, id, field, kept version, lost version) → (): same-field
@@ -140,6 +143,7 @@ pub(crate) struct WriteTables<'t> {
     pub wi_delayed: Table<'t, (&'static str, u64, &'static str), (u64, u64)>,
     pub wi_leases: Table<'t, (u64, &'static str), ()>,
     pub chunks: Table<'t, &'static [u8], &'static [u8]>,
+    pub chunks_wanted: Table<'t, &'static [u8], ()>,
     pub conflicts: Table<'t, (&'static str, &'static str, &'static str, u64, u64), ()>,
     /// Queues that got an item ready to pop in this transaction, once per
     /// item: poppers waiting on them are woken after the commit.
@@ -152,6 +156,10 @@ pub(crate) struct WriteTables<'t> {
     vv_pending: Vec<(String, u64)>,
     /// Lookups repeated by most writes of a group, valid for this transaction.
     pub cache: GroupCache,
+    /// This site's name: only items it owns enter its work-item tables.
+    pub site: String,
+    /// Peers' changes refused in this transaction (see `crate::authz`).
+    pub refused: u64,
 }
 
 /// What the writes of one group look up again and again. Whoever changes
@@ -165,7 +173,7 @@ pub(crate) struct GroupCache {
 }
 
 impl<'t> WriteTables<'t> {
-    pub fn open(txn: &'t WriteTransaction) -> Result<Self, StorageError> {
+    pub fn open(txn: &'t WriteTransaction, site: &str) -> Result<Self, StorageError> {
         Ok(WriteTables {
             meta: txn.open_table(META)?,
             changes: txn.open_table(CHANGES)?,
@@ -181,11 +189,14 @@ impl<'t> WriteTables<'t> {
             wi_delayed: txn.open_table(crate::workitems::WI_DELAYED)?,
             wi_leases: txn.open_table(crate::workitems::WI_LEASES)?,
             chunks: txn.open_table(CHUNKS)?,
+            chunks_wanted: txn.open_table(CHUNKS_WANTED)?,
             conflicts: txn.open_table(CONFLICTS)?,
             readied: Vec::new(),
             log: Vec::new(),
             vv_pending: Vec::new(),
             cache: GroupCache::default(),
+            site: site.to_owned(),
+            refused: 0,
         })
     }
 
@@ -194,7 +205,8 @@ impl<'t> WriteTables<'t> {
     /// `change.seq` is the origin's next sequence number. A local write
     /// passes its body and the document it replaces (`local`), already
     /// parsed, so nothing is decoded again. Returns the document's history
-    /// length and, when this change became the current version, its view.
+    /// length and, when this change became the current version, its view
+    /// (`(0, None)` for a peer's change refused by `crate::authz`).
     pub fn append(&mut self, change: &Change, local: Option<LocalWrite>) -> Result<(u64, Option<Value>), StorageError> {
         let bytes = change.encode_to_vec();
         self.changes
@@ -204,6 +216,11 @@ impl<'t> WriteTables<'t> {
         match self.vv_pending.iter_mut().find(|(o, _)| *o == change.origin) {
             Some(entry) => entry.1 = change.seq,
             None => self.vv_pending.push((change.origin.clone(), change.seq)),
+        }
+        // A peer's change whose author lacked the right stays in the log only.
+        if local.is_none() && crate::authz::refuse(self, change)?.is_some() {
+            self.refused += 1;
+            return Ok((0, None));
         }
         let key = (change.collection.as_str(), change.doc_id.as_str());
         let existed = self
@@ -241,7 +258,7 @@ impl<'t> WriteTables<'t> {
         len: u64,
     ) -> Result<Option<Value>, StorageError> {
         let (collection, id) = (change.collection.as_str(), change.doc_id.as_str());
-        let (greatest, previous, first_hlc) = {
+        let (greatest, previous, (first_origin, first_hlc)) = {
             let mut range = self
                 .versions
                 .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?;
@@ -271,9 +288,11 @@ impl<'t> WriteTables<'t> {
             } else {
                 None
             };
-            (last, previous, first.2)
+            let created = (first.0.clone(), first.2);
+            (last, previous, created)
         };
         let is_this = greatest.0 == change.origin && greatest.1 == change.seq;
+        let from_peer = local.is_none();
         let deleted = change.kind == ChangeKind::Delete as i32;
         let (new, old) = match local {
             Some(l) if is_this => {
@@ -314,13 +333,23 @@ impl<'t> WriteTables<'t> {
         if collection == crate::workitems::QUEUES {
             self.cache.queues.clear();
         }
+        if collection == crate::files::FILES
+            && from_peer
+            && let Some(doc) = &new
+        {
+            self.want_missing_chunks(doc)?;
+        }
         if collection == crate::workitems::QUEUES || collection == crate::workitems::ITEMS {
             // FIFO order within a priority: the HLC of the document's first version.
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
-            crate::workitems::reindex(self, collection, id, old.as_ref(), new.as_ref(), first_hlc, now)?;
+            let created = crate::workitems::Created {
+                fifo: first_hlc,
+                at: &first_origin,
+            };
+            crate::workitems::reindex(self, collection, id, old.as_ref(), new.as_ref(), created, now)?;
         }
         if !is_this {
             return Ok(None);
@@ -334,6 +363,23 @@ impl<'t> WriteTables<'t> {
                 Value::Object(doc)
             }
         }))
+    }
+
+    /// Records the chunks a file document names that this site lacks.
+    fn want_missing_chunks(&mut self, doc: &Map<String, Value>) -> Result<(), StorageError> {
+        let Some(Value::Array(hashes)) = doc.get("chunks") else {
+            return Ok(());
+        };
+        for h in hashes {
+            // A malformed hash can never be fetched; the file stays unreadable here.
+            let Some(hash) = h.as_str().and_then(|h| hex::decode(h).ok()).filter(|b| b.len() == 32) else {
+                continue;
+            };
+            if self.chunks.get(hash.as_slice())?.is_none() {
+                self.chunks_wanted.insert(hash.as_slice(), ())?;
+            }
+        }
+        Ok(())
     }
 
     /// The greatest version's effect on the document before it.
@@ -390,8 +436,15 @@ impl<'t> WriteTables<'t> {
             };
             records.push(version_record(&change)?);
         }
-        let merged = ocmesh_replication::merge::merge(records);
-        let stale: Vec<(String, u64, u64)> = {
+        // A work item's versions from a superseded owner count for nothing.
+        let stale = if collection == crate::workitems::ITEMS {
+            ocmesh_replication::ownership::settle(&mut records)
+        } else {
+            Vec::new()
+        };
+        let mut merged = ocmesh_replication::merge::merge(records);
+        merged.conflicts.extend(stale);
+        let outdated: Vec<(String, u64, u64)> = {
             let mut out = Vec::new();
             for entry in self
                 .conflicts
@@ -403,7 +456,7 @@ impl<'t> WriteTables<'t> {
             }
             out
         };
-        for (field, kept, lost) in stale {
+        for (field, kept, lost) in outdated {
             self.conflicts.remove((collection, id, field.as_str(), kept, lost))?;
         }
         for c in &merged.conflicts {

@@ -903,3 +903,216 @@ async fn merged_state_does_not_depend_on_delivery_order() {
         }
     }
 }
+
+fn user(id: char, name: &str) -> Principal {
+    Principal {
+        id: id.to_string().repeat(24),
+        name: name.into(),
+        roles: vec![acl::USERS_ROLE_ID.into()],
+    }
+}
+
+/// The changes `node` holds from `origin`.
+fn from_origin(node: &Node, origin: &str) -> Vec<Change> {
+    all_changes(node).into_iter().filter(|c| c.origin == origin).collect()
+}
+
+/// Opens a site's directory again once the previous handle has let go.
+async fn reopen(dir: &Path, site: &str) -> Node {
+    for _ in 0..100 {
+        if let Ok(o) = Node::open(NodeConfig {
+            data_dir: dir.into(),
+            site: site.into(),
+            admin_password: None,
+        }) {
+            return o.node;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("cannot reopen {site}");
+}
+
+/// A site receives an update forged for a user who may only read the
+/// document: it logs and relays the change but refuses it (the document is
+/// unchanged, also after a restart replays it), and counts it. A real
+/// update by a user with update right is applied.
+#[tokio::test]
+async fn a_change_whose_author_lacked_the_right_is_refused_and_counted() {
+    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let (a, b) = (open(da.path(), "a"), open(db.path(), "b"));
+    let (reader, writer) = (user('1', "reader"), user('2', "writer"));
+    let acl = json!([
+        {"_id": reader.id, "name": "reader", "rights": acl::READ},
+        {"_id": writer.id, "name": "writer", "rights": acl::READ | acl::UPDATE},
+    ]);
+    let doc = a
+        .insert("entities", obj(json!({"v": 0, "_acl": acl})), &admin())
+        .await
+        .expect("insert");
+    let id = doc["_id"].as_str().expect("id").to_owned();
+    b.apply(all_changes(&a)).await.expect("apply");
+
+    // The reader cannot make the update at a...
+    assert!(matches!(
+        a.update("entities", &id, json!({"$set": {"v": 666}}), &reader).await,
+        Err(WriteError::Forbidden { .. })
+    ));
+    // ...so a site "x" forges it, based on the version b holds.
+    let mut body = obj(doc.clone());
+    body.remove("_version");
+    body.insert("v".into(), json!(666));
+    let insert = &from_origin(&a, "a")[0];
+    let forged = |seq: u64, kind: ocmesh_replication::ChangeKind, author: &Principal| Change {
+        origin: "x".into(),
+        seq,
+        hlc: insert.hlc + seq * 1_000_000,
+        kind: kind as i32,
+        collection: "entities".into(),
+        doc_id: id.clone(),
+        body: serde_json::to_vec(&body).expect("json"),
+        author: author.id.clone(),
+        author_admin: false,
+        partial: kind == ocmesh_replication::ChangeKind::Update,
+        fields: vec!["v".into()],
+        base_hlc: insert.hlc,
+        base_origin: "a".into(),
+    };
+    let report = b
+        .apply(vec![
+            forged(1, ocmesh_replication::ChangeKind::Update, &reader),
+            forged(2, ocmesh_replication::ChangeKind::Delete, &writer),
+        ])
+        .await
+        .expect("apply");
+    assert_eq!((report.applied, report.refused), (2, 2));
+    assert_eq!(b.stats().remote_refused.load(Ordering::Relaxed), 2);
+    assert_eq!(b.metrics()["remote_refused"], 2);
+    assert_eq!(b.get("entities", &id).expect("get"), doc, "unchanged at b");
+    assert_eq!(b.versions("entities", &id).expect("history").len(), 1);
+    // Still in the log, so catch-up stays exact and the change is relayed.
+    assert_eq!(b.version_vector().get("x"), 2);
+    assert_eq!(from_origin(&b, "x").len(), 2);
+    let c = tempfile::tempdir().expect("tmp");
+    let c = open(c.path(), "c");
+    c.apply(all_changes(&b)).await.expect("relay");
+    assert_eq!(c.get("entities", &id).expect("get"), doc, "unchanged at c");
+    assert_eq!(c.stats().remote_refused.load(Ordering::Relaxed), 2);
+
+    // Another site's admin (not named in the `_acl`) may.
+    let mut by_admin = forged(3, ocmesh_replication::ChangeKind::Update, &user('9', "admin-x"));
+    by_admin.author_admin = true;
+    by_admin.fields = vec!["w".into()];
+    // A version's body is the whole document as written.
+    let mut whole = obj(doc.clone());
+    whole.remove("_version");
+    whole.insert("w".into(), json!("admin"));
+    by_admin.body = serde_json::to_vec(&whole).expect("json");
+    assert_eq!(b.apply(vec![by_admin]).await.expect("apply").refused, 0);
+    assert_eq!(b.get("entities", &id).expect("get")["w"], "admin");
+    // a refuses the same two.
+    let report = a.apply(from_origin(&b, "x")).await.expect("apply at a");
+    assert_eq!((report.applied, report.refused), (3, 2));
+
+    // The writer's real update made at a is applied at b, on top.
+    a.update("entities", &id, json!({"$set": {"v": 1}}), &writer)
+        .await
+        .expect("update");
+    let report = b.apply(from_origin(&a, "a")).await.expect("apply");
+    assert_eq!((report.applied, report.refused), (1, 0));
+    assert_eq!(b.get("entities", &id).expect("get")["v"], 1);
+    assert_eq!(b.get("entities", &id).expect("get"), a.get("entities", &id).expect("a"));
+
+    // A restart replays the log through the same check.
+    drop(b);
+    let b = reopen(db.path(), "b").await;
+    assert_eq!(b.get("entities", &id).expect("get")["v"], 1);
+    assert_eq!(b.versions("entities", &id).expect("history").len(), 3);
+}
+
+/// One site grants a user update right while another revokes the user's
+/// entry: both end with the entry revoked, whichever write is later.
+#[tokio::test]
+async fn a_revoke_concurrent_with_a_grant_wins_on_both_sites() {
+    for revoke_first in [false, true] {
+        let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+        let (a, b) = (open(da.path(), "a"), open(db.path(), "b"));
+        let (u, other) = (user('1', "u"), user('2', "other"));
+        let entry = |rights: u64| json!({"_id": u.id, "name": "u", "rights": rights});
+        let keep = json!({"_id": other.id, "name": "other", "rights": acl::READ | acl::UPDATE});
+        let doc = a
+            .insert(
+                "entities",
+                obj(json!({"v": 0, "_acl": [entry(acl::READ), keep]})),
+                &admin(),
+            )
+            .await
+            .expect("insert");
+        let id = doc["_id"].as_str().expect("id").to_owned();
+        b.apply(all_changes(&a)).await.expect("apply");
+
+        let grant = json!({"$set": {"_acl": [entry(acl::READ | acl::UPDATE), keep]}});
+        let revoke = json!({"$set": {"_acl": [keep]}});
+        let (first, second) = if revoke_first { (&b, &a) } else { (&a, &b) };
+        let (first_op, second_op) = if revoke_first {
+            (&revoke, &grant)
+        } else {
+            (&grant, &revoke)
+        };
+        first
+            .update("entities", &id, first_op.clone(), &admin())
+            .await
+            .expect("first");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        second
+            .update("entities", &id, second_op.clone(), &admin())
+            .await
+            .expect("second");
+        let (from_a, from_b) = (from_origin(&a, "a"), from_origin(&b, "b"));
+        a.apply(from_b).await.expect("apply at a");
+        b.apply(from_a).await.expect("apply at b");
+
+        let (ga, gb) = (a.get("entities", &id).expect("a"), b.get("entities", &id).expect("b"));
+        assert_eq!(ga, gb, "revoke first: {revoke_first}");
+        assert_eq!(ga["_acl"], json!([keep]), "revoke first: {revoke_first}");
+        for n in [&a, &b] {
+            assert!(
+                n.update("entities", &id, json!({"$set": {"v": 1}}), &u).await.is_err(),
+                "u lost its rights at {}",
+                n.site()
+            );
+            n.update("entities", &id, json!({"$set": {"v": 2}}), &other)
+                .await
+                .expect("the other entry is untouched");
+        }
+    }
+}
+
+/// A work item popped by a user who may invoke its queue, but was granted
+/// that after the item (and its copy of the queue's `_acl`) was pushed, is
+/// let in at the other site: the queue, not the item's `_acl`, decides.
+#[tokio::test]
+async fn a_pop_by_a_queue_invoker_is_let_in_at_the_other_site() {
+    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let (a, b) = (open(da.path(), "a"), open(db.path(), "b"));
+    let (pusher, popper) = (user('1', "pusher"), user('2', "popper"));
+    let rights = acl::INVOKE | acl::READ;
+    let entry = |p: &Principal| json!({"_id": p.id, "name": p.name, "rights": rights});
+    a.add_queue(obj(json!({"name": "jobs", "_acl": [entry(&pusher)]})), &admin())
+        .await
+        .expect("queue");
+    a.push_workitems("jobs", vec![obj(json!({"payload": {"n": 1}}))], &pusher)
+        .await
+        .expect("push");
+    a.update_queue(
+        "jobs",
+        obj(json!({"name": "jobs", "_acl": [entry(&pusher), entry(&popper)]})),
+        &admin(),
+    )
+    .await
+    .expect("grant");
+    let item = a.pop_workitem("jobs", &popper, None).await.expect("pop").expect("item");
+    let report = b.apply(all_changes(&a)).await.expect("apply");
+    assert_eq!(report.refused, 0);
+    let id = item["_id"].as_str().expect("id");
+    assert_eq!(b.get("workitems", id).expect("item")["state"], "processing");
+}

@@ -22,6 +22,7 @@ pub const ITEMS: &str = "workitems";
 pub const QUEUE_TYPE: &str = "workitemqueue";
 pub const ITEM_TYPE: &str = "workitem";
 pub const DEFAULT_PRIORITY: i64 = 2;
+pub use ocmesh_replication::ownership::{EPOCH_FIELD, OWNER_FIELD};
 /// How long a popped item may stay in `processing` by default.
 pub const DEFAULT_LEASE_SECS: u64 = 300;
 
@@ -80,6 +81,12 @@ pub enum WorkItemError {
     BadState(String),
     #[error("errortype {0:?} is neither business nor application")]
     BadErrorType(String),
+    #[error("work item {id} is owned by site {owner:?}; only its owner completes it (an operator may take it over)")]
+    NotOwner { id: String, owner: String },
+    #[error("work item {id} is already owned by this site")]
+    AlreadyOwner { id: String },
+    #[error("work item {id} is {state}; only new or processing items can be taken over")]
+    Finished { id: String, state: String },
 }
 
 /// A queue's settings, read from its document.
@@ -92,6 +99,9 @@ pub struct QueueSettings {
     pub success_wiq: Option<String>,
     pub failed_wiq: Option<String>,
     pub lease_ms: u64,
+    /// Sites that serve the queue (ocmesh's `sites`); empty means the site
+    /// an item is pushed at serves it.
+    pub sites: Vec<String>,
 }
 
 fn bad(field: &'static str, problem: impl Into<String>) -> WorkItemError {
@@ -141,8 +151,46 @@ impl QueueSettings {
                 .unwrap_or(DEFAULT_LEASE_SECS)
                 .max(1)
                 .saturating_mul(1000),
+            sites: sites(doc)?,
         })
     }
+
+    /// The site that will own an item pushed at `here`: `here` when it
+    /// serves the queue (or the queue names no sites), else the first
+    /// serving site, to which the push hands the item over.
+    pub fn owner_for(&self, here: &str) -> String {
+        match self.sites.first() {
+            Some(first) if !self.sites.iter().any(|s| s == here) => first.clone(),
+            _ => here.to_owned(),
+        }
+    }
+}
+
+fn sites(doc: &Map<String, Value>) -> Result<Vec<String>, WorkItemError> {
+    match doc.get("sites") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|s| match s {
+                Value::String(s) if is_site_name(s) => Ok(s.clone()),
+                other => Err(bad("sites", format!("{other} is not a site name"))),
+            })
+            .collect(),
+        Some(other) => Err(bad("sites", format!("must be an array of site names, not {other}"))),
+    }
+}
+
+/// Site names as certificates carry them: 1 to 63 of a-z, 0-9 and '-'.
+fn is_site_name(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The site that owns an item: its `_owner`, or for items pushed before
+/// ownership was recorded, the site whose version created it.
+pub(crate) fn owner_of<'d>(doc: &'d Map<String, Value>, created_at: &'d str) -> &'d str {
+    doc.get(OWNER_FIELD).and_then(Value::as_str).unwrap_or(created_at)
 }
 
 /// Sort key of a priority: lower numbers first, negatives before positives.
@@ -155,16 +203,27 @@ fn time_field(doc: &Map<String, Value>, field: &str) -> Option<u64> {
     doc.get(field).and_then(Value::as_str).and_then(parse_iso8601)
 }
 
+/// Where a document's first version came from.
+pub(crate) struct Created<'a> {
+    /// Its HLC: FIFO order within a priority.
+    pub fifo: u64,
+    /// Its origin: the owner of an item that names none.
+    pub at: &'a str,
+}
+
 /// Keeps the work-item tables in step with a document's new current state.
+/// Only items this site owns enter them: another site's items are shown
+/// here but never popped or expired here.
 pub(crate) fn reindex(
     t: &mut WriteTables<'_>,
     collection: &str,
     id: &str,
     old: Option<&Map<String, Value>>,
     new: Option<&Map<String, Value>>,
-    fifo: u64,
+    created: Created<'_>,
     now_ms: u64,
 ) -> Result<(), StorageError> {
+    let fifo = created.fifo;
     fn typed<'d>(d: Option<&'d Map<String, Value>>, ty: &str) -> Option<&'d Map<String, Value>> {
         d.filter(|m| m.get("_type").and_then(Value::as_str) == Some(ty))
     }
@@ -181,6 +240,9 @@ pub(crate) fn reindex(
     if collection != ITEMS {
         return Ok(());
     }
+    let site = t.site.as_str();
+    let old = old.filter(|m| owner_of(m, created.at) == site);
+    let new = new.filter(|m| owner_of(m, created.at) == site);
     let (ready, delayed, leases) = (&mut t.wi_ready, &mut t.wi_delayed, &mut t.wi_leases);
     if let Some(o) = typed(old, ITEM_TYPE) {
         let queue = o.get("wiq").and_then(Value::as_str).unwrap_or_default();
@@ -414,6 +476,9 @@ impl Writer {
             item.insert("state".into(), "new".into());
             item.insert("retries".into(), 0.into());
             item.insert("nextrun".into(), iso8601(nextrun).into());
+            // The push records the owner: here, or the site serving the queue.
+            item.insert(OWNER_FIELD.into(), q.owner_for(&self.site).into());
+            item.insert(EPOCH_FIELD.into(), 1.into());
             docs.push(item);
         }
         let mut out = Vec::with_capacity(docs.len());
@@ -480,6 +545,14 @@ impl Writer {
             return Err(WorkItemError::NoItem(id.to_owned()).into());
         }
         let (_, _, q) = self.invocable_queue(t, &queue, by)?;
+        let owner = item_owner(t, id, &current)?;
+        if owner != self.site {
+            return Err(WorkItemError::NotOwner {
+                id: id.to_owned(),
+                owner,
+            }
+            .into());
+        }
         if let Some(p) = payload {
             doc.insert("payload".into(), Value::Object(p));
         }
@@ -526,6 +599,45 @@ impl Writer {
         Ok(done)
     }
 
+    /// An operator's forced move of an item to this site, for when its
+    /// owner is out of reach: the epoch goes up, a `processing` item goes
+    /// back to `new`, and whatever the old owner does under the old epoch
+    /// is kept in history but never counts (see
+    /// `ocmesh_replication::ownership`).
+    pub(crate) fn takeover(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        id: &str,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        crate::ids::validate_id(id)?;
+        let current = t
+            .current(ITEMS, id)?
+            .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?;
+        crate::writer::check(&current, by, crate::acl::UPDATE, ITEMS, id)?;
+        if item_owner(t, id, &current)? == self.site {
+            return Err(WorkItemError::AlreadyOwner { id: id.to_owned() }.into());
+        }
+        let state = current.get("state").and_then(Value::as_str).unwrap_or_default();
+        if !matches!(state, "new" | "processing") {
+            return Err(WorkItemError::Finished {
+                id: id.to_owned(),
+                state: state.to_owned(),
+            }
+            .into());
+        }
+        let epoch = current.get(EPOCH_FIELD).and_then(Value::as_u64).unwrap_or(0) + 1;
+        let mut doc = current.clone();
+        doc.insert(OWNER_FIELD.into(), self.site.clone().into());
+        doc.insert(EPOCH_FIELD.into(), epoch.into());
+        if state == "processing" {
+            doc.insert("state".into(), "new".into());
+            doc.remove("_leaseuntil");
+        }
+        tracing::warn!(item = %id, epoch, "work item taken over by this site");
+        self.replace_current(t, ITEMS.into(), id.to_owned(), doc, current, by)
+    }
+
     pub(crate) fn delete_item(
         &mut self,
         t: &mut WriteTables<'_>,
@@ -561,6 +673,20 @@ impl Writer {
             );
         }
         Ok(WriteDone::Nothing)
+    }
+}
+
+/// The owner of a stored item (see [`owner_of`]).
+fn item_owner(t: &WriteTables<'_>, id: &str, doc: &Map<String, Value>) -> Result<String, StorageError> {
+    if let Some(owner) = doc.get(OWNER_FIELD).and_then(Value::as_str) {
+        return Ok(owner.to_owned());
+    }
+    let mut first = t
+        .versions
+        .range((ITEMS, id, 0u64, "")..=(ITEMS, id, u64::MAX, ORIGIN_MAX))?;
+    match first.next() {
+        Some(entry) => Ok(entry?.0.value().3.to_owned()),
+        None => Err(StorageError(format!("work item {id} has no history"))),
     }
 }
 

@@ -91,6 +91,11 @@ pub(crate) enum WriteOp {
         id: String,
         by: Principal,
     },
+    /// An operator moves an item to this site (a new ownership epoch).
+    TakeoverItem {
+        id: String,
+        by: Principal,
+    },
     /// Returns items whose processing lease ran out to their queues.
     ExpireLeases,
     UpdateOne {
@@ -165,6 +170,8 @@ pub struct ApplyReport {
     pub duplicates: u64,
     /// Changes whose HLC was further ahead of our clock than the drift bound.
     pub clock_clamped: u64,
+    /// Changes logged but refused: their author lacked the right.
+    pub refused: u64,
 }
 
 type GroupDone = (Vec<Result<WriteDone, WriteError>>, Vec<String>);
@@ -321,7 +328,7 @@ impl Writer {
         let vv_before = self.vv.clone();
         let (log, readied);
         {
-            let mut t = WriteTables::open(&txn)?;
+            let mut t = WriteTables::open(&txn, &self.site)?;
             for op in ops {
                 let r = match op {
                     WriteOp::Insert { collection, doc, by } => self.insert(&mut t, collection, doc, &by),
@@ -349,6 +356,7 @@ impl Writer {
                         by,
                     } => self.finish(&mut t, &id, &state, errortype.as_deref(), errormessage, payload, &by),
                     WriteOp::DeleteItem { id, by } => self.delete_item(&mut t, &id, &by),
+                    WriteOp::TakeoverItem { id, by } => self.takeover(&mut t, &id, &by),
                     WriteOp::ExpireLeases => self.expire_leases(&mut t, &crate::system_principal()),
                     WriteOp::UpdateOne {
                         collection,
@@ -615,6 +623,7 @@ impl Writer {
             doc_id: id.to_owned(),
             body: bytes,
             author: by.id.clone(),
+            author_admin: by.is_admin(),
             partial: fields.is_some(),
             fields: fields.unwrap_or_default(),
             base_hlc,
@@ -663,6 +672,7 @@ impl Writer {
             fresh.push(c);
         }
         let now = physical_ms();
+        let refused = t.refused;
         for c in fresh {
             if self.clock.observe(Timestamp::from_raw(c.hlc), now).clamped {
                 report.clock_clamped += 1;
@@ -671,6 +681,8 @@ impl Writer {
             self.vv.advance(&c.origin, c.seq);
             report.applied += 1;
         }
+        report.refused = t.refused - refused;
+        self.stats.remote_refused.fetch_add(report.refused, Ordering::Relaxed);
         if report.clock_clamped > 0 {
             tracing::warn!(
                 changes = report.clock_clamped,
@@ -770,6 +782,7 @@ fn put_chunk(t: &mut WriteTables<'_>, hash: &[u8; 32], data: &[u8]) -> Result<Wr
     if t.chunks.get(hash.as_slice()).map_err(StorageError::from)?.is_none() {
         t.chunks.insert(hash.as_slice(), data).map_err(StorageError::from)?;
     }
+    t.chunks_wanted.remove(hash.as_slice()).map_err(StorageError::from)?;
     Ok(WriteDone::Nothing)
 }
 

@@ -4,9 +4,13 @@
 //! - [`change`]: change records, their validation, and the version order
 //!   (`VersionKey`: HLC, then origin) that picks a document's current version.
 //! - [`merge`]: a document's current state and conflicts from its set of
-//!   versions, field by field.
+//!   versions, field by field; [`acl_merge`]: `_acl` per principal.
+//! - [`ownership`]: which versions of a work item count after a forced
+//!   takeover moved it to another site.
 //! - [`vv`]: version vectors, one contiguous sequence number per origin.
 //! - [`session`]: the sync session state machine run on each side of a link.
+//! - [`chunks`]: file chunks asked for and sent by content hash, inside a
+//!   session.
 //!
 //! Invariants: nothing here performs I/O, reads a clock, or draws random
 //! numbers; time comes in as arguments. Each origin numbers its changes
@@ -14,9 +18,12 @@
 //! prefix its version vector says. Applying a change twice is the same as
 //! applying it once.
 
+pub mod acl_merge;
 pub mod change;
+pub mod chunks;
 pub mod hlc;
 pub mod merge;
+pub mod ownership;
 pub mod session;
 pub mod vv;
 

@@ -21,6 +21,7 @@
 use ocmesh_proto::federation::{self as pb, frame::Kind};
 
 use crate::change::{self, Change, ChangeError};
+use crate::chunks::{ChunkExchange, ChunkOutput, ChunkStats, Hash};
 use crate::vv::{VersionVector, VersionVectorError};
 
 /// Limits of one session.
@@ -55,6 +56,10 @@ pub enum Input {
     Applied { batch: u64, have: VersionVector },
     /// The local log has grown (local writes, or changes from other peers).
     LocalAdvanced(VersionVector),
+    /// File chunks this site lacks (a page of them): ask the peer.
+    ChunksWanted(Vec<Hash>),
+    /// The answer to `Output::ReadChunk`: the chunk, or `None` if not held.
+    ChunkRead { hash: Hash, data: Option<Vec<u8>> },
 }
 
 /// Read request for the local log.
@@ -79,6 +84,10 @@ pub enum Output {
     Apply { batch: u64, changes: Vec<Change> },
     /// The peer has acknowledged holding (at least) this.
     PeerHas(VersionVector),
+    /// The peer asks for this chunk: read it and answer with `Input::ChunkRead`.
+    ReadChunk(Hash),
+    /// A chunk from the peer, checked against its hash: store it.
+    StoreChunk { hash: Hash, data: Vec<u8> },
     /// The session is over: close the link and log the reason.
     Close(SessionError),
 }
@@ -108,6 +117,14 @@ pub enum SessionError {
     ChangeOutOfOrder { origin: String, seq: u64, expected: u64 },
     #[error("local log returned {origin}:{seq}, expected {expected}")]
     LocalLogGap { origin: String, seq: u64, expected: u64 },
+    #[error("peer sent a chunk hash of {len} bytes; hashes are 32")]
+    BadChunkHash { len: usize },
+    #[error("peer asked for {asked} chunks while owed {owed}: more than the bound")]
+    ChunkFlood { asked: usize, owed: usize },
+    #[error("peer sent chunk {0}, which was not asked for")]
+    UnaskedChunk(String),
+    #[error("peer sent content for chunk {0} that does not match its hash")]
+    ChunkMismatch(String),
 }
 
 /// Counters of one session.
@@ -148,6 +165,7 @@ pub struct SyncSession {
     in_flight_since: std::collections::VecDeque<u64>,
     closed: bool,
     stats: SessionStats,
+    chunks: ChunkExchange,
 }
 
 impl SyncSession {
@@ -169,6 +187,7 @@ impl SyncSession {
             in_flight_since: std::collections::VecDeque::new(),
             closed: false,
             stats: SessionStats::default(),
+            chunks: ChunkExchange::default(),
         }
     }
 
@@ -221,10 +240,15 @@ impl SyncSession {
             && !self.fetching
             && self.last_batch_acked == self.last_batch_sent
             && !self.local.exceeds(&self.sent)
+            && self.chunks.is_idle()
     }
 
     pub fn stats(&self) -> &SessionStats {
         &self.stats
+    }
+
+    pub fn chunk_stats(&self) -> &ChunkStats {
+        self.chunks.stats()
     }
 
     /// How long the oldest unacknowledged batch has waited for its ack, at
@@ -235,7 +259,7 @@ impl SyncSession {
 
     fn step(&mut self, input: Input, now_ms: u64, out: &mut Vec<Output>) -> Result<(), SessionError> {
         match input {
-            Input::Frame(f) => self.on_frame(f, out)?,
+            Input::Frame(f) => self.on_frame(f, now_ms, out)?,
             Input::Fetched(changes) => self.on_fetched(changes, now_ms, out)?,
             Input::Applied { batch, have } => {
                 self.local.merge(&have);
@@ -246,12 +270,21 @@ impl SyncSession {
                 }))));
             }
             Input::LocalAdvanced(have) => self.local.merge(&have),
+            Input::ChunksWanted(hashes) => {
+                let mut asks = Vec::new();
+                self.chunks.want(hashes, now_ms, &mut asks);
+                chunk_outputs(asks, out);
+            }
+            Input::ChunkRead { hash, data } => {
+                let answer = self.chunks.on_read(hash, data);
+                out.push(Output::Send(frame(Kind::ChunkData(answer))));
+            }
         }
         self.maybe_fetch(out);
         Ok(())
     }
 
-    fn on_frame(&mut self, f: pb::Frame, out: &mut Vec<Output>) -> Result<(), SessionError> {
+    fn on_frame(&mut self, f: pb::Frame, now_ms: u64, out: &mut Vec<Output>) -> Result<(), SessionError> {
         let kind = f.kind.ok_or(SessionError::EmptyFrame)?;
         match kind {
             Kind::Hello(h) => {
@@ -316,6 +349,19 @@ impl SyncSession {
                 self.acked.merge(&have);
                 self.sent.merge(&have);
                 out.push(Output::PeerHas(self.acked.clone()));
+            }
+            Kind::ChunkWant(w) => {
+                if !self.peer_hello {
+                    return Err(SessionError::BeforeHello("a chunk request"));
+                }
+                let mut reads = Vec::new();
+                self.chunks.on_want(w, &mut reads)?;
+                chunk_outputs(reads, out);
+            }
+            Kind::ChunkData(d) => {
+                let mut next = Vec::new();
+                self.chunks.on_data(d, now_ms, &mut next)?;
+                chunk_outputs(next, out);
             }
         }
         Ok(())
@@ -383,6 +429,14 @@ impl SyncSession {
             }));
         }
     }
+}
+
+fn chunk_outputs(from: Vec<ChunkOutput>, out: &mut Vec<Output>) {
+    out.extend(from.into_iter().map(|o| match o {
+        ChunkOutput::Send(w) => Output::Send(frame(Kind::ChunkWant(w))),
+        ChunkOutput::Read(hash) => Output::ReadChunk(hash),
+        ChunkOutput::Store(hash, data) => Output::StoreChunk { hash, data },
+    }));
 }
 
 fn frame(kind: Kind) -> pb::Frame {

@@ -540,6 +540,14 @@ impl<'s> Sim<'s> {
                         }
                     }
                     Output::PeerHas(_) => {}
+                    // Simulated sites hold no file content: nothing is ever
+                    // asked for, and an ask is answered "missing".
+                    Output::ReadChunk(hash) => {
+                        if let Some(s) = self.session(link, end) {
+                            work.push_back((link, end, s.handle(Input::ChunkRead { hash, data: None }, now)));
+                        }
+                    }
+                    Output::StoreChunk { .. } => {}
                     Output::Close(e) => {
                         let who = &self.replicas[site].name;
                         self.report.anomalies.push(format!("{who} closed a session: {e}"));

@@ -16,6 +16,8 @@ struct MemLog {
     by_origin: BTreeMap<String, Vec<Change>>,
     /// Changes offered to `apply` that were already held.
     duplicates: u64,
+    /// File chunks held, by hash.
+    chunks: BTreeMap<crate::chunks::Hash, Vec<u8>>,
 }
 
 impl MemLog {
@@ -173,6 +175,14 @@ impl Net {
                     out
                 }
                 Output::PeerHas(_) => Vec::new(),
+                Output::ReadChunk(hash) => {
+                    let data = self.logs[site].chunks.get(&hash).cloned();
+                    self.session(l, at_a).handle(Input::ChunkRead { hash, data }, 0)
+                }
+                Output::StoreChunk { hash, data } => {
+                    self.logs[site].chunks.insert(hash, data);
+                    Vec::new()
+                }
                 Output::Close(e) => {
                     self.links[l].closed.push(e);
                     Vec::new()
@@ -324,6 +334,32 @@ fn reconnect_in_sync_is_one_exchange_under_a_kilobyte() {
     let link = net.links.last().expect("link");
     assert_eq!(link.frames, 2, "only the two hellos");
     assert!(link.bytes < 1024, "{} bytes", link.bytes);
+}
+
+#[test]
+fn chunks_travel_only_to_a_site_that_lacks_them() {
+    let mut net = Net::new(&["a", "b"], SessionConfig::default());
+    let chunks: Vec<(crate::chunks::Hash, Vec<u8>)> = (0..20u8)
+        .map(|i| {
+            let data = vec![i; 4096];
+            (*blake3::hash(&data).as_bytes(), data)
+        })
+        .collect();
+    net.logs[0].chunks.extend(chunks.iter().cloned());
+    // b already holds the first five.
+    net.logs[1].chunks.extend(chunks[..5].iter().cloned());
+    net.connect(0, 1);
+    net.settle();
+    let wanted: Vec<_> = chunks[5..].iter().map(|(h, _)| *h).collect();
+    let out = net.links[0].session_b.handle(Input::ChunksWanted(wanted), 0);
+    net.run_outputs(0, false, out);
+    net.settle();
+    assert_eq!(net.logs[1].chunks.len(), 20);
+    let link = &net.links[0];
+    assert_eq!(link.session_a.chunk_stats().chunks_sent, 15);
+    assert_eq!(link.session_b.chunk_stats().chunks_received, 15);
+    assert!(link.closed.is_empty(), "{:?}", link.closed);
+    assert!(link.session_a.is_idle() && link.session_b.is_idle());
 }
 
 #[test]
