@@ -3,7 +3,10 @@
 //! (`/ws/v2`): sign-in (and a refused one), documents, a work item pushed,
 //! popped and completed, an error reply that leaves the connection usable,
 //! a watch event, an RPC round trip through message queues, collections,
-//! upserts, aggregate, and a file uploaded and downloaded.
+//! upserts, aggregate, a file uploaded and downloaded, a work item with a
+//! file pushed by one client, popped with its file and completed by a
+//! second, and routed to its queue's success queue, a JSONPath watch, and
+//! a collection dropped.
 //! The results are cross-checked over REST.
 //!
 //! `websockets` is pinned below 14: openiap 0.0.37 reads the `open`
@@ -188,6 +191,26 @@ async fn the_openiap_python_package_drives_ocmesh() -> anyhow::Result<()> {
         assert_eq!(item["payload"], serde_json::json!({"order": 42, "shipped": true}));
         let (status, queue) = site.get(&format!("/api/v1/workitemqueues/{tag}jobs")).await?;
         assert_eq!(status, 200, "{queue}");
+        assert_eq!(queue["success_wiq"], format!("{tag}done"), "{queue}");
+
+        // The item with a file, completed by the second client and routed.
+        assert_eq!(summary["routed"], format!("{tag}done"), "{summary}");
+        assert_eq!(summary["file_bytes"], 256 + format!("attachment for {tag}: ").len(), "{summary}");
+        let id = summary["fileitem"].as_str().context("file work item id")?;
+        let (status, item) = site.get(&format!("/api/v1/workitems/{id}")).await?;
+        assert_eq!(status, 200, "{item}");
+        assert_eq!(item["state"], "successful", "{item}");
+        let files = item["files"].as_array().context("files")?;
+        assert_eq!(files.len(), 1, "{item}");
+        assert_eq!(files[0]["filename"], format!("{tag}-attachment.bin"), "{item}");
+        let file_id = files[0]["_id"].as_str().context("file id")?;
+        let meta = site.doc("fs.files", file_id).await?.context("the file's document")?;
+        assert_eq!(meta["length"], summary["file_bytes"], "{meta}");
+        // The dropped collection's document is gone, by a delete version.
+        let dropped = summary["dropped"].as_str().context("dropped document id")?;
+        assert_eq!(site.doc(&format!("{tag}drop"), dropped).await?, None);
+        let history = site.versions(&format!("{tag}drop"), dropped).await?;
+        assert_eq!(history.as_array().map(Vec::len), Some(2), "insert and delete: {history}");
     }
     assert!(
         site.log_text().contains("openiap signin"),

@@ -7,10 +7,13 @@ this run's queue (TAGjobs) and documents (_type TAGtest), so runs over
 both transports can share one server.
 
 Signs in (and fails to with a wrong password), inserts and queries
-documents, creates a work-item queue, pushes an item, pops it, completes
-it, watches a collection, makes an RPC call through message queues (its own
-reply queue and service queue), lists collections, upserts, aggregates,
-uploads and downloads a file, and checks each answer. Prints one line `OPENIAP-OK {json}` and exits 0
+documents, creates work-item queues (TAGjobs routing to TAGdone), pushes an
+item, pops it, completes it, pushes an item with a file, pops it with its
+file from a second client, completes it there and pops its copy with the
+file from TAGdone, watches a collection (a JSONPath filter), makes an RPC
+call through message queues (its own reply queue and service queue), lists
+collections, upserts, aggregates, uploads and downloads a file, drops a
+collection (and fails to drop `users`), and checks each answer. Prints one line `OPENIAP-OK {json}` and exits 0
 on success; prints `OPENIAP-FAIL reason` and exits 1 otherwise. Every call
 has a timeout, and the process exits with os._exit so the client's
 background threads cannot keep it alive.
@@ -44,7 +47,7 @@ async def main(url, username, password, tag):
     from proto import base_pb2, workitems_pb2
 
     client = Client(url)
-    TYPE, QUEUE = f"{tag}test", f"{tag}jobs"
+    TYPE, QUEUE, DONE = f"{tag}test", f"{tag}jobs", f"{tag}done"
 
     # A wrong password is an error reply, surfaced by the client as an exception.
     try:
@@ -80,9 +83,11 @@ async def main(url, username, password, tag):
     check(deleted == 1, f"deleteone returned {deleted}")
 
     # The 0.0.37 client has no AddWorkItemQueue helper: send its message raw.
-    request = base_pb2.Envelope(command="addworkitemqueue")
-    request.data.Pack(workitems_pb2.AddWorkItemQueueRequest(name=QUEUE, maxretries=3))
-    await call("addworkitemqueue", protowrap.RPC(client, request))
+    # Items completed in QUEUE are routed to DONE (its success_wiq).
+    for name, success in [(DONE, ""), (QUEUE, DONE)]:
+        request = base_pb2.Envelope(command="addworkitemqueue")
+        request.data.Pack(workitems_pb2.AddWorkItemQueueRequest(name=name, maxretries=3, success_wiq=success))
+        await call(f"addworkitemqueue {name}", protowrap.RPC(client, request))
     queues = await call("query mq", client.Query(collectionname="mq", query={"name": QUEUE}))
     check(len(queues) == 1, f"queue document: {queues}")
 
@@ -98,6 +103,34 @@ async def main(url, username, password, tag):
     check(done is not None and done.state == "successful", f"updateworkitem returned {done}")
     empty = await call("popworkitem (empty)", client.PopWorkitem(QUEUE))
     check(empty is None, f"empty queue popped {empty}")
+
+    # A work item with a file: pushed by this client, popped with its file
+    # by a second one, completed there, and routed to DONE with the file.
+    attachment = f"attachment for {tag}: ".encode() + bytes(range(256))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"{tag}-attachment.bin")
+        with open(path, "wb") as f:
+            f.write(attachment)
+        with_file = await call("pushworkitem with file", client.PushWorkitem(QUEUE, "job-file", {"order": 7}, files=[path]))
+    check(len(with_file.files) == 1 and with_file.files[0].filename == f"{tag}-attachment.bin", f"pushed {with_file}")
+    check(getattr(with_file.files[0], "_id") and not with_file.files[0].file, f"pushed file reference {with_file.files}")
+    second = Client(url)
+    await call("second signin", second.Signin(username, password))
+    other = await call("second popworkitem", second.PopWorkitem(QUEUE, includefiles=True))
+    check(other is not None and getattr(other, "_id") == getattr(with_file, "_id"), f"second client popped {other}")
+    check(len(other.files) == 1, f"popped files {other.files}")
+    check(other.files[0].file == attachment, f"popped file content {other.files[0].file[:40]!r}")
+    other.state = "successful"
+    finished = await call("second updateworkitem", second.UpdateWorkitem(other))
+    check(finished is not None and finished.state == "successful", f"second client completed {finished}")
+    routed = None
+    for _ in range(3):
+        item = await call("popworkitem success queue", client.PopWorkitem(DONE, includefiles=True))
+        if item is None or item.name == "job-file":
+            routed = item
+            break
+    check(routed is not None and routed.wiq == DONE, f"no job-file in {DONE}: {routed}")
+    check([f.file for f in routed.files] == [attachment], f"routed item's files {routed.files}")
 
     # Bad input gets an error and the connection keeps working.
     try:
@@ -115,7 +148,7 @@ async def main(url, username, password, tag):
     async def on_change(_client, operation, document):
         await seen.put((operation, document))
 
-    watch_id = await call("watch", client.Watch("entities", [json.dumps({"_type": f"{TYPE}w"})], on_change))
+    watch_id = await call("watch", client.Watch("entities", [f"$.[?(@._type == '{TYPE}w')]"], on_change))
     check(watch_id, "watch returned no id")
     await call("insertone watched", client.InsertOne({"name": "py-w", "_type": f"{TYPE}w"}, "entities"))
     operation, document = await call("watchevent", seen.get())
@@ -182,16 +215,27 @@ async def main(url, username, password, tag):
             content = f.read()
     check(content == b"hello world", f"downloaded content {content!r}")
 
+    # dropcollection: the collection's documents go, and so does its name;
+    # the node's own collections are refused.
+    dropped = f"{tag}drop"
+    doomed = await call("insertone to drop", client.InsertOne({"name": "gone"}, dropped))
+    await call("dropcollection", client.DropCollection(dropped))
+    names = [c["name"] for c in await call("listcollections after drop", client.ListCollections())]
+    check(dropped not in names and "entities" in names, f"collections after dropcollection {names}")
     try:
-        await call("dropcollection", client.DropCollection("entities"))
-        raise AssertionError("dropcollection succeeded")
+        await call("dropcollection users", client.DropCollection("users"))
+        raise AssertionError("dropcollection users succeeded")
     except ValueError as e:
-        check("dropcollection" in str(e), f"dropcollection error: {e}")
+        check("users" in str(e), f"dropcollection users error: {e}")
 
     return {
         "user": user.username,
         "roles": roles,
         "workitem": getattr(done, "_id"),
+        "fileitem": getattr(finished, "_id"),
+        "file_bytes": len(routed.files[0].file),
+        "routed": routed.wiq,
+        "dropped": doomed["_id"],
         "state": done.state,
         "queue": QUEUE,
         "watch": operation,
