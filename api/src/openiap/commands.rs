@@ -326,7 +326,11 @@ impl Dispatcher {
         let deleted = self.node.drop_collection(name, who).await?;
         // As in MongoDB, the collection's indexes go with it.
         for field in self.indexed_fields(name.to_owned()).await? {
-            self.node.drop_index(name, &field).await?;
+            match self.node.drop_index(name, &field).await {
+                // Built-in indexes (`_type`) stay.
+                Ok(()) | Err(ocmesh_node::WriteError::BadIndex(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         tracing::info!(collection = %name, documents = deleted.len(), user = %who.name, "openiap dropcollection");
         Done::reply(

@@ -753,11 +753,9 @@ impl Dispatcher {
                 let w = r
                     .workitem
                     .ok_or_else(|| CommandError::Invalid("updateworkitem needs a workitem".into()))?;
-                // New files: every one of the request's, and those of the
-                // item's own list that carry content (the rest are its
-                // references, which the node keeps).
-                let mut added: Vec<pb::WorkitemFile> = w.files.iter().filter(|f| !f.file.is_empty()).cloned().collect();
-                added.extend(r.files.iter().cloned());
+                // Files in the request or the item's list that the item does
+                // not list yet (a popped item sent back lists its own).
+                let added: Vec<pb::WorkitemFile> = w.files.iter().chain(&r.files).cloned().collect();
                 let mut stored = Stored::default();
                 if !added.is_empty() && matches!(w.state.as_str(), "successful" | "failed" | "retry") {
                     let attached = self.attach_files(&w.id, &added, who, &mut stored).await;
@@ -895,9 +893,18 @@ impl Dispatcher {
     ) -> Result<(), CommandError> {
         let (n, i, w) = (self.node.clone(), id.to_owned(), who.clone());
         let item = blocking(move || n.get_as(workitems::ITEMS, &i, &w)).await?;
-        let acl = self.item_file_acl(&item, who)?;
         let mut files = item.get("files").and_then(Value::as_array).cloned().unwrap_or_default();
-        files.extend(self.store_files(added, &acl, who, stored).await?);
+        let listed: Vec<&str> = files.iter().filter_map(|f| f.get("_id").and_then(Value::as_str)).collect();
+        let added: Vec<pb::WorkitemFile> = added
+            .iter()
+            .filter(|f| f.id.is_empty() || !listed.contains(&f.id.as_str()))
+            .cloned()
+            .collect();
+        if added.is_empty() {
+            return Ok(());
+        }
+        let acl = self.item_file_acl(&item, who)?;
+        files.extend(self.store_files(&added, &acl, who, stored).await?);
         self.node
             .update(workitems::ITEMS, id, json!({"$set": {"files": files}}), who)
             .await?;
