@@ -198,7 +198,11 @@ async fn the_openiap_python_package_drives_ocmesh() -> anyhow::Result<()> {
 
         // The item with a file, completed by the second client and routed.
         assert_eq!(summary["routed"], format!("{tag}done"), "{summary}");
-        assert_eq!(summary["file_bytes"], 256 + format!("attachment for {tag}: ").len(), "{summary}");
+        assert_eq!(
+            summary["file_bytes"],
+            256 + format!("attachment for {tag}: ").len(),
+            "{summary}"
+        );
         let id = summary["fileitem"].as_str().context("file work item id")?;
         let (status, item) = site.get(&format!("/api/v1/workitems/{id}")).await?;
         assert_eq!(status, 200, "{item}");
@@ -213,7 +217,11 @@ async fn the_openiap_python_package_drives_ocmesh() -> anyhow::Result<()> {
         let dropped = summary["dropped"].as_str().context("dropped document id")?;
         assert_eq!(site.doc(&format!("{tag}drop"), dropped).await?, None);
         let history = site.versions(&format!("{tag}drop"), dropped).await?;
-        assert_eq!(history.as_array().map(Vec::len), Some(2), "insert and delete: {history}");
+        assert_eq!(
+            history.as_array().map(Vec::len),
+            Some(2),
+            "insert and delete: {history}"
+        );
     }
     assert!(
         site.log_text().contains("openiap signin"),
@@ -294,13 +302,19 @@ async fn same_messages_as_the_package(python: &Path, root: &Path) -> anyhow::Res
         let numbers: Vec<u64> = fields.values().map(|f| f.0).collect();
         for (field, got) in mine.iter().filter(|(f, _)| !fields.contains_key(*f)) {
             if numbers.contains(&got.0) {
-                wrong.push(format!("{message}.{field}: our field reuses the package's number {}", got.0));
+                wrong.push(format!(
+                    "{message}.{field}: our field reuses the package's number {}",
+                    got.0
+                ));
             }
         }
     }
     assert!(theirs.len() > 50, "the package carries its messages: {}", theirs.len());
     if !wrong.is_empty() {
-        bail!("our .proto files differ from openiap {OPENIAP_VERSION}:\n{}", wrong.join("\n"));
+        bail!(
+            "our .proto files differ from openiap {OPENIAP_VERSION}:\n{}",
+            wrong.join("\n")
+        );
     }
     Ok(())
 }

@@ -1224,7 +1224,11 @@ async fn watch_pushes_changes_the_watcher_may_read() {
         )
         .await;
     assert_eq!(e.code, 400, "{}", e.message);
-    assert!(e.message.contains("$.[?(@._type = 'x')]"), "names the path: {}", e.message);
+    assert!(
+        e.message.contains("$.[?(@._type = 'x')]"),
+        "names the path: {}",
+        e.message
+    );
     assert!(e.message.contains("'==' or '!='"), "{}", e.message);
     let e = a
         .err("unwatch", "UnWatchRequest", &pb::UnWatchRequest { id: "nope".into() })
@@ -1639,13 +1643,25 @@ async fn collections_indexes_upserts_and_clients() {
     };
     let mut bob = connect(s.addr).await;
     bob.signin("bob", "bobpw").await;
-    let e = bob.err("dropcollection", "DropCollectionRequest", &drop_req("things")).await;
+    let e = bob
+        .err("dropcollection", "DropCollectionRequest", &drop_req("things"))
+        .await;
     assert_eq!(e.code, 403, "{}", e.message);
-    assert!(e.message.contains("things") && e.message.contains("admins"), "{}", e.message);
+    assert!(
+        e.message.contains("things") && e.message.contains("admins"),
+        "{}",
+        e.message
+    );
     for system in ["users", "mq", "workitems", "fs.files", "files"] {
-        let e = a.err("dropcollection", "DropCollectionRequest", &drop_req(system)).await;
+        let e = a
+            .err("dropcollection", "DropCollectionRequest", &drop_req(system))
+            .await;
         assert_eq!(e.code, 403, "{system}: {}", e.message);
-        assert!(e.message.contains(&format!("{system} is one of the node's own")), "{}", e.message);
+        assert!(
+            e.message.contains(&format!("{system} is one of the node's own")),
+            "{}",
+            e.message
+        );
     }
     for bad in ["", "system.x"] {
         let e = a.err("dropcollection", "DropCollectionRequest", &drop_req(bad)).await;
@@ -1662,13 +1678,18 @@ async fn collections_indexes_upserts_and_clients() {
             },
         )
         .await;
-    let _: pb::DropCollectionResponse = a.ok("dropcollection", "DropCollectionRequest", &drop_req("things")).await;
+    let _: pb::DropCollectionResponse = a
+        .ok("dropcollection", "DropCollectionRequest", &drop_req("things"))
+        .await;
     assert!(a.query("things", json!({})).await.is_empty(), "every document is gone");
     let thing_id = thing["_id"].as_str().expect("id");
     let history = s.node.versions("things", thing_id).expect("history");
     assert_eq!(history.len(), 2, "the insert and its delete version: {history:?}");
     let left = s.node.indexes("things").expect("indexes");
-    assert!(!left.contains(&"name".to_owned()), "the created index went too: {left:?}");
+    assert!(
+        !left.contains(&"name".to_owned()),
+        "the created index went too: {left:?}"
+    );
     let r: pb::ListCollectionsResponse = a
         .ok(
             "listcollections",
@@ -1679,7 +1700,9 @@ async fn collections_indexes_upserts_and_clients() {
     assert!(!r.results.contains("\"things\""), "{}", r.results);
     assert!(r.results.contains("\"entities\""), "{}", r.results);
     // Dropping it again (nothing left) is not an error.
-    let _: pb::DropCollectionResponse = a.ok("dropcollection", "DropCollectionRequest", &drop_req("things")).await;
+    let _: pb::DropCollectionResponse = a
+        .ok("dropcollection", "DropCollectionRequest", &drop_req("things"))
+        .await;
 
     // Indexes: one field each, listed MongoDB-style, dropped by name.
     let created: pb::CreateIndexResponse = a
@@ -2207,7 +2230,9 @@ async fn work_item_files_are_stored_referenced_and_popped_with_content() {
     a.signin("admin", PASSWORD).await;
     add_queue(&mut a, "filedone", "").await;
     add_queue(&mut a, "filejobs", "filedone").await;
-    let gz: Vec<u8> = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xcb, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0];
+    let gz: Vec<u8> = vec![
+        0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xcb, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0,
+    ];
 
     // Pushed with content: the reply (and the node) hold references only.
     let pushed: pb::PushWorkitemResponse = a
@@ -2229,9 +2254,15 @@ async fn work_item_files_are_stored_referenced_and_popped_with_content() {
     let a_id = first.files[0].id.clone();
     assert!(!a_id.is_empty() && first.files[0].filename == "a.txt");
     let stored = s.node.file(&a_id).expect("the file is stored through the file API");
-    assert_eq!((stored["filename"].as_str(), stored["length"].as_u64()), (Some("a.txt"), Some(7)));
+    assert_eq!(
+        (stored["filename"].as_str(), stored["length"].as_u64()),
+        (Some("a.txt"), Some(7))
+    );
     let item = s.node.get("workitems", &first.id).expect("item");
-    assert_eq!(item["files"], json!([{"_id": a_id, "filename": "a.txt", "compressed": false}]));
+    assert_eq!(
+        item["files"],
+        json!([{"_id": a_id, "filename": "a.txt", "compressed": false}])
+    );
     // The file has the item's ACL (the queue's, plus the pusher).
     assert_eq!(acl_ids(&stored), acl_ids(&item), "file {stored} item {item}");
 
@@ -2269,7 +2300,10 @@ async fn work_item_files_are_stored_referenced_and_popped_with_content() {
     b.signin("admin", PASSWORD).await;
     let got = pop_files(&mut b, "filejobs", false).await.expect("item");
     assert_eq!(got.id, first.id);
-    assert!(got.files.iter().all(|f| f.file.is_empty() && !f.id.is_empty()), "{got:?}");
+    assert!(
+        got.files.iter().all(|f| f.file.is_empty() && !f.id.is_empty()),
+        "{got:?}"
+    );
     // With includefiles, the content, and the compressed flag as pushed.
     let got = pop_files(&mut b, "filejobs", true).await.expect("item");
     assert_eq!(got.id, second.id);
@@ -2306,7 +2340,9 @@ async fn work_item_files_are_stored_referenced_and_popped_with_content() {
     let updated = updated.workitem.expect("workitem");
     assert_eq!(updated.state, "successful");
     assert_eq!(updated.files.len(), 5, "{updated:?}");
-    let routed = pop_files(&mut b, "filedone", true).await.expect("routed to the success queue");
+    let routed = pop_files(&mut b, "filedone", true)
+        .await
+        .expect("routed to the success queue");
     let names: Vec<(&str, &[u8])> = routed
         .files
         .iter()
@@ -2399,13 +2435,21 @@ async fn work_item_files_respect_acls_and_the_message_limit() {
 
     // A request over the limit is refused whole.
     let e = a
-        .err("pushworkitem", "PushWorkitemRequest", &push("huge", vec![file("huge.bin", &vec![7u8; limit + 1], false)]))
+        .err(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &push("huge", vec![file("huge.bin", &vec![7u8; limit + 1], false)]),
+        )
         .await;
     assert_eq!(e.code, 413, "{}", e.message);
 
     // Two files that fit one by one, but not together in one pop's reply.
     let one: pb::PushWorkitemResponse = a
-        .ok("pushworkitem", "PushWorkitemRequest", &push("one", vec![file("p1.bin", &vec![1u8; part], false)]))
+        .ok(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &push("one", vec![file("p1.bin", &vec![1u8; part], false)]),
+        )
         .await;
     let p1 = one.workitem.expect("item").files[0].clone();
     let reference = pb::WorkitemFile {
@@ -2434,7 +2478,11 @@ async fn work_item_files_respect_acls_and_the_message_limit() {
         )
         .await;
     assert_eq!(e.code, 413, "{}", e.message);
-    assert!(e.message.contains(&two.id) && e.message.contains("download"), "{}", e.message);
+    assert!(
+        e.message.contains(&two.id) && e.message.contains("download"),
+        "{}",
+        e.message
+    );
     let stalled = s.node.get("workitems", &two.id).expect("item");
     assert_eq!(stalled["state"], "processing", "popped; its lease brings it back");
 
@@ -2442,7 +2490,11 @@ async fn work_item_files_respect_acls_and_the_message_limit() {
     let mut bob = connect(s.addr).await;
     bob.signin("bob", "bobpw").await;
     let e = bob
-        .err("pushworkitem", "PushWorkitemRequest", &push("bobs", vec![file("b.bin", b"b", false)]))
+        .err(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &push("bobs", vec![file("b.bin", b"b", false)]),
+        )
         .await;
     assert_eq!(e.code, 404, "{}", e.message);
     assert!(a.query("fs.files", json!({"filename": "b.bin"})).await.is_empty());
@@ -2467,7 +2519,10 @@ async fn watch_paths_in_opencores_jsonpath_form_filter_events() {
     a.signin("admin", PASSWORD).await;
     w.signin("admin", PASSWORD).await;
     let typed = w
-        .watch("entities", &["$.[?(@._type == 'order' && (@.n != 2 || @.rush == true))]"])
+        .watch(
+            "entities",
+            &["$.[?(@._type == 'order' && (@.n != 2 || @.rush == true))]"],
+        )
         .await;
     let named = w.watch("entities", &[r#"$.[?(@.name == "x")]"#]).await;
     let all = w.watch("entities", &["[]"]).await;
@@ -2476,7 +2531,10 @@ async fn watch_paths_in_opencores_jsonpath_form_filter_events() {
     let cases = [
         (json!({"_type": "order", "n": 1}), vec![typed.clone(), all.clone()]),
         (json!({"_type": "order", "n": 2}), vec![all.clone()]),
-        (json!({"_type": "order", "n": 2, "rush": true}), vec![typed.clone(), all.clone()]),
+        (
+            json!({"_type": "order", "n": 2, "rush": true}),
+            vec![typed.clone(), all.clone()],
+        ),
         (json!({"_type": "other", "name": "x"}), vec![named.clone(), all.clone()]),
     ];
     for (doc, mut want) in cases {

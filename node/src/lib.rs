@@ -45,7 +45,14 @@ pub use writer::ApplyReport;
 /// Collections the node itself keeps (users and roles, work-item queues
 /// and items, files, and OpenCore's names for file storage):
 /// `drop_collection` refuses them.
-pub const SYSTEM_COLLECTIONS: &[&str] = &["users", workitems::QUEUES, workitems::ITEMS, files::FILES, "fs.chunks", "files"];
+pub const SYSTEM_COLLECTIONS: &[&str] = &[
+    "users",
+    workitems::QUEUES,
+    workitems::ITEMS,
+    files::FILES,
+    "fs.chunks",
+    "files",
+];
 
 /// The principal of the node's own housekeeping writes (lease expiry).
 pub(crate) fn system_principal() -> Principal {

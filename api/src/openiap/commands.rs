@@ -16,9 +16,9 @@ use ocmesh_node::{Principal, acl, ids};
 use ocmesh_proto::openiap as pb;
 
 use super::aggregate;
-use super::jsonpath;
 use super::convert::{self, pack};
 use super::dispatch::{CommandError, Dispatcher, Done, Session, blocking, unpack, user_message};
+use super::jsonpath;
 use super::live::{Connection, UploadState, WatchSpec};
 use crate::auth::{issue_token, verify_token};
 

@@ -894,7 +894,10 @@ impl Dispatcher {
         let (n, i, w) = (self.node.clone(), id.to_owned(), who.clone());
         let item = blocking(move || n.get_as(workitems::ITEMS, &i, &w)).await?;
         let mut files = item.get("files").and_then(Value::as_array).cloned().unwrap_or_default();
-        let listed: Vec<&str> = files.iter().filter_map(|f| f.get("_id").and_then(Value::as_str)).collect();
+        let listed: Vec<&str> = files
+            .iter()
+            .filter_map(|f| f.get("_id").and_then(Value::as_str))
+            .collect();
         let added: Vec<pb::WorkitemFile> = added
             .iter()
             .filter(|f| f.id.is_empty() || !listed.contains(&f.id.as_str()))

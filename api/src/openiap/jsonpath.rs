@@ -121,7 +121,11 @@ impl Parser {
     }
 
     fn expect(&mut self, c: char, expected: &'static str) -> Result<(), PathError> {
-        if self.eat(c) { Ok(()) } else { Err(self.expected(expected)) }
+        if self.eat(c) {
+            Ok(())
+        } else {
+            Err(self.expected(expected))
+        }
     }
 
     /// `and ('||' and)*`
@@ -198,10 +202,7 @@ impl Parser {
         loop {
             if self.eat('.') {
                 let start = self.pos;
-                while self
-                    .peek()
-                    .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '-')
-                {
+                while self.peek().is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '-') {
                     self.pos += 1;
                 }
                 if self.pos == start {
@@ -305,7 +306,10 @@ mod tests {
         assert_eq!(filter("$[?(@.name==\"x\")]"), json!({"name": {"$eq": "x"}}));
         assert_eq!(filter(" $.[?( @.n === 3 )] "), json!({"n": {"$eq": 3}}));
         assert_eq!(filter("$.[?(@.a.b != -1.5e2)]"), json!({"a.b": {"$ne": -150.0}}));
-        assert_eq!(filter("$.[?(@['odd name'] !== true)]"), json!({"odd name": {"$ne": true}}));
+        assert_eq!(
+            filter("$.[?(@['odd name'] !== true)]"),
+            json!({"odd name": {"$ne": true}})
+        );
         assert_eq!(filter("$.[?(@.x == null)]"), json!({"x": {"$eq": null}}));
         assert_eq!(filter(r"$.[?(@.s == 'it\'s')]"), json!({"s": {"$eq": "it's"}}));
         assert_eq!(

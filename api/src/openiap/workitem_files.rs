@@ -54,9 +54,7 @@ fn reference(id: &str, filename: &str, compressed: bool) -> Value {
 
 /// Whether a request's files carry content to store.
 pub(super) fn any_content(files: &[pb::WorkitemFile]) -> bool {
-    files
-        .iter()
-        .any(|f| matches!(classify(f), Ok(Sent::Content(_))))
+    files.iter().any(|f| matches!(classify(f), Ok(Sent::Content(_))))
 }
 
 /// `acl` (a document's `_acl`, or none) with full control for `who`.
@@ -136,14 +134,22 @@ impl Dispatcher {
         let (n, w) = (self.node.clone(), who.clone());
         let docs = blocking(move || {
             ids.iter()
-                .map(|id| if id.is_empty() { Ok(None) } else { n.get_as(files::FILES, id, &w).map(Some) })
+                .map(|id| {
+                    if id.is_empty() {
+                        Ok(None)
+                    } else {
+                        n.get_as(files::FILES, id, &w).map(Some)
+                    }
+                })
                 .collect::<Result<Vec<_>, _>>()
         })
         .await?;
         let limit = self.limits.max_message_bytes;
         let mut size = prost::Message::encoded_len(item);
         for doc in docs.iter().flatten() {
-            size = size.saturating_add(usize::try_from(doc.get("length").and_then(Value::as_u64).unwrap_or(0)).unwrap_or(usize::MAX));
+            size = size.saturating_add(
+                usize::try_from(doc.get("length").and_then(Value::as_u64).unwrap_or(0)).unwrap_or(usize::MAX),
+            );
         }
         if size > limit {
             return Err(CommandError::TooLarge { size, limit });
