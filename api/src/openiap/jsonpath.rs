@@ -130,35 +130,33 @@ impl Parser {
 
     /// `and ('||' and)*`
     fn or_expr(&mut self) -> Result<Value, PathError> {
-        let mut terms = vec![self.and_expr()?];
-        loop {
-            self.skip_ws();
-            if !self.eat_str("||") {
-                break;
-            }
-            terms.push(self.and_expr()?);
-        }
-        Ok(if terms.len() == 1 {
-            terms.remove(0)
-        } else {
-            json!({ "$or": terms })
-        })
+        self.joined("||", "$or", Self::and_expr)
     }
 
     /// `primary ('&&' primary)*`
     fn and_expr(&mut self) -> Result<Value, PathError> {
-        let mut terms = vec![self.primary()?];
+        self.joined("&&", "$and", Self::primary)
+    }
+
+    /// `term (token term)*`, as the node's `op` of the terms (or the one term).
+    fn joined(
+        &mut self,
+        token: &str,
+        op: &str,
+        term: fn(&mut Self) -> Result<Value, PathError>,
+    ) -> Result<Value, PathError> {
+        let mut terms = vec![term(self)?];
         loop {
             self.skip_ws();
-            if !self.eat_str("&&") {
+            if !self.eat_str(token) {
                 break;
             }
-            terms.push(self.primary()?);
+            terms.push(term(self)?);
         }
         Ok(if terms.len() == 1 {
             terms.remove(0)
         } else {
-            json!({ "$and": terms })
+            json!({ op: terms })
         })
     }
 
