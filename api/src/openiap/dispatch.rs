@@ -870,8 +870,13 @@ impl Dispatcher {
         let pushed = async {
             let mut docs = Vec::with_capacity(items.len());
             for item in items {
+                // The item is checked before its files are stored.
+                let mut doc = item_doc(item, defaults)?;
                 let files = self.store_files(&item.files, &acl, who, &mut stored).await?;
-                docs.push(item_doc(item, defaults, files)?);
+                if !files.is_empty() {
+                    doc.insert("files".into(), Value::Array(files));
+                }
+                docs.push(doc);
             }
             Ok::<_, CommandError>(self.node.push_workitems(queue, docs, who).await?)
         }
@@ -1000,12 +1005,8 @@ fn query_of(r: &pb::QueryRequest) -> Result<Query, CommandError> {
 
 /// A work item to push, from an OpenIAP `Workitem` with the request's
 /// defaults (priority, nextrun, routing) filling what the item leaves
-/// empty, and `files` (its files' references, content already stored).
-fn item_doc(
-    w: &pb::Workitem,
-    defaults: &pb::PushWorkitemsRequest,
-    files: Vec<Value>,
-) -> Result<Map<String, Value>, CommandError> {
+/// empty; without its files (see `push_with_files`).
+fn item_doc(w: &pb::Workitem, defaults: &pb::PushWorkitemsRequest) -> Result<Map<String, Value>, CommandError> {
     let mut doc = Map::new();
     convert::put_text(&mut doc, "name", &w.name);
     doc.insert(
@@ -1028,9 +1029,6 @@ fn item_doc(
         &or(&w.success_wiqid, &defaults.success_wiqid),
     );
     convert::put_text(&mut doc, "failed_wiqid", &or(&w.failed_wiqid, &defaults.failed_wiqid));
-    if !files.is_empty() {
-        doc.insert("files".into(), Value::Array(files));
-    }
     Ok(doc)
 }
 
