@@ -36,6 +36,10 @@ for module in ["ace", "base", "querys", "queues", "watch", "workitems"]:
                 kind = f.enum_type.name
             else:
                 kind = SCALARS.get(f.type, f"type{f.type}")
-            fields[f.name] = [f.number, kind, f.label == FieldDescriptor.LABEL_REPEATED]
+            # Newer protobuf releases have is_repeated and no label.
+            repeated = getattr(f, "is_repeated", None)
+            if repeated is None:
+                repeated = f.label == FieldDescriptor.LABEL_REPEATED
+            fields[f.name] = [f.number, kind, bool(repeated)]
         out[name] = fields
 print(json.dumps(out, sort_keys=True))

@@ -1,6 +1,7 @@
 """Drives a running ocmesh with the unmodified `openiap` package from PyPI.
 
 Usage: python openiap_smoke.py URL USERNAME PASSWORD [TAG]
+       python openiap_smoke.py --worker URL USERNAME PASSWORD QUEUE  (the second client)
 
 URL is grpc://HOST:PORT or ws://HOST:PORT/ws/v2. TAG (default "py") names
 this run's queue (TAGjobs) and documents (_type TAGtest), so runs over
@@ -114,15 +115,20 @@ async def main(url, username, password, tag):
         with_file = await call("pushworkitem with file", client.PushWorkitem(QUEUE, "job-file", {"order": 7}, files=[path]))
     check(len(with_file.files) == 1 and with_file.files[0].filename == f"{tag}-attachment.bin", f"pushed {with_file}")
     check(getattr(with_file.files[0], "_id") and not with_file.files[0].file, f"pushed file reference {with_file.files}")
-    second = Client(url)
-    await call("second signin", second.Signin(username, password))
-    other = await call("second popworkitem", second.PopWorkitem(QUEUE, includefiles=True))
-    check(other is not None and getattr(other, "_id") == getattr(with_file, "_id"), f"second client popped {other}")
-    check(len(other.files) == 1, f"popped files {other.files}")
-    check(other.files[0].file == attachment, f"popped file content {other.files[0].file[:40]!r}")
-    other.state = "successful"
-    finished = await call("second updateworkitem", second.UpdateWorkitem(other))
-    check(finished is not None and finished.state == "successful", f"second client completed {finished}")
+    # The second client runs in its own process: openiap 0.0.37 keeps its
+    # connection state in class attributes, so two clients in one process
+    # end each other's streams.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.abspath(__file__), "--worker", url, username, password, QUEUE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 3 * CALL_TIMEOUT)
+    lines = [l[len("WORKER-OK "):] for l in out.decode().splitlines() if l.startswith("WORKER-OK ")]
+    check(proc.returncode == 0 and lines, f"second client failed: {out.decode()} {err.decode()[-2000:]}")
+    other = json.loads(lines[0])
+    check(other["id"] == getattr(with_file, "_id"), f"second client popped {other}")
+    check(other["files"] == [[f"{tag}-attachment.bin", attachment.hex(), False]], f"popped files {other['files']}")
+    check(other["state"] == "successful", f"second client completed {other}")
     routed = None
     for _ in range(3):
         item = await call("popworkitem success queue", client.PopWorkitem(DONE, includefiles=True))
@@ -130,6 +136,7 @@ async def main(url, username, password, tag):
             routed = item
             break
     check(routed is not None and routed.wiq == DONE, f"no job-file in {DONE}: {routed}")
+    check(routed.payload and json.loads(routed.payload) == {"order": 7}, f"routed payload {routed.payload}")
     check([f.file for f in routed.files] == [attachment], f"routed item's files {routed.files}")
 
     # Bad input gets an error and the connection keeps working.
@@ -232,7 +239,7 @@ async def main(url, username, password, tag):
         "user": user.username,
         "roles": roles,
         "workitem": getattr(done, "_id"),
-        "fileitem": getattr(finished, "_id"),
+        "fileitem": other["id"],
         "file_bytes": len(routed.files[0].file),
         "routed": routed.wiq,
         "dropped": doomed["_id"],
@@ -243,6 +250,34 @@ async def main(url, username, password, tag):
         "download": content.decode(),
     }
 
+
+async def worker(url, username, password, queue):
+    """The second client: pops an item with its files, completes it."""
+    from openiap import Client
+
+    client = Client(url)
+    await call("worker signin", client.Signin(username, password))
+    item = await call("worker popworkitem", client.PopWorkitem(queue, includefiles=True))
+    check(item is not None, f"worker popped nothing from {queue}")
+    files = [[f.filename, f.file.hex(), f.compressed] for f in item.files]
+    item.state = "successful"
+    done = await call("worker updateworkitem", client.UpdateWorkitem(item))
+    check(done is not None, "worker updateworkitem returned nothing")
+    return {"id": getattr(item, "_id"), "files": files, "state": done.state}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    code = 1
+    try:
+        result = asyncio.run(worker(*sys.argv[2:6]))
+        print("WORKER-OK " + json.dumps(result), flush=True)
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - report anything, then exit
+        traceback.print_exc()
+        print(f"WORKER-FAIL {e!r}", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 if __name__ == "__main__":
     code = 1
