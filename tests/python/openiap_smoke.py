@@ -266,30 +266,25 @@ async def worker(url, username, password, queue):
     return {"id": getattr(item, "_id"), "files": files, "state": done.state}
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+def run_and_exit(label, start):
+    """Prints `LABEL-OK {json}` with what start() returns, or `LABEL-FAIL
+    reason`, and exits (0 or 1) with os._exit so the client's background
+    threads cannot keep the process alive."""
     code = 1
     try:
-        result = asyncio.run(worker(*sys.argv[2:6]))
-        print("WORKER-OK " + json.dumps(result), flush=True)
+        result = asyncio.run(start())
+        print(f"{label}-OK " + json.dumps(result), flush=True)
         code = 0
     except BaseException as e:  # noqa: BLE001 - report anything, then exit
         traceback.print_exc()
-        print(f"WORKER-FAIL {e!r}", flush=True)
+        print(f"{label}-FAIL {e!r}", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
+
 if __name__ == "__main__":
-    code = 1
-    try:
-        url, username, password = sys.argv[1:4]
-        tag = sys.argv[4] if len(sys.argv) > 4 else "py"
-        summary = asyncio.run(main(url, username, password, tag))
-        print("OPENIAP-OK " + json.dumps(summary), flush=True)
-        code = 0
-    except BaseException as e:  # noqa: BLE001 - report anything, then exit
-        traceback.print_exc()
-        print(f"OPENIAP-FAIL {e!r}", flush=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    if sys.argv[1:2] == ["--worker"]:
+        run_and_exit("WORKER", lambda: worker(*sys.argv[2:6]))
+    tag = sys.argv[4] if len(sys.argv) > 4 else "py"
+    run_and_exit("OPENIAP", lambda: main(*sys.argv[1:4], tag))
