@@ -3,8 +3,12 @@
 //! (`/ws/v2`): sign-in (and a refused one), documents, a work item pushed,
 //! popped and completed, an error reply that leaves the connection usable,
 //! a watch event, an RPC round trip through message queues, collections,
-//! upserts, aggregate, and a file uploaded and downloaded.
-//! The results are cross-checked over REST.
+//! upserts, aggregate, a file uploaded and downloaded, a work item with a
+//! file pushed by one client, popped with its file and completed by a
+//! second, and routed to its queue's success queue, a JSONPath watch, and
+//! a collection dropped.
+//! The results are cross-checked over REST, and every message the
+//! package's descriptors carry must match our .proto files field for field.
 //!
 //! `websockets` is pinned below 14: openiap 0.0.37 reads the `open`
 //! attribute that websockets 14 removed, so with a newer one its WebSocket
@@ -17,6 +21,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -163,6 +168,7 @@ async fn the_openiap_python_package_drives_ocmesh() -> anyhow::Result<()> {
     };
 
     let root = tempfile::tempdir()?;
+    same_messages_as_the_package(&python, root.path()).await?;
     let grpc = free_tcp();
     let mut site = Site::single_with(root.path(), "py", &["--grpc", &grpc.to_string()]);
     site.start().await?;
@@ -188,11 +194,128 @@ async fn the_openiap_python_package_drives_ocmesh() -> anyhow::Result<()> {
         assert_eq!(item["payload"], serde_json::json!({"order": 42, "shipped": true}));
         let (status, queue) = site.get(&format!("/api/v1/workitemqueues/{tag}jobs")).await?;
         assert_eq!(status, 200, "{queue}");
+        assert_eq!(queue["success_wiq"], format!("{tag}done"), "{queue}");
+
+        // The item with a file, completed by the second client and routed.
+        assert_eq!(summary["routed"], format!("{tag}done"), "{summary}");
+        assert_eq!(
+            summary["file_bytes"],
+            256 + format!("attachment for {tag}: ").len(),
+            "{summary}"
+        );
+        let id = summary["fileitem"].as_str().context("file work item id")?;
+        let (status, item) = site.get(&format!("/api/v1/workitems/{id}")).await?;
+        assert_eq!(status, 200, "{item}");
+        assert_eq!(item["state"], "successful", "{item}");
+        let files = item["files"].as_array().context("files")?;
+        assert_eq!(files.len(), 1, "{item}");
+        assert_eq!(files[0]["filename"], format!("{tag}-attachment.bin"), "{item}");
+        let file_id = files[0]["_id"].as_str().context("file id")?;
+        let meta = site.doc("fs.files", file_id).await?.context("the file's document")?;
+        assert_eq!(meta["length"], summary["file_bytes"], "{meta}");
+        // The dropped collection's document is gone, by a delete version.
+        let dropped = summary["dropped"].as_str().context("dropped document id")?;
+        assert_eq!(site.doc(&format!("{tag}drop"), dropped).await?, None);
+        let history = site.versions(&format!("{tag}drop"), dropped).await?;
+        assert_eq!(
+            history.as_array().map(Vec::len),
+            Some(2),
+            "insert and delete: {history}"
+        );
     }
     assert!(
         site.log_text().contains("openiap signin"),
         "the node logged the sign-ins"
     );
+    Ok(())
+}
+
+/// A message's fields: name → (number, type's short name, repeated).
+type Fields = BTreeMap<String, (u64, String, bool)>;
+
+/// The messages of proto/proto/openiap/*.proto (flat messages only, as ours are).
+fn our_messages() -> anyhow::Result<BTreeMap<String, Fields>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/proto/openiap");
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "proto") {
+            continue;
+        }
+        let text: String = std::fs::read_to_string(&path)?
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("message ") {
+            rest = &rest[at + "message ".len()..];
+            let open = rest.find('{').context("message without a body")?;
+            let close = rest.find('}').context("unclosed message")?;
+            let name = rest[..open].trim().to_owned();
+            let mut fields = Fields::new();
+            for decl in rest[open + 1..close].split(';') {
+                let words: Vec<&str> = decl.split_whitespace().collect();
+                let (repeated, words) = match words.split_first() {
+                    Some((&"repeated", tail)) => (true, tail),
+                    _ => (false, &words[..]),
+                };
+                if let [kind, field, "=", number] = words {
+                    let short = kind.rsplit('.').next().unwrap_or(kind).to_owned();
+                    fields.insert((*field).to_owned(), (number.parse()?, short, repeated));
+                }
+            }
+            out.insert(name, fields);
+            rest = &rest[close..];
+        }
+    }
+    Ok(out)
+}
+
+/// Every message the package's descriptors carry is in our .proto files
+/// with the same field names, numbers, types and cardinality, and no field
+/// we add reuses one of its numbers.
+async fn same_messages_as_the_package(python: &Path, root: &Path) -> anyhow::Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openiap_descriptors.py");
+    let scratch = root.join("python-descriptors");
+    let mut cmd = Command::new(python);
+    hermetic(&mut cmd).arg(&script);
+    let ran = tokio::task::spawn_blocking(move || run_bounded(&mut cmd, Duration::from_secs(60), &scratch)).await??;
+    if !ran.ok() {
+        bail!("reading the package's descriptors failed: {}", ran.describe());
+    }
+    let theirs: BTreeMap<String, BTreeMap<String, (u64, String, bool)>> =
+        serde_json::from_str(ran.stdout.trim()).context("descriptor JSON")?;
+    let ours = our_messages()?;
+    let mut wrong = Vec::new();
+    for (message, fields) in &theirs {
+        let Some(mine) = ours.get(message) else {
+            wrong.push(format!("{message}: missing"));
+            continue;
+        };
+        for (field, want) in fields {
+            match mine.get(field) {
+                Some(got) if got == want => {}
+                got => wrong.push(format!("{message}.{field}: package {want:?}, ours {got:?}")),
+            }
+        }
+        let numbers: Vec<u64> = fields.values().map(|f| f.0).collect();
+        for (field, got) in mine.iter().filter(|(f, _)| !fields.contains_key(*f)) {
+            if numbers.contains(&got.0) {
+                wrong.push(format!(
+                    "{message}.{field}: our field reuses the package's number {}",
+                    got.0
+                ));
+            }
+        }
+    }
+    assert!(theirs.len() > 50, "the package carries its messages: {}", theirs.len());
+    if !wrong.is_empty() {
+        bail!(
+            "our .proto files differ from openiap {OPENIAP_VERSION}:\n{}",
+            wrong.join("\n")
+        );
+    }
     Ok(())
 }
 

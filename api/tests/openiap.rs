@@ -1219,12 +1219,17 @@ async fn watch_pushes_changes_the_watcher_may_read() {
             "WatchRequest",
             &pb::WatchRequest {
                 collectionname: "entities".into(),
-                paths: vec!["$.[?(@._type == 'x')]".into()],
+                paths: vec!["$.[?(@._type = 'x')]".into()],
             },
         )
         .await;
     assert_eq!(e.code, 400, "{}", e.message);
-    assert!(e.message.contains("JSON filters"), "{}", e.message);
+    assert!(
+        e.message.contains("$.[?(@._type = 'x')]"),
+        "names the path: {}",
+        e.message
+    );
+    assert!(e.message.contains("'==' or '!='"), "{}", e.message);
     let e = a
         .err("unwatch", "UnWatchRequest", &pb::UnWatchRequest { id: "nope".into() })
         .await;
@@ -1586,7 +1591,7 @@ async fn collections_indexes_upserts_and_clients() {
     assert_eq!(e.code, 401, "{}", e.message);
     a.signin("admin", PASSWORD).await;
     a.insert("entities", json!({"name": "x"})).await;
-    a.insert("things", json!({"name": "y"})).await;
+    let thing = a.insert("things", json!({"name": "y"})).await;
     let r: pb::ListCollectionsResponse = a
         .ok(
             "listcollections",
@@ -1599,7 +1604,7 @@ async fn collections_indexes_upserts_and_clients() {
     assert!(names.contains(&"entities") && names.contains(&"things"), "{names:?}");
     assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted, once each: {names:?}");
 
-    // createcollection accepts a valid name (collections are implicit); dropcollection is refused.
+    // createcollection accepts a valid name (collections are implicit).
     let _: pb::CreateCollectionResponse = a
         .ok(
             "createcollection",
@@ -1630,17 +1635,74 @@ async fn collections_indexes_upserts_and_clients() {
         )
         .await;
     assert_eq!(e.code, 400, "{}", e.message);
-    let e = a
-        .err(
-            "dropcollection",
-            "DropCollectionRequest",
-            &pb::DropCollectionRequest {
+    // dropcollection: admins only, never the node's own collections; every
+    // document gets a delete version, and the collection is no longer listed.
+    a.insert("things", json!({"name": "z"})).await;
+    let drop_req = |name: &str| pb::DropCollectionRequest {
+        collectionname: name.into(),
+    };
+    let mut bob = connect(s.addr).await;
+    bob.signin("bob", "bobpw").await;
+    let e = bob
+        .err("dropcollection", "DropCollectionRequest", &drop_req("things"))
+        .await;
+    assert_eq!(e.code, 403, "{}", e.message);
+    assert!(
+        e.message.contains("things") && e.message.contains("admins"),
+        "{}",
+        e.message
+    );
+    for system in ["users", "mq", "workitems", "fs.files", "files"] {
+        let e = a
+            .err("dropcollection", "DropCollectionRequest", &drop_req(system))
+            .await;
+        assert_eq!(e.code, 403, "{system}: {}", e.message);
+        assert!(
+            e.message.contains(&format!("{system} is one of the node's own")),
+            "{}",
+            e.message
+        );
+    }
+    for bad in ["", "system.x"] {
+        let e = a.err("dropcollection", "DropCollectionRequest", &drop_req(bad)).await;
+        assert_eq!(e.code, 400, "{bad:?}: {}", e.message);
+    }
+    let _: pb::CreateIndexResponse = a
+        .ok(
+            "createindex",
+            "CreateIndexRequest",
+            &pb::CreateIndexRequest {
                 collectionname: "things".into(),
+                index: r#"{"name": 1}"#.into(),
+                ..Default::default()
             },
         )
         .await;
-    assert_eq!(e.code, 501, "{}", e.message);
-    assert!(e.message.contains("dropcollection"), "{}", e.message);
+    let _: pb::DropCollectionResponse = a
+        .ok("dropcollection", "DropCollectionRequest", &drop_req("things"))
+        .await;
+    assert!(a.query("things", json!({})).await.is_empty(), "every document is gone");
+    let thing_id = thing["_id"].as_str().expect("id");
+    let history = s.node.versions("things", thing_id).expect("history");
+    assert_eq!(history.len(), 2, "the insert and its delete version: {history:?}");
+    let left = s.node.indexes("things").expect("indexes");
+    assert!(
+        !left.contains(&"name".to_owned()),
+        "the created index went too: {left:?}"
+    );
+    let r: pb::ListCollectionsResponse = a
+        .ok(
+            "listcollections",
+            "ListCollectionsRequest",
+            &pb::ListCollectionsRequest::default(),
+        )
+        .await;
+    assert!(!r.results.contains("\"things\""), "{}", r.results);
+    assert!(r.results.contains("\"entities\""), "{}", r.results);
+    // Dropping it again (nothing left) is not an error.
+    let _: pb::DropCollectionResponse = a
+        .ok("dropcollection", "DropCollectionRequest", &drop_req("things"))
+        .await;
 
     // Indexes: one field each, listed MongoDB-style, dropped by name.
     let created: pb::CreateIndexResponse = a
@@ -1741,8 +1803,7 @@ async fn collections_indexes_upserts_and_clients() {
     assert_eq!(e.code, 400, "{}", e.message);
 
     // getclients: the admin sees every connection, bob only his own.
-    let mut b = connect(s.addr).await;
-    b.signin("bob", "bobpw").await;
+    let mut b = bob;
     let clients = |c: pb::CustomCommandResponse| -> Vec<Value> { serde_json::from_str(&c.result).expect("JSON") };
     let get = pb::CustomCommandRequest {
         command: "getclients".into(),
@@ -2114,4 +2175,396 @@ async fn upload_takes_parts_in_order_and_answers_after_endstream() {
         .await;
     assert_eq!(e.code, 400, "{}", e.message);
     assert_eq!(c.call("ping", "PingRequest", &pb::PingRequest {}).await.command, "pong");
+}
+
+fn file(filename: &str, content: &[u8], compressed: bool) -> pb::WorkitemFile {
+    pb::WorkitemFile {
+        filename: filename.into(),
+        compressed,
+        file: content.to_vec(),
+        ..Default::default()
+    }
+}
+
+async fn pop_files(c: &mut Conn, queue: &str, includefiles: bool) -> Option<pb::Workitem> {
+    let req = pb::PopWorkitemRequest {
+        wiq: queue.into(),
+        includefiles,
+        ..Default::default()
+    };
+    let r: pb::PopWorkitemResponse = c.ok("popworkitem", "PopWorkitemRequest", &req).await;
+    r.workitem
+}
+
+async fn add_queue(c: &mut Conn, name: &str, success_wiq: &str) -> pb::WorkItemQueue {
+    let q: pb::AddWorkItemQueueResponse = c
+        .ok(
+            "addworkitemqueue",
+            "AddWorkItemQueueRequest",
+            &pb::AddWorkItemQueueRequest {
+                name: name.into(),
+                success_wiq: success_wiq.into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    q.workitemqueue.expect("queue")
+}
+
+/// The `_id`s an `_acl` names.
+fn acl_ids(doc: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = doc["_acl"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["_id"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+#[tokio::test]
+async fn work_item_files_are_stored_referenced_and_popped_with_content() {
+    let s = server(GrpcLimits::default()).await;
+    with_bob(&s).await;
+    let mut a = connect(s.addr).await;
+    a.signin("admin", PASSWORD).await;
+    add_queue(&mut a, "filedone", "").await;
+    add_queue(&mut a, "filejobs", "filedone").await;
+    let gz: Vec<u8> = vec![
+        0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xcb, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0,
+    ];
+
+    // Pushed with content: the reply (and the node) hold references only.
+    let pushed: pb::PushWorkitemResponse = a
+        .ok(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &pb::PushWorkitemRequest {
+                wiq: "filejobs".into(),
+                name: "refs only".into(),
+                payload: "{}".into(),
+                files: vec![file("a.txt", b"hello a", false)],
+                ..Default::default()
+            },
+        )
+        .await;
+    let first = pushed.workitem.expect("workitem");
+    assert_eq!(first.files.len(), 1);
+    assert!(first.files[0].file.is_empty(), "the reply carries no content");
+    let a_id = first.files[0].id.clone();
+    assert!(!a_id.is_empty() && first.files[0].filename == "a.txt");
+    let stored = s.node.file(&a_id).expect("the file is stored through the file API");
+    assert_eq!(
+        (stored["filename"].as_str(), stored["length"].as_u64()),
+        (Some("a.txt"), Some(7))
+    );
+    let item = s.node.get("workitems", &first.id).expect("item");
+    assert_eq!(
+        item["files"],
+        json!([{"_id": a_id, "filename": "a.txt", "compressed": false}])
+    );
+    // The file has the item's ACL (the queue's, plus the pusher).
+    assert_eq!(acl_ids(&stored), acl_ids(&item), "file {stored} item {item}");
+
+    let pushed: pb::PushWorkitemsResponse = a
+        .ok(
+            "pushworkitems",
+            "PushWorkitemsRequest",
+            &pb::PushWorkitemsRequest {
+                wiq: "filejobs".into(),
+                items: vec![pb::Workitem {
+                    name: "with content".into(),
+                    payload: "{}".into(),
+                    files: vec![
+                        file("b.txt", b"hello b", false),
+                        file("c.gz", &gz, true),
+                        file("empty.txt", b"", false),
+                        pb::WorkitemFile {
+                            id: a_id.clone(),
+                            filename: "a.txt".into(),
+                            ..Default::default()
+                        },
+                    ],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )
+        .await;
+    let second = pushed.workitems[0].clone();
+    assert_eq!(second.files.len(), 4);
+    assert_eq!(second.files[3].id, a_id, "a reference to a stored file passes through");
+
+    // A second client pops: without includefiles, references only.
+    let mut b = connect(s.addr).await;
+    b.signin("admin", PASSWORD).await;
+    let got = pop_files(&mut b, "filejobs", false).await.expect("item");
+    assert_eq!(got.id, first.id);
+    assert!(
+        got.files.iter().all(|f| f.file.is_empty() && !f.id.is_empty()),
+        "{got:?}"
+    );
+    // With includefiles, the content, and the compressed flag as pushed.
+    let got = pop_files(&mut b, "filejobs", true).await.expect("item");
+    assert_eq!(got.id, second.id);
+    let content: Vec<(&str, &[u8], bool)> = got
+        .files
+        .iter()
+        .map(|f| (f.filename.as_str(), f.file.as_slice(), f.compressed))
+        .collect();
+    assert_eq!(
+        content,
+        vec![
+            ("b.txt", &b"hello b"[..], false),
+            ("c.gz", &gz[..], true),
+            ("empty.txt", &b""[..], false),
+            ("a.txt", &b"hello a"[..], false),
+        ]
+    );
+
+    // Completed with one more file: the item, and its copy in the success
+    // queue, list all of them.
+    let mut done = got.clone();
+    done.state = "successful".into();
+    let updated: pb::UpdateWorkitemResponse = b
+        .ok(
+            "updateworkitem",
+            "UpdateWorkitemRequest",
+            &pb::UpdateWorkitemRequest {
+                workitem: Some(done),
+                files: vec![file("result.txt", b"done", false)],
+                ..Default::default()
+            },
+        )
+        .await;
+    let updated = updated.workitem.expect("workitem");
+    assert_eq!(updated.state, "successful");
+    assert_eq!(updated.files.len(), 5, "{updated:?}");
+    let routed = pop_files(&mut b, "filedone", true)
+        .await
+        .expect("routed to the success queue");
+    let names: Vec<(&str, &[u8])> = routed
+        .files
+        .iter()
+        .map(|f| (f.filename.as_str(), f.file.as_slice()))
+        .collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert_eq!(names[4], ("result.txt", &b"done"[..]));
+    assert_eq!(names[0], ("b.txt", &b"hello b"[..]));
+
+    // A file a work item lists cannot be deleted; one no item lists can.
+    let e = a
+        .err(
+            "deleteone",
+            "DeleteOneRequest",
+            &pb::DeleteOneRequest {
+                collectionname: "fs.files".into(),
+                id: a_id.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 409, "{}", e.message);
+    assert!(e.message.contains("attached to work item"), "{}", e.message);
+    let e = a
+        .err(
+            "deletemany",
+            "DeleteManyRequest",
+            &pb::DeleteManyRequest {
+                collectionname: "fs.files".into(),
+                ids: vec![a_id.clone()],
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+    assert!(s.node.file(&a_id).is_ok(), "still there");
+
+    // Bad files: content without a name, a file with neither content nor id.
+    for bad in [file("", b"x", false), pb::WorkitemFile::default()] {
+        let e = a
+            .err(
+                "pushworkitem",
+                "PushWorkitemRequest",
+                &pb::PushWorkitemRequest {
+                    wiq: "filejobs".into(),
+                    files: vec![file("ok.txt", b"fine", false), bad],
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert_eq!(e.code, 400, "{}", e.message);
+    }
+    // A failed push leaves no file behind.
+    let e = a
+        .err(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &pb::PushWorkitemRequest {
+                wiq: "filejobs".into(),
+                payload: "[1]".into(),
+                files: vec![file("orphan.txt", b"x", false)],
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 400, "{}", e.message);
+    assert!(a.query("fs.files", json!({"filename": "orphan.txt"})).await.is_empty());
+    assert!(a.query("fs.files", json!({"filename": "ok.txt"})).await.is_empty());
+}
+
+#[tokio::test]
+async fn work_item_files_respect_acls_and_the_message_limit() {
+    let limit = 64 * 1024;
+    let s = server(GrpcLimits {
+        max_message_bytes: limit,
+        ..GrpcLimits::default()
+    })
+    .await;
+    with_bob(&s).await;
+    let mut a = connect(s.addr).await;
+    a.signin("admin", PASSWORD).await;
+    add_queue(&mut a, "big", "").await;
+    let push = |name: &str, files: Vec<pb::WorkitemFile>| pb::PushWorkitemRequest {
+        wiq: "big".into(),
+        name: name.into(),
+        files,
+        ..Default::default()
+    };
+    let part = limit * 6 / 10;
+
+    // A request over the limit is refused whole.
+    let e = a
+        .err(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &push("huge", vec![file("huge.bin", &vec![7u8; limit + 1], false)]),
+        )
+        .await;
+    assert_eq!(e.code, 413, "{}", e.message);
+
+    // Two files that fit one by one, but not together in one pop's reply.
+    let one: pb::PushWorkitemResponse = a
+        .ok(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &push("one", vec![file("p1.bin", &vec![1u8; part], false)]),
+        )
+        .await;
+    let p1 = one.workitem.expect("item").files[0].clone();
+    let reference = pb::WorkitemFile {
+        file: Vec::new(),
+        ..p1.clone()
+    };
+    let two: pb::PushWorkitemResponse = a
+        .ok(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &push("two", vec![file("p2.bin", &vec![2u8; part], false), reference]),
+        )
+        .await;
+    let two = two.workitem.expect("item");
+    let got = pop_files(&mut a, "big", true).await.expect("item one");
+    assert_eq!(got.files[0].file, vec![1u8; part]);
+    let e = a
+        .err(
+            "popworkitem",
+            "PopWorkitemRequest",
+            &pb::PopWorkitemRequest {
+                wiq: "big".into(),
+                includefiles: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 413, "{}", e.message);
+    assert!(
+        e.message.contains(&two.id) && e.message.contains("download"),
+        "{}",
+        e.message
+    );
+    let stalled = s.node.get("workitems", &two.id).expect("item");
+    assert_eq!(stalled["state"], "processing", "popped; its lease brings it back");
+
+    // Bob holds no right on the queue: he can neither push to it nor read its files.
+    let mut bob = connect(s.addr).await;
+    bob.signin("bob", "bobpw").await;
+    let e = bob
+        .err(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &push("bobs", vec![file("b.bin", b"b", false)]),
+        )
+        .await;
+    assert_eq!(e.code, 404, "{}", e.message);
+    assert!(a.query("fs.files", json!({"filename": "b.bin"})).await.is_empty());
+    let e = bob
+        .err(
+            "download",
+            "DownloadRequest",
+            &pb::DownloadRequest {
+                id: p1.id.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 404, "bob cannot read the file: {}", e.message);
+}
+
+#[tokio::test]
+async fn watch_paths_in_opencores_jsonpath_form_filter_events() {
+    let s = server(GrpcLimits::default()).await;
+    let mut a = connect(s.addr).await;
+    let mut w = connect(s.addr).await;
+    a.signin("admin", PASSWORD).await;
+    w.signin("admin", PASSWORD).await;
+    let typed = w
+        .watch(
+            "entities",
+            &["$.[?(@._type == 'order' && (@.n != 2 || @.rush == true))]"],
+        )
+        .await;
+    let named = w.watch("entities", &[r#"$.[?(@.name == "x")]"#]).await;
+    let all = w.watch("entities", &["[]"]).await;
+
+    // Each insert reaches the watches whose path selects it, and `all`.
+    let cases = [
+        (json!({"_type": "order", "n": 1}), vec![typed.clone(), all.clone()]),
+        (json!({"_type": "order", "n": 2}), vec![all.clone()]),
+        (
+            json!({"_type": "order", "n": 2, "rush": true}),
+            vec![typed.clone(), all.clone()],
+        ),
+        (json!({"_type": "other", "name": "x"}), vec![named.clone(), all.clone()]),
+    ];
+    for (doc, mut want) in cases {
+        a.insert("entities", doc.clone()).await;
+        let mut seen = Vec::new();
+        for _ in 0..want.len() {
+            let ev = w.watch_event().await;
+            assert_eq!(doc_of(&ev)["n"], doc["n"], "{doc}");
+            seen.push(ev.id);
+        }
+        seen.sort();
+        want.sort();
+        assert_eq!(seen, want, "{doc}");
+    }
+    w.quiet().await;
+
+    // Malformed paths: an error naming the path; the stream lives on.
+    for bad in ["$.[?(@.n > 1)]", "$..name", "$.[?(@.a == 'x)]", "{not json"] {
+        let e = w
+            .err(
+                "watch",
+                "WatchRequest",
+                &pb::WatchRequest {
+                    collectionname: "entities".into(),
+                    paths: vec![bad.into()],
+                },
+            )
+            .await;
+        assert_eq!(e.code, 400, "{bad}: {}", e.message);
+        assert!(e.message.contains(&format!("{bad:?}")), "names {bad:?}: {}", e.message);
+    }
+    w.quiet().await;
 }

@@ -43,6 +43,18 @@ pub use error::{ApplyError, AuthError, OpenError, ReadError, StorageError, Write
 pub use workitems::{QueueSettings, WorkItemError};
 pub use writer::ApplyReport;
 
+/// Collections the node itself keeps (users and roles, work-item queues
+/// and items, files, and OpenCore's names for file storage):
+/// `drop_collection` refuses them.
+pub const SYSTEM_COLLECTIONS: &[&str] = &[
+    "users",
+    workitems::QUEUES,
+    workitems::ITEMS,
+    files::FILES,
+    "fs.chunks",
+    "files",
+];
+
 /// The principal of the node's own housekeeping writes (lease expiry).
 pub(crate) fn system_principal() -> Principal {
     Principal {
@@ -417,6 +429,24 @@ impl Node {
             by: by.clone(),
         })
         .await
+    }
+
+    /// Drops a collection: deletes every current document of it through
+    /// the normal delete path, in one write, so each gets a delete version
+    /// that history and replication carry (and `collection_names` no
+    /// longer lists it). Admins only, as in OpenCore; the node's own
+    /// collections (`SYSTEM_COLLECTIONS`) are refused. Returns the delete
+    /// versions.
+    pub async fn drop_collection(&self, collection: &str, by: &Principal) -> Result<Vec<Value>, WriteError> {
+        ids::validate_collection(collection)?;
+        if !by.is_admin() || SYSTEM_COLLECTIONS.contains(&collection) {
+            return Err(WriteError::Forbidden {
+                right: "drop",
+                collection: collection.into(),
+                id: "*".into(),
+            });
+        }
+        self.delete_many(collection, query::Filter::all(), by).await
     }
 
     /// Brings a deleted document back (a new version; history intact).

@@ -1,16 +1,20 @@
 """Drives a running ocmesh with the unmodified `openiap` package from PyPI.
 
 Usage: python openiap_smoke.py URL USERNAME PASSWORD [TAG]
+       python openiap_smoke.py --worker URL USERNAME PASSWORD QUEUE  (the second client)
 
 URL is grpc://HOST:PORT or ws://HOST:PORT/ws/v2. TAG (default "py") names
 this run's queue (TAGjobs) and documents (_type TAGtest), so runs over
 both transports can share one server.
 
 Signs in (and fails to with a wrong password), inserts and queries
-documents, creates a work-item queue, pushes an item, pops it, completes
-it, watches a collection, makes an RPC call through message queues (its own
-reply queue and service queue), lists collections, upserts, aggregates,
-uploads and downloads a file, and checks each answer. Prints one line `OPENIAP-OK {json}` and exits 0
+documents, creates work-item queues (TAGjobs routing to TAGdone), pushes an
+item, pops it, completes it, pushes an item with a file, pops it with its
+file from a second client, completes it there and pops its copy with the
+file from TAGdone, watches a collection (a JSONPath filter), makes an RPC
+call through message queues (its own reply queue and service queue), lists
+collections, upserts, aggregates, uploads and downloads a file, drops a
+collection (and fails to drop `users`), and checks each answer. Prints one line `OPENIAP-OK {json}` and exits 0
 on success; prints `OPENIAP-FAIL reason` and exits 1 otherwise. Every call
 has a timeout, and the process exits with os._exit so the client's
 background threads cannot keep it alive.
@@ -44,7 +48,7 @@ async def main(url, username, password, tag):
     from proto import base_pb2, workitems_pb2
 
     client = Client(url)
-    TYPE, QUEUE = f"{tag}test", f"{tag}jobs"
+    TYPE, QUEUE, DONE = f"{tag}test", f"{tag}jobs", f"{tag}done"
 
     # A wrong password is an error reply, surfaced by the client as an exception.
     try:
@@ -80,9 +84,11 @@ async def main(url, username, password, tag):
     check(deleted == 1, f"deleteone returned {deleted}")
 
     # The 0.0.37 client has no AddWorkItemQueue helper: send its message raw.
-    request = base_pb2.Envelope(command="addworkitemqueue")
-    request.data.Pack(workitems_pb2.AddWorkItemQueueRequest(name=QUEUE, maxretries=3))
-    await call("addworkitemqueue", protowrap.RPC(client, request))
+    # Items completed in QUEUE are routed to DONE (its success_wiq).
+    for name, success in [(DONE, ""), (QUEUE, DONE)]:
+        request = base_pb2.Envelope(command="addworkitemqueue")
+        request.data.Pack(workitems_pb2.AddWorkItemQueueRequest(name=name, maxretries=3, success_wiq=success))
+        await call(f"addworkitemqueue {name}", protowrap.RPC(client, request))
     queues = await call("query mq", client.Query(collectionname="mq", query={"name": QUEUE}))
     check(len(queues) == 1, f"queue document: {queues}")
 
@@ -98,6 +104,40 @@ async def main(url, username, password, tag):
     check(done is not None and done.state == "successful", f"updateworkitem returned {done}")
     empty = await call("popworkitem (empty)", client.PopWorkitem(QUEUE))
     check(empty is None, f"empty queue popped {empty}")
+
+    # A work item with a file: pushed by this client, popped with its file
+    # by a second one, completed there, and routed to DONE with the file.
+    attachment = f"attachment for {tag}: ".encode() + bytes(range(256))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"{tag}-attachment.bin")
+        with open(path, "wb") as f:
+            f.write(attachment)
+        with_file = await call("pushworkitem with file", client.PushWorkitem(QUEUE, "job-file", {"order": 7}, files=[path]))
+    check(len(with_file.files) == 1 and with_file.files[0].filename == f"{tag}-attachment.bin", f"pushed {with_file}")
+    check(getattr(with_file.files[0], "_id") and not with_file.files[0].file, f"pushed file reference {with_file.files}")
+    # The second client runs in its own process: openiap 0.0.37 keeps its
+    # connection state in class attributes, so two clients in one process
+    # end each other's streams.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.abspath(__file__), "--worker", url, username, password, QUEUE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 3 * CALL_TIMEOUT)
+    lines = [l[len("WORKER-OK "):] for l in out.decode().splitlines() if l.startswith("WORKER-OK ")]
+    check(proc.returncode == 0 and lines, f"second client failed: {out.decode()} {err.decode()[-2000:]}")
+    other = json.loads(lines[0])
+    check(other["id"] == getattr(with_file, "_id"), f"second client popped {other}")
+    check(other["files"] == [[f"{tag}-attachment.bin", attachment.hex(), False]], f"popped files {other['files']}")
+    check(other["state"] == "successful", f"second client completed {other}")
+    routed = None
+    for _ in range(3):
+        item = await call("popworkitem success queue", client.PopWorkitem(DONE, includefiles=True))
+        if item is None or item.name == "job-file":
+            routed = item
+            break
+    check(routed is not None and routed.wiq == DONE, f"no job-file in {DONE}: {routed}")
+    check(routed.payload and json.loads(routed.payload) == {"order": 7}, f"routed payload {routed.payload}")
+    check([f.file for f in routed.files] == [attachment], f"routed item's files {routed.files}")
 
     # Bad input gets an error and the connection keeps working.
     try:
@@ -115,7 +155,7 @@ async def main(url, username, password, tag):
     async def on_change(_client, operation, document):
         await seen.put((operation, document))
 
-    watch_id = await call("watch", client.Watch("entities", [json.dumps({"_type": f"{TYPE}w"})], on_change))
+    watch_id = await call("watch", client.Watch("entities", [f"$.[?(@._type == '{TYPE}w')]"], on_change))
     check(watch_id, "watch returned no id")
     await call("insertone watched", client.InsertOne({"name": "py-w", "_type": f"{TYPE}w"}, "entities"))
     operation, document = await call("watchevent", seen.get())
@@ -182,16 +222,27 @@ async def main(url, username, password, tag):
             content = f.read()
     check(content == b"hello world", f"downloaded content {content!r}")
 
+    # dropcollection: the collection's documents go, and so does its name;
+    # the node's own collections are refused.
+    dropped = f"{tag}drop"
+    doomed = await call("insertone to drop", client.InsertOne({"name": "gone"}, dropped))
+    await call("dropcollection", client.DropCollection(dropped))
+    names = [c["name"] for c in await call("listcollections after drop", client.ListCollections())]
+    check(dropped not in names and "entities" in names, f"collections after dropcollection {names}")
     try:
-        await call("dropcollection", client.DropCollection("entities"))
-        raise AssertionError("dropcollection succeeded")
+        await call("dropcollection users", client.DropCollection("users"))
+        raise AssertionError("dropcollection users succeeded")
     except ValueError as e:
-        check("dropcollection" in str(e), f"dropcollection error: {e}")
+        check("users" in str(e), f"dropcollection users error: {e}")
 
     return {
         "user": user.username,
         "roles": roles,
         "workitem": getattr(done, "_id"),
+        "fileitem": other["id"],
+        "file_bytes": len(routed.files[0].file),
+        "routed": routed.wiq,
+        "dropped": doomed["_id"],
         "state": done.state,
         "queue": QUEUE,
         "watch": operation,
@@ -200,17 +251,40 @@ async def main(url, username, password, tag):
     }
 
 
-if __name__ == "__main__":
+async def worker(url, username, password, queue):
+    """The second client: pops an item with its files, completes it."""
+    from openiap import Client
+
+    client = Client(url)
+    await call("worker signin", client.Signin(username, password))
+    item = await call("worker popworkitem", client.PopWorkitem(queue, includefiles=True))
+    check(item is not None, f"worker popped nothing from {queue}")
+    files = [[f.filename, f.file.hex(), f.compressed] for f in item.files]
+    item.state = "successful"
+    done = await call("worker updateworkitem", client.UpdateWorkitem(item))
+    check(done is not None, "worker updateworkitem returned nothing")
+    return {"id": getattr(item, "_id"), "files": files, "state": done.state}
+
+
+def run_and_exit(label, start):
+    """Prints `LABEL-OK {json}` with what start() returns, or `LABEL-FAIL
+    reason`, and exits (0 or 1) with os._exit so the client's background
+    threads cannot keep the process alive."""
     code = 1
     try:
-        url, username, password = sys.argv[1:4]
-        tag = sys.argv[4] if len(sys.argv) > 4 else "py"
-        summary = asyncio.run(main(url, username, password, tag))
-        print("OPENIAP-OK " + json.dumps(summary), flush=True)
+        result = asyncio.run(start())
+        print(f"{label}-OK " + json.dumps(result), flush=True)
         code = 0
     except BaseException as e:  # noqa: BLE001 - report anything, then exit
         traceback.print_exc()
-        print(f"OPENIAP-FAIL {e!r}", flush=True)
+        print(f"{label}-FAIL {e!r}", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        run_and_exit("WORKER", lambda: worker(*sys.argv[2:6]))
+    tag = sys.argv[4] if len(sys.argv) > 4 else "py"
+    run_and_exit("OPENIAP", lambda: main(*sys.argv[1:4], tag))

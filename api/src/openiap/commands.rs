@@ -18,6 +18,7 @@ use ocmesh_proto::openiap as pb;
 use super::aggregate;
 use super::convert::{self, pack};
 use super::dispatch::{CommandError, Dispatcher, Done, Session, blocking, unpack, user_message};
+use super::jsonpath;
 use super::live::{Connection, UploadState, WatchSpec};
 use crate::auth::{issue_token, verify_token};
 
@@ -40,6 +41,39 @@ fn not_found(message: String) -> CommandError {
 /// A MongoDB-style index name for a one-field index.
 fn index_name(field: &str) -> String {
     format!("{field}_1")
+}
+
+/// A watch's filters from its paths: JSON filters (`{"_type": "x"}`) or
+/// OpenCore's JSONPath filters (`$.[?(@._type == 'x')]`); a change matching
+/// any of them is sent. No filters means every change: no paths, or a path
+/// that selects all (empty, `[]`, `$`).
+fn watch_filters(paths: &[String]) -> Result<Vec<Filter>, CommandError> {
+    let (mut filters, mut all) = (Vec::new(), paths.is_empty());
+    for path in paths.iter().map(|p| p.trim()) {
+        let json = if path.starts_with('{') {
+            serde_json::from_str::<Value>(path)
+                .map_err(|e| CommandError::Invalid(format!("watch path {path:?} is not a JSON filter: {e}")))?
+        } else {
+            match jsonpath::parse(path) {
+                Ok(jsonpath::Selection::All) => {
+                    all = true;
+                    continue;
+                }
+                Ok(jsonpath::Selection::Filter(f)) => f,
+                Err(e) => {
+                    return Err(CommandError::Invalid(format!(
+                        "watch path {path:?} {e}; ocmesh takes $.[?(@.field == value)] filters \
+                         (==, !=, &&, ||) or JSON filters"
+                    )));
+                }
+            }
+        };
+        filters.push(Filter::parse(&json).map_err(|e| CommandError::Invalid(format!("watch path {path:?}: {e}")))?);
+    }
+    if all {
+        filters.clear();
+    }
+    Ok(filters)
 }
 
 impl Dispatcher {
@@ -83,13 +117,7 @@ impl Dispatcher {
                     pack("CreateCollectionResponse", &pb::CreateCollectionResponse {}),
                 )
             })(),
-            "dropcollection" => (|| {
-                let _: pb::DropCollectionRequest = unpack(env, "DropCollectionRequest")?;
-                Err(CommandError::Unsupported(
-                    "dropcollection (the node keeps every document's history and has no collection drop; \
-                     use deletemany)",
-                ))
-            })(),
+            "dropcollection" => self.drop_collection(who, env).await,
             "createindex" => self.create_index(env).await,
             "getindexes" => self.get_indexes(env).await,
             "dropindex" => self.drop_index(env).await,
@@ -113,18 +141,7 @@ impl Dispatcher {
                 self.limits.max_watches
             )));
         }
-        let mut filters = Vec::new();
-        for path in r.paths.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
-            let v = match serde_json::from_str::<Value>(path) {
-                Ok(v @ Value::Object(_)) => v,
-                _ => {
-                    return Err(CommandError::Invalid(format!(
-                        "watch paths are JSON filters ({{\"_type\": \"x\"}}) in ocmesh; {path:?} is not one"
-                    )));
-                }
-            };
-            filters.push(Filter::parse(&v).map_err(|e| CommandError::Invalid(format!("watch path {path}: {e}")))?);
-        }
+        let filters = watch_filters(&r.paths)?;
         let id = conn.start_watch(WatchSpec {
             node: self.node.clone(),
             who: who.clone(),
@@ -282,6 +299,43 @@ impl Dispatcher {
                     results: Value::Array(results).to_string(),
                 },
             ),
+        )
+    }
+
+    /// Deletes every document of a collection (admins only; never one of
+    /// the node's own collections): see `Node::drop_collection`.
+    async fn drop_collection(&self, who: &Principal, env: &pb::Envelope) -> Result<Done, CommandError> {
+        let r: pb::DropCollectionRequest = unpack(env, "DropCollectionRequest")?;
+        let name = r.collectionname.as_str();
+        collection_name(name)?;
+        if ocmesh_node::SYSTEM_COLLECTIONS.contains(&name) {
+            return Err(CommandError::Node {
+                message: format!(
+                    "dropcollection: {name} is one of the node's own collections ({}) and cannot be dropped",
+                    ocmesh_node::SYSTEM_COLLECTIONS.join(", ")
+                ),
+                code: 403,
+            });
+        }
+        if !who.is_admin() {
+            return Err(CommandError::Node {
+                message: format!("dropcollection {name}: only admins may drop a collection"),
+                code: 403,
+            });
+        }
+        let deleted = self.node.drop_collection(name, who).await?;
+        // As in MongoDB, the collection's indexes go with it.
+        for field in self.indexed_fields(name.to_owned()).await? {
+            match self.node.drop_index(name, &field).await {
+                // Built-in indexes (`_type`) stay.
+                Ok(()) | Err(ocmesh_node::WriteError::BadIndex(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tracing::info!(collection = %name, documents = deleted.len(), user = %who.name, "openiap dropcollection");
+        Done::reply(
+            "dropcollection",
+            pack("DropCollectionResponse", &pb::DropCollectionResponse {}),
         )
     }
 

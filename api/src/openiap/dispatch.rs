@@ -21,12 +21,13 @@ use serde_json::{Map, Value, json};
 
 use ocmesh_node::messaging::{Broker, MqError};
 use ocmesh_node::query::{Filter, Query};
-use ocmesh_node::{AuthError, Node, Principal, ReadError, WriteError, acl, workitems};
+use ocmesh_node::{AuthError, Node, Principal, ReadError, WriteError, acl, files, workitems};
 use ocmesh_proto::openiap as pb;
 
 use super::GrpcLimits;
 use super::convert::{self, ConvertError, pack};
 use super::live::{self, Connection, Events, LiveStats, Registry};
+use super::workitem_files::{self, Stored};
 use crate::auth::{TOKEN_LIFETIME_SECS, issue_token, verify_token};
 use crate::error::ApiError;
 
@@ -658,7 +659,12 @@ impl Dispatcher {
                 if r.recursive {
                     return Err(CommandError::Unsupported("deleteone with recursive"));
                 }
-                node.delete(&r.collectionname, &r.id, who).await?;
+                if r.collectionname == files::FILES {
+                    // Through the file API, which refuses a file a work item still lists.
+                    node.delete_file(&r.id, who).await?;
+                } else {
+                    node.delete(&r.collectionname, &r.id, who).await?;
+                }
                 Done::reply(
                     command,
                     pack("DeleteOneResponse", &pb::DeleteOneResponse { affectedrows: 1 }),
@@ -668,6 +674,13 @@ impl Dispatcher {
                 let r: pb::DeleteManyRequest = unpack(env, "DeleteManyRequest")?;
                 if r.recursive {
                     return Err(CommandError::Unsupported("deletemany with recursive"));
+                }
+                if r.collectionname == files::FILES {
+                    return Err(CommandError::Invalid(format!(
+                        "deletemany on {}: delete files one at a time with deleteone, which checks \
+                         that no work item still lists the file",
+                        files::FILES
+                    )));
                 }
                 let query = convert::json_object("query", &r.query)?;
                 let filter = match (r.ids.is_empty(), query.is_empty()) {
@@ -703,8 +716,9 @@ impl Dispatcher {
                     failed_wiq: r.failed_wiq,
                     ..Default::default()
                 };
-                let doc = item_doc(&item, &pb::PushWorkitemsRequest::default())?;
-                let mut pushed = node.push_workitems(&queue, vec![doc], who).await?;
+                let mut pushed = self
+                    .push_with_files(&queue, &[item], &pb::PushWorkitemsRequest::default(), who)
+                    .await?;
                 let workitem = pushed.pop().map(|d| convert::workitem(&d));
                 Done::reply(
                     command,
@@ -714,8 +728,7 @@ impl Dispatcher {
             "pushworkitems" => {
                 let r: pb::PushWorkitemsRequest = unpack(env, "PushWorkitemsRequest")?;
                 let queue = self.queue_name(&r.wiq, &r.wiqid, who).await?;
-                let docs = r.items.iter().map(|i| item_doc(i, &r)).collect::<Result<Vec<_>, _>>()?;
-                let pushed = node.push_workitems(&queue, docs, who).await?;
+                let pushed = self.push_with_files(&queue, &r.items, &r, who).await?;
                 let workitems = pushed.iter().map(convert::workitem).collect();
                 Done::reply(
                     command,
@@ -726,7 +739,10 @@ impl Dispatcher {
                 let r: pb::PopWorkitemRequest = unpack(env, "PopWorkitemRequest")?;
                 let queue = self.queue_name(&r.wiq, &r.wiqid, who).await?;
                 let item = node.pop_workitem(&queue, who, None).await?;
-                let workitem = item.as_ref().map(convert::workitem);
+                let mut workitem = item.as_ref().map(convert::workitem);
+                if let Some(w) = workitem.as_mut().filter(|_| r.includefiles) {
+                    self.include_files(w, who).await.map_err(|e| e.popped(&w.id))?;
+                }
                 Done::reply(
                     command,
                     pack("PopWorkitemResponse", &pb::PopWorkitemResponse { workitem }),
@@ -737,8 +753,16 @@ impl Dispatcher {
                 let w = r
                     .workitem
                     .ok_or_else(|| CommandError::Invalid("updateworkitem needs a workitem".into()))?;
-                if r.files.iter().chain(&w.files).any(|f| !f.file.is_empty()) {
-                    return Err(CommandError::Unsupported("work item file content"));
+                // Files in the request or the item's list that the item does
+                // not list yet (a popped item sent back lists its own).
+                let added: Vec<pb::WorkitemFile> = w.files.iter().chain(&r.files).cloned().collect();
+                let mut stored = Stored::default();
+                if !added.is_empty() && matches!(w.state.as_str(), "successful" | "failed" | "retry") {
+                    let attached = self.attach_files(&w.id, &added, who, &mut stored).await;
+                    if let Err(e) = attached {
+                        self.forget_files(stored, who).await;
+                        return Err(e);
+                    }
                 }
                 let payload = if w.payload.trim().is_empty() {
                     None
@@ -827,6 +851,74 @@ impl Dispatcher {
         }
     }
 
+    /// Pushes `items` onto `queue`, their file content stored first (with
+    /// the queue's ACL) and deleted again if the push fails.
+    async fn push_with_files(
+        &self,
+        queue: &str,
+        items: &[pb::Workitem],
+        defaults: &pb::PushWorkitemsRequest,
+        who: &Principal,
+    ) -> Result<Vec<Value>, CommandError> {
+        // Only content needs the ACL (and the queue, which the push reads anyway).
+        let acl = if items.iter().any(|i| workitem_files::any_content(&i.files)) {
+            self.queue_file_acl(queue, who).await?
+        } else {
+            Value::Null
+        };
+        let mut stored = Stored::default();
+        let pushed = async {
+            let mut docs = Vec::with_capacity(items.len());
+            for item in items {
+                // The item is checked before its files are stored.
+                let mut doc = item_doc(item, defaults)?;
+                let files = self.store_files(&item.files, &acl, who, &mut stored).await?;
+                if !files.is_empty() {
+                    doc.insert("files".into(), Value::Array(files));
+                }
+                docs.push(doc);
+            }
+            Ok::<_, CommandError>(self.node.push_workitems(queue, docs, who).await?)
+        }
+        .await;
+        if pushed.is_err() {
+            self.forget_files(stored, who).await;
+        }
+        pushed
+    }
+
+    /// Stores `added` with item `id`'s ACL and appends their references to
+    /// the item's `files`, before the item is finished (so routing copies them).
+    async fn attach_files(
+        &self,
+        id: &str,
+        added: &[pb::WorkitemFile],
+        who: &Principal,
+        stored: &mut Stored,
+    ) -> Result<(), CommandError> {
+        let (n, i, w) = (self.node.clone(), id.to_owned(), who.clone());
+        let item = blocking(move || n.get_as(workitems::ITEMS, &i, &w)).await?;
+        let mut files = item.get("files").and_then(Value::as_array).cloned().unwrap_or_default();
+        let listed: Vec<&str> = files
+            .iter()
+            .filter_map(|f| f.get("_id").and_then(Value::as_str))
+            .collect();
+        let added: Vec<pb::WorkitemFile> = added
+            .iter()
+            .filter(|f| f.id.is_empty() || !listed.contains(&f.id.as_str()))
+            .cloned()
+            .collect();
+        if added.is_empty() {
+            return Ok(());
+        }
+        let acl = self.item_file_acl(&item, who)?;
+        files.extend(self.store_files(&added, &acl, who, stored).await?);
+        self.node
+            .update(workitems::ITEMS, id, json!({"$set": {"files": files}}), who)
+            .await?;
+        Ok(())
+    }
+
     /// A queue's name from `wiq`, or from the id of its document when only `wiqid` is given.
     async fn queue_name(&self, wiq: &str, wiqid: &str, who: &Principal) -> Result<String, CommandError> {
         if !wiq.is_empty() {
@@ -912,11 +1004,9 @@ fn query_of(r: &pb::QueryRequest) -> Result<Query, CommandError> {
 }
 
 /// A work item to push, from an OpenIAP `Workitem` with the request's
-/// defaults (priority, nextrun, routing) filling what the item leaves empty.
+/// defaults (priority, nextrun, routing) filling what the item leaves
+/// empty; without its files (see `push_with_files`).
 fn item_doc(w: &pb::Workitem, defaults: &pb::PushWorkitemsRequest) -> Result<Map<String, Value>, CommandError> {
-    if w.files.iter().any(|f| !f.file.is_empty()) {
-        return Err(CommandError::Unsupported("work item file content"));
-    }
     let mut doc = Map::new();
     convert::put_text(&mut doc, "name", &w.name);
     doc.insert(
@@ -939,14 +1029,6 @@ fn item_doc(w: &pb::Workitem, defaults: &pb::PushWorkitemsRequest) -> Result<Map
         &or(&w.success_wiqid, &defaults.success_wiqid),
     );
     convert::put_text(&mut doc, "failed_wiqid", &or(&w.failed_wiqid, &defaults.failed_wiqid));
-    if !w.files.is_empty() {
-        let files = w
-            .files
-            .iter()
-            .map(|f| json!({"filename": f.filename, "_id": f.id}))
-            .collect();
-        doc.insert("files".into(), Value::Array(files));
-    }
     Ok(doc)
 }
 

@@ -22,7 +22,9 @@ mod commands;
 mod config;
 mod convert;
 mod dispatch;
+mod jsonpath;
 mod live;
+mod workitem_files;
 mod ws;
 
 use std::future::Future;
