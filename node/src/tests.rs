@@ -1116,3 +1116,54 @@ async fn a_pop_by_a_queue_invoker_is_let_in_at_the_other_site() {
     let id = item["_id"].as_str().expect("id");
     assert_eq!(b.get("workitems", id).expect("item")["state"], "processing");
 }
+
+/// A write of several documents that is refused after its first one was
+/// appended leaves nothing behind, even when its group carries other
+/// writes, which still succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_midway_leaves_nothing_and_spares_its_group() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let node = open(dir.path(), "a");
+    for round in 0..20 {
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let node = node.clone();
+            tasks.push(tokio::spawn(async move {
+                node.insert("good", obj(json!({"round": round, "i": i})), &admin())
+                    .await
+                    .map(|_| ())
+            }));
+        }
+        // The second document's `_acl` is malformed: found only when it is
+        // written, after the first one was.
+        let bad = node
+            .insert_many(
+                "bad",
+                vec![
+                    obj(json!({"round": round})),
+                    obj(json!({"round": round, "_acl": "everyone"})),
+                ],
+                &admin(),
+            )
+            .await;
+        assert!(bad.is_err(), "the malformed batch must be refused");
+        for t in tasks {
+            t.await.expect("task").expect("the other writes of the group succeed");
+        }
+    }
+    let q = query::Query::from_json(&json!({})).expect("query");
+    assert_eq!(
+        node.count("good", &query::Filter::parse(&json!({})).expect("f"))
+            .expect("n"),
+        160
+    );
+    assert!(
+        node.query("bad", &q).expect("bad").is_empty(),
+        "nothing of a refused batch"
+    );
+    let changes = all_changes(&node);
+    assert!(changes.iter().all(|c| c.collection != "bad"));
+    // The log has no gaps: sequence numbers were not burnt by the reruns.
+    let seqs: Vec<u64> = changes.iter().filter(|c| c.origin == "a").map(|c| c.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}

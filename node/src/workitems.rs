@@ -588,12 +588,14 @@ impl Writer {
                 }
             }
             // Routing is the node's act, whoever completed the item.
+            // The completion stands whatever becomes of the copy: a copy
+            // the target refuses is logged, never a half-written finish.
             match self.push(t, &target, vec![copy], &crate::system_principal()) {
                 Ok(_) => {}
-                Err(WriteError::WorkItem(WorkItemError::NoQueue(_))) => {
-                    tracing::warn!(item = %id, %target, "work item's target queue does not exist; not routed");
+                Err(WriteError::Storage(e)) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(item = %id, %target, error = %e, "work item completed but not routed to its target queue");
                 }
-                Err(e) => return Err(e),
             }
         }
         Ok(done)

@@ -27,7 +27,7 @@ const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
 const GATHER_ROUNDS: usize = 4;
 
 /// A write to carry out.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum WriteOp {
     Insert {
         collection: String,
@@ -188,6 +188,50 @@ impl WriteOp {
                 | WriteOp::CreateUser { .. }
         )
     }
+
+    /// Ops that append several changes and can fail after the first: if
+    /// one does, its group is run again without it, so nothing of a
+    /// refused write is ever committed.
+    fn writes_several(&self) -> bool {
+        match self {
+            WriteOp::PushItems { items, .. } => items.len() > 1,
+            WriteOp::UpdateMany { .. } | WriteOp::InsertMany { .. } | WriteOp::DeleteMany { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Why a group did not commit.
+enum GroupFailure {
+    /// The store failed: every write of the group is refused.
+    Storage(StorageError),
+    /// Op `index` was refused after appending some of its changes: the
+    /// transaction was aborted; run the group again without it.
+    Partial { index: usize, error: WriteError },
+}
+
+impl From<StorageError> for GroupFailure {
+    fn from(e: StorageError) -> Self {
+        GroupFailure::Storage(e)
+    }
+}
+
+impl From<redb::TransactionError> for GroupFailure {
+    fn from(e: redb::TransactionError) -> Self {
+        GroupFailure::Storage(e.into())
+    }
+}
+
+impl From<redb::CommitError> for GroupFailure {
+    fn from(e: redb::CommitError) -> Self {
+        GroupFailure::Storage(e.into())
+    }
+}
+
+impl From<redb::StorageError> for GroupFailure {
+    fn from(e: redb::StorageError) -> Self {
+        GroupFailure::Storage(e.into())
+    }
 }
 
 pub(crate) struct Request {
@@ -282,14 +326,26 @@ impl Writer {
     /// Executes a group of writes in one transaction. On a storage failure
     /// every write of the group fails and in-memory state is rolled back.
     fn commit_group(&mut self, ops: Vec<WriteOp>) -> Vec<Result<WriteDone, WriteError>> {
+        self.commit_group_refusing(ops, Vec::new())
+    }
+
+    /// `commit_group`, answering the ops at the `refused` positions with
+    /// their error instead of running them.
+    fn commit_group_refusing(
+        &mut self,
+        ops: Vec<WriteOp>,
+        mut refused: Vec<(usize, WriteError)>,
+    ) -> Vec<Result<WriteDone, WriteError>> {
         let n = ops.len();
+        // Only groups that could need a second run pay for a copy.
+        let rerun = ops.iter().any(WriteOp::writes_several).then(|| ops.clone());
         if let Some(why) = &self.failed {
             return (0..n)
                 .map(|_| Err(WriteError::Storage(StorageError(why.clone()))))
                 .collect();
         }
         let (clock, vv) = (self.clock.clone(), self.vv.clone());
-        match self.try_commit_group(ops) {
+        match self.try_commit_group(ops, &mut refused) {
             Ok((results, readied)) => {
                 self.signals.ready(&readied);
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -299,7 +355,19 @@ impl Writer {
                 }
                 results
             }
-            Err(e) => {
+            Err(GroupFailure::Partial { index, error }) => {
+                self.clock = clock;
+                self.vv = vv;
+                refused.push((index, error));
+                match rerun {
+                    Some(ops) => self.commit_group_refusing(ops, refused),
+                    None => {
+                        let e = StorageError("a refused write left changes behind and could not be rerun".into());
+                        (0..n).map(|_| Err(WriteError::Storage(e.clone()))).collect()
+                    }
+                }
+            }
+            Err(GroupFailure::Storage(e)) => {
                 tracing::error!(error = %e, writes = n, "commit failed; the group's writes are refused");
                 self.clock = clock;
                 self.vv = vv;
@@ -316,20 +384,30 @@ impl Writer {
     /// writes outside the change log (indexes, chunks, credentials) or a
     /// checkpoint is due; then it is a durable redb commit that also
     /// empties the log.
-    fn try_commit_group(&mut self, ops: Vec<WriteOp>) -> Result<GroupDone, StorageError> {
+    fn try_commit_group(
+        &mut self,
+        ops: Vec<WriteOp>,
+        refused: &mut Vec<(usize, WriteError)>,
+    ) -> Result<GroupDone, GroupFailure> {
         let started = std::time::Instant::now();
         let checkpoint = self.wal.checkpoint_due() || ops.iter().any(WriteOp::writes_outside_changes);
         let mut txn = self.db.begin_write()?;
         if !checkpoint {
             txn.set_durability(redb::Durability::None)
-                .map_err(|e| StorageError(e.to_string()))?;
+                .map_err(|e| GroupFailure::Storage(StorageError(e.to_string())))?;
         }
         let mut results = Vec::with_capacity(ops.len());
         let vv_before = self.vv.clone();
         let (log, readied);
         {
             let mut t = WriteTables::open(&txn, &self.site)?;
-            for op in ops {
+            for (index, op) in ops.into_iter().enumerate() {
+                if let Some(at) = refused.iter().position(|(i, _)| *i == index) {
+                    results.push(Err(refused.swap_remove(at).1));
+                    continue;
+                }
+                let several = op.writes_several();
+                let appended_before = self.vv.get(&self.site);
                 let r = match op {
                     WriteOp::Insert { collection, doc, by } => self.insert(&mut t, collection, doc, &by),
                     WriteOp::Replace {
@@ -392,9 +470,15 @@ impl Writer {
                     } => self.create_user(&mut t, username, name, hash, &by),
                 };
                 // A storage failure poisons the transaction: give up on the group.
-                if let Err(WriteError::Storage(e)) = r {
-                    return Err(e);
-                }
+                let r = match r {
+                    Err(WriteError::Storage(e)) => return Err(GroupFailure::Storage(e)),
+                    Err(error) if several && self.vv.get(&self.site) != appended_before => {
+                        drop(t);
+                        txn.abort()?;
+                        return Err(GroupFailure::Partial { index, error });
+                    }
+                    r => r,
+                };
                 results.push(r);
             }
             if !checkpoint && self.vv == vv_before {
@@ -425,13 +509,15 @@ impl Writer {
             // redb too, or later groups would reuse its sequence numbers.
             let logging = std::time::Instant::now();
             if let Err(e) = self.wal.append(self.wal_epoch, &log) {
-                return Err(self.fail(e.to_string()));
+                return Err(self.fail(e.to_string()).into());
             }
             self.stats
                 .wal_nanos
                 .fetch_add(logging.elapsed().as_nanos() as u64, Ordering::Relaxed);
             if let Err(e) = txn.commit() {
-                return Err(self.fail(format!("{e} (after the write-ahead log took the group)")));
+                return Err(self
+                    .fail(format!("{e} (after the write-ahead log took the group)"))
+                    .into());
             }
             self.stats.wal_bytes.fetch_add(log.len() as u64, Ordering::Relaxed);
         }
