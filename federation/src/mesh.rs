@@ -149,8 +149,9 @@ struct Shared {
     chunks_asked: Mutex<HashMap<ChunkHash, Instant>>,
 }
 
-/// How long one session's ask for a chunk keeps other sessions from asking.
-const CHUNK_ASK_TTL: Duration = Duration::from_secs(10);
+/// How long one session's ask for a chunk keeps other sessions from asking
+/// (a little over one poll, so a peer that lacked it is soon asked again).
+const CHUNK_ASK_TTL: Duration = Duration::from_secs(3);
 /// How often a session looks for chunks this site still lacks.
 const CHUNK_POLL: Duration = Duration::from_secs(2);
 

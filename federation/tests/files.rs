@@ -2,64 +2,22 @@
 //! loopback QUIC, where c gets a's file through b, and content a site
 //! already holds is never sent to it again.
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde_json::{Value, json};
 
-use ocmesh_federation::{Mesh, MeshConfig, ca, tls};
+use ocmesh_node::Node;
 use ocmesh_node::files::{CHUNK_BYTES, chunk_hashes};
-use ocmesh_node::{Node, NodeConfig, Principal};
 
-fn admin() -> Principal {
-    Principal {
-        roles: vec![ocmesh_node::acl::ADMINS_ROLE_ID.into()],
-        id: "0".repeat(24),
-        name: "admin".into(),
-    }
-}
-
-struct Site {
-    node: Node,
-    mesh: Mesh,
-    _data: tempfile::TempDir,
-}
-
-fn start(ca_dir: &Path, site: &str, peers: Vec<SocketAddr>) -> Site {
-    let data = tempfile::tempdir().expect("tmp");
-    let node = Node::open(NodeConfig {
-        data_dir: data.path().into(),
-        site: site.into(),
-        admin_password: Some("pw".into()),
-    })
-    .expect("open")
-    .node;
-    let files = ca::issue_site_cert(ca_dir, site).expect("issue");
-    let id = tls::load_identity(&ca_dir.join("ca.pem"), &files.cert, &files.key).expect("identity");
-    let listen = "127.0.0.1:0".parse().expect("addr");
-    let mesh = Mesh::start(
-        node.clone(),
-        &id,
-        MeshConfig {
-            listen,
-            peers,
-            session: Default::default(),
-        },
-    )
-    .expect("mesh");
-    Site {
-        node,
-        mesh,
-        _data: data,
-    }
-}
+mod common;
+mod loopback;
+use common::{admin, obj};
+use loopback::{Site, eventually, new_ca, start};
 
 async fn upload(node: &Node, name: &str, content: &[u8]) -> Value {
     let mut up = node.upload(64 << 20);
     up.write(content).await.expect("write");
-    up.finish(name, "application/octet-stream", Map::new(), &admin())
+    up.finish(name, "application/octet-stream", obj(json!({"from": "test"})), &admin())
         .await
         .expect("finish")
 }
@@ -70,16 +28,6 @@ fn has_whole_file(node: &Node, file: &Value) -> bool {
     let Ok(doc) = node.file(id) else { return false };
     let hashes = chunk_hashes(&doc).expect("hashes");
     hashes.iter().all(|h| node.read_chunk(h).is_ok_and(|c| c.is_some()))
-}
-
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..400 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// Bytes with no period, so no two chunks are alike (xorshift).
@@ -97,19 +45,19 @@ fn content(len: usize, seed: u64) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_content_reaches_a_site_two_hops_away_and_only_once() {
-    tls::install_crypto_provider();
-    let ca_dir = tempfile::tempdir().expect("tmp");
-    ca::init_ca(ca_dir.path()).expect("ca");
-    let a = start(ca_dir.path(), "a", Vec::new());
-    let b = start(ca_dir.path(), "b", vec![a.mesh.local_addr().expect("addr")]);
-    let c = start(ca_dir.path(), "c", vec![b.mesh.local_addr().expect("addr")]);
+    let ca_dir = new_ca();
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let a = start(ca_dir.path(), "a", any, Vec::new());
+    let b = start(ca_dir.path(), "b", any, vec![a.mesh.local_addr().expect("addr")]);
+    let c = start(ca_dir.path(), "c", any, vec![b.mesh.local_addr().expect("addr")]);
 
     // Three chunks: two whole, one short.
     let bytes = content(2 * CHUNK_BYTES + 1000, 7);
     let first = upload(&a.node, "first.bin", &bytes).await;
     eventually("the file at c", || has_whole_file(&c.node, &first)).await;
     let stored = |s: &Site| s.mesh.stats().chunks_stored.load(Ordering::Relaxed);
-    assert_eq!((stored(&b), stored(&c)), (3, 3));
+    // The count follows the store by a moment.
+    eventually("three chunks counted at b and c", || (stored(&b), stored(&c)) == (3, 3)).await;
     assert!(b.node.wanted_chunks(10).expect("wanted").is_empty());
     assert!(c.node.wanted_chunks(10).expect("wanted").is_empty());
 
@@ -121,6 +69,9 @@ async fn file_content_reaches_a_site_two_hops_away_and_only_once() {
     edited[CHUNK_BYTES + 5] ^= 0xff;
     let third = upload(&a.node, "third.bin", &edited).await;
     eventually("the third file at c", || has_whole_file(&c.node, &third)).await;
+    eventually("four chunks counted at b and c", || (stored(&b), stored(&c)) == (4, 4)).await;
+    // A few more polls later, still nothing more has travelled.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     assert_eq!((stored(&b), stored(&c)), (4, 4));
     for s in [&a, &b, &c] {
         assert_eq!(s.mesh.stats().chunks_refused.load(Ordering::Relaxed), 0);

@@ -2,75 +2,21 @@
 //! catch-up, relay, and what a misbehaving peer gets.
 
 mod common;
+mod loopback;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
 
 use common::{admin, obj};
+use loopback::{Site, eventually, identity, new_ca, start};
 use ocmesh_federation::{Mesh, MeshConfig, ca, frame, tls};
 use ocmesh_node::{Node, NodeConfig};
-
-struct Site {
-    node: Node,
-    mesh: Mesh,
-    _data: tempfile::TempDir,
-}
 
 fn free_udp() -> SocketAddr {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     s.local_addr().expect("addr")
-}
-
-fn identity(ca_dir: &Path, site: &str) -> tls::SiteIdentity {
-    let files = ca::issue_site_cert(ca_dir, site).expect("issue");
-    tls::load_identity(&ca_dir.join("ca.pem"), &files.cert, &files.key).expect("identity")
-}
-
-fn start(ca_dir: &Path, site: &str, listen: SocketAddr, peers: Vec<SocketAddr>) -> Site {
-    let data = tempfile::tempdir().expect("tmp");
-    let node = Node::open(NodeConfig {
-        data_dir: data.path().into(),
-        site: site.into(),
-        admin_password: Some("pw".into()),
-    })
-    .expect("open")
-    .node;
-    let id = identity(ca_dir, site);
-    let mesh = Mesh::start(
-        node.clone(),
-        &id,
-        MeshConfig {
-            listen,
-            peers,
-            session: Default::default(),
-        },
-    )
-    .expect("mesh");
-    Site {
-        node,
-        mesh,
-        _data: data,
-    }
-}
-
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
-fn new_ca() -> tempfile::TempDir {
-    tls::install_crypto_provider();
-    let dir = tempfile::tempdir().expect("tmp");
-    ca::init_ca(dir.path()).expect("ca");
-    dir
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -535,10 +535,7 @@ impl Writer {
             Some("business") => true,
             Some(other) => return Err(WorkItemError::BadErrorType(other.to_owned()).into()),
         };
-        crate::ids::validate_id(id)?;
-        let current = t
-            .current(ITEMS, id)?
-            .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?;
+        let current = stored_item(t, id)?;
         let mut doc = current.clone();
         let queue = doc.get("wiq").and_then(Value::as_str).unwrap_or_default().to_owned();
         if !crate::acl::allowed_map(&doc, by, crate::acl::READ) {
@@ -612,10 +609,7 @@ impl Writer {
         id: &str,
         by: &Principal,
     ) -> Result<WriteDone, WriteError> {
-        crate::ids::validate_id(id)?;
-        let current = t
-            .current(ITEMS, id)?
-            .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?;
+        let current = stored_item(t, id)?;
         crate::writer::check(&current, by, crate::acl::UPDATE, ITEMS, id)?;
         if item_owner(t, id, &current)? == self.site {
             return Err(WorkItemError::AlreadyOwner { id: id.to_owned() }.into());
@@ -646,10 +640,7 @@ impl Writer {
         id: &str,
         by: &Principal,
     ) -> Result<WriteDone, WriteError> {
-        crate::ids::validate_id(id)?;
-        if t.current(ITEMS, id)?.is_none() {
-            return Err(WorkItemError::NoItem(id.to_owned()).into());
-        }
+        stored_item(t, id)?;
         self.delete(t, ITEMS.into(), id.to_owned(), by)
     }
 
@@ -676,6 +667,13 @@ impl Writer {
         }
         Ok(WriteDone::Nothing)
     }
+}
+
+/// A work item's current document, for an id that must name one.
+fn stored_item(t: &WriteTables<'_>, id: &str) -> Result<Map<String, Value>, WriteError> {
+    crate::ids::validate_id(id)?;
+    Ok(t.current(ITEMS, id)?
+        .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?)
 }
 
 /// The owner of a stored item (see [`owner_of`]).

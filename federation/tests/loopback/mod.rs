@@ -1,0 +1,68 @@
+//! Sites in one process joined by the real mesh over loopback QUIC.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ocmesh_federation::{Mesh, MeshConfig, ca, tls};
+use ocmesh_node::{Node, NodeConfig};
+
+/// A running site; its data lives as long as it does.
+pub struct Site {
+    pub node: Node,
+    pub mesh: Mesh,
+    pub _data: tempfile::TempDir,
+}
+
+/// Issues and loads `site`'s certificate from the CA in `ca_dir`.
+pub fn identity(ca_dir: &Path, site: &str) -> tls::SiteIdentity {
+    let files = ca::issue_site_cert(ca_dir, site).expect("issue");
+    tls::load_identity(&ca_dir.join("ca.pem"), &files.cert, &files.key).expect("identity")
+}
+
+/// Opens a node on a temporary directory and starts its mesh.
+pub fn start(ca_dir: &Path, site: &str, listen: SocketAddr, peers: Vec<SocketAddr>) -> Site {
+    let data = tempfile::tempdir().expect("tmp");
+    let node = Node::open(NodeConfig {
+        data_dir: data.path().into(),
+        site: site.into(),
+        admin_password: Some("pw".into()),
+    })
+    .expect("open")
+    .node;
+    let id = identity(ca_dir, site);
+    let mesh = Mesh::start(
+        node.clone(),
+        &id,
+        MeshConfig {
+            listen,
+            peers,
+            session: Default::default(),
+        },
+    )
+    .expect("mesh");
+    Site {
+        node,
+        mesh,
+        _data: data,
+    }
+}
+
+/// Waits up to 20 s for `f` to hold.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A fresh federation CA in a temporary directory.
+pub fn new_ca() -> tempfile::TempDir {
+    tls::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tmp");
+    ca::init_ca(dir.path()).expect("ca");
+    dir
+}
