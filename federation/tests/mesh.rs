@@ -383,3 +383,84 @@ async fn an_in_sync_reconnect_costs_one_round_trip_under_1_kib() {
     b.mesh.shutdown().await;
     drop(a_data);
 }
+
+/// A work item pushed at a onto a queue only b serves waits while b is
+/// cut off (popped nowhere), reaches b as soon as the link returns, and
+/// b's result comes back to a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_over_work_item_waits_through_a_cut_and_moves_when_the_link_returns() {
+    use ocmesh_node::workitems::ITEMS;
+    let ca_dir = new_ca();
+    let (addr_a, addr_b) = (free_udp(), free_udp());
+    let a = start(ca_dir.path(), "a", addr_a, vec![addr_b]);
+    let b = start(ca_dir.path(), "b", addr_b, vec![addr_a]);
+    a.node
+        .add_queue(obj(json!({"name": "q", "sites": ["b"]})), &admin())
+        .await
+        .expect("queue");
+    eventually("the queue at b", || b.node.queue("q").is_ok()).await;
+
+    // The link drops: b's mesh stops, its node stays.
+    let Site {
+        node: b_node,
+        mesh: b_mesh,
+        _data: _b_data,
+    } = b;
+    b_mesh.shutdown().await;
+    let pushed = a
+        .node
+        .push_workitems("q", vec![obj(json!({"payload": {"n": 1}}))], &admin())
+        .await
+        .expect("push");
+    let id = pushed[0]["_id"].as_str().expect("id").to_owned();
+    assert_eq!(pushed[0]["_owner"], json!("b"));
+    assert!(
+        a.node
+            .pop_workitem("q", &admin(), None)
+            .await
+            .expect("pop at a")
+            .is_none()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b_node.get(ITEMS, &id).is_err(), "nothing crosses a cut link");
+
+    // The link returns.
+    let mesh = Mesh::start(
+        b_node.clone(),
+        &tls::load_identity(
+            &ca_dir.path().join("ca.pem"),
+            &ca_dir.path().join("b.pem"),
+            &ca_dir.path().join("b.key"),
+        )
+        .expect("identity"),
+        MeshConfig {
+            listen: addr_b,
+            peers: vec![addr_a],
+            session: Default::default(),
+        },
+    )
+    .expect("mesh");
+    let popped = b_node
+        .pop_workitem("q", &admin(), Some(Duration::from_secs(20)))
+        .await
+        .expect("pop at b")
+        .expect("the item reached b");
+    assert_eq!(popped["_id"], json!(id));
+    b_node
+        .update_workitem(&id, "successful", None, None, None, &admin())
+        .await
+        .expect("complete at b");
+    eventually("b's result at a", || {
+        a.node.get(ITEMS, &id).is_ok_and(|d| d["state"] == json!("successful"))
+    })
+    .await;
+    assert!(
+        a.node
+            .pop_workitem("q", &admin(), None)
+            .await
+            .expect("pop at a")
+            .is_none()
+    );
+    mesh.shutdown().await;
+    a.mesh.shutdown().await;
+}
