@@ -10,9 +10,19 @@ use std::time::Duration;
 use serde_json::json;
 
 use common::{admin, obj};
-use loopback::{Site, eventually, identity, new_ca, start};
-use ocmesh_federation::{Mesh, MeshConfig, ca, frame, tls};
+use loopback::{Site, eventually, identity, new_ca, start, start_mesh};
+use ocmesh_federation::{ca, frame, tls};
 use ocmesh_node::{Node, NodeConfig};
+
+/// The already issued certificate of `site` from the CA in `ca_dir`.
+fn issued(ca_dir: &std::path::Path, site: &str) -> tls::SiteIdentity {
+    tls::load_identity(
+        &ca_dir.join("ca.pem"),
+        &ca_dir.join(format!("{site}.pem")),
+        &ca_dir.join(format!("{site}.key")),
+    )
+    .expect("identity")
+}
 
 fn free_udp() -> SocketAddr {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
@@ -88,21 +98,7 @@ async fn two_sites_replicate_both_ways_and_catch_up() {
     })
     .expect("reopen b")
     .node;
-    let mesh = Mesh::start(
-        node.clone(),
-        &tls::load_identity(
-            &ca_dir.path().join("ca.pem"),
-            &ca_dir.path().join("b.pem"),
-            &ca_dir.path().join("b.key"),
-        )
-        .expect("identity"),
-        MeshConfig {
-            listen: addr_b,
-            peers: vec![addr_a],
-            session: Default::default(),
-        },
-    )
-    .expect("mesh");
+    let mesh = start_mesh(node.clone(), issued(ca_dir.path(), "b"), addr_b, vec![addr_a]);
     eventually("catch-up", || node.version_vector() == a.node.version_vector()).await;
     for id in &ids {
         assert_eq!(
@@ -335,23 +331,13 @@ async fn an_in_sync_reconnect_costs_one_round_trip_under_1_kib() {
         stats.bytes_sent.load(Relaxed),
         stats.bytes_received.load(Relaxed),
     ];
-    let id = tls::load_identity(
-        &ca_dir.path().join("ca.pem"),
-        &ca_dir.path().join("site-a.pem"),
-        &ca_dir.path().join("site-a.key"),
-    )
-    .expect("identity");
-    let a_mesh = Mesh::start(
+    // The old endpoint's socket may linger: a dials b, so any port does.
+    let a_mesh = start_mesh(
         a_node.clone(),
-        &id,
-        MeshConfig {
-            // The old endpoint's socket may linger: a dials b, so any port does.
-            listen: free_udp(),
-            peers: vec![addr_b],
-            session: Default::default(),
-        },
-    )
-    .expect("mesh");
+        issued(ca_dir.path(), "site-a"),
+        free_udp(),
+        vec![addr_b],
+    );
     eventually("the reconnect", || {
         b.mesh.peers().snapshot().iter().any(|p| p.connected) && a_mesh.stats().frames_received.load(Relaxed) >= 1
     })
@@ -425,21 +411,7 @@ async fn a_handed_over_work_item_waits_through_a_cut_and_moves_when_the_link_ret
     assert!(b_node.get(ITEMS, &id).is_err(), "nothing crosses a cut link");
 
     // The link returns.
-    let mesh = Mesh::start(
-        b_node.clone(),
-        &tls::load_identity(
-            &ca_dir.path().join("ca.pem"),
-            &ca_dir.path().join("b.pem"),
-            &ca_dir.path().join("b.key"),
-        )
-        .expect("identity"),
-        MeshConfig {
-            listen: addr_b,
-            peers: vec![addr_a],
-            session: Default::default(),
-        },
-    )
-    .expect("mesh");
+    let mesh = start_mesh(b_node.clone(), issued(ca_dir.path(), "b"), addr_b, vec![addr_a]);
     let popped = b_node
         .pop_workitem("q", &admin(), Some(Duration::from_secs(20)))
         .await

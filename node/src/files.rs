@@ -115,12 +115,10 @@ impl Upload {
 
 /// The chunk hashes a file document lists, decoded.
 pub fn chunk_hashes(doc: &Value) -> Option<Vec<[u8; 32]>> {
-    doc.get("chunks")?
-        .as_array()?
-        .iter()
-        .map(|h| {
-            let bytes = hex::decode(h.as_str()?).ok()?;
-            bytes.try_into().ok()
-        })
-        .collect()
+    doc.get("chunks")?.as_array()?.iter().map(chunk_hash).collect()
+}
+
+/// One listed chunk hash (64 hex digits), decoded.
+pub fn chunk_hash(listed: &Value) -> Option<[u8; 32]> {
+    hex::decode(listed.as_str()?).ok()?.try_into().ok()
 }

@@ -372,7 +372,7 @@ impl<'t> WriteTables<'t> {
         };
         for h in hashes {
             // A malformed hash can never be fetched; the file stays unreadable here.
-            let Some(hash) = h.as_str().and_then(|h| hex::decode(h).ok()).filter(|b| b.len() == 32) else {
+            let Some(hash) = crate::files::chunk_hash(h) else {
                 continue;
             };
             if self.chunks.get(hash.as_slice())?.is_none() {

@@ -30,9 +30,18 @@ pub fn start(ca_dir: &Path, site: &str, listen: SocketAddr, peers: Vec<SocketAdd
     })
     .expect("open")
     .node;
-    let id = identity(ca_dir, site);
-    let mesh = Mesh::start(
-        node.clone(),
+    let mesh = start_mesh(node.clone(), identity(ca_dir, site), listen, peers);
+    Site {
+        node,
+        mesh,
+        _data: data,
+    }
+}
+
+/// Starts the mesh of an open node (a first start, or a restart after a cut).
+pub fn start_mesh(node: Node, id: tls::SiteIdentity, listen: SocketAddr, peers: Vec<SocketAddr>) -> Mesh {
+    Mesh::start(
+        node,
         &id,
         MeshConfig {
             listen,
@@ -40,12 +49,7 @@ pub fn start(ca_dir: &Path, site: &str, listen: SocketAddr, peers: Vec<SocketAdd
             session: Default::default(),
         },
     )
-    .expect("mesh");
-    Site {
-        node,
-        mesh,
-        _data: data,
-    }
+    .expect("mesh")
 }
 
 /// Waits up to 20 s for `f` to hold.
