@@ -766,11 +766,9 @@ async fn drive(
                 },
                 Output::Fetch(req) => {
                     let reader = node.clone();
-                    let read = tokio::task::spawn_blocking(move || reader.read_changes(&req)).await;
-                    let changes = match read {
-                        Ok(Ok(c)) => c,
-                        Ok(Err(e)) => return SessionEnd::Store(e.to_string()),
-                        Err(e) => return SessionEnd::Store(e.to_string()),
+                    let changes = match off_runtime(move || reader.read_changes(&req)).await {
+                        Ok(c) => c,
+                        Err(e) => return SessionEnd::Store(e),
                     };
                     pending.extend(session.handle(Input::Fetched(changes), now_ms()));
                 }
@@ -797,10 +795,9 @@ async fn drive(
                 }
                 Output::ReadChunk(hash) => {
                     let reader = node.clone();
-                    let data = match tokio::task::spawn_blocking(move || reader.read_chunk(&hash)).await {
-                        Ok(Ok(d)) => d,
-                        Ok(Err(e)) => return SessionEnd::Store(e.to_string()),
-                        Err(e) => return SessionEnd::Store(e.to_string()),
+                    let data = match off_runtime(move || reader.read_chunk(&hash)).await {
+                        Ok(d) => d,
+                        Err(e) => return SessionEnd::Store(e),
                     };
                     pending.extend(session.handle(Input::ChunkRead { hash, data }, now_ms()));
                 }
@@ -865,13 +862,20 @@ async fn drive(
     }
 }
 
+/// Runs a store read on tokio's blocking pool; either failure as text.
+async fn off_runtime<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    read: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(read).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Chunks this site lacks that no other session has asked for lately.
 async fn chunks_to_ask(shared: &Arc<Shared>) -> Result<Vec<ChunkHash>, String> {
     let reader = shared.node.clone();
-    let wanted = tokio::task::spawn_blocking(move || reader.wanted_chunks(4 * MAX_WANTED))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let wanted = off_runtime(move || reader.wanted_chunks(4 * MAX_WANTED)).await?;
     if wanted.is_empty() {
         return Ok(wanted);
     }
