@@ -2,6 +2,7 @@
 
 mod amqp_bench;
 mod bench;
+mod bench_catchup;
 mod bench_crosssite;
 mod bench_openiap;
 mod config;
@@ -55,6 +56,11 @@ enum BenchCommand {
     Openiap(bench_openiap::OpenIapBench),
     /// A work item pushed at one site, done at another over the QUIC mesh, seen back at the first.
     Crosssite(bench_crosssite::CrossSiteBench),
+    /// A returning site catching up on a large backlog over the QUIC mesh, against raw quinn.
+    Catchup(bench_catchup::CatchUpBench),
+    /// The receiving end of `bench catchup`'s raw quinn baseline (run by it).
+    #[command(hide = true)]
+    RawSink(bench_catchup::RawSink),
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,6 +103,14 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(bench_crosssite::run(b)),
+        Command::Bench(BenchCommand::Catchup(b)) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(bench_catchup::run(b)),
+        Command::Bench(BenchCommand::RawSink(s)) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(bench_catchup::raw_sink(s)),
         Command::Sim { scenario, seed, seeds } => sim(&scenario, seed, seeds.as_deref()),
         Command::Ca(CaCommand::Init { dir }) => {
             let files = ca::init_ca(&dir)?;

@@ -675,6 +675,9 @@ fn unreachable_status() -> PeerStatus {
         unacked: 0,
         changes_sent: 0,
         changes_received: 0,
+        wire_bytes_sent: 0,
+        wire_bytes_received: 0,
+            wire_packets_lost: 0,
         last_error: Some("the slot should already exist".into()),
     }
 }

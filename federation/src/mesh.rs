@@ -195,15 +195,44 @@ pub fn new_incarnation() -> u64 {
         .max(1)
 }
 
+/// Socket buffers asked for on the mesh's UDP socket (the kernel caps them
+/// at its maximum, `net.core.rmem_max`/`wmem_max` on Linux). The default
+/// receive buffer (about 200 KiB) overflows whenever a catch-up's packets
+/// arrive while the receiving process is busy applying, and every overflow
+/// is a loss QUIC resends and backs off for.
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// Binds a UDP socket for a QUIC endpoint with [`SOCKET_BUFFER_BYTES`]
+/// asked for both buffers (best effort: a smaller kernel cap is not an
+/// error).
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    if let Err(e) = state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "could not enlarge the UDP receive buffer");
+    }
+    if let Err(e) = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "could not enlarge the UDP send buffer");
+    }
+    Ok(socket)
+}
+
 impl Mesh {
     /// Binds the endpoint and starts accepting and dialing.
     pub fn start(node: Node, identity: &SiteIdentity, config: MeshConfig) -> Result<Mesh, MeshError> {
         check_site(&node, identity)?;
-        let endpoint =
-            Endpoint::server(tls::server_config(identity)?, config.listen).map_err(|source| MeshError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let bind_err = |source| MeshError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = bind_udp(config.listen).map_err(bind_err)?;
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(tls::server_config(identity)?),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
         Mesh::start_on(node, identity, config, endpoint, new_incarnation())
     }
 
@@ -351,6 +380,9 @@ async fn dial_loop(shared: Arc<Shared>, endpoint: Endpoint, addr: SocketAddr) {
             unacked: 0,
             changes_sent: 0,
             changes_received: 0,
+            wire_bytes_sent: 0,
+            wire_bytes_received: 0,
+            wire_packets_lost: 0,
             last_error: None,
         }
     };
@@ -493,6 +525,9 @@ async fn run_connection(
             unacked: 0,
             changes_sent: 0,
             changes_received: 0,
+            wire_bytes_sent: 0,
+            wire_bytes_received: 0,
+            wire_packets_lost: 0,
             last_error: None,
         },
         |s| {
@@ -555,6 +590,9 @@ fn unreachable_status(site: &str) -> PeerStatus {
         unacked: 0,
         changes_sent: 0,
         changes_received: 0,
+        wire_bytes_sent: 0,
+        wire_bytes_received: 0,
+            wire_packets_lost: 0,
         last_error: None,
     }
 }
@@ -816,6 +854,7 @@ async fn drive(
         }
         let stats = session.stats().clone();
         let unacked = session.unacked();
+        let wire = conn.stats();
         shared.table.update(
             site,
             || unreachable_status(site),
@@ -823,6 +862,9 @@ async fn drive(
                 s.unacked = unacked;
                 s.changes_sent = stats.changes_sent;
                 s.changes_received = stats.changes_received;
+                s.wire_bytes_sent = wire.udp_tx.bytes;
+                s.wire_bytes_received = wire.udp_rx.bytes;
+                s.wire_packets_lost = wire.path.lost_packets;
             },
         );
         tokio::select! {

@@ -20,6 +20,12 @@ pub struct PeerStatus {
     /// Changes sent and received in the current or last session.
     pub changes_sent: u64,
     pub changes_received: u64,
+    /// UDP bytes the connection sent and received, QUIC and TLS included
+    /// (quinn's counters for the current or last connection).
+    pub wire_bytes_sent: u64,
+    pub wire_bytes_received: u64,
+    /// Packets quinn declared lost (and resent) on that connection.
+    pub wire_packets_lost: u64,
     /// The last reason a connection attempt or session ended, if any.
     pub last_error: Option<String>,
 }

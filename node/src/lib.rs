@@ -85,6 +85,11 @@ pub struct Principal {
     pub roles: Vec<String>,
 }
 
+/// redb's page cache. Its default (1 GiB) let a site's resident memory grow
+/// with the store during a catch-up; pages beyond this come from the OS's
+/// file cache, which the kernel can reclaim.
+const STORE_CACHE_BYTES: usize = 64 << 20;
+
 /// How to open a node.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -168,7 +173,10 @@ impl Node {
             source,
         })?;
         let path = config.data_dir.join("ocmesh.redb");
-        let db = Database::create(&path).map_err(|source| OpenError::Database {
+        let db = Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(&path)
+            .map_err(|source| OpenError::Database {
             path: path.display().to_string(),
             source,
         })?;
