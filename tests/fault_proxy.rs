@@ -28,8 +28,14 @@ const DOCS: &str = "entities";
 /// Collections compared across sites at the end.
 const COMPARED: [&str; 4] = [DOCS, "workitems", "mq", "users"];
 
+/// The queue's lease: an item popped at b when b is killed, whose result
+/// never came, goes back to `new` this long after the pop.
+const LEASE_SECS: u64 = 8;
 /// How long one write may take to cross (relayed, lossy) links.
 const SEEN: Duration = Duration::from_secs(20);
+/// How long a write may take to go round a cut link through b, behind
+/// the backlog that loss and the cuts before have built up.
+const RELAY: Duration = Duration::from_secs(40);
 /// How long connecting, catching up or draining the queue may take.
 const SYNC: Duration = Duration::from_secs(45);
 /// Every path's faults under load: 7% loss each way, 20-50 ms one way
@@ -41,7 +47,7 @@ const JITTER: Duration = Duration::from_millis(30);
 /// QUIC's congestion control gets a few hundred KB/s through all six
 /// paths together; a faster load outruns it and the relay phase trails
 /// a backlog of thousands of changes.
-const PACE: Duration = Duration::from_millis(200);
+const PACE: Duration = Duration::from_millis(250);
 /// Upper bounds of the load loops (the stop flag normally ends them first).
 const MAX_PUSHES: u64 = 400;
 const MAX_WRITES: u64 = 400;
@@ -56,10 +62,16 @@ struct Log {
     pushed: BTreeMap<String, (String, u64, String)>,
     /// Push requests with no answer: each may or may not have committed.
     push_unknown: u64,
-    /// Every pop at the serving site: (item id, `_epoch`).
-    pops: Vec<(String, u64)>,
+    /// Every pop at the serving site: (item id, `_epoch`, when).
+    pops: Vec<(String, u64, Instant)>,
     /// Completions answered 200.
     completed: BTreeSet<String>,
+    /// Completions that got no answer (b killed under them): the item may
+    /// come back after its lease and be popped again.
+    interrupted: BTreeSet<String>,
+    /// The item the worker held when b was killed and then dropped, as a
+    /// worker dying with its site would: it must come back after its lease.
+    abandoned: Option<String>,
     /// Items a pop at a site that does not serve the queue handed out.
     stray_pops: Vec<String>,
     /// Pops at non-serving sites answered 204.
@@ -120,16 +132,34 @@ async fn pusher(api: Rest, log: Arc<Mutex<Log>>, stop: Arc<AtomicBool>) {
     }
 }
 
+/// How the test stops the worker holding an item across b's kill.
+#[derive(Default)]
+struct Hold {
+    /// Set by the test: keep the next popped item and report it.
+    wanted: AtomicBool,
+    /// Tells the test the worker holds an item.
+    held: tokio::sync::Notify,
+    /// Tells the worker to drop the item uncompleted and go on.
+    drop_it: tokio::sync::Notify,
+}
+
 /// Pops and completes items at the serving site until `stop` and the
 /// queue is empty; records every pop with its epoch.
-async fn worker(api: Rest, log: Arc<Mutex<Log>>, stop: Arc<AtomicBool>) {
+async fn worker(api: Rest, log: Arc<Mutex<Log>>, stop: Arc<AtomicBool>, hold: Arc<Hold>) {
     let deadline = Instant::now() + WORKER_MAX;
     while Instant::now() < deadline {
         match api.pop(QUEUE, 0.5).await {
             Ok(Some(item)) => {
                 let id = id_of(&item);
                 let epoch = item["_epoch"].as_u64().unwrap_or(0);
-                note(&log, |l| l.pops.push((id.clone(), epoch)));
+                note(&log, |l| l.pops.push((id.clone(), epoch, Instant::now())));
+                if hold.wanted.swap(false, Ordering::Relaxed) {
+                    note(&log, |l| l.abandoned = Some(id.clone()));
+                    hold.held.notify_one();
+                    // Bounded: the test lets go within seconds, or has failed.
+                    let _ = tokio::time::timeout(Duration::from_secs(60), hold.drop_it.notified()).await;
+                    continue;
+                }
                 let i = item["payload"]["i"].as_u64().unwrap_or(u64::MAX);
                 let result = json!({
                     "state": "successful",
@@ -143,7 +173,12 @@ async fn worker(api: Rest, log: Arc<Mutex<Log>>, stop: Arc<AtomicBool>) {
                     Ok(_) => note(&log, |l| {
                         l.completed.insert(id);
                     }),
-                    Err(e) => note_error(&log, format!("complete {id}: {e:#}")),
+                    Err(e) => {
+                        note_error(&log, format!("complete {id}: {e:#}"));
+                        note(&log, |l| {
+                            l.interrupted.insert(id);
+                        });
+                    }
                 }
             }
             Ok(None) if stop.load(Ordering::Relaxed) => return,
@@ -165,8 +200,12 @@ async fn spy(api: Rest, log: Arc<Mutex<Log>>, stop: Arc<AtomicBool>) {
         match api.pop(QUEUE, 0.0).await {
             Ok(Some(item)) => note(&log, |l| l.stray_pops.push(format!("{} at {}", id_of(&item), api.name))),
             Ok(None) => note(&log, |l| l.spy_empty += 1),
-            // The site may be down (the kill).
-            Err(_) => {}
+            // The site may be down (the kill); anything else is noted.
+            Err(e) => {
+                if !e.chain().any(|c| c.is::<reqwest::Error>()) {
+                    note_error(&log, format!("pop at {}: {e:#}", api.name));
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -196,7 +235,10 @@ async fn writer(api: Rest, shared: String, log: Arc<Mutex<Log>>, stop: Arc<Atomi
         }
         if i % 3 == 0 {
             let set = json!({"$set": {api.name.as_str(): i}});
-            match api.call(Method::PATCH, &format!("{docs}/{shared}"), Some(&set), 200).await {
+            match api
+                .call(Method::PATCH, &format!("{docs}/{shared}"), Some(&set), 200)
+                .await
+            {
                 Ok(_) => note(&log, |l| l.shared_sets.entry(api.name.clone()).or_default().push(i)),
                 Err(e) => {
                     note(&log, |l| l.write_unknown += 1);
@@ -208,7 +250,10 @@ async fn writer(api: Rest, shared: String, log: Arc<Mutex<Log>>, stop: Arc<Atomi
             && let Some(target) = own.get((i as usize * 7) % own.len().max(1)).cloned()
         {
             let body = json!({"site": api.name, "replaced_at": i});
-            match api.call(Method::PUT, &format!("{docs}/{target}"), Some(&body), 200).await {
+            match api
+                .call(Method::PUT, &format!("{docs}/{target}"), Some(&body), 200)
+                .await
+            {
                 Ok(_) => note(&log, |l| {
                     l.replaced.insert(target, i);
                 }),
@@ -227,7 +272,13 @@ async fn backlog(m: &ProxiedMesh) -> String {
     for s in &m.sites {
         let peers = s.peers().await.unwrap_or_default();
         for p in peers {
-            out.push_str(&format!("{}->{}:{}{} ", s.name, p["site"], p["unacked"], if p["connected"] == true { "" } else { "x" }));
+            out.push_str(&format!(
+                "{}->{}:{}{} ",
+                s.name,
+                p["site"],
+                p["unacked"],
+                if p["connected"] == true { "" } else { "x" }
+            ));
         }
     }
     out
@@ -254,7 +305,9 @@ async fn snapshot(api: &Rest) -> anyhow::Result<BTreeMap<String, (String, String
     for coll in COMPARED {
         for d in api.all(coll).await? {
             let id = id_of(&d);
-            let (s1, doc) = api.get_raw(&format!("/api/v1/collections/{coll}/documents/{id}")).await?;
+            let (s1, doc) = api
+                .get_raw(&format!("/api/v1/collections/{coll}/documents/{id}"))
+                .await?;
             let (s2, versions) = api
                 .get_raw(&format!("/api/v1/collections/{coll}/documents/{id}/versions"))
                 .await?;
@@ -318,18 +371,33 @@ async fn three_sites_through_lossy_cut_links_converge_and_run_every_item_once() 
     let (a, b, c) = (apis[A].clone(), apis[B].clone(), apis[C].clone());
 
     // The queue, created at a, is served by b only.
-    a.post("/api/v1/workitemqueues", &json!({"name": QUEUE, "sites": ["site-b"]}), 201)
-        .await?;
+    a.post(
+        "/api/v1/workitemqueues",
+        &json!({"name": QUEUE, "sites": ["site-b"], "leasetime": LEASE_SECS, "maxretries": 10}),
+        201,
+    )
+    .await?;
     let shared = id_of(
-        &a.post(&format!("/api/v1/collections/{DOCS}/documents"), &json!({"name": "shared"}), 201)
-            .await?,
+        &a.post(
+            &format!("/api/v1/collections/{DOCS}/documents"),
+            &json!({"name": "shared"}),
+            201,
+        )
+        .await?,
     );
     for api in [&b, &c] {
-        eventually(&m, SEEN, &format!("the queue and the shared document at {}", api.name), || async {
-            let (q, _) = api.get_raw(&format!("/api/v1/workitemqueues/{QUEUE}")).await?;
-            let (d, _) = api.get_raw(&format!("/api/v1/collections/{DOCS}/documents/{shared}")).await?;
-            Ok(q == 200 && d == 200)
-        })
+        eventually(
+            &m,
+            SEEN,
+            &format!("the queue and the shared document at {}", api.name),
+            || async {
+                let (q, _) = api.get_raw(&format!("/api/v1/workitemqueues/{QUEUE}")).await?;
+                let (d, _) = api
+                    .get_raw(&format!("/api/v1/collections/{DOCS}/documents/{shared}"))
+                    .await?;
+                Ok(q == 200 && d == 200)
+            },
+        )
         .await?;
     }
 
@@ -344,13 +412,19 @@ async fn three_sites_through_lossy_cut_links_converge_and_run_every_item_once() 
         load.push(tokio::spawn(spy(api.clone(), log.clone(), stop.clone())));
     }
     for api in &apis {
-        load.push(tokio::spawn(writer(api.clone(), shared.clone(), log.clone(), stop.clone())));
+        load.push(tokio::spawn(writer(
+            api.clone(),
+            shared.clone(),
+            log.clone(),
+            stop.clone(),
+        )));
     }
-    let worker = tokio::spawn(worker(b.clone(), log.clone(), worker_stop.clone()));
+    let hold = Arc::new(Hold::default());
+    let worker = tokio::spawn(worker(b.clone(), log.clone(), worker_stop.clone(), hold.clone()));
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     eprintln!("{:?} backlog {}", t0.elapsed(), backlog(&m).await);
-    // 4. SIGKILL c under the load; restart it from its data directory.
+    // SIGKILL c under the load; restart it from its data directory.
     m.sites[C].kill();
     tokio::time::sleep(Duration::from_millis(700)).await;
     m.sites[C].start().await?;
@@ -364,12 +438,19 @@ async fn three_sites_through_lossy_cut_links_converge_and_run_every_item_once() 
     let mut waiting = Vec::new();
     for api in [&a, &c] {
         let item = api
-            .push(QUEUE, &json!({"name": "during the cut", "payload": {"from": api.name, "i": 1_000}}))
+            .push(
+                QUEUE,
+                &json!({"name": "during the cut", "payload": {"from": api.name, "i": 1_000}}),
+            )
             .await?;
         note(&log, |l| {
             l.pushed.insert(
                 id_of(&item),
-                (api.name.clone(), 1_000, item["_owner"].as_str().unwrap_or_default().to_owned()),
+                (
+                    api.name.clone(),
+                    1_000,
+                    item["_owner"].as_str().unwrap_or_default().to_owned(),
+                ),
             );
         });
         waiting.push(id_of(&item));
@@ -377,7 +458,11 @@ async fn three_sites_through_lossy_cut_links_converge_and_run_every_item_once() 
     tokio::time::sleep(Duration::from_secs(3)).await;
     for id in &waiting {
         let (status, _) = b.get_raw(&format!("/api/v1/workitems/{id}")).await?;
-        ensure!(status == 404, "{id} crossed the cut to b: {status}\n{}", m.status().await);
+        ensure!(
+            status == 404,
+            "{id} crossed the cut to b: {status}\n{}",
+            m.status().await
+        );
         for api in [&a, &c] {
             ensure!(
                 api.pop(QUEUE, 0.0).await?.is_none(),
@@ -393,7 +478,19 @@ async fn three_sites_through_lossy_cut_links_converge_and_run_every_item_once() 
     );
     m.restore(A, B);
     m.restore(B, C);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The items that waited reach b, are done there, and their results
+    // come back to where they were pushed.
+    let back_start = Instant::now();
+    for (id, api) in waiting.iter().zip([&a, &c]) {
+        eventually(
+            &m,
+            SYNC,
+            &format!("{id}, pushed at {} during the cut, done", api.name),
+            || async { Ok(api.get(&format!("/api/v1/workitems/{id}")).await?["state"] == "successful") },
+        )
+        .await?;
+    }
+    let back_time = back_start.elapsed();
 
     eprintln!("{:?} backlog {}", t0.elapsed(), backlog(&m).await);
     // a and c cut from each other: their writes reach each other through b.
@@ -412,18 +509,39 @@ async fn three_sites_through_lossy_cut_links_converge_and_run_every_item_once() 
         });
         relayed.push((id_of(&d), to.clone()));
     }
+    let relay_start = Instant::now();
     for (id, to) in &relayed {
-        eventually(&m, SEEN, &format!("{id} at {} through b", to.name), || async {
-            Ok(to.get_raw(&format!("/api/v1/collections/{DOCS}/documents/{id}")).await?.0 == 200)
+        eventually(&m, RELAY, &format!("{id} at {} through b", to.name), || async {
+            Ok(to
+                .get_raw(&format!("/api/v1/collections/{DOCS}/documents/{id}"))
+                .await?
+                .0
+                == 200)
         })
         .await?;
     }
+    let relay_time = relay_start.elapsed();
     eprintln!("{:?} backlog {}", t0.elapsed(), backlog(&m).await);
     let ac: Vec<_> = m.link(A, C).map(UdpProxy::counters).collect();
 
-    // Everything back, loss and delay gone; the load runs on a little.
+    // Everything back, loss and delay gone.
     m.restore_all();
     m.degrade_all(0.0, Duration::ZERO, Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 4. SIGKILL b, the serving site, while its worker holds a popped
+    // item; restart it. The worker drops that item, as one that died with
+    // b would: it must come back after its lease, be popped once more and
+    // done once.
+    hold.wanted.store(true, Ordering::Relaxed);
+    tokio::time::timeout(Duration::from_secs(30), hold.held.notified())
+        .await
+        .context("the worker popped nothing to hold across b's kill")?;
+    m.sites[B].kill();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    m.sites[B].start().await?;
+    hold.drop_it.notify_one();
+    // The load runs on a little.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     for t in load {
@@ -457,7 +575,10 @@ async fn three_sites_through_lossy_cut_links_converge_and_run_every_item_once() 
         .unwrap_or_else(|p| p.into_inner());
 
     m.wait_connected(SYNC, true).await?;
-    eventually(&m, SYNC, "the same current documents at every site", || documents_agree(&apis)).await?;
+    eventually(&m, SYNC, "the same current documents at every site", || {
+        documents_agree(&apis)
+    })
+    .await?;
 
     // Byte-identical current documents and histories everywhere.
     let snaps = [snapshot(&a).await?, snapshot(&b).await?, snapshot(&c).await?];
@@ -489,11 +610,15 @@ async fn three_sites_through_lossy_cut_links_converge_and_run_every_item_once() 
     ensure!(held.iter().all(|h| *h == held[0]), "changes held differ: {held:?}");
     let snap = &snaps[0];
     let current = |coll: &str, id: &str| -> anyhow::Result<Value> {
-        let (doc, _) = snap.get(&format!("{coll}/{id}")).with_context(|| format!("{coll}/{id} missing"))?;
+        let (doc, _) = snap
+            .get(&format!("{coll}/{id}"))
+            .with_context(|| format!("{coll}/{id} missing"))?;
         Ok(serde_json::from_str(doc)?)
     };
     let history = |coll: &str, id: &str| -> anyhow::Result<Vec<Value>> {
-        let (_, versions) = snap.get(&format!("{coll}/{id}")).with_context(|| format!("{coll}/{id} missing"))?;
+        let (_, versions) = snap
+            .get(&format!("{coll}/{id}"))
+            .with_context(|| format!("{coll}/{id} missing"))?;
         Ok(serde_json::from_str(versions)?)
     };
 
@@ -525,15 +650,38 @@ async fn three_sites_through_lossy_cut_links_converge_and_run_every_item_once() 
             "{site}'s field is {now}, its last acknowledged $set was {last}: {final_shared}"
         );
     }
-    ensure!(log.shared_sets.len() == 3, "not every site set its field: {:?}", log.shared_sets);
+    ensure!(
+        log.shared_sets.len() == 3,
+        "not every site set its field: {:?}",
+        log.shared_sets
+    );
 
     // Work items: each done exactly once, at b, under epoch 1.
     ensure!(log.stray_pops.is_empty(), "items popped off b: {:?}", log.stray_pops);
-    let mut popped = BTreeSet::new();
-    for (id, epoch) in &log.pops {
-        ensure!(popped.insert(id.clone()), "{id} popped twice: {:?}", log.pops);
+    // Each pop under epoch 1; an item popped twice only when its first
+    // completion got no answer (b was killed under it).
+    let abandoned = log.abandoned.clone().context("the worker never held an item")?;
+    let mut popped = BTreeMap::new();
+    for (id, epoch, at) in &log.pops {
+        if let Some(first) = popped.insert(id.clone(), *at) {
+            ensure!(
+                *id == abandoned || log.interrupted.contains(id),
+                "{id} popped twice: {:?}",
+                log.pops.iter().filter(|p| p.0 == *id).collect::<Vec<_>>()
+            );
+            let gap = at.duration_since(first);
+            ensure!(
+                gap >= Duration::from_secs(LEASE_SECS) - Duration::from_millis(200),
+                "{id} popped again {gap:?} after its first pop, within its {LEASE_SECS} s lease"
+            );
+        }
         ensure!(*epoch == 1, "{id} popped under epoch {epoch}");
     }
+    let twice = log.pops.iter().filter(|p| p.0 == abandoned).count();
+    ensure!(
+        twice == 2,
+        "the item dropped at b's kill, {abandoned}, was popped {twice} times"
+    );
     let items: BTreeMap<String, Value> = snap
         .iter()
         .filter_map(|(k, (doc, _))| k.strip_prefix("workitems/").map(|id| (id.to_owned(), doc)))
@@ -542,25 +690,60 @@ async fn three_sites_through_lossy_cut_links_converge_and_run_every_item_once() 
         .collect();
     for (id, (site, i, owner)) in &log.pushed {
         ensure!(owner == "site-b", "{id} pushed at {site} names owner {owner}");
-        let item = items.get(id).with_context(|| format!("acknowledged push {i} at {site} ({id}) lost"))?;
+        let item = items
+            .get(id)
+            .with_context(|| format!("acknowledged push {i} at {site} ({id}) lost"))?;
         ensure!(
             item["payload"]["result"] == i * i && item["payload"]["done_by"] == "site-b",
             "{id}'s result: {item}"
         );
     }
+    for (id, (site, i, _)) in &log.pushed {
+        let api = apis.iter().find(|x| x.name == *site).context("pushing site")?;
+        let item = api.get(&format!("/api/v1/workitems/{id}")).await?;
+        ensure!(
+            item["state"] == "successful" && item["payload"]["result"] == i * i,
+            "{id}'s result at {site}, where it was pushed: {item}"
+        );
+    }
+    let mut run_twice = Vec::new();
     for (id, item) in &items {
         ensure!(item["state"] == "successful", "{id}: {item}");
         ensure!(item["_owner"] == "site-b" && item["_epoch"] == 1, "{id}: {item}");
-        ensure!(popped.contains(id), "{id} done but never popped by the worker: {item}");
-        ensure!(log.completed.contains(id), "{id}'s completion was not acknowledged");
-        let states: Vec<Value> = history("workitems", id)?.iter().map(|v| v["state"].clone()).collect();
         ensure!(
-            states == [json!("new"), json!("processing"), json!("successful")],
+            popped.contains_key(id),
+            "{id} done but never popped by the worker: {item}"
+        );
+        ensure!(
+            log.completed.contains(id) || log.interrupted.contains(id),
+            "{id} is done, but its completion was neither acknowledged nor interrupted"
+        );
+        let states: Vec<Value> = history("workitems", id)?.iter().map(|v| v["state"].clone()).collect();
+        if states == [json!("new"), json!("processing"), json!("successful")] {
+            continue;
+        }
+        // The item the worker dropped at b's kill: popped, its lease ran
+        // out, popped again, done.
+        ensure!(
+            states
+                == [
+                    json!("new"),
+                    json!("processing"),
+                    json!("new"),
+                    json!("processing"),
+                    json!("successful")
+                ],
             "{id}'s history: {states:?}"
         );
+        ensure!(item["retries"] == 1, "{id} came back after its lease: {item}");
+        run_twice.push(id.clone());
     }
     ensure!(
-        popped.len() == items.len() && log.completed.len() == items.len(),
+        run_twice == [abandoned.clone()],
+        "items handed out again after their lease: {run_twice:?}; the worker dropped only {abandoned}"
+    );
+    ensure!(
+        popped.len() == items.len() && log.completed.len() + log.interrupted.len() >= items.len(),
         "{} items, {} popped, {} completed",
         items.len(),
         popped.len(),
@@ -585,7 +768,7 @@ async fn three_sites_through_lossy_cut_links_converge_and_run_every_item_once() 
         "the a-c link never carried traffic: {ac:?}"
     );
     println!(
-        "{} items ({} acknowledged pushes, {} unanswered), {} documents ({key_order} differing only in field order), {} $sets, {} replaces, {} unanswered writes, {} empty pops at a/c; load {:?}, whole test {:?}\nproxies: {total:?}\n{}\nerrors: {:#?}",
+        "{} items ({} acknowledged pushes, {} unanswered), {} documents ({key_order} differing only in field order), {} $sets, {} replaces, {} unanswered writes, {} empty pops at a/c; items that waited for b done {back_time:?} after the cut, relay through b {relay_time:?}, {} items run twice after the kill of b ({} completions unanswered), load {:?}, whole test {:?}\nproxies: {total:?}\n{}\nerrors: {:#?}",
         items.len(),
         log.pushed.len(),
         log.push_unknown,
@@ -594,6 +777,8 @@ async fn three_sites_through_lossy_cut_links_converge_and_run_every_item_once() 
         log.replaced.len(),
         log.write_unknown,
         log.spy_empty,
+        run_twice.len(),
+        log.interrupted.len(),
         under_load,
         t0.elapsed(),
         m.report(),
@@ -613,7 +798,9 @@ async fn udp_proxy_forwards_drops_delays_and_cuts() -> anyhow::Result<()> {
         let mut buf = vec![0u8; 2048];
         // Bounded: the test sends well under 10,000 datagrams.
         for _ in 0..10_000 {
-            let Ok((n, from)) = echo.recv_from(&mut buf).await else { return };
+            let Ok((n, from)) = echo.recv_from(&mut buf).await else {
+                return;
+            };
             let _ = echo.send_to(&buf[..n], from).await;
         }
     });
@@ -675,9 +862,15 @@ async fn udp_proxy_forwards_drops_delays_and_cuts() -> anyhow::Result<()> {
     // 20% loss each way: about 64% of round trips survive.
     proxy.degrade(0.2, Duration::ZERO, Duration::ZERO);
     let (got, _) = round(&client, 1_000, Duration::from_secs(2)).await?;
-    ensure!((540..=740).contains(&got), "20% loss each way: {got} of 1,000 came back");
+    ensure!(
+        (540..=740).contains(&got),
+        "20% loss each way: {got} of 1,000 came back"
+    );
     let c = proxy.counters();
-    ensure!(c.dropped_packets > 0 && c.dropped_bytes == c.dropped_packets * 4, "{c:?}");
+    ensure!(
+        c.dropped_packets > 0 && c.dropped_bytes == c.dropped_packets * 4,
+        "{c:?}"
+    );
 
     // 40 ms each way plus up to 20 ms of jitter.
     proxy.set(Faults {
@@ -687,7 +880,10 @@ async fn udp_proxy_forwards_drops_delays_and_cuts() -> anyhow::Result<()> {
     });
     let (got, last) = round(&client, 50, Duration::from_secs(5)).await?;
     ensure!(got == 50, "delayed: {got} of 50");
-    ensure!(last >= Duration::from_millis(80), "round trip with 2x40 ms took {last:?}");
+    ensure!(
+        last >= Duration::from_millis(80),
+        "round trip with 2x40 ms took {last:?}"
+    );
 
     proxy.cut();
     let before = proxy.counters();

@@ -352,7 +352,13 @@ impl Rest {
     }
 
     /// Sends `body` with `method`; fails unless the answer is `want`.
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<&Value>, want: u16) -> anyhow::Result<Value> {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        want: u16,
+    ) -> anyhow::Result<Value> {
         let (status, text) = self.send(method.clone(), path, body).await?;
         if status != want {
             bail!("{method} {path} at {}: {status} {text}", self.name);

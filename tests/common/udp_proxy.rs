@@ -284,7 +284,13 @@ async fn listen(listener: Arc<UdpSocket>, target: SocketAddr, tx: mpsc::Sender<H
                 };
                 let up = Arc::new(up);
                 upstreams.insert(from, up.clone());
-                relays.spawn(relay_back(up.clone(), listener.clone(), from, tx.clone(), shared.clone()));
+                relays.spawn(relay_back(
+                    up.clone(),
+                    listener.clone(),
+                    from,
+                    tx.clone(),
+                    shared.clone(),
+                ));
                 up
             }
         };
