@@ -31,10 +31,10 @@ impl ProxiedMesh {
         let mesh: Vec<_> = names.iter().map(|_| free_udp()).collect();
         let mut proxies = BTreeMap::new();
         for i in 0..names.len() {
-            for j in 0..names.len() {
+            for (j, target) in mesh.iter().enumerate() {
                 if i != j {
                     let s = seed.wrapping_mul(1_000).wrapping_add((i * names.len() + j) as u64);
-                    proxies.insert((i, j), UdpProxy::start(mesh[j], s).await?);
+                    proxies.insert((i, j), UdpProxy::start(*target, s).await?);
                 }
             }
         }
