@@ -119,6 +119,43 @@ impl ProxiedMesh {
         out
     }
 
+    /// Copies every site's log out of the temporary directory (which goes
+    /// away with the mesh) into a new directory under the system's temp
+    /// directory; its path, for a failure message.
+    pub fn save_logs(&self) -> String {
+        let dir = std::env::temp_dir().join(format!(
+            "ocmesh-logs-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        ));
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            return format!("(logs not saved: {e})");
+        }
+        for s in &self.sites {
+            if let Some(name) = s.log.file_name() {
+                let _ = std::fs::copy(&s.log, dir.join(name));
+            }
+        }
+        dir.display().to_string()
+    }
+
+    /// Log lines of every site that contain `needle`, prefixed with the site.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.sites
+            .iter()
+            .flat_map(|s| {
+                s.log_text()
+                    .lines()
+                    .filter(|l| l.contains(needle))
+                    .map(|l| format!("{}: {l}", s.name))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Every site's peer list, for failure messages.
     pub async fn status(&self) -> String {
         let mut out = String::new();
