@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::{Site, free_tcp, free_udp, make_ca, wait_until};
+use common::{Site, free_tcp, free_udp, make_ca, peer_in_sync, peers_of, wait_until};
 
 /// How long one write may take to show up at another site.
 const SEEN: Duration = Duration::from_secs(20);
@@ -36,23 +36,6 @@ async fn pair() -> anyhow::Result<Pair> {
 
 fn id_of(doc: &Value) -> String {
     doc["_id"].as_str().unwrap_or_default().to_owned()
-}
-
-/// `site` lists `peer` as connected with nothing left unacknowledged.
-async fn peer_in_sync(site: &Site, peer: &str) -> anyhow::Result<bool> {
-    Ok(site
-        .peers()
-        .await?
-        .iter()
-        .any(|p| p["site"] == peer && p["connected"] == true && p["unacked"] == 0))
-}
-
-/// The peers list, for failure messages.
-async fn peers_of(site: &Site) -> String {
-    match site.peers().await {
-        Ok(p) => format!("{}'s peers: {}", site.name, Value::Array(p)),
-        Err(e) => format!("{}'s peers: {e:#}", site.name),
-    }
 }
 
 /// (a) A document written at A is readable at B, identical.
@@ -443,5 +426,32 @@ fn ca_issues_certificates_only_for_valid_site_names() -> anyhow::Result<()> {
             "issued a certificate for {bad:?}"
         );
     }
+    Ok(())
+}
+
+/// A replaced document is stored with its fields in the writer's order at
+/// the site that wrote it, but in merge order (kept fields first, new ones
+/// appended) at every site the change reaches: the same version, equal as
+/// JSON, different bytes. Found by tests/fault_proxy.rs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: a replicated replace stores the document's fields in another order than its origin (see docs/architecture.md, fault-proxy test)"]
+async fn a_replaced_document_has_the_same_bytes_at_both_sites() -> anyhow::Result<()> {
+    let p = pair().await?;
+    let doc = p.a.insert("entities", &json!({"x": 1, "y": 2})).await?;
+    let id = id_of(&doc);
+    p.a.put("entities", &id, &json!({"z": 3, "x": 1})).await?;
+    let path = format!("/api/v1/collections/entities/documents/{id}");
+    let (a, b) = (p.a.rest(), p.b.rest());
+    wait_until(SEEN, "the replace at b", || async {
+        Ok(b.get_raw(&path).await?.1.contains("\"z\""))
+    })
+    .await?;
+    let (at_a, at_b) = (a.get_raw(&path).await?.1, b.get_raw(&path).await?.1);
+    assert_eq!(
+        serde_json::from_str::<Value>(&at_a)?,
+        serde_json::from_str::<Value>(&at_b)?,
+        "different documents"
+    );
+    assert_eq!(at_a, at_b, "same document, different bytes");
     Ok(())
 }

@@ -2,6 +2,9 @@
 
 #![allow(dead_code)]
 
+pub mod proxied_mesh;
+pub mod udp_proxy;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -291,6 +294,115 @@ impl Site {
     pub async fn peers(&self) -> anyhow::Result<Vec<Value>> {
         let (_, body) = self.get("/api/v1/mesh/peers").await?;
         Ok(body.as_array().cloned().unwrap_or_default())
+    }
+
+    /// A cloneable handle on this site's REST API for load tasks; it keeps
+    /// working across a kill and restart (the HTTP address stays).
+    pub fn rest(&self) -> Rest {
+        Rest {
+            name: self.name.clone(),
+            base: self.url(""),
+            client: self.client.clone(),
+        }
+    }
+}
+
+/// `site` lists `peer` as connected with nothing left unacknowledged.
+pub async fn peer_in_sync(site: &Site, peer: &str) -> anyhow::Result<bool> {
+    Ok(site
+        .peers()
+        .await?
+        .iter()
+        .any(|p| p["site"] == peer && p["connected"] == true && p["unacked"] == 0))
+}
+
+/// The peers list, for failure messages.
+pub async fn peers_of(site: &Site) -> String {
+    match site.peers().await {
+        Ok(p) => format!("{}'s peers: {}", site.name, Value::Array(p)),
+        Err(e) => format!("{}'s peers: {e:#}", site.name),
+    }
+}
+
+/// A site's REST API by address, with admin credentials.
+#[derive(Clone, Debug)]
+pub struct Rest {
+    pub name: String,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Rest {
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> anyhow::Result<(u16, String)> {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .basic_auth("admin", Some(PASSWORD));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        Ok((status, r.text().await?))
+    }
+
+    /// (status, body text): for byte-for-byte comparisons.
+    pub async fn get_raw(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    /// Sends `body` with `method`; fails unless the answer is `want`.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        want: u16,
+    ) -> anyhow::Result<Value> {
+        let (status, text) = self.send(method.clone(), path, body).await?;
+        if status != want {
+            bail!("{method} {path} at {}: {status} {text}", self.name);
+        }
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::GET, path, None, 200).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value, want: u16) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::POST, path, Some(body), want).await
+    }
+
+    /// Every document of `collection` (up to 100,000), sorted by `_id`.
+    pub async fn all(&self, collection: &str) -> anyhow::Result<Vec<Value>> {
+        let body = serde_json::json!({"filter": {}, "sort": {"_id": 1}, "top": 100_000});
+        let v = self
+            .post(&format!("/api/v1/collections/{collection}/query"), &body, 200)
+            .await?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// Pushes one item; the stored item.
+    pub async fn push(&self, queue: &str, item: &Value) -> anyhow::Result<Value> {
+        let v = self
+            .post(&format!("/api/v1/workitemqueues/{queue}/workitems"), item, 201)
+            .await?;
+        Ok(v.get(0).cloned().unwrap_or(Value::Null))
+    }
+
+    /// Pops with `wait` seconds: the item, or `None` on 204.
+    pub async fn pop(&self, queue: &str, wait: f64) -> anyhow::Result<Option<Value>> {
+        let path = format!("/api/v1/workitemqueues/{queue}/pop?wait={wait}");
+        let (status, text) = self.send(reqwest::Method::POST, &path, None).await?;
+        match status {
+            200 => Ok(Some(serde_json::from_str(&text)?)),
+            204 => Ok(None),
+            _ => bail!("pop {queue} at {}: {status} {text}", self.name),
+        }
     }
 }
 
