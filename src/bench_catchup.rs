@@ -32,7 +32,8 @@ pub struct CatchUpBench {
     /// Changes A holds that B lacks.
     #[arg(long, default_value_t = 1_000_000)]
     pub changes: u64,
-    /// Payload bytes per change.
+    /// Bytes per change: the document version a change carries, metadata
+    /// included, padded with random text to this size.
     #[arg(long, default_value_t = 1024)]
     pub payload: usize,
 }
@@ -91,9 +92,8 @@ async fn measure(b: &CatchUpBench, dir: &Path) -> anyhow::Result<()> {
     let body_bytes = fill(&node, b.changes, b.payload).await?;
     let fill_time = t.elapsed();
     println!(
-        "filled a with {} changes of {} payload bytes in {:.1} s ({:.0} changes/s, {:.0} body bytes per change)",
+        "filled a with {} changes in {:.1} s ({:.0} changes/s, {:.0} payload bytes per change)",
         b.changes,
-        b.payload,
         fill_time.as_secs_f64(),
         b.changes as f64 / fill_time.as_secs_f64().max(1e-9),
         body_bytes as f64 / b.changes.max(1) as f64,
@@ -123,10 +123,9 @@ async fn measure(b: &CatchUpBench, dir: &Path) -> anyhow::Result<()> {
         rate
     );
     println!(
-        "  wire bytes {} ({} packets lost and resent): {:.3} per payload byte, {:.3} per change-body byte",
+        "  wire bytes {} ({} packets lost and resent): {:.3} per payload byte",
         mesh_run.wire_bytes,
         mesh_run.packets_lost,
-        mesh_run.wire_bytes as f64 / payload_bytes.max(1) as f64,
         mesh_run.wire_bytes as f64 / mesh_run.body_bytes.max(1) as f64,
     );
     println!("  peak RSS of b: {:.1} MiB", mesh_run.peak_rss as f64 / (1 << 20) as f64);
@@ -145,24 +144,32 @@ async fn measure(b: &CatchUpBench, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `changes` documents with an incompressible payload; returns the
-/// total size of their bodies as stored in the change log.
-async fn fill(node: &Node, changes: u64, payload: usize) -> anyhow::Result<u64> {
+/// Writes `changes` documents whose bodies (the document version as the
+/// change carries it, metadata and `_acl` included) are `body` bytes each,
+/// padded with random text; returns the total size of the bodies.
+async fn fill(node: &Node, changes: u64, body: usize) -> anyhow::Result<u64> {
     let who = bench_principal();
+    let doc = |text: String| {
+        let mut doc = Map::new();
+        doc.insert("p".into(), Value::String(text));
+        doc
+    };
+    // The first document measures what the metadata costs.
+    let probe = node.insert_many(COLLECTION, vec![doc(String::new())], &who).await?;
+    let overhead = probe.first().map(|d| serde_json::to_vec(d).map(|v| v.len())).transpose()?.unwrap_or(0);
+    let mut body_bytes = overhead as u64;
+    let text_len = body.saturating_sub(overhead);
     let mut rng = rand::rng();
-    let mut raw = vec![0u8; payload.div_ceil(2)];
-    let mut body_bytes = 0u64;
-    let mut written = 0u64;
+    let mut raw = vec![0u8; text_len.div_ceil(2)];
+    let mut written = 1u64;
     while written < changes {
         let n = FILL_BATCH.min(changes - written);
         let docs: Vec<Map<String, Value>> = (0..n)
             .map(|_| {
                 rng.fill_bytes(&mut raw);
                 let mut text = hex::encode(&raw);
-                text.truncate(payload);
-                let mut doc = Map::new();
-                doc.insert("p".into(), Value::String(text));
-                doc
+                text.truncate(text_len);
+                doc(text)
             })
             .collect();
         let inserted = node.insert_many(COLLECTION, docs, &who).await?;

@@ -434,7 +434,6 @@ fn ca_issues_certificates_only_for_valid_site_names() -> anyhow::Result<()> {
 /// appended) at every site the change reaches: the same version, equal as
 /// JSON, different bytes. Found by tests/fault_proxy.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: a replicated replace stores the document's fields in another order than its origin (see docs/architecture.md, fault-proxy test)"]
 async fn a_replaced_document_has_the_same_bytes_at_both_sites() -> anyhow::Result<()> {
     let p = pair().await?;
     let doc = p.a.insert("entities", &json!({"x": 1, "y": 2})).await?;

@@ -724,6 +724,7 @@ async fn open_session(
         .fetch_add(4 + buf.len() as u64, Ordering::Relaxed);
     let incarnation = incarnation_of(&buf);
     tracing::debug!(peer = %site, incarnation, "hello from the peer");
+    fold_local_update(&mut session, &mut local, &mut pending);
     pending.extend(session.handle(Input::Frame(first), now_ms()));
     Ok(Opened {
         send,
@@ -733,6 +734,18 @@ async fn open_session(
         pending,
         incarnation,
     })
+}
+
+/// Hands the session a local update waiting on the node's watch. Called
+/// before every frame from the peer: the session judges the peer's claims
+/// against what it knows this site holds, and a change of ours can reach
+/// the peer through a third site before the update is taken from the watch
+/// in the driver's `select!` (or while the hello was on its way).
+fn fold_local_update(session: &mut SyncSession, local: &mut watch::Receiver<VersionVector>, pending: &mut VecDeque<Output>) {
+    if local.has_changed().unwrap_or(false) {
+        let vv = local.borrow_and_update().clone();
+        pending.extend(session.handle(Input::LocalAdvanced(vv), now_ms()));
+    }
 }
 
 /// Runs the sync session over the opened stream.
@@ -872,6 +885,7 @@ async fn drive(
                 Some(Ok((f, n))) => {
                     shared.stats.frames_received.fetch_add(1, Ordering::Relaxed);
                     shared.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                    fold_local_update(&mut session, &mut local, &mut pending);
                     pending.extend(session.handle(Input::Frame(f), now_ms()));
                 }
                 Some(Err(e)) => return SessionEnd::Frame(e),

@@ -322,6 +322,10 @@ impl<'t> WriteTables<'t> {
             }
             Some(mut doc) => {
                 doc.insert("_version".into(), Value::from(len - 1));
+                // One field order on every site: the writer holds its
+                // client's order, a peer's fold appends changed fields, and
+                // the stored bytes must not depend on which site wrote them.
+                doc.sort_keys();
                 let bytes = serde_json::to_vec(&doc).map_err(|e| StorageError(e.to_string()))?;
                 self.documents.insert((collection, id), bytes.as_slice())?;
                 Some(doc)
