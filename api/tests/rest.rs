@@ -641,6 +641,9 @@ async fn peers_show_the_table() {
         unacked: 3,
         changes_sent: 10,
         changes_received: 7,
+        changes_withheld: 2,
+        stubs_received: 0,
+        refilled: 0,
         last_error: None,
     };
     let init = status.clone();
@@ -675,6 +678,9 @@ fn unreachable_status() -> PeerStatus {
         unacked: 0,
         changes_sent: 0,
         changes_received: 0,
+        changes_withheld: 0,
+        stubs_received: 0,
+        refilled: 0,
         last_error: Some("the slot should already exist".into()),
     }
 }

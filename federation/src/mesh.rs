@@ -9,6 +9,13 @@
 //! run at once; between the same two runs, when both sides dial each other,
 //! the connection dialed by the site whose name sorts first wins on both
 //! sides.
+//!
+//! What goes to a peer in full is decided per peer: the share settings
+//! configured for its site name (`MeshConfig::sharing`) and the principal
+//! the peer site acts as (`site:<name>`, its roles resolved from this
+//! site's role documents, refreshed at most every `POLICY_TTL`). Anything
+//! else goes as a withheld stub (see `ocmesh_replication::filter`), and a
+//! file chunk is served only for a file document the peer may receive.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -25,7 +32,8 @@ use tokio::task::JoinSet;
 use ocmesh_node::Node;
 use ocmesh_proto::federation::{Frame, frame::Kind};
 use ocmesh_replication::chunks::{Hash as ChunkHash, MAX_WANTED};
-use ocmesh_replication::{Input, Output, SessionConfig, SyncSession, VersionVector};
+use ocmesh_replication::withheld::MAX_HELLO_RANGES;
+use ocmesh_replication::{Input, Output, PeerPolicy, SessionConfig, ShareConfig, SyncSession, VersionVector};
 
 use crate::frame::{FrameError, encode_hello_frame, incarnation_of, read_frame, write_frame};
 use crate::status::{PeerStatus, PeerTable};
@@ -48,12 +56,32 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new connection may take to deliver the peer's hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a peer's resolved roles are used before they are read again.
+const POLICY_TTL: Duration = Duration::from_secs(1);
+
 /// How a site joins the mesh.
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
     pub listen: SocketAddr,
     pub peers: Vec<SocketAddr>,
     pub session: SessionConfig,
+    /// What is shared with each peer, by its site name (from its
+    /// certificate); a peer not listed gets `ShareConfig::default()`:
+    /// everything but what its `_acl` denies it.
+    pub sharing: HashMap<String, ShareConfig>,
+    /// Sees every frame sent to a peer (for tests and debugging).
+    pub tap: Option<FrameTap>,
+}
+
+/// A callback given the peer's site name and each frame sent to it,
+/// encoded (length prefix included).
+#[derive(Clone)]
+pub struct FrameTap(pub Arc<dyn Fn(&str, &[u8]) + Send + Sync>);
+
+impl std::fmt::Debug for FrameTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameTap")
+    }
 }
 
 /// Why the mesh could not start.
@@ -107,6 +135,10 @@ pub struct MeshStats {
     pub chunks_stored: AtomicU64,
     /// Chunks a peer sent that the store refused.
     pub chunks_refused: AtomicU64,
+    /// Changes withheld from peers (sent as stubs), over all sessions.
+    pub changes_withheld: AtomicU64,
+    /// Chunks a peer asked for that it may not read: answered as missing.
+    pub chunks_withheld: AtomicU64,
 }
 
 /// The active connection with each peer site.
@@ -351,6 +383,9 @@ async fn dial_loop(shared: Arc<Shared>, endpoint: Endpoint, addr: SocketAddr) {
             unacked: 0,
             changes_sent: 0,
             changes_received: 0,
+            changes_withheld: 0,
+            stubs_received: 0,
+            refilled: 0,
             last_error: None,
         }
     };
@@ -493,6 +528,9 @@ async fn run_connection(
             unacked: 0,
             changes_sent: 0,
             changes_received: 0,
+            changes_withheld: 0,
+            stubs_received: 0,
+            refilled: 0,
             last_error: None,
         },
         |s| {
@@ -555,6 +593,9 @@ fn unreachable_status(site: &str) -> PeerStatus {
         unacked: 0,
         changes_sent: 0,
         changes_received: 0,
+        changes_withheld: 0,
+        stubs_received: 0,
+        refilled: 0,
         last_error: None,
     }
 }
@@ -658,11 +699,18 @@ async fn open_session(
         conn.accept_bi().await?
     };
     let mut local = shared.node.subscribe();
+    let policy = peer_policy(shared, site).await.map_err(SessionEnd::Store)?;
+    let reader = shared.node.clone();
+    let withheld = off_runtime(move || reader.withheld(MAX_HELLO_RANGES))
+        .await
+        .map_err(SessionEnd::Store)?;
     let mut session = SyncSession::new(
         shared.config.session.clone(),
         shared.local_site.clone(),
         local.borrow_and_update().clone(),
-    );
+    )
+    .with_policy(policy)
+    .with_withheld(withheld);
     let mut pending = VecDeque::new();
     for out in session.open() {
         match out {
@@ -670,6 +718,9 @@ async fn open_session(
                 kind: Some(Kind::Hello(hello)),
             }) => {
                 let bytes = encode_hello_frame(&hello, shared.incarnation)?;
+                if let Some(tap) = &shared.config.tap {
+                    (tap.0)(site, &bytes);
+                }
                 send.write_all(&bytes).await?;
                 shared.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
                 shared.stats.bytes_sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -753,10 +804,20 @@ async fn drive(
     let mut shutdown = shared.shutdown.clone();
     let mut chunk_poll = tokio::time::interval(CHUNK_POLL);
     chunk_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut policy_at = Instant::now();
+    let mut withheld_counted = 0u64;
     loop {
         while let Some(out) = pending.pop_front() {
+            if matches!(out, Output::Fetch(_) | Output::FetchRanges(_)) && policy_at.elapsed() >= POLICY_TTL {
+                // The peer's roles may have changed: decide on fresh ones.
+                match peer_policy(shared, site).await {
+                    Ok(p) => session.set_policy(p),
+                    Err(e) => return SessionEnd::Store(e),
+                }
+                policy_at = Instant::now();
+            }
             match out {
-                Output::Send(f) => match write_frame(&mut send, &f).await {
+                Output::Send(f) => match write_frame_tapped(shared, site, &mut send, &f).await {
                     Ok(n) => {
                         shared.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
                         shared.stats.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
@@ -771,6 +832,14 @@ async fn drive(
                         Err(e) => return SessionEnd::Store(e),
                     };
                     pending.extend(session.handle(Input::Fetched(changes), now_ms()));
+                }
+                Output::FetchRanges(req) => {
+                    let reader = node.clone();
+                    let changes = match off_runtime(move || reader.read_change_ranges(&req)).await {
+                        Ok(c) => c,
+                        Err(e) => return SessionEnd::Store(e),
+                    };
+                    pending.extend(session.handle(Input::FetchedRanges(changes), now_ms()));
                 }
                 Output::Apply { batch, changes } => {
                     // Awaited on a blocking thread, like the reads: under a
@@ -795,7 +864,19 @@ async fn drive(
                 }
                 Output::ReadChunk(hash) => {
                     let reader = node.clone();
-                    let data = match off_runtime(move || reader.read_chunk(&hash)).await {
+                    let policy = session.policy().clone();
+                    let read = move || -> Result<Option<Vec<u8>>, ocmesh_node::ReadError> {
+                        // Only chunks of a file the peer may receive.
+                        let files = reader.files_with_chunk(&hash)?;
+                        let readable = files.iter().any(|f| {
+                            ocmesh_replication::filter::decide_doc(ocmesh_node::files::FILES, Some(f), &policy).is_ok()
+                        });
+                        if !readable {
+                            return Ok(None);
+                        }
+                        reader.read_chunk(&hash)
+                    };
+                    let data = match off_runtime(read).await {
                         Ok(d) => d,
                         Err(e) => return SessionEnd::Store(e),
                     };
@@ -816,6 +897,11 @@ async fn drive(
         }
         let stats = session.stats().clone();
         let unacked = session.unacked();
+        shared
+            .stats
+            .changes_withheld
+            .fetch_add(stats.withheld - withheld_counted, Ordering::Relaxed);
+        withheld_counted = stats.withheld;
         shared.table.update(
             site,
             || unreachable_status(site),
@@ -823,6 +909,9 @@ async fn drive(
                 s.unacked = unacked;
                 s.changes_sent = stats.changes_sent;
                 s.changes_received = stats.changes_received;
+                s.changes_withheld = stats.withheld;
+                s.stubs_received = stats.stubs_received;
+                s.refilled = stats.refilled;
             },
         );
         tokio::select! {
@@ -860,6 +949,31 @@ async fn drive(
             _ = shutdown.changed() => return SessionEnd::Shutdown,
         }
     }
+}
+
+/// Writes a frame, showing it to the tap first if there is one.
+async fn write_frame_tapped(
+    shared: &Shared,
+    site: &str,
+    send: &mut SendStream,
+    f: &Frame,
+) -> Result<usize, FrameError> {
+    if let Some(tap) = &shared.config.tap {
+        let bytes = crate::frame::encode_frame(f)?;
+        (tap.0)(site, &bytes);
+    }
+    write_frame(send, f).await
+}
+
+/// What may go to `site` in full: its share settings and its principal's
+/// roles as this site's role documents say now.
+async fn peer_policy(shared: &Arc<Shared>, site: &str) -> Result<PeerPolicy, String> {
+    let share = shared.config.sharing.get(site).cloned().unwrap_or_default();
+    let reader = shared.node.clone();
+    let name = site.to_owned();
+    let who = off_runtime(move || reader.site_principal(&name)).await?;
+    let admin = who.is_admin();
+    Ok(PeerPolicy::new(share, site, who.roles, admin))
 }
 
 /// Runs a store read on tokio's blocking pool; either failure as text.

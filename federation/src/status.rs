@@ -20,6 +20,13 @@ pub struct PeerStatus {
     /// Changes sent and received in the current or last session.
     pub changes_sent: u64,
     pub changes_received: u64,
+    /// Changes withheld from the peer (sent as stubs: its share settings
+    /// or their `_acl` keep them from it), stubs received from it, and
+    /// changes sent in full because its hello listed them as withheld, in
+    /// the current or last session.
+    pub changes_withheld: u64,
+    pub stubs_received: u64,
+    pub refilled: u64,
     /// The last reason a connection attempt or session ended, if any.
     pub last_error: Option<String>,
 }

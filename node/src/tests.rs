@@ -976,6 +976,7 @@ async fn a_change_whose_author_lacked_the_right_is_refused_and_counted() {
         fields: vec!["v".into()],
         base_hlc: insert.hlc,
         base_origin: "a".into(),
+        withheld: false,
     };
     let report = b
         .apply(vec![

@@ -17,6 +17,11 @@
 //! history, and the pair is reported. Bookkeeping fields (`_modified`...)
 //! are set by every write and never reported.
 //!
+//! An update that is the first version a site holds of a document (the
+//! versions before it were withheld from this site, see `crate::filter`)
+//! sets the whole document from its body, which is always the document as
+//! written: the first version a site may see, it sees whole.
+//!
 //! `_acl` is merged per principal (see `acl_merge`): a revoke concurrent
 //! with a grant of the same principal's rights wins, and concurrent edits
 //! of different principals both survive.
@@ -81,7 +86,13 @@ pub fn merge(mut versions: Vec<VersionRecord>) -> Merged {
                 lost: l as u64,
             })
         };
+        let starts_history = pos == 0 && v.kind == ChangeKind::Update;
         match v.kind {
+            _ if starts_history => {
+                doc = Some(v.body.clone());
+                setter = v.body.keys().map(|k| (k.clone(), pos)).collect();
+                acl.reset(pos, &v.body);
+            }
             ChangeKind::Delete => {
                 doc = None;
                 setter.clear();

@@ -8,6 +8,7 @@ use prost::Message;
 
 use super::*;
 use crate::change::ChangeKind;
+use crate::withheld::RangeSet;
 
 /// A site's log in memory: per origin, its changes in sequence order.
 #[derive(Default)]
@@ -18,6 +19,8 @@ struct MemLog {
     duplicates: u64,
     /// File chunks held, by hash.
     chunks: BTreeMap<crate::chunks::Hash, Vec<u8>>,
+    /// Changes held only as stubs.
+    withheld: RangeSet,
 }
 
 impl MemLog {
@@ -53,6 +56,44 @@ impl MemLog {
         }
     }
 
+    /// Writes one document whose `_acl` denies read to `denied` (a
+    /// principal id) when given; its body holds `marker`.
+    fn write_doc(&mut self, denied: Option<&str>, marker: &str) {
+        let log = self.by_origin.entry(self.name.clone()).or_default();
+        let seq = log.len() as u64 + 1;
+        let acl = match denied {
+            Some(who) => serde_json::json!([{"_id": who, "rights": 2, "deny": true}]),
+            None => serde_json::json!([{"_id": "u", "rights": 65535}]),
+        };
+        log.push(Change {
+            origin: self.name.clone(),
+            seq,
+            hlc: seq,
+            kind: ChangeKind::Insert as i32,
+            collection: "entities".into(),
+            doc_id: format!("{:024x}", seq),
+            body: serde_json::to_vec(&serde_json::json!({"marker": marker, "_acl": acl})).expect("json"),
+            author: "u".into(),
+            ..Default::default()
+        });
+    }
+
+    fn fetch_ranges(&self, req: &RangeRequest) -> Vec<Change> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (origin, first, last) in &req.ranges {
+            let Some(cs) = self.by_origin.get(origin) else { continue };
+            for c in cs.iter().filter(|c| (*first..=*last).contains(&c.seq)) {
+                if out.len() >= req.max_changes || (bytes > 0 && bytes + c.body.len() > req.max_bytes) {
+                    return out;
+                }
+                bytes += c.body.len();
+                out.push(c.clone());
+            }
+        }
+        out
+    }
+
     fn fetch(&self, req: &FetchRequest) -> Vec<Change> {
         let mut out = Vec::new();
         let mut bytes = 0;
@@ -73,9 +114,17 @@ impl MemLog {
             let log = self.by_origin.entry(c.origin.clone()).or_default();
             let held = log.len() as u64;
             if c.seq <= held {
-                self.duplicates += 1;
+                if !c.withheld && self.withheld.remove(&c.origin, c.seq) {
+                    let at = (c.seq - 1) as usize;
+                    log[at] = c;
+                } else {
+                    self.duplicates += 1;
+                }
             } else {
                 assert_eq!(c.seq, held + 1, "gap applying {}:{} at {}", c.origin, c.seq, self.name);
+                if c.withheld {
+                    self.withheld.insert(&c.origin, c.seq);
+                }
                 log.push(c);
             }
         }
@@ -96,6 +145,8 @@ struct Link {
     bytes: usize,
     frames: usize,
     closed: Vec<SessionError>,
+    /// Every frame sent towards b, encoded.
+    sent_to_b: Vec<Vec<u8>>,
 }
 
 struct Net {
@@ -116,8 +167,17 @@ impl Net {
     }
 
     fn connect(&mut self, a: usize, b: usize) {
-        let mut session_a = SyncSession::new(self.config.clone(), self.logs[a].name.clone(), self.logs[a].vv());
-        let mut session_b = SyncSession::new(self.config.clone(), self.logs[b].name.clone(), self.logs[b].vv());
+        self.connect_with(a, b, PeerPolicy::default(), PeerPolicy::default());
+    }
+
+    /// Links `a` and `b`; `a_to_b` says what a may share with b.
+    fn connect_with(&mut self, a: usize, b: usize, a_to_b: PeerPolicy, b_to_a: PeerPolicy) {
+        let mut session_a = SyncSession::new(self.config.clone(), self.logs[a].name.clone(), self.logs[a].vv())
+            .with_policy(a_to_b)
+            .with_withheld(self.logs[a].withheld.clone());
+        let mut session_b = SyncSession::new(self.config.clone(), self.logs[b].name.clone(), self.logs[b].vv())
+            .with_policy(b_to_a)
+            .with_withheld(self.logs[b].withheld.clone());
         let mut link = Link {
             a,
             b,
@@ -126,6 +186,7 @@ impl Net {
             bytes: 0,
             frames: 0,
             closed: Vec::new(),
+            sent_to_b: Vec::new(),
             session_a: SyncSession::new(self.config.clone(), "", VersionVector::new()),
             session_b: SyncSession::new(self.config.clone(), "", VersionVector::new()),
         };
@@ -150,6 +211,7 @@ impl Net {
                     link.bytes += f.encoded_len();
                     link.frames += 1;
                     if at_a {
+                        link.sent_to_b.push(f.encode_to_vec());
                         link.to_b.push_back(f)
                     } else {
                         link.to_a.push_back(f)
@@ -160,6 +222,11 @@ impl Net {
                     let got = self.logs[site].fetch(&req);
                     assert!(got.len() <= req.max_changes);
                     self.session(l, at_a).handle(Input::Fetched(got), 0)
+                }
+                Output::FetchRanges(req) => {
+                    let got = self.logs[site].fetch_ranges(&req);
+                    assert!(got.len() <= req.max_changes);
+                    self.session(l, at_a).handle(Input::FetchedRanges(got), 0)
                 }
                 Output::Apply { batch, changes } => {
                     self.logs[site].apply(changes);
@@ -414,6 +481,7 @@ fn hello(have: &[(&str, u64)]) -> pb::Frame {
                 .collect::<VersionVector>()
                 .to_proto(),
         ),
+        withheld: Vec::new(),
     }))
 }
 
@@ -499,6 +567,7 @@ fn protocol_violations_close_the_session_with_a_reason() {
     let v2 = frame(Kind::Hello(pb::Hello {
         protocol_version: 2,
         have: None,
+        withheld: Vec::new(),
     }));
     assert_eq!(
         close_reason(s.handle(Input::Frame(v2), 0)),
@@ -567,5 +636,139 @@ proptest! {
             prop_assert_eq!(link.session_a.unacked(), 0);
             prop_assert_eq!(link.session_b.unacked(), 0);
         }
+    }
+}
+
+fn policy_for(site: &str) -> PeerPolicy {
+    PeerPolicy::new(crate::filter::ShareConfig::default(), site, [], false)
+}
+
+/// True when any frame sent towards b holds `needle`.
+fn on_wire(link: &Link, needle: &str) -> bool {
+    link.sent_to_b
+        .iter()
+        .any(|f| f.windows(needle.len()).any(|w| w == needle.as_bytes()))
+}
+
+#[test]
+fn withheld_changes_go_as_stubs_and_catch_up_stays_exact() {
+    let mut net = Net::new(&["a", "b"], small_batches());
+    for i in 0..300 {
+        let denied = (i % 7 == 3).then_some("site:b");
+        net.logs[0].write_doc(denied, &format!("m{i:04}-{}", if denied.is_some() { "SECRET" } else { "open" }));
+    }
+    net.connect_with(0, 1, policy_for("b"), policy_for("a"));
+    net.settle();
+    assert!(net.closed().is_empty(), "{:?}", net.closed());
+    assert_eq!(net.logs[1].vv(), net.logs[0].vv(), "the vector catches up exactly");
+    let expected: RangeSet = (0..300u64)
+        .filter(|i| i % 7 == 3)
+        .map(|i| ("a".to_owned(), i + 1))
+        .collect();
+    assert_eq!(net.logs[1].withheld, expected, "withheld is exactly what was filtered");
+    let link = &net.links[0];
+    assert!(!on_wire(link, "SECRET"), "a withheld body crossed the wire");
+    assert!(on_wire(link, "m0000-open"));
+    assert_eq!(link.session_a.stats().withheld, expected.len());
+    assert!(link.session_a.is_idle() && link.session_b.is_idle());
+    // A reconnect: b's hello lists its withheld ranges, a still may not
+    // share them: nothing but the hellos crosses.
+    net.connect_with(0, 1, policy_for("b"), policy_for("a"));
+    net.settle();
+    let link = net.links.last().expect("link");
+    assert_eq!(link.frames, 2, "only the hellos");
+    assert!(!on_wire(link, "SECRET"));
+    assert_eq!(net.logs[1].withheld, expected);
+}
+
+#[test]
+fn a_site_that_got_stubs_through_a_relay_is_refilled_by_a_direct_link() {
+    // a withholds from b (the `_acl` denies site:b) but not from c; c
+    // first hears of a's changes through b, then links to a directly.
+    let mut net = Net::new(&["a", "b", "c"], small_batches());
+    for i in 0..100 {
+        let denied = (i % 3 == 0).then_some("site:b");
+        net.logs[0].write_doc(denied, &format!("doc{i}"));
+    }
+    net.connect_with(0, 1, policy_for("b"), policy_for("a"));
+    net.connect_with(1, 2, policy_for("c"), policy_for("b"));
+    net.settle();
+    assert_eq!(net.logs[2].vv(), net.logs[0].vv());
+    assert_eq!(net.logs[2].withheld.len(), 34, "c got b's stubs as stubs");
+    assert_eq!(net.links[1].session_a.stats().stubs_relayed, 34);
+    net.connect_with(0, 2, policy_for("c"), policy_for("a"));
+    net.settle();
+    assert!(net.closed().is_empty(), "{:?}", net.closed());
+    assert!(net.logs[2].withheld.is_empty(), "{:?}", net.logs[2].withheld);
+    assert_eq!(net.links[2].session_a.stats().refilled, 34);
+    assert_eq!(net.logs[2].by_origin["a"], net.logs[0].by_origin["a"], "c holds a's log in full");
+    assert_eq!(net.logs[1].withheld.len(), 34, "b still lacks them");
+    // c never hands them to b either: the same `_acl` denies b.
+    net.connect_with(1, 2, policy_for("c"), policy_for("b"));
+    net.settle();
+    assert_eq!(net.logs[1].withheld.len(), 34);
+    assert!(net.links.iter().all(|l| l.session_a.is_idle() && l.session_b.is_idle()));
+}
+
+#[test]
+fn refills_respect_the_batch_limits_and_resume() {
+    let mut net = Net::new(&["a", "b"], small_batches());
+    for i in 0..500 {
+        net.logs[0].write_doc(None, &format!("d{i}"));
+    }
+    net.logs[1].by_origin.insert(
+        "a".into(),
+        (1..=500).map(|s| crate::change::stub("a", s)).collect(),
+    );
+    net.logs[1].withheld.insert_range("a", 1, 500);
+    net.connect_with(0, 1, policy_for("b"), policy_for("a"));
+    net.settle();
+    assert!(net.closed().is_empty(), "{:?}", net.closed());
+    assert!(net.logs[1].withheld.is_empty());
+    assert_eq!(net.links[0].session_a.stats().refilled, 500);
+    assert!(net.max_in_flight_seen <= 3);
+}
+
+#[test]
+fn bad_withheld_ranges_in_a_hello_close_the_session() {
+    let mut s = opened("a", VersionVector::new());
+    let h = frame(Kind::Hello(pb::Hello {
+        protocol_version: pb::PROTOCOL_VERSION,
+        have: None,
+        withheld: vec![pb::SeqRange {
+            origin: "x".into(),
+            first: 5,
+            last: 2,
+        }],
+    }));
+    assert!(matches!(
+        close_reason(s.handle(Input::Frame(h), 0)),
+        Some(SessionError::BadWithheld(_))
+    ));
+}
+
+proptest! {
+    /// Any filter, any batch limits: after a full exchange the receiver's
+    /// vector equals the sender's, its withheld set is exactly the
+    /// filtered changes, and no withheld body crossed the wire.
+    #[test]
+    fn filtering_keeps_catch_up_exact(
+        denied in proptest::collection::vec(any::<bool>(), 1..200),
+        max_batch_changes in 1usize..50,
+        max_in_flight in 1u64..4,
+    ) {
+        let config = SessionConfig { max_batch_changes, max_batch_bytes: 4096, max_in_flight };
+        let mut net = Net::new(&["a", "b"], config);
+        for (i, d) in denied.iter().enumerate() {
+            net.logs[0].write_doc(d.then_some("sites"), &format!("{}{i}", if *d { "HIDDEN" } else { "shown" }));
+        }
+        net.connect_with(0, 1, policy_for("b"), policy_for("a"));
+        net.settle();
+        prop_assert!(net.closed().is_empty(), "{:?}", net.closed());
+        prop_assert_eq!(net.logs[1].vv(), net.logs[0].vv());
+        let expected: RangeSet = denied.iter().enumerate().filter(|(_, d)| **d).map(|(i, _)| ("a".to_owned(), i as u64 + 1)).collect();
+        prop_assert_eq!(&net.logs[1].withheld, &expected);
+        prop_assert!(!on_wire(&net.links[0], "HIDDEN"));
+        prop_assert!(net.links[0].session_a.is_idle());
     }
 }
