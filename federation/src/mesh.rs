@@ -865,19 +865,25 @@ async fn drive(
                 Output::ReadChunk(hash) => {
                     let reader = node.clone();
                     let policy = session.policy().clone();
-                    let read = move || -> Result<Option<Vec<u8>>, ocmesh_node::ReadError> {
-                        // Only chunks of a file the peer may receive.
+                    // Only chunks of a file the peer may receive: `Err(())`
+                    // when no such file lists it.
+                    let read = move || -> Result<Result<Option<Vec<u8>>, ()>, ocmesh_node::ReadError> {
                         let files = reader.files_with_chunk(&hash)?;
                         let readable = files.iter().any(|f| {
                             ocmesh_replication::filter::decide_doc(ocmesh_node::files::FILES, Some(f), &policy).is_ok()
                         });
                         if !readable {
-                            return Ok(None);
+                            return Ok(Err(()));
                         }
-                        reader.read_chunk(&hash)
+                        reader.read_chunk(&hash).map(Ok)
                     };
                     let data = match off_runtime(read).await {
-                        Ok(d) => d,
+                        Ok(Ok(d)) => d,
+                        Ok(Err(())) => {
+                            shared.stats.chunks_withheld.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(peer = %site, hash = %hex_hash(&hash), "peer asked for a chunk of no file it may read");
+                            None
+                        }
                         Err(e) => return SessionEnd::Store(e),
                     };
                     pending.extend(session.handle(Input::ChunkRead { hash, data }, now_ms()));
@@ -949,6 +955,10 @@ async fn drive(
             _ = shutdown.changed() => return SessionEnd::Shutdown,
         }
     }
+}
+
+fn hex_hash(hash: &ChunkHash) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Writes a frame, showing it to the tap first if there is one.
