@@ -250,9 +250,17 @@ mod tests {
         .expect("resolve");
         let b = &s.sharing["b"];
         assert_eq!(b.acl, AclMode::Enforce);
-        assert!(b.collections.as_ref().is_some_and(|c| c.contains("entities") && c.len() == 2));
+        assert!(
+            b.collections
+                .as_ref()
+                .is_some_and(|c| c.contains("entities") && c.len() == 2)
+        );
         assert!(b.queues.as_ref().is_some_and(|q| q.contains("orders")));
-        assert_eq!(s.sharing["c"], ShareConfig::default(), "an empty table shares everything");
+        assert_eq!(
+            s.sharing["c"],
+            ShareConfig::default(),
+            "an empty table shares everything"
+        );
         let (_d, p) = write("[share.b]\nacl = \"paranoid\"\n");
         let e = Settings::resolve(RunArgs {
             config: Some(p),

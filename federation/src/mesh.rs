@@ -76,7 +76,10 @@ pub struct MeshConfig {
 /// A callback given the peer's site name and each frame sent to it,
 /// encoded (length prefix included).
 #[derive(Clone)]
-pub struct FrameTap(pub Arc<dyn Fn(&str, &[u8]) + Send + Sync>);
+pub struct FrameTap(pub Arc<TapFn>);
+
+/// The callback of a [`FrameTap`].
+pub type TapFn = dyn Fn(&str, &[u8]) + Send + Sync;
 
 impl std::fmt::Debug for FrameTap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -27,9 +27,12 @@ fn free_udp() -> SocketAddr {
     s.local_addr().expect("addr")
 }
 
+/// A frame sent, encoded, and the peer site it went to.
+type Sent = (String, Vec<u8>);
+
 /// Frames sent to each peer site, encoded.
 #[derive(Clone, Default)]
-struct Wire(Arc<Mutex<Vec<(String, Vec<u8>)>>>);
+struct Wire(Arc<Mutex<Vec<Sent>>>);
 
 impl Wire {
     fn tap(&self) -> FrameTap {
@@ -43,9 +46,11 @@ impl Wire {
 
     /// True when a frame sent to `site` holds `needle`.
     fn carried(&self, site: &str, needle: &str) -> bool {
-        self.0.lock().expect("lock").iter().any(|(s, f)| {
-            s == site && f.windows(needle.len()).any(|w| w == needle.as_bytes())
-        })
+        self.0
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|(s, f)| s == site && f.windows(needle.len()).any(|w| w == needle.as_bytes()))
     }
 
     fn frames_to(&self, site: &str) -> usize {
@@ -118,7 +123,9 @@ async fn what_a_peer_may_not_see_never_leaves_the_site() {
     let denied = a_node
         .insert(
             "entities",
-            obj(json!({"note": "DENIED-MARKER-2", "_acl": [{"_id": "site:b", "name": "b", "rights": 2, "deny": true}]})),
+            obj(
+                json!({"note": "DENIED-MARKER-2", "_acl": [{"_id": "site:b", "name": "b", "rights": 2, "deny": true}]}),
+            ),
             &admin(),
         )
         .await
@@ -140,7 +147,10 @@ async fn what_a_peer_may_not_see_never_leaves_the_site() {
         .await
         .expect("insert");
 
-    eventually("b's vector to equal a's", || b.node.version_vector() == a_node.version_vector()).await;
+    eventually("b's vector to equal a's", || {
+        b.node.version_vector() == a_node.version_vector()
+    })
+    .await;
     assert_eq!(
         b.node.get("entities", &id_of(&open)).expect("open record")["note"],
         "OPEN-MARKER-1"
@@ -149,7 +159,11 @@ async fn what_a_peer_may_not_see_never_leaves_the_site() {
         b.node.get("entities", &id_of(&later)).expect("later record")["note"],
         "OPEN-MARKER-5"
     );
-    for (collection, doc) in [("entities", &denied), ("entities", &denied_to_sites), ("secrets", &home)] {
+    for (collection, doc) in [
+        ("entities", &denied),
+        ("entities", &denied_to_sites),
+        ("secrets", &home),
+    ] {
         assert!(
             b.node.get(collection, &id_of(doc)).is_err(),
             "{collection}/{} reached b",
@@ -188,7 +202,11 @@ async fn what_a_peer_may_not_see_never_leaves_the_site() {
     .await;
     assert!(!wire.carried("b", "DENIED-MARKER-2"), "the earlier version stays home");
     eventually("in sync again", || b.node.version_vector() == a_node.version_vector()).await;
-    assert_eq!(b.node.withheld_count().expect("count"), 3, "the first version stays withheld");
+    assert_eq!(
+        b.node.withheld_count().expect("count"),
+        3,
+        "the first version stays withheld"
+    );
 
     // A reconnect in sync: one hello each way. b's hello lists its
     // withheld ranges; a may still not share them, so nothing else crosses.
@@ -229,10 +247,15 @@ async fn what_a_peer_may_not_see_never_leaves_the_site() {
         stats.bytes_received.load(Relaxed),
     ];
     let [frames_sent, frames_received, bytes_sent, bytes_received] = [0, 1, 2, 3].map(|i| after[i] - before[i]);
-    eprintln!("filtered in-sync reconnect at b: {frames_sent} frame(s) sent ({bytes_sent} B), {frames_received} received ({bytes_received} B)");
+    eprintln!(
+        "filtered in-sync reconnect at b: {frames_sent} frame(s) sent ({bytes_sent} B), {frames_received} received ({bytes_received} B)"
+    );
     assert_eq!((frames_sent, frames_received), (1, 1), "one hello each way");
     assert_eq!(wire.frames_to("b") - frames_before, 1);
-    assert!(bytes_sent + bytes_received < 1024, "{bytes_sent} + {bytes_received} bytes");
+    assert!(
+        bytes_sent + bytes_received < 1024,
+        "{bytes_sent} + {bytes_received} bytes"
+    );
     a_mesh.shutdown().await;
     b.mesh.shutdown().await;
 }
@@ -273,11 +296,19 @@ async fn enforce_mode_sends_only_what_the_acl_grants_the_site() {
     let b = start(ca_dir.path(), "b", addr_b, vec![addr_a]);
     let grant = |who: &str| json!([{"_id": who, "name": who, "rights": 2}]);
     let to_site = a_node
-        .insert("entities", obj(json!({"note": "GRANT-SITE", "_acl": grant("site:b")})), &admin())
+        .insert(
+            "entities",
+            obj(json!({"note": "GRANT-SITE", "_acl": grant("site:b")})),
+            &admin(),
+        )
         .await
         .expect("insert");
     let to_sites = a_node
-        .insert("entities", obj(json!({"note": "GRANT-SITES", "_acl": grant("sites")})), &admin())
+        .insert(
+            "entities",
+            obj(json!({"note": "GRANT-SITES", "_acl": grant("sites")})),
+            &admin(),
+        )
         .await
         .expect("insert");
     let to_role = a_node
@@ -292,9 +323,16 @@ async fn enforce_mode_sends_only_what_the_acl_grants_the_site() {
         .insert("entities", obj(json!({"note": "CREATOR-ONLY"})), &admin())
         .await
         .expect("insert");
-    eventually("b's vector to equal a's", || b.node.version_vector() == a_node.version_vector()).await;
+    eventually("b's vector to equal a's", || {
+        b.node.version_vector() == a_node.version_vector()
+    })
+    .await;
     for doc in [&to_site, &to_sites, &to_role] {
-        assert!(b.node.get("entities", &id_of(doc)).is_ok(), "{} missing at b", doc["note"]);
+        assert!(
+            b.node.get("entities", &id_of(doc)).is_ok(),
+            "{} missing at b",
+            doc["note"]
+        );
     }
     assert!(b.node.get("entities", &id_of(&creator_only)).is_err());
     assert!(!wire.carried("b", "CREATOR-ONLY"));
@@ -342,9 +380,15 @@ async fn a_site_that_got_a_stub_through_a_relay_gets_the_record_from_a_direct_li
         .insert("entities", obj(json!({"note": "FOR-ALL"})), &admin())
         .await
         .expect("insert");
-    eventually("c's vector to equal a's", || c_node.version_vector() == a_node.version_vector()).await;
+    eventually("c's vector to equal a's", || {
+        c_node.version_vector() == a_node.version_vector()
+    })
+    .await;
     assert!(c_node.get("entities", &id_of(&open)).is_ok());
-    assert!(c_node.get("entities", &id_of(&secret)).is_err(), "c got only a stub through b");
+    assert!(
+        c_node.get("entities", &id_of(&secret)).is_err(),
+        "c got only a stub through b"
+    );
     assert_eq!(c_node.withheld_count().expect("count"), 1);
     assert!(!wire.carried("b", "NOT-FOR-B"));
 
@@ -433,10 +477,16 @@ async fn chunks_are_served_only_for_files_the_peer_may_read() {
     };
     b.node.apply(vec![forged]).await.expect("apply");
     assert_eq!(b.node.wanted_chunks(10).expect("wanted").len(), 1);
-    eventually("a to refuse the chunk", || a_mesh.stats().chunks_withheld.load(Relaxed) >= 1).await;
+    eventually("a to refuse the chunk", || {
+        a_mesh.stats().chunks_withheld.load(Relaxed) >= 1
+    })
+    .await;
     assert_eq!(b.mesh.stats().chunks_stored.load(Relaxed), 0);
     assert_eq!(b.node.wanted_chunks(10).expect("wanted").len(), 1, "b still lacks it");
-    assert!(a_node.get("fs.files", "bbbbbbbbbbbbbbbbbbbbbbbb").is_err(), "the forged document stayed at b");
+    assert!(
+        a_node.get("fs.files", "bbbbbbbbbbbbbbbbbbbbbbbb").is_err(),
+        "the forged document stayed at b"
+    );
     a_mesh.shutdown().await;
     let Site { mesh, .. } = b;
     mesh.shutdown().await;

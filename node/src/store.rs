@@ -259,7 +259,11 @@ impl<'t> WriteTables<'t> {
         Ok(())
     }
 
-    fn join_history(&mut self, change: &Change, local: Option<LocalWrite>) -> Result<(u64, Option<Value>), StorageError> {
+    fn join_history(
+        &mut self,
+        change: &Change,
+        local: Option<LocalWrite>,
+    ) -> Result<(u64, Option<Value>), StorageError> {
         // A peer's change whose author lacked the right stays in the log only.
         if local.is_none() && crate::authz::refuse(self, change)?.is_some() {
             self.refused += 1;

@@ -1228,7 +1228,11 @@ async fn withheld_stubs_and_refills() {
         std::fs::copy(b_dir.path().join(f), crash.path().join(f)).expect("copy");
     }
     let replayed = open(crash.path(), "b");
-    assert_eq!(replayed.withheld_count().expect("count"), 0, "the refill survived the crash");
+    assert_eq!(
+        replayed.withheld_count().expect("count"),
+        0,
+        "the refill survived the crash"
+    );
     assert_eq!(replayed.versions("entities", &id).expect("history").len(), 2);
     // A stub with content is refused whole.
     let mut leaky = ocmesh_replication::change::stub("z", 1);

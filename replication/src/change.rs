@@ -167,7 +167,10 @@ mod tests {
         assert_eq!(validate(&stub("a", 3)), Ok(()), "a stub needs no target");
         let mut leaky = stub_of(&change("a", 4));
         leaky.body = b"{\"secret\":1}".to_vec();
-        assert!(matches!(validate(&leaky), Err(ChangeError::StubWithContent { seq: 4, .. })));
+        assert!(matches!(
+            validate(&leaky),
+            Err(ChangeError::StubWithContent { seq: 4, .. })
+        ));
     }
 
     proptest! {

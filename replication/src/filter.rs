@@ -159,7 +159,11 @@ pub fn decide_doc(collection: &str, body: Option<&Map<String, Value>>, policy: &
     if policy.admin {
         return Ok(());
     }
-    let entries = body.get("_acl").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    let entries = body
+        .get("_acl")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
     let mut granted = false;
     for e in entries {
         let Some(id) = e.get("_id").and_then(Value::as_str) else {
@@ -226,7 +230,11 @@ mod tests {
         let other_site = json!({"_acl": [{"_id": "site:c", "rights": READ, "deny": true}]});
         assert_eq!(decide(&change("entities", other_site), &p), Ok(()));
         let update_only = json!({"_acl": [{"_id": "sites", "rights": 4, "deny": true}]});
-        assert_eq!(decide(&change("entities", update_only), &p), Ok(()), "deny covers its bits");
+        assert_eq!(
+            decide(&change("entities", update_only), &p),
+            Ok(()),
+            "deny covers its bits"
+        );
     }
 
     #[test]

@@ -33,8 +33,8 @@ pub mod vv;
 pub mod withheld;
 
 pub use change::{Change, ChangeKind, VersionKey};
-pub use hlc::{Clock, Timestamp};
 pub use filter::{AclMode, PeerPolicy, ShareConfig};
+pub use hlc::{Clock, Timestamp};
 pub use session::{FetchRequest, Input, Output, RangeRequest, SessionConfig, SessionError, SyncSession};
-pub use withheld::RangeSet;
 pub use vv::VersionVector;
+pub use withheld::RangeSet;

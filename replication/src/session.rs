@@ -508,7 +508,12 @@ impl SyncSession {
 
     /// Sends the changes of the peer's withheld ranges that this site holds
     /// in full and may share; puts back what the read did not reach.
-    fn on_fetched_ranges(&mut self, changes: Vec<Change>, now_ms: u64, out: &mut Vec<Output>) -> Result<(), SessionError> {
+    fn on_fetched_ranges(
+        &mut self,
+        changes: Vec<Change>,
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), SessionError> {
         self.fetching = false;
         let requested = self.refilling.take().unwrap_or_default();
         // Index in `requested` and seq of the last change read.

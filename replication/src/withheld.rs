@@ -189,7 +189,10 @@ mod tests {
             Err(RangeError::BadBounds { .. })
         ));
         let many = vec![bad("a", 1, 1); MAX_HELLO_RANGES + 1];
-        assert_eq!(RangeSet::from_proto(&many), Err(RangeError::TooMany(MAX_HELLO_RANGES + 1)));
+        assert_eq!(
+            RangeSet::from_proto(&many),
+            Err(RangeError::TooMany(MAX_HELLO_RANGES + 1))
+        );
     }
 
     proptest! {

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use ocmesh_federation::{FrameTap, Mesh, MeshConfig, ca, tls};
-use ocmesh_replication::ShareConfig;
 use ocmesh_node::{Node, NodeConfig};
+use ocmesh_replication::ShareConfig;
 
 /// A running site; its data lives as long as it does.
 pub struct Site {

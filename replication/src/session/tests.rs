@@ -655,7 +655,10 @@ fn withheld_changes_go_as_stubs_and_catch_up_stays_exact() {
     let mut net = Net::new(&["a", "b"], small_batches());
     for i in 0..300 {
         let denied = (i % 7 == 3).then_some("site:b");
-        net.logs[0].write_doc(denied, &format!("m{i:04}-{}", if denied.is_some() { "SECRET" } else { "open" }));
+        net.logs[0].write_doc(
+            denied,
+            &format!("m{i:04}-{}", if denied.is_some() { "SECRET" } else { "open" }),
+        );
     }
     net.connect_with(0, 1, policy_for("b"), policy_for("a"));
     net.settle();
@@ -701,7 +704,10 @@ fn a_site_that_got_stubs_through_a_relay_is_refilled_by_a_direct_link() {
     assert!(net.closed().is_empty(), "{:?}", net.closed());
     assert!(net.logs[2].withheld.is_empty(), "{:?}", net.logs[2].withheld);
     assert_eq!(net.links[2].session_a.stats().refilled, 34);
-    assert_eq!(net.logs[2].by_origin["a"], net.logs[0].by_origin["a"], "c holds a's log in full");
+    assert_eq!(
+        net.logs[2].by_origin["a"], net.logs[0].by_origin["a"],
+        "c holds a's log in full"
+    );
     assert_eq!(net.logs[1].withheld.len(), 34, "b still lacks them");
     // c never hands them to b either: the same `_acl` denies b.
     net.connect_with(1, 2, policy_for("c"), policy_for("b"));
@@ -716,10 +722,9 @@ fn refills_respect_the_batch_limits_and_resume() {
     for i in 0..500 {
         net.logs[0].write_doc(None, &format!("d{i}"));
     }
-    net.logs[1].by_origin.insert(
-        "a".into(),
-        (1..=500).map(|s| crate::change::stub("a", s)).collect(),
-    );
+    net.logs[1]
+        .by_origin
+        .insert("a".into(), (1..=500).map(|s| crate::change::stub("a", s)).collect());
     net.logs[1].withheld.insert_range("a", 1, 500);
     net.connect_with(0, 1, policy_for("b"), policy_for("a"));
     net.settle();
