@@ -577,7 +577,8 @@ impl SyncSession {
         if !self.peer_hello || self.fetching || in_flight >= self.config.max_in_flight {
             return;
         }
-        if !self.refill.is_empty() {
+        // New changes first; the peer's withheld ranges when none are due.
+        if !self.refill.is_empty() && !self.local.exceeds(&self.sent) {
             // At most a batch's worth of sequences per read.
             let mut ranges = Vec::new();
             let mut span = 0u64;
