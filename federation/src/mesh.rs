@@ -26,14 +26,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 
 use ocmesh_node::Node;
 use ocmesh_proto::federation::{Frame, frame::Kind};
 use ocmesh_replication::chunks::{Hash as ChunkHash, MAX_WANTED};
 use ocmesh_replication::withheld::MAX_HELLO_RANGES;
-use ocmesh_replication::{Input, Output, PeerPolicy, SessionConfig, ShareConfig, SyncSession, VersionVector};
+use ocmesh_replication::{Input, Output, PeerPolicy, RangeSet, SessionConfig, ShareConfig, SyncSession, VersionVector};
 
 use crate::frame::{FrameError, encode_hello_frame, incarnation_of, read_frame, write_frame};
 use crate::status::{PeerStatus, PeerTable};
@@ -182,7 +182,25 @@ struct Shared {
     /// session does not ask for them too until `CHUNK_ASK_TTL` has passed,
     /// so a missing chunk comes over one link only.
     chunks_asked: Mutex<HashMap<ChunkHash, Instant>>,
+    /// Stubs received and stubs filled, from each session to the others.
+    notices: broadcast::Sender<Notice>,
+    /// Numbers sessions, for `Notice::from`.
+    next_session: AtomicU64,
 }
+
+/// Stubs a session received, and stubs it replaced by their changes: the
+/// site's other sessions ask their peers for the first and offer them the
+/// second.
+#[derive(Debug, Clone)]
+struct Notice {
+    /// The session that applied them (it does not hear its own notices).
+    from: u64,
+    stubs: RangeSet,
+    filled: RangeSet,
+}
+
+/// Notices a lagging session may miss (it then relies on its next hello).
+const NOTICE_BOUND: usize = 256;
 
 /// How long one session's ask for a chunk keeps other sessions from asking
 /// (a little over one poll, so a peer that lacked it is soon asked again).
@@ -275,6 +293,8 @@ impl Mesh {
             stats: MeshStats::default(),
             shutdown,
             chunks_asked: Mutex::default(),
+            notices: broadcast::channel(NOTICE_BOUND).0,
+            next_session: AtomicU64::new(0),
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(shared.clone(), endpoint.clone()));
@@ -686,6 +706,8 @@ struct Opened {
     /// frame (its hello) yields.
     pending: VecDeque<Output>,
     incarnation: u64,
+    notices: broadcast::Receiver<Notice>,
+    session_id: u64,
 }
 
 /// Opens the sync stream (the dialer opens it), sends our hello with our
@@ -702,6 +724,9 @@ async fn open_session(
         conn.accept_bi().await?
     };
     let mut local = shared.node.subscribe();
+    // Before the withheld set is read, so no stub received meanwhile is missed.
+    let notices = shared.notices.subscribe();
+    let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let policy = peer_policy(shared, site).await.map_err(SessionEnd::Store)?;
     let reader = shared.node.clone();
     let withheld = off_runtime(move || reader.withheld(MAX_HELLO_RANGES))
@@ -748,6 +773,8 @@ async fn open_session(
         local,
         pending,
         incarnation,
+        notices,
+        session_id,
     })
 }
 
@@ -765,10 +792,23 @@ async fn run_session(shared: &Arc<Shared>, conn: &Connection, site: &str, opened
         session,
         local,
         pending,
+        notices,
+        session_id,
         ..
     } = opened;
     let reader = tokio::spawn(read_frames(recv, frames_tx));
-    let end = drive(shared, conn, site, send, frames_rx, session, local, pending).await;
+    let end = drive(
+        shared,
+        conn,
+        site,
+        send,
+        frames_rx,
+        session,
+        local,
+        pending,
+        (notices, session_id),
+    )
+    .await;
     reader.abort();
     end
 }
@@ -802,6 +842,7 @@ async fn drive(
     mut session: SyncSession,
     mut local: watch::Receiver<VersionVector>,
     mut pending: VecDeque<Output>,
+    (mut notices, session_id): (broadcast::Receiver<Notice>, u64),
 ) -> SessionEnd {
     let node = &shared.node;
     let mut shutdown = shared.shutdown.clone();
@@ -857,6 +898,14 @@ async fn drive(
                         Err(e) => return SessionEnd::Store(e.to_string()),
                     };
                     tracing::trace!(peer = %site, batch, applied = report.applied, duplicates = report.duplicates, "applied batch");
+                    if !report.new_stubs.is_empty() || !report.filled_ranges.is_empty() {
+                        // No receiver is no error: no other session is up.
+                        let _ = shared.notices.send(Notice {
+                            from: session_id,
+                            stubs: report.new_stubs,
+                            filled: report.filled_ranges,
+                        });
+                    }
                     let have = node.version_vector();
                     pending.extend(session.handle(Input::Applied { batch, have }, now_ms()));
                 }
@@ -945,6 +994,21 @@ async fn drive(
                 let vv = local.borrow_and_update().clone();
                 pending.extend(session.handle(Input::LocalAdvanced(vv), now_ms()));
             }
+            notice = notices.recv() => match notice {
+                Ok(n) if n.from != session_id => {
+                    if !n.stubs.is_empty() {
+                        pending.extend(session.handle(Input::LocalWithheld(n.stubs), now_ms()));
+                    }
+                    if !n.filled.is_empty() {
+                        pending.extend(session.handle(Input::Offer(n.filled), now_ms()));
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(peer = %site, missed, "missed stub notices; the peer's next hello asks again");
+                }
+                Err(broadcast::error::RecvError::Closed) => return SessionEnd::Shutdown,
+            },
             _ = chunk_poll.tick() => {
                 let wanted = match chunks_to_ask(shared).await {
                     Ok(w) => w,

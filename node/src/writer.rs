@@ -176,6 +176,9 @@ pub struct ApplyReport {
     pub withheld: u64,
     /// Changes that replaced a withheld stub held here (refills).
     pub filled: u64,
+    /// Which changes were logged as stubs, and which stubs were replaced.
+    pub new_stubs: ocmesh_replication::RangeSet,
+    pub filled_ranges: ocmesh_replication::RangeSet,
 }
 
 type GroupDone = (Vec<Result<WriteDone, WriteError>>, Vec<String>);
@@ -770,6 +773,7 @@ impl Writer {
         for c in fresh {
             if c.withheld {
                 report.withheld += 1;
+                report.new_stubs.insert(&c.origin, c.seq);
             } else if self.clock.observe(Timestamp::from_raw(c.hlc), now).clamped {
                 report.clock_clamped += 1;
             }
@@ -783,6 +787,7 @@ impl Writer {
             }
             if t.fill(&c)? {
                 report.filled += 1;
+                report.filled_ranges.insert(&c.origin, c.seq);
             } else {
                 report.duplicates += 1;
             }

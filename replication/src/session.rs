@@ -21,6 +21,12 @@
 //! Each hello carries the sender's withheld ranges; the receiver sends any
 //! of those it holds in full and may share (a refill), so two sites that
 //! first met through a filtering relay end up exact once linked directly.
+//! During a session the same request goes as a `Withheld` frame when the
+//! site receives stubs over another link (`Input::LocalWithheld`), so a
+//! stub relayed ahead of the direct copy does not leave a gap until the
+//! next reconnect; ranges the receiver does not hold yet wait until it
+//! does. A site that replaced stubs by their changes offers them to its
+//! other peers (`Input::Offer`), which receive them unless they hold them.
 //!
 //! Invariants: a change the peer is known to hold (from its `Hello`, its
 //! acks, or because it sent it to us) is never sent to it, so relayed
@@ -76,6 +82,13 @@ pub enum Input {
     /// The answer to `Output::FetchRanges`: changes (full or stubs) from
     /// the local log, in the order of the requested ranges.
     FetchedRanges(Vec<Change>),
+    /// This site now holds these changes only as stubs (received over
+    /// another link): ask the peer for them.
+    LocalWithheld(RangeSet),
+    /// This site now holds these changes in full after holding them as
+    /// stubs (refilled over another link): send them to the peer if it may
+    /// have them (it skips those it holds).
+    Offer(RangeSet),
 }
 
 /// Read request for given sequences of the local log (a refill of the
@@ -216,6 +229,9 @@ pub struct SyncSession {
     refill: VecDeque<(String, u64, u64)>,
     /// The ranges of the refill read under way.
     refilling: Option<Vec<(String, u64, u64)>>,
+    /// Ranges the peer asked for that this site does not hold yet: they
+    /// join `refill` as the local log grows past them.
+    deferred: RangeSet,
 }
 
 impl SyncSession {
@@ -242,6 +258,7 @@ impl SyncSession {
             local_withheld: RangeSet::new(),
             refill: VecDeque::new(),
             refilling: None,
+            deferred: RangeSet::new(),
         }
     }
 
@@ -342,12 +359,36 @@ impl SyncSession {
             Input::Applied { batch, have } => {
                 self.local.merge(&have);
                 self.told.merge(&self.local);
+                self.release_deferred();
                 out.push(Output::Send(frame(Kind::Ack(pb::Ack {
                     batch,
                     have: Some(self.local.to_proto()),
                 }))));
             }
-            Input::LocalAdvanced(have) => self.local.merge(&have),
+            Input::LocalAdvanced(have) => {
+                self.local.merge(&have);
+                self.release_deferred();
+            }
+            Input::LocalWithheld(stubs) => {
+                // The stubs are in the log, so the vector covers them:
+                // the peer may answer with any change up to them.
+                for (origin, _, last) in stubs.ranges() {
+                    self.local.advance(origin, last);
+                    self.told.advance(origin, last);
+                }
+                let ranges = stubs.to_proto(usize::MAX);
+                for chunk in ranges.chunks(MAX_HELLO_RANGES) {
+                    out.push(Output::Send(frame(Kind::Withheld(pb::Withheld {
+                        ranges: chunk.to_vec(),
+                    }))));
+                }
+            }
+            Input::Offer(filled) => {
+                let ranges: Vec<(String, u64, u64)> = filled.ranges().map(|(o, f, l)| (o.to_owned(), f, l)).collect();
+                for (o, f, l) in ranges {
+                    self.queue_refill(&o, f, l);
+                }
+            }
             Input::ChunksWanted(hashes) => {
                 let mut asks = Vec::new();
                 self.chunks.want(hashes, now_ms, &mut asks);
@@ -375,13 +416,9 @@ impl SyncSession {
                 }
                 let have = self.check_claim(h.have.unwrap_or_default())?;
                 let withheld = RangeSet::from_proto(&h.withheld)?;
-                // Only what the peer's vector covers and this site holds
-                // can be refilled.
+                // Only what the peer's vector covers can be refilled.
                 for (origin, first, last) in withheld.ranges() {
-                    let last = last.min(have.get(origin)).min(self.local.get(origin));
-                    if first <= last {
-                        self.refill.push_back((origin.to_owned(), first, last));
-                    }
+                    self.queue_refill(origin, first, last.min(have.get(origin)));
                 }
                 self.peer_hello = true;
                 self.sent.merge(&have);
@@ -449,6 +486,30 @@ impl SyncSession {
                 self.chunks.on_want(w, &mut reads)?;
                 chunk_outputs(reads, out);
             }
+            Kind::Withheld(w) => {
+                if !self.peer_hello {
+                    return Err(SessionError::BeforeHello("withheld ranges"));
+                }
+                let withheld = RangeSet::from_proto(&w.ranges)?;
+                for (origin, first, last) in withheld.ranges() {
+                    if origin == self.local_site {
+                        // This site made them; nobody holds stubs of them
+                        // that it has not made.
+                        let ours = self.local.get(origin);
+                        if last > ours {
+                            return Err(SessionError::ImpossibleClaim {
+                                origin: origin.to_owned(),
+                                claimed: last,
+                                ours,
+                            });
+                        }
+                    }
+                    // The peer holds stubs up to `last`: a gap-free answer.
+                    self.sent.advance(origin, last);
+                    self.acked.advance(origin, last);
+                    self.queue_refill(origin, first, last);
+                }
+            }
             Kind::ChunkData(d) => {
                 let mut next = Vec::new();
                 self.chunks.on_data(d, now_ms, &mut next)?;
@@ -456,6 +517,35 @@ impl SyncSession {
             }
         }
         Ok(())
+    }
+
+    /// Queues `origin`:`first..=last` for a refill: the part this site
+    /// holds now, and the rest once it does.
+    fn queue_refill(&mut self, origin: &str, first: u64, last: u64) {
+        let held = self.local.get(origin);
+        let now = last.min(held);
+        if first <= now {
+            self.refill.push_back((origin.to_owned(), first, now));
+        }
+        if last > held && self.deferred.ranges().count() < MAX_HELLO_RANGES {
+            self.deferred.insert_range(origin, first.max(held + 1), last);
+        }
+    }
+
+    /// Moves deferred ranges the local log now covers to the refill queue.
+    fn release_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let due = self.deferred.ranges().any(|(o, f, _)| f <= self.local.get(o));
+        if !due {
+            return;
+        }
+        let all: Vec<(String, u64, u64)> = self.deferred.ranges().map(|(o, f, l)| (o.to_owned(), f, l)).collect();
+        self.deferred = RangeSet::new();
+        for (o, f, l) in all {
+            self.queue_refill(&o, f, l);
+        }
     }
 
     /// Refuses a vector that claims more of our own changes than we made.
