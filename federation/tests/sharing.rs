@@ -491,3 +491,60 @@ async fn chunks_are_served_only_for_files_the_peer_may_read() {
     let Site { mesh, .. } = b;
     mesh.shutdown().await;
 }
+
+/// a shares only the queue `shared` with b: the other queue's definition
+/// and its work items stay home, while `shared` and its items arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_not_shared_with_a_peer_stays_home_with_its_items() {
+    let ca_dir = new_ca();
+    let (addr_a, addr_b) = (free_udp(), free_udp());
+    let wire = Wire::default();
+    let (a_node, _a_data) = open_node("a");
+    let sharing = HashMap::from([(
+        "b".to_owned(),
+        ShareConfig {
+            queues: names(&["shared"]),
+            ..Default::default()
+        },
+    )]);
+    let a_mesh = start_mesh_with(
+        a_node.clone(),
+        identity(ca_dir.path(), "a"),
+        addr_a,
+        vec![],
+        sharing,
+        Some(wire.tap()),
+    );
+    let b = start(ca_dir.path(), "b", addr_b, vec![addr_a]);
+    for q in ["shared", "private"] {
+        a_node
+            .add_queue(obj(json!({"name": q})), &admin())
+            .await
+            .expect("queue");
+    }
+    let shared = a_node
+        .push_workitems("shared", vec![obj(json!({"payload": {"m": "SHARED-ITEM"}}))], &admin())
+        .await
+        .expect("push");
+    let private = a_node
+        .push_workitems(
+            "private",
+            vec![obj(json!({"payload": {"m": "PRIVATE-ITEM"}}))],
+            &admin(),
+        )
+        .await
+        .expect("push");
+    eventually("b's vector to equal a's", || {
+        b.node.version_vector() == a_node.version_vector()
+    })
+    .await;
+    assert!(b.node.queue("shared").is_ok());
+    assert!(b.node.queue("private").is_err(), "the private queue stayed home");
+    assert!(b.node.get("workitems", &id_of(&shared[0])).is_ok());
+    assert!(b.node.get("workitems", &id_of(&private[0])).is_err());
+    assert!(wire.carried("b", "SHARED-ITEM"));
+    assert!(!wire.carried("b", "PRIVATE-ITEM"));
+    assert!(!wire.carried("b", "\"private\""), "not even the queue's name");
+    a_mesh.shutdown().await;
+    b.mesh.shutdown().await;
+}

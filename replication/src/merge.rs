@@ -235,6 +235,33 @@ mod tests {
     }
 
     #[test]
+    fn an_update_first_held_sets_the_whole_document() {
+        // The insert was withheld from this site: the update it holds
+        // shows the document as written.
+        let m = merge(vec![update(
+            2,
+            "a",
+            (1, "a"),
+            json!({"x": 1, "y": 0, "_acl": []}),
+            &["x"],
+        )]);
+        assert_eq!(m.doc, Some(obj(json!({"x": 1, "y": 0, "_acl": []}))));
+        // Once the insert arrives, the fold is the origin's.
+        let full = merge(vec![
+            insert(1, "a", json!({"x": 0, "y": 0, "z": 9})),
+            update(2, "a", (1, "a"), json!({"x": 1, "y": 0, "_acl": []}), &["x"]),
+        ]);
+        assert_eq!(full.doc, Some(obj(json!({"x": 1, "y": 0, "z": 9}))));
+        // A later update on top of a first-held one applies its fields.
+        let m = merge(vec![
+            update(2, "a", (1, "a"), json!({"x": 1, "y": 0}), &["x"]),
+            update(3, "a", (2, "a"), json!({"x": 1, "y": 5}), &["y"]),
+        ]);
+        assert_eq!(m.doc, Some(obj(json!({"x": 1, "y": 5}))));
+        assert!(m.conflicts.is_empty());
+    }
+
+    #[test]
     fn concurrent_edits_of_different_fields_both_survive() {
         let m = merge(vec![
             insert(1, "a", json!({"x": 0, "y": 0})),

@@ -43,6 +43,10 @@ use crate::filter::{self, PeerPolicy};
 use crate::vv::{VersionVector, VersionVectorError};
 use crate::withheld::{MAX_HELLO_RANGES, RangeError, RangeSet};
 
+/// Most ranges waiting to be refilled to the peer; more are dropped (and
+/// counted) until the peer's next hello asks again.
+pub const MAX_REFILL_RANGES: usize = 4 * MAX_HELLO_RANGES;
+
 /// Limits of one session.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
@@ -189,6 +193,8 @@ pub struct SessionStats {
     pub refilled: u64,
     /// Stubs received from the peer.
     pub stubs_received: u64,
+    /// Ranges to refill dropped because the queue was full.
+    pub refills_dropped: u64,
 }
 
 /// One side of a sync session.
@@ -525,10 +531,18 @@ impl SyncSession {
         let held = self.local.get(origin);
         let now = last.min(held);
         if first <= now {
-            self.refill.push_back((origin.to_owned(), first, now));
+            if self.refill.len() < MAX_REFILL_RANGES {
+                self.refill.push_back((origin.to_owned(), first, now));
+            } else {
+                self.stats.refills_dropped += 1;
+            }
         }
-        if last > held && self.deferred.ranges().count() < MAX_HELLO_RANGES {
-            self.deferred.insert_range(origin, first.max(held + 1), last);
+        if last > held {
+            if self.deferred.ranges().count() < MAX_HELLO_RANGES {
+                self.deferred.insert_range(origin, first.max(held + 1), last);
+            } else {
+                self.stats.refills_dropped += 1;
+            }
         }
     }
 
