@@ -106,6 +106,8 @@ async fn measure(b: &CatchUpBench, dir: &Path) -> anyhow::Result<()> {
             listen: "127.0.0.1:0".parse()?,
             peers: Vec::new(),
             session: Default::default(),
+            sharing: Default::default(),
+            tap: None,
         },
     )?;
     let mesh_result = catch_up(&mesh, &ca_dir, &b_files, dir, b.changes, body_bytes).await;
@@ -128,7 +130,10 @@ async fn measure(b: &CatchUpBench, dir: &Path) -> anyhow::Result<()> {
         mesh_run.packets_lost,
         mesh_run.wire_bytes as f64 / mesh_run.body_bytes.max(1) as f64,
     );
-    println!("  peak RSS of b: {:.1} MiB", mesh_run.peak_rss as f64 / (1 << 20) as f64);
+    println!(
+        "  peak RSS of b: {:.1} MiB",
+        mesh_run.peak_rss as f64 / (1 << 20) as f64
+    );
     println!(
         "raw quinn stream, same payload bytes between two processes: {:.2} s, {:.0} payloads/s",
         raw.as_secs_f64(),
@@ -156,7 +161,11 @@ async fn fill(node: &Node, changes: u64, body: usize) -> anyhow::Result<u64> {
     };
     // The first document measures what the metadata costs.
     let probe = node.insert_many(COLLECTION, vec![doc(String::new())], &who).await?;
-    let overhead = probe.first().map(|d| serde_json::to_vec(d).map(|v| v.len())).transpose()?.unwrap_or(0);
+    let overhead = probe
+        .first()
+        .map(|d| serde_json::to_vec(d).map(|v| v.len()))
+        .transpose()?
+        .unwrap_or(0);
     let mut body_bytes = overhead as u64;
     let text_len = body.saturating_sub(overhead);
     let mut rng = rand::rng();
@@ -240,9 +249,10 @@ async fn catch_up(
     let pid = child.0.id();
     let peers = mesh.peers();
     let result = loop {
-        let done = peers.snapshot().into_iter().find(|p| {
-            p.site.as_deref() == Some("b") && p.connected && p.unacked == 0 && p.changes_sent >= changes
-        });
+        let done = peers
+            .snapshot()
+            .into_iter()
+            .find(|p| p.site.as_deref() == Some("b") && p.connected && p.unacked == 0 && p.changes_sent >= changes);
         if let Some(p) = done {
             break Ok(CatchUp {
                 elapsed: started.elapsed(),

@@ -54,6 +54,8 @@ fn start_site(dir: &Path, site: &str, ca_dir: &Path, peers: Vec<SocketAddr>) -> 
             listen: "127.0.0.1:0".parse()?,
             peers,
             session: Default::default(),
+            sharing: Default::default(),
+            tap: None,
         },
     )?;
     Ok(Site { node, mesh })

@@ -1,15 +1,19 @@
 //! `ocmesh run` settings from three sources: flags win over `OCMESH_*`
 //! environment variables, which win over the TOML file given by `--config`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use ocmesh_replication::{AclMode, ShareConfig};
+
 #[derive(clap::Args, Debug, Default)]
 pub struct RunArgs {
-    /// TOML file with any of: site, data, http, grpc, mesh, ca, cert, key, peers.
+    /// TOML file with any of: site, data, http, grpc, mesh, ca, cert, key,
+    /// peers, and `[share.<peer site>]` tables (what goes to that peer).
     #[arg(long, env = "OCMESH_CONFIG")]
     pub config: Option<PathBuf>,
     /// Site name (taken from the certificate when --cert is given).
@@ -63,6 +67,39 @@ struct FileConfig {
     peers: Option<Vec<String>>,
     max_file_bytes: Option<u64>,
     amqp: Option<String>,
+    /// What is shared with each peer, by the peer's site name.
+    share: Option<HashMap<String, ShareFile>>,
+}
+
+/// One `[share.<site>]` table.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct ShareFile {
+    /// Collections shared with the peer [default: all].
+    collections: Option<Vec<String>>,
+    /// Work-item queues shared with the peer [default: all].
+    queues: Option<Vec<String>>,
+    /// `trusted` (default: only an `_acl` deny of the peer withholds) or
+    /// `enforce` (the `_acl` must grant the peer read).
+    acl: Option<String>,
+}
+
+impl ShareFile {
+    fn resolve(self, file: &Path, site: &str) -> anyhow::Result<ShareConfig> {
+        let acl = match self.acl.as_deref() {
+            None | Some("trusted") => AclMode::Trusted,
+            Some("enforce") => AclMode::Enforce,
+            Some(other) => bail!(
+                "{}: [share.{site}] acl = {other:?}: use \"trusted\" or \"enforce\"",
+                file.display()
+            ),
+        };
+        Ok(ShareConfig {
+            collections: self.collections.map(|c| c.into_iter().collect()),
+            queues: self.queues.map(|q| q.into_iter().collect()),
+            acl,
+        })
+    }
 }
 
 /// Certificate files for the mesh.
@@ -86,6 +123,9 @@ pub struct Settings {
     pub peers: Vec<SocketAddr>,
     pub max_file_bytes: Option<u64>,
     pub amqp: Option<String>,
+    /// What is shared with each peer site (by name); unlisted peers get
+    /// everything their `_acl` does not deny them.
+    pub sharing: HashMap<String, ShareConfig>,
 }
 
 fn addr(file: &Path, key: &str, value: &str) -> anyhow::Result<SocketAddr> {
@@ -131,6 +171,11 @@ impl Settings {
                 .map(|p| addr(&path, "peers", p))
                 .collect::<Result<_, _>>()?
         };
+        let mut sharing = HashMap::new();
+        for (site, share) in file.share.unwrap_or_default() {
+            let resolved = share.resolve(&path, &site)?;
+            sharing.insert(site, resolved);
+        }
         let ca = args.ca.or(file.ca);
         let cert = args.cert.or(file.cert);
         let key = args.key.or(file.key);
@@ -152,6 +197,7 @@ impl Settings {
             peers,
             max_file_bytes: args.max_file_bytes.or(file.max_file_bytes),
             amqp: args.amqp.or(file.amqp),
+            sharing,
         })
     }
 }
@@ -190,6 +236,45 @@ mod tests {
         .expect("resolve");
         assert_eq!(s.http.port(), 4000);
         assert_eq!(s.grpc.port(), 4001);
+    }
+
+    #[test]
+    fn share_tables_configure_each_peer() {
+        let (_d, p) = write(
+            "[share.b]\ncollections = [\"entities\", \"workitems\"]\nqueues = [\"orders\"]\nacl = \"enforce\"\n[share.c]\n",
+        );
+        let s = Settings::resolve(RunArgs {
+            config: Some(p),
+            ..Default::default()
+        })
+        .expect("resolve");
+        let b = &s.sharing["b"];
+        assert_eq!(b.acl, AclMode::Enforce);
+        assert!(
+            b.collections
+                .as_ref()
+                .is_some_and(|c| c.contains("entities") && c.len() == 2)
+        );
+        assert!(b.queues.as_ref().is_some_and(|q| q.contains("orders")));
+        assert_eq!(
+            s.sharing["c"],
+            ShareConfig::default(),
+            "an empty table shares everything"
+        );
+        let (_d, p) = write("[share.b]\nacl = \"paranoid\"\n");
+        let e = Settings::resolve(RunArgs {
+            config: Some(p),
+            ..Default::default()
+        })
+        .expect_err("bad acl mode");
+        assert!(format!("{e:#}").contains("[share.b] acl"), "{e:#}");
+        let (_d, p) = write("[share.b]\ncolections = []\n");
+        let e = Settings::resolve(RunArgs {
+            config: Some(p),
+            ..Default::default()
+        })
+        .expect_err("unknown key");
+        assert!(format!("{e:#}").contains("colections"), "{e:#}");
     }
 
     #[test]

@@ -202,6 +202,8 @@ async fn run(settings: config::Settings) -> anyhow::Result<()> {
                     listen: *listen,
                     peers: settings.peers.clone(),
                     session: Default::default(),
+                    sharing: settings.sharing.clone(),
+                    tap: None,
                 },
             )?;
             tracing::info!(addr = %mesh.local_addr()?, peers = ?settings.peers, "mesh listening");

@@ -641,7 +641,10 @@ async fn peers_show_the_table() {
         unacked: 3,
         changes_sent: 10,
         changes_received: 7,
+        changes_withheld: 2,
+        wire_bytes_sent: 4096,
         last_error: None,
+        ..PeerStatus::default()
     };
     let init = status.clone();
     peers.update("b", move || init, |_| {});
@@ -672,13 +675,8 @@ fn unreachable_status() -> PeerStatus {
         address: String::new(),
         direction: "outbound",
         connected: false,
-        unacked: 0,
-        changes_sent: 0,
-        changes_received: 0,
-        wire_bytes_sent: 0,
-        wire_bytes_received: 0,
-            wire_packets_lost: 0,
         last_error: Some("the slot should already exist".into()),
+        ..PeerStatus::default()
     }
 }
 

@@ -121,6 +121,7 @@ mod tests {
             kind: Some(Kind::Hello(Hello {
                 protocol_version: 1,
                 have: None,
+                withheld: Vec::new(),
             })),
         }
     }

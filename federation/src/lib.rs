@@ -19,5 +19,5 @@ pub mod mesh;
 pub mod status;
 pub mod tls;
 
-pub use mesh::{Mesh, MeshConfig, MeshError, MeshStats, bind_udp};
+pub use mesh::{FrameTap, Mesh, MeshConfig, MeshError, MeshStats, bind_udp};
 pub use status::{PeerStatus, PeerTable};

@@ -9,6 +9,13 @@
 //! run at once; between the same two runs, when both sides dial each other,
 //! the connection dialed by the site whose name sorts first wins on both
 //! sides.
+//!
+//! What goes to a peer in full is decided per peer: the share settings
+//! configured for its site name (`MeshConfig::sharing`) and the principal
+//! the peer site acts as (`site:<name>`, its roles resolved from this
+//! site's role documents, refreshed at most every `POLICY_TTL`). Anything
+//! else goes as a withheld stub (see `ocmesh_replication::filter`), and a
+//! file chunk is served only for a file document the peer may receive.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -19,13 +26,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 
 use ocmesh_node::Node;
 use ocmesh_proto::federation::{Frame, frame::Kind};
 use ocmesh_replication::chunks::{Hash as ChunkHash, MAX_WANTED};
-use ocmesh_replication::{Input, Output, SessionConfig, SyncSession, VersionVector};
+use ocmesh_replication::withheld::MAX_HELLO_RANGES;
+use ocmesh_replication::{Input, Output, PeerPolicy, RangeSet, SessionConfig, ShareConfig, SyncSession, VersionVector};
 
 use crate::frame::{FrameError, encode_hello_frame, incarnation_of, read_frame, write_frame};
 use crate::status::{PeerStatus, PeerTable};
@@ -48,12 +56,35 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new connection may take to deliver the peer's hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a peer's resolved roles are used before they are read again.
+const POLICY_TTL: Duration = Duration::from_secs(1);
+
 /// How a site joins the mesh.
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
     pub listen: SocketAddr,
     pub peers: Vec<SocketAddr>,
     pub session: SessionConfig,
+    /// What is shared with each peer, by its site name (from its
+    /// certificate); a peer not listed gets `ShareConfig::default()`:
+    /// everything but what its `_acl` denies it.
+    pub sharing: HashMap<String, ShareConfig>,
+    /// Sees every frame sent to a peer (for tests and debugging).
+    pub tap: Option<FrameTap>,
+}
+
+/// A callback given the peer's site name and each frame sent to it,
+/// encoded (length prefix included).
+#[derive(Clone)]
+pub struct FrameTap(pub Arc<TapFn>);
+
+/// The callback of a [`FrameTap`].
+pub type TapFn = dyn Fn(&str, &[u8]) + Send + Sync;
+
+impl std::fmt::Debug for FrameTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameTap")
+    }
 }
 
 /// Why the mesh could not start.
@@ -107,6 +138,10 @@ pub struct MeshStats {
     pub chunks_stored: AtomicU64,
     /// Chunks a peer sent that the store refused.
     pub chunks_refused: AtomicU64,
+    /// Changes withheld from peers (sent as stubs), over all sessions.
+    pub changes_withheld: AtomicU64,
+    /// Chunks a peer asked for that it may not read: answered as missing.
+    pub chunks_withheld: AtomicU64,
 }
 
 /// The active connection with each peer site.
@@ -147,7 +182,25 @@ struct Shared {
     /// session does not ask for them too until `CHUNK_ASK_TTL` has passed,
     /// so a missing chunk comes over one link only.
     chunks_asked: Mutex<HashMap<ChunkHash, Instant>>,
+    /// Stubs received and stubs filled, from each session to the others.
+    notices: broadcast::Sender<Notice>,
+    /// Numbers sessions, for `Notice::from`.
+    next_session: AtomicU64,
 }
+
+/// Stubs a session received, and stubs it replaced by their changes: the
+/// site's other sessions ask their peers for the first and offer them the
+/// second.
+#[derive(Debug, Clone)]
+struct Notice {
+    /// The session that applied them (it does not hear its own notices).
+    from: u64,
+    stubs: RangeSet,
+    filled: RangeSet,
+}
+
+/// Notices a lagging session may miss (it then relies on its next hello).
+const NOTICE_BOUND: usize = 256;
 
 /// How long one session's ask for a chunk keeps other sessions from asking
 /// (a little over one poll, so a peer that lacked it is soon asked again).
@@ -269,6 +322,8 @@ impl Mesh {
             stats: MeshStats::default(),
             shutdown,
             chunks_asked: Mutex::default(),
+            notices: broadcast::channel(NOTICE_BOUND).0,
+            next_session: AtomicU64::new(0),
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(shared.clone(), endpoint.clone()));
@@ -377,13 +432,8 @@ async fn dial_loop(shared: Arc<Shared>, endpoint: Endpoint, addr: SocketAddr) {
             address,
             direction: "outbound",
             connected: false,
-            unacked: 0,
-            changes_sent: 0,
-            changes_received: 0,
-            wire_bytes_sent: 0,
-            wire_bytes_received: 0,
-            wire_packets_lost: 0,
             last_error: None,
+            ..PeerStatus::default()
         }
     };
     shared.table.update(&slot, init.clone(), |_| {});
@@ -522,13 +572,8 @@ async fn run_connection(
             address: address.clone(),
             direction,
             connected: true,
-            unacked: 0,
-            changes_sent: 0,
-            changes_received: 0,
-            wire_bytes_sent: 0,
-            wire_bytes_received: 0,
-            wire_packets_lost: 0,
             last_error: None,
+            ..PeerStatus::default()
         },
         |s| {
             s.site = Some(site.clone());
@@ -587,13 +632,8 @@ fn unreachable_status(site: &str) -> PeerStatus {
         address: String::new(),
         direction: "inbound",
         connected: false,
-        unacked: 0,
-        changes_sent: 0,
-        changes_received: 0,
-        wire_bytes_sent: 0,
-        wire_bytes_received: 0,
-            wire_packets_lost: 0,
         last_error: None,
+        ..PeerStatus::default()
     }
 }
 
@@ -680,6 +720,8 @@ struct Opened {
     /// frame (its hello) yields.
     pending: VecDeque<Output>,
     incarnation: u64,
+    notices: broadcast::Receiver<Notice>,
+    session_id: u64,
 }
 
 /// Opens the sync stream (the dialer opens it), sends our hello with our
@@ -696,11 +738,21 @@ async fn open_session(
         conn.accept_bi().await?
     };
     let mut local = shared.node.subscribe();
+    // Before the withheld set is read, so no stub received meanwhile is missed.
+    let notices = shared.notices.subscribe();
+    let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let policy = peer_policy(shared, site).await.map_err(SessionEnd::Store)?;
+    let reader = shared.node.clone();
+    let withheld = off_runtime(move || reader.withheld(MAX_HELLO_RANGES))
+        .await
+        .map_err(SessionEnd::Store)?;
     let mut session = SyncSession::new(
         shared.config.session.clone(),
         shared.local_site.clone(),
         local.borrow_and_update().clone(),
-    );
+    )
+    .with_policy(policy)
+    .with_withheld(withheld);
     let mut pending = VecDeque::new();
     for out in session.open() {
         match out {
@@ -708,6 +760,9 @@ async fn open_session(
                 kind: Some(Kind::Hello(hello)),
             }) => {
                 let bytes = encode_hello_frame(&hello, shared.incarnation)?;
+                if let Some(tap) = &shared.config.tap {
+                    (tap.0)(site, &bytes);
+                }
                 send.write_all(&bytes).await?;
                 shared.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
                 shared.stats.bytes_sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -733,6 +788,8 @@ async fn open_session(
         local,
         pending,
         incarnation,
+        notices,
+        session_id,
     })
 }
 
@@ -741,7 +798,11 @@ async fn open_session(
 /// against what it knows this site holds, and a change of ours can reach
 /// the peer through a third site before the update is taken from the watch
 /// in the driver's `select!` (or while the hello was on its way).
-fn fold_local_update(session: &mut SyncSession, local: &mut watch::Receiver<VersionVector>, pending: &mut VecDeque<Output>) {
+fn fold_local_update(
+    session: &mut SyncSession,
+    local: &mut watch::Receiver<VersionVector>,
+    pending: &mut VecDeque<Output>,
+) {
     if local.has_changed().unwrap_or(false) {
         let vv = local.borrow_and_update().clone();
         pending.extend(session.handle(Input::LocalAdvanced(vv), now_ms()));
@@ -762,10 +823,23 @@ async fn run_session(shared: &Arc<Shared>, conn: &Connection, site: &str, opened
         session,
         local,
         pending,
+        notices,
+        session_id,
         ..
     } = opened;
     let reader = tokio::spawn(read_frames(recv, frames_tx));
-    let end = drive(shared, conn, site, send, frames_rx, session, local, pending).await;
+    let end = drive(
+        shared,
+        conn,
+        site,
+        send,
+        frames_rx,
+        session,
+        local,
+        pending,
+        (notices, session_id),
+    )
+    .await;
     reader.abort();
     end
 }
@@ -799,15 +873,26 @@ async fn drive(
     mut session: SyncSession,
     mut local: watch::Receiver<VersionVector>,
     mut pending: VecDeque<Output>,
+    (mut notices, session_id): (broadcast::Receiver<Notice>, u64),
 ) -> SessionEnd {
     let node = &shared.node;
     let mut shutdown = shared.shutdown.clone();
     let mut chunk_poll = tokio::time::interval(CHUNK_POLL);
     chunk_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut policy_at = Instant::now();
+    let mut withheld_counted = 0u64;
     loop {
         while let Some(out) = pending.pop_front() {
+            if matches!(out, Output::Fetch(_) | Output::FetchRanges(_)) && policy_at.elapsed() >= POLICY_TTL {
+                // The peer's roles may have changed: decide on fresh ones.
+                match peer_policy(shared, site).await {
+                    Ok(p) => session.set_policy(p),
+                    Err(e) => return SessionEnd::Store(e),
+                }
+                policy_at = Instant::now();
+            }
             match out {
-                Output::Send(f) => match write_frame(&mut send, &f).await {
+                Output::Send(f) => match write_frame_tapped(shared, site, &mut send, &f).await {
                     Ok(n) => {
                         shared.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
                         shared.stats.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
@@ -823,6 +908,14 @@ async fn drive(
                     };
                     pending.extend(session.handle(Input::Fetched(changes), now_ms()));
                 }
+                Output::FetchRanges(req) => {
+                    let reader = node.clone();
+                    let changes = match off_runtime(move || reader.read_change_ranges(&req)).await {
+                        Ok(c) => c,
+                        Err(e) => return SessionEnd::Store(e),
+                    };
+                    pending.extend(session.handle(Input::FetchedRanges(changes), now_ms()));
+                }
                 Output::Apply { batch, changes } => {
                     // Awaited on a blocking thread, like the reads: under a
                     // simulated paused clock (turmoil) time then stands still
@@ -836,6 +929,14 @@ async fn drive(
                         Err(e) => return SessionEnd::Store(e.to_string()),
                     };
                     tracing::trace!(peer = %site, batch, applied = report.applied, duplicates = report.duplicates, "applied batch");
+                    if !report.new_stubs.is_empty() || !report.filled_ranges.is_empty() {
+                        // No receiver is no error: no other session is up.
+                        let _ = shared.notices.send(Notice {
+                            from: session_id,
+                            stubs: report.new_stubs,
+                            filled: report.filled_ranges,
+                        });
+                    }
                     let have = node.version_vector();
                     pending.extend(session.handle(Input::Applied { batch, have }, now_ms()));
                 }
@@ -846,8 +947,26 @@ async fn drive(
                 }
                 Output::ReadChunk(hash) => {
                     let reader = node.clone();
-                    let data = match off_runtime(move || reader.read_chunk(&hash)).await {
-                        Ok(d) => d,
+                    let policy = session.policy().clone();
+                    // Only chunks of a file the peer may receive: `Err(())`
+                    // when no such file lists it.
+                    let read = move || -> Result<Result<Option<Vec<u8>>, ()>, ocmesh_node::ReadError> {
+                        let files = reader.files_with_chunk(&hash)?;
+                        let readable = files.iter().any(|f| {
+                            ocmesh_replication::filter::decide_doc(ocmesh_node::files::FILES, Some(f), &policy).is_ok()
+                        });
+                        if !readable {
+                            return Ok(Err(()));
+                        }
+                        reader.read_chunk(&hash).map(Ok)
+                    };
+                    let data = match off_runtime(read).await {
+                        Ok(Ok(d)) => d,
+                        Ok(Err(())) => {
+                            shared.stats.chunks_withheld.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(peer = %site, hash = %hex_hash(&hash), "peer asked for a chunk of no file it may read");
+                            None
+                        }
                         Err(e) => return SessionEnd::Store(e),
                     };
                     pending.extend(session.handle(Input::ChunkRead { hash, data }, now_ms()));
@@ -868,6 +987,11 @@ async fn drive(
         let stats = session.stats().clone();
         let unacked = session.unacked();
         let wire = conn.stats();
+        shared
+            .stats
+            .changes_withheld
+            .fetch_add(stats.withheld - withheld_counted, Ordering::Relaxed);
+        withheld_counted = stats.withheld;
         shared.table.update(
             site,
             || unreachable_status(site),
@@ -878,6 +1002,9 @@ async fn drive(
                 s.wire_bytes_sent = wire.udp_tx.bytes;
                 s.wire_bytes_received = wire.udp_rx.bytes;
                 s.wire_packets_lost = wire.path.lost_packets;
+                s.changes_withheld = stats.withheld;
+                s.stubs_received = stats.stubs_received;
+                s.refilled = stats.refilled;
             },
         );
         tokio::select! {
@@ -903,6 +1030,21 @@ async fn drive(
                 let vv = local.borrow_and_update().clone();
                 pending.extend(session.handle(Input::LocalAdvanced(vv), now_ms()));
             }
+            notice = notices.recv() => match notice {
+                Ok(n) if n.from != session_id => {
+                    if !n.stubs.is_empty() {
+                        pending.extend(session.handle(Input::LocalWithheld(n.stubs), now_ms()));
+                    }
+                    if !n.filled.is_empty() {
+                        pending.extend(session.handle(Input::Offer(n.filled), now_ms()));
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(peer = %site, missed, "missed stub notices; the peer's next hello asks again");
+                }
+                Err(broadcast::error::RecvError::Closed) => return SessionEnd::Shutdown,
+            },
             _ = chunk_poll.tick() => {
                 let wanted = match chunks_to_ask(shared).await {
                     Ok(w) => w,
@@ -916,6 +1058,35 @@ async fn drive(
             _ = shutdown.changed() => return SessionEnd::Shutdown,
         }
     }
+}
+
+fn hex_hash(hash: &ChunkHash) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a frame, showing it to the tap first if there is one.
+async fn write_frame_tapped(
+    shared: &Shared,
+    site: &str,
+    send: &mut SendStream,
+    f: &Frame,
+) -> Result<usize, FrameError> {
+    if let Some(tap) = &shared.config.tap {
+        let bytes = crate::frame::encode_frame(f)?;
+        (tap.0)(site, &bytes);
+    }
+    write_frame(send, f).await
+}
+
+/// What may go to `site` in full: its share settings and its principal's
+/// roles as this site's role documents say now.
+async fn peer_policy(shared: &Arc<Shared>, site: &str) -> Result<PeerPolicy, String> {
+    let share = shared.config.sharing.get(site).cloned().unwrap_or_default();
+    let reader = shared.node.clone();
+    let name = site.to_owned();
+    let who = off_runtime(move || reader.site_principal(&name)).await?;
+    let admin = who.is_admin();
+    Ok(PeerPolicy::new(share, site, who.roles, admin))
 }
 
 /// Runs a store read on tokio's blocking pool; either failure as text.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 /// One configured or connected peer, as `GET /api/v1/mesh/peers` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct PeerStatus {
     /// Site name from the peer's certificate; `None` before first contact.
     pub site: Option<String>,
@@ -26,6 +26,13 @@ pub struct PeerStatus {
     pub wire_bytes_received: u64,
     /// Packets quinn declared lost (and resent) on that connection.
     pub wire_packets_lost: u64,
+    /// Changes withheld from the peer (sent as stubs: its share settings
+    /// or their `_acl` keep them from it), stubs received from it, and
+    /// changes sent in full because its hello listed them as withheld, in
+    /// the current or last session.
+    pub changes_withheld: u64,
+    pub stubs_received: u64,
+    pub refilled: u64,
     /// The last reason a connection attempt or session ended, if any.
     pub last_error: Option<String>,
 }

@@ -87,6 +87,8 @@ fn setup(sim: &mut Sim<'_>, seed: u64, ca_dir: &std::path::Path) -> BTreeMap<&'s
                     listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT)),
                     peers: peer_addrs,
                     session: Default::default(),
+                    sharing: Default::default(),
+                    tap: None,
                 };
                 let mesh = Mesh::start_on(node, &identity, config, endpoint, run)?;
                 *peers.lock().map_err(|_| "poisoned")? = Some(mesh.peers());

@@ -37,7 +37,7 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use ocmesh_replication::{Change, Clock, FetchRequest, Timestamp, VersionVector};
+use ocmesh_replication::{Change, Clock, FetchRequest, RangeRequest, RangeSet, Timestamp, VersionVector};
 
 pub use error::{ApplyError, AuthError, OpenError, ReadError, StorageError, WriteError};
 pub use workitems::{QueueSettings, WorkItemError};
@@ -110,6 +110,10 @@ pub struct NodeStats {
     pub clock_clamped: AtomicU64,
     /// Peers' changes refused because their author lacked the right.
     pub remote_refused: AtomicU64,
+    /// Withheld stubs received from peers, and stubs later replaced by
+    /// their change (refills).
+    pub remote_withheld: AtomicU64,
+    pub remote_filled: AtomicU64,
     /// Requests waiting for the writer when it last took a group.
     pub writer_queue: AtomicU64,
     /// Time the writer spent carrying out writes, and in redb's commit.
@@ -177,9 +181,9 @@ impl Node {
             .set_cache_size(STORE_CACHE_BYTES)
             .create(&path)
             .map_err(|source| OpenError::Database {
-            path: path.display().to_string(),
-            source,
-        })?;
+                path: path.display().to_string(),
+                source,
+            })?;
         let db = Arc::new(db);
         let wal_path = config.data_dir.join("ocmesh.wal");
         let (mut wal, logged) =
@@ -288,6 +292,9 @@ impl Node {
             "remote_duplicates": s.remote_duplicates.load(Relaxed),
             "clock_clamped": s.clock_clamped.load(Relaxed),
             "remote_refused": s.remote_refused.load(Relaxed),
+            "remote_withheld": s.remote_withheld.load(Relaxed),
+            "remote_filled": s.remote_filled.load(Relaxed),
+            "changes_withheld_here": self.withheld_count().unwrap_or(0),
             "changes_held": self.version_vector().total(),
         })
     }
@@ -494,6 +501,24 @@ impl Node {
             Err(e) => return Err(e.into()),
         };
         Ok(table.get(hash.as_slice())?.map(|g| g.value().to_vec()))
+    }
+
+    /// The current file documents (`fs.files`) that list chunk `hash`
+    /// (at most 16): what decides whether a peer may be sent the chunk.
+    /// Uses an index on `chunks` when there is one, else reads every file
+    /// document.
+    pub fn files_with_chunk(&self, hash: &[u8; 32]) -> Result<Vec<Map<String, Value>>, ReadError> {
+        let filter = query::Filter::parse(&serde_json::json!({"chunks": hex::encode(hash)}))
+            .map_err(|e| ReadError::Storage(StorageError(e.to_string())))?;
+        self.with_documents(files::FILES, &filter, |docs| {
+            docs.filter(|d| filter.matches(d))
+                .filter_map(|d| match d {
+                    Value::Object(m) => Some(m),
+                    _ => None,
+                })
+                .take(16)
+                .collect()
+        })
     }
 
     /// Up to `limit` chunks that files replicated here name but this site
@@ -953,6 +978,92 @@ impl Node {
             }
         }
         Ok(out)
+    }
+
+    /// Reads the given sequences of the log, in the order of the ranges,
+    /// within the request's limits (at least one change if any is held).
+    /// Stubs come back as stubs.
+    pub fn read_change_ranges(&self, req: &RangeRequest) -> Result<Vec<Change>, ReadError> {
+        let txn = self.read()?;
+        let changes = txn.open_table(CHANGES)?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for (origin, first, last) in &req.ranges {
+            if first > last {
+                continue;
+            }
+            for entry in changes.range((origin.as_str(), *first)..=(origin.as_str(), *last))? {
+                let (_, v) = entry?;
+                let len = v.value().len();
+                if out.len() >= req.max_changes || (!out.is_empty() && bytes + len > req.max_bytes) {
+                    return Ok(out);
+                }
+                bytes += len;
+                out.push(store::decode_change(v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The changes this site holds only as withheld stubs, as ranges: at
+    /// most `max_ranges` of them, oldest first per origin.
+    pub fn withheld(&self, max_ranges: usize) -> Result<RangeSet, ReadError> {
+        let txn = self.read()?;
+        let table = match txn.open_table(store::WITHHELD) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(RangeSet::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut set = RangeSet::new();
+        let mut ranges = 0usize;
+        let mut last: Option<(String, u64)> = None;
+        for entry in table.iter()? {
+            let (k, _) = entry?;
+            let (origin, seq) = k.value();
+            let extends = last.as_ref().is_some_and(|(o, s)| o == origin && s + 1 == seq);
+            if !extends {
+                ranges += 1;
+                if ranges > max_ranges {
+                    break;
+                }
+            }
+            set.insert(origin, seq);
+            last = Some((origin.to_owned(), seq));
+        }
+        Ok(set)
+    }
+
+    /// How many changes this site holds only as withheld stubs.
+    pub fn withheld_count(&self) -> Result<u64, ReadError> {
+        use redb::ReadableTableMetadata;
+        let txn = self.read()?;
+        match txn.open_table(store::WITHHELD) {
+            Ok(t) => Ok(t.len()?),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The principal a peer site acts as when this site decides what to
+    /// share with it: `site:<name>`, holding `sites` and every role whose
+    /// `members` list it or one of its roles (nested, as for users).
+    pub fn site_principal(&self, site: &str) -> Result<Principal, ReadError> {
+        let filter = query::Filter::parse(&serde_json::json!({"_type": "role"}))
+            .map_err(|e| ReadError::Storage(StorageError(e.to_string())))?;
+        let roles: Vec<(String, Vec<String>)> = self.with_documents("users", &filter, |docs| {
+            docs.filter(|d| filter.matches(d))
+                .filter_map(|d| authz::role_members(&d))
+                .collect()
+        })?;
+        let id = ocmesh_replication::filter::site_principal(site);
+        let start = vec![id.clone(), ocmesh_replication::filter::SITES_ROLE.to_owned()];
+        let mut held = acl::expand_roles(&start, &roles);
+        held.retain(|r| *r != id);
+        Ok(Principal {
+            id,
+            name: site.to_owned(),
+            roles: held,
+        })
     }
 
     /// `get`, for a caller: a document it may not read is not found.

@@ -13,6 +13,11 @@
 //! - `credentials`: user name → local login record (not replicated).
 //! - `index_defs`, `index`: secondary indexes of current documents.
 //! - `conflicts`: same-field conflicts found when a history was merged.
+//! - `withheld`: (origin, seq) → (): changes held only as withheld stubs
+//!   (a peer was not allowed to share them with this site). The stub sits
+//!   in `changes` in the change's place, so the log stays contiguous; it
+//!   joins no history. When the change itself arrives later (a refill), it
+//!   replaces the stub and leaves this table.
 
 use prost::Message;
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
@@ -39,6 +44,8 @@ pub(crate) const INDEX_DEFS: TableDefinition<(&str, &str), &[u8]> = TableDefinit
 pub(crate) const CONFLICTS: TableDefinition<(&str, &str, &str, u64, u64), ()> = TableDefinition::new("conflicts");
 /// (collection, field, value key, id) → (): one entry per indexed value.
 pub(crate) const INDEX: TableDefinition<(&str, &str, &[u8], &str), ()> = TableDefinition::new("index");
+/// (origin, seq) → (): changes held only as withheld stubs.
+pub(crate) const WITHHELD: TableDefinition<(&str, u64), ()> = TableDefinition::new("withheld");
 
 pub(crate) const META_SITE: &str = "site";
 pub(crate) const META_HLC: &str = "hlc";
@@ -145,6 +152,7 @@ pub(crate) struct WriteTables<'t> {
     pub chunks: Table<'t, &'static [u8], &'static [u8]>,
     pub chunks_wanted: Table<'t, &'static [u8], ()>,
     pub conflicts: Table<'t, (&'static str, &'static str, &'static str, u64, u64), ()>,
+    pub withheld: Table<'t, (&'static str, u64), ()>,
     /// Queues that got an item ready to pop in this transaction, once per
     /// item: poppers waiting on them are woken after the commit.
     pub readied: Vec<String>,
@@ -191,6 +199,7 @@ impl<'t> WriteTables<'t> {
             chunks: txn.open_table(CHUNKS)?,
             chunks_wanted: txn.open_table(CHUNKS_WANTED)?,
             conflicts: txn.open_table(CONFLICTS)?,
+            withheld: txn.open_table(WITHHELD)?,
             readied: Vec::new(),
             log: Vec::new(),
             vv_pending: Vec::new(),
@@ -207,16 +216,54 @@ impl<'t> WriteTables<'t> {
     /// parsed, so nothing is decoded again. Returns the document's history
     /// length and, when this change became the current version, its view
     /// (`(0, None)` for a peer's change refused by `crate::authz`).
+    /// A withheld stub takes its place in the log and in `withheld` only.
     pub fn append(&mut self, change: &Change, local: Option<LocalWrite>) -> Result<(u64, Option<Value>), StorageError> {
+        self.log_change(change)?;
+        match self.vv_pending.iter_mut().find(|(o, _)| *o == change.origin) {
+            Some(entry) => entry.1 = change.seq,
+            None => self.vv_pending.push((change.origin.clone(), change.seq)),
+        }
+        if change.withheld {
+            self.withheld.insert((change.origin.as_str(), change.seq), ())?;
+            return Ok((0, None));
+        }
+        self.join_history(change, local)
+    }
+
+    /// Whether this site holds `origin`:`seq` only as a withheld stub.
+    pub fn is_withheld(&self, origin: &str, seq: u64) -> Result<bool, StorageError> {
+        Ok(self.withheld.get((origin, seq))?.is_some())
+    }
+
+    /// Replaces the withheld stub of `change` with the change itself and
+    /// lets it join its document's history (as `append` does for a peer's
+    /// change). Returns false, doing nothing, when the change is not
+    /// withheld here.
+    pub fn fill(&mut self, change: &Change) -> Result<bool, StorageError> {
+        if change.withheld || self.withheld.remove((change.origin.as_str(), change.seq))?.is_none() {
+            return Ok(false);
+        }
+        self.log_change(change)?;
+        self.join_history(change, None)?;
+        Ok(true)
+    }
+
+    /// Writes `change` to the log table and to this group's write-ahead
+    /// log record.
+    fn log_change(&mut self, change: &Change) -> Result<(), StorageError> {
         let bytes = change.encode_to_vec();
         self.changes
             .insert((change.origin.as_str(), change.seq), bytes.as_slice())?;
         prost::encoding::encode_varint(bytes.len() as u64, &mut self.log);
         self.log.extend_from_slice(&bytes);
-        match self.vv_pending.iter_mut().find(|(o, _)| *o == change.origin) {
-            Some(entry) => entry.1 = change.seq,
-            None => self.vv_pending.push((change.origin.clone(), change.seq)),
-        }
+        Ok(())
+    }
+
+    fn join_history(
+        &mut self,
+        change: &Change,
+        local: Option<LocalWrite>,
+    ) -> Result<(u64, Option<Value>), StorageError> {
         // A peer's change whose author lacked the right stays in the log only.
         if local.is_none() && crate::authz::refuse(self, change)?.is_some() {
             self.refused += 1;
@@ -305,7 +352,12 @@ impl<'t> WriteTables<'t> {
                     Some((origin, _, hlc)) => change.base_hlc == *hlc && change.base_origin == *origin,
                     None => true,
                 };
-                let new = if is_this && builds_on_previous {
+                let new = if is_this && len == 1 && change.kind == ChangeKind::Update as i32 {
+                    // The first version held here is an update: the ones
+                    // before it were withheld from this site (see
+                    // `ocmesh_replication::merge`).
+                    Some(body_object(change)?)
+                } else if is_this && builds_on_previous {
                     self.apply_fields(change, old.clone())?
                 } else {
                     self.refold(collection, id)?
@@ -568,6 +620,11 @@ impl<'t> WriteTables<'t> {
                     .map_err(|e| StorageError(format!("write-ahead log record does not decode: {e}")))?;
                 let held = vv.get(&change.origin);
                 if change.seq <= held {
+                    // A refill of a stub this site held is logged again.
+                    if self.fill(&change)? {
+                        max_hlc = max_hlc.max(change.hlc);
+                        applied += 1;
+                    }
                     continue;
                 }
                 if change.seq != held + 1 {

@@ -976,6 +976,7 @@ async fn a_change_whose_author_lacked_the_right_is_refused_and_counted() {
         fields: vec!["v".into()],
         base_hlc: insert.hlc,
         base_origin: "a".into(),
+        withheld: false,
     };
     let report = b
         .apply(vec![
@@ -1166,4 +1167,75 @@ async fn a_write_refused_midway_leaves_nothing_and_spares_its_group() {
     // The log has no gaps: sequence numbers were not burnt by the reruns.
     let seqs: Vec<u64> = changes.iter().filter(|c| c.origin == "a").map(|c| c.seq).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}
+
+/// Withheld stubs advance the vector, join no history and are listed as
+/// withheld; the change itself later replaces its stub (a refill), also
+/// after a crash replays the write-ahead log. An update that is the first
+/// version held of its document shows the document whole.
+#[tokio::test]
+async fn withheld_stubs_and_refills() {
+    let a_dir = tempfile::tempdir().expect("tmp");
+    let a = open(a_dir.path(), "a");
+    let secret = a
+        .insert("entities", obj(json!({"v": "secret"})), &admin())
+        .await
+        .expect("insert");
+    let id = secret["_id"].as_str().expect("id").to_owned();
+    let mut edited = obj(secret.clone());
+    edited.insert("v".into(), json!("public"));
+    a.replace("entities", &id, edited, &admin()).await.expect("replace");
+    let log = from_origin(&a, "a");
+    let (insert, update) = (log[log.len() - 2].clone(), log[log.len() - 1].clone());
+    assert!(update.partial, "the edit is a partial update");
+
+    let b_dir = tempfile::tempdir().expect("tmp");
+    let b = open(b_dir.path(), "b");
+    // Everything before the insert in full, the insert as a stub, then the update.
+    let mut batch: Vec<Change> = log[..log.len() - 2].to_vec();
+    batch.push(ocmesh_replication::change::stub_of(&insert));
+    batch.push(update.clone());
+    let report = b.apply(batch).await.expect("apply");
+    assert_eq!(report.withheld, 1);
+    assert_eq!(b.version_vector().get("a"), a.version_vector().get("a"));
+    assert_eq!(b.withheld_count().expect("count"), 1);
+    let ranges: Vec<_> = b
+        .withheld(10)
+        .expect("withheld")
+        .ranges()
+        .map(|(o, f, l)| (o.to_owned(), f, l))
+        .collect();
+    assert_eq!(ranges, vec![("a".to_owned(), insert.seq, insert.seq)]);
+    let doc = b.get("entities", &id).expect("the update shows the document whole");
+    assert_eq!(doc["v"], "public");
+    assert_eq!(doc["_version"], 0);
+    // The stub is read back as a stub, for relaying.
+    let stub = from_origin(&b, "a")
+        .into_iter()
+        .find(|c| c.seq == insert.seq)
+        .expect("stub in the log");
+    assert!(stub.withheld && stub.body.is_empty());
+
+    // A refill: the insert itself. Copy the files first to replay it after a crash.
+    let report = b.apply(vec![insert.clone(), update.clone()]).await.expect("refill");
+    assert_eq!((report.filled, report.duplicates), (1, 1));
+    assert_eq!(b.withheld_count().expect("count"), 0);
+    let doc = b.get("entities", &id).expect("doc");
+    assert_eq!((doc["v"].clone(), doc["_version"].clone()), (json!("public"), json!(1)));
+    assert_eq!(b.versions("entities", &id).expect("history").len(), 2);
+    let crash = tempfile::tempdir().expect("tmp");
+    for f in ["ocmesh.redb", "ocmesh.wal"] {
+        std::fs::copy(b_dir.path().join(f), crash.path().join(f)).expect("copy");
+    }
+    let replayed = open(crash.path(), "b");
+    assert_eq!(
+        replayed.withheld_count().expect("count"),
+        0,
+        "the refill survived the crash"
+    );
+    assert_eq!(replayed.versions("entities", &id).expect("history").len(), 2);
+    // A stub with content is refused whole.
+    let mut leaky = ocmesh_replication::change::stub("z", 1);
+    leaky.body = b"{}".to_vec();
+    assert!(b.apply(vec![leaky]).await.is_err());
 }

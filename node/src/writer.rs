@@ -172,6 +172,13 @@ pub struct ApplyReport {
     pub clock_clamped: u64,
     /// Changes logged but refused: their author lacked the right.
     pub refused: u64,
+    /// Withheld stubs logged (their content was not shared with this site).
+    pub withheld: u64,
+    /// Changes that replaced a withheld stub held here (refills).
+    pub filled: u64,
+    /// Which changes were logged as stubs, and which stubs were replaced.
+    pub new_stubs: ocmesh_replication::RangeSet,
+    pub filled_ranges: ocmesh_replication::RangeSet,
 }
 
 type GroupDone = (Vec<Result<WriteDone, WriteError>>, Vec<String>);
@@ -481,8 +488,10 @@ impl Writer {
                 };
                 results.push(r);
             }
-            if !checkpoint && self.vv == vv_before {
+            if !checkpoint && self.vv == vv_before && t.log.is_empty() {
                 // Nothing changed (empty pops, refused writes): no commit.
+                // (A refill of a withheld stub logs a change below the
+                // version vector: that is a change.)
                 drop(t);
                 txn.abort()?;
                 return Ok((results, Vec::new()));
@@ -714,6 +723,7 @@ impl Writer {
             fields: fields.unwrap_or_default(),
             base_hlc,
             base_origin,
+            withheld: false,
         };
         let (_, view) = t.append(&change, Some(LocalWrite { body, old }))?;
         self.vv.advance(&self.site, seq);
@@ -727,11 +737,18 @@ impl Writer {
         let mut report = ApplyReport::default();
         let mut expect = self.vv.clone();
         let mut fresh = Vec::with_capacity(changes.len());
+        let mut fills = Vec::new();
         for c in changes {
             validate(&c).map_err(ApplyError::Invalid)?;
             let held = expect.get(&c.origin);
             if c.seq <= held {
-                report.duplicates += 1;
+                // The content of a change held here only as a stub.
+                if !c.withheld && c.seq <= self.vv.get(&c.origin) && t.is_withheld(&c.origin, c.seq)? {
+                    check_content(&c)?;
+                    fills.push(c);
+                } else {
+                    report.duplicates += 1;
+                }
                 continue;
             }
             if c.origin == self.site {
@@ -745,14 +762,8 @@ impl Writer {
                 }
                 .into());
             }
-            validate_collection(&c.collection).map_err(ApplyError::Name)?;
-            validate_id(&c.doc_id).map_err(ApplyError::Name)?;
-            if body_object(&c).is_err() {
-                return Err(ApplyError::BodyNotObject {
-                    origin: c.origin,
-                    seq: c.seq,
-                }
-                .into());
+            if !c.withheld {
+                check_content(&c)?;
             }
             expect.advance(&c.origin, c.seq);
             fresh.push(c);
@@ -760,12 +771,26 @@ impl Writer {
         let now = physical_ms();
         let refused = t.refused;
         for c in fresh {
-            if self.clock.observe(Timestamp::from_raw(c.hlc), now).clamped {
+            if c.withheld {
+                report.withheld += 1;
+                report.new_stubs.insert(&c.origin, c.seq);
+            } else if self.clock.observe(Timestamp::from_raw(c.hlc), now).clamped {
                 report.clock_clamped += 1;
             }
             t.append(&c, None)?;
             self.vv.advance(&c.origin, c.seq);
             report.applied += 1;
+        }
+        for c in fills {
+            if self.clock.observe(Timestamp::from_raw(c.hlc), now).clamped {
+                report.clock_clamped += 1;
+            }
+            if t.fill(&c)? {
+                report.filled += 1;
+                report.filled_ranges.insert(&c.origin, c.seq);
+            } else {
+                report.duplicates += 1;
+            }
         }
         report.refused = t.refused - refused;
         self.stats.remote_refused.fetch_add(report.refused, Ordering::Relaxed);
@@ -776,6 +801,8 @@ impl Writer {
             );
         }
         self.stats.remote_applied.fetch_add(report.applied, Ordering::Relaxed);
+        self.stats.remote_withheld.fetch_add(report.withheld, Ordering::Relaxed);
+        self.stats.remote_filled.fetch_add(report.filled, Ordering::Relaxed);
         self.stats
             .remote_duplicates
             .fetch_add(report.duplicates, Ordering::Relaxed);
@@ -784,6 +811,20 @@ impl Writer {
             .fetch_add(report.clock_clamped, Ordering::Relaxed);
         Ok(report)
     }
+}
+
+/// Checks what a receiver relies on in a change's content.
+fn check_content(c: &Change) -> Result<(), WriteError> {
+    validate_collection(&c.collection).map_err(ApplyError::Name)?;
+    validate_id(&c.doc_id).map_err(ApplyError::Name)?;
+    if body_object(c).is_err() {
+        return Err(ApplyError::BodyNotObject {
+            origin: c.origin.clone(),
+            seq: c.seq,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 fn check_index_field(field: &str) -> Result<(), WriteError> {

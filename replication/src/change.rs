@@ -24,6 +24,24 @@ pub enum ChangeError {
     MissingTarget { origin: String, seq: u64 },
     #[error("change {origin}:{seq} body is {len} bytes, over the {MAX_BODY_BYTES} byte limit")]
     BodyTooLarge { origin: String, seq: u64, len: usize },
+    #[error("withheld stub {origin}:{seq} carries content; a stub has only origin and seq")]
+    StubWithContent { origin: String, seq: u64 },
+}
+
+/// A withheld stub for `origin`:`seq`: it holds the change's place in the
+/// origin's sequence and nothing else.
+pub fn stub(origin: &str, seq: u64) -> Change {
+    Change {
+        origin: origin.to_owned(),
+        seq,
+        withheld: true,
+        ..Default::default()
+    }
+}
+
+/// The stub standing for `change` (itself when it is one).
+pub fn stub_of(change: &Change) -> Change {
+    stub(&change.origin, change.seq)
 }
 
 /// Checks the fields a receiver relies on; does not look at the body's JSON.
@@ -34,6 +52,26 @@ pub fn validate(change: &Change) -> Result<(), ChangeError> {
     }
     if change.seq == 0 {
         return Err(ChangeError::ZeroSequence { origin: origin() });
+    }
+    if change.withheld {
+        let empty = change.hlc == 0
+            && change.kind == 0
+            && change.collection.is_empty()
+            && change.doc_id.is_empty()
+            && change.body.is_empty()
+            && change.author.is_empty()
+            && !change.partial
+            && change.fields.is_empty()
+            && change.base_hlc == 0
+            && change.base_origin.is_empty()
+            && !change.author_admin;
+        if !empty {
+            return Err(ChangeError::StubWithContent {
+                origin: origin(),
+                seq: change.seq,
+            });
+        }
+        return Ok(());
     }
     match ChangeKind::try_from(change.kind) {
         Ok(ChangeKind::Insert | ChangeKind::Update | ChangeKind::Delete) => {}
@@ -126,6 +164,13 @@ mod tests {
         let mut c = change("a", 1);
         c.collection.clear();
         assert!(matches!(validate(&c), Err(ChangeError::MissingTarget { .. })));
+        assert_eq!(validate(&stub("a", 3)), Ok(()), "a stub needs no target");
+        let mut leaky = stub_of(&change("a", 4));
+        leaky.body = b"{\"secret\":1}".to_vec();
+        assert!(matches!(
+            validate(&leaky),
+            Err(ChangeError::StubWithContent { seq: 4, .. })
+        ));
     }
 
     proptest! {

@@ -11,6 +11,9 @@
 //! - [`session`]: the sync session state machine run on each side of a link.
 //! - [`chunks`]: file chunks asked for and sent by content hash, inside a
 //!   session.
+//! - [`filter`]: whether a change may go to a given peer (its share
+//!   settings and the `_acl` in the change's body); [`withheld`]: the
+//!   sequences a site holds only as withheld stubs, as ranges.
 //!
 //! Invariants: nothing here performs I/O, reads a clock, or draws random
 //! numbers; time comes in as arguments. Each origin numbers its changes
@@ -21,13 +24,17 @@
 pub mod acl_merge;
 pub mod change;
 pub mod chunks;
+pub mod filter;
 pub mod hlc;
 pub mod merge;
 pub mod ownership;
 pub mod session;
 pub mod vv;
+pub mod withheld;
 
 pub use change::{Change, ChangeKind, VersionKey};
+pub use filter::{AclMode, PeerPolicy, ShareConfig};
 pub use hlc::{Clock, Timestamp};
-pub use session::{FetchRequest, Input, Output, SessionConfig, SessionError, SyncSession};
+pub use session::{FetchRequest, Input, Output, RangeRequest, SessionConfig, SessionError, SyncSession};
 pub use vv::VersionVector;
+pub use withheld::RangeSet;

@@ -17,6 +17,11 @@
 //! history, and the pair is reported. Bookkeeping fields (`_modified`...)
 //! are set by every write and never reported.
 //!
+//! An update that is the first version a site holds of a document (the
+//! versions before it were withheld from this site, see `crate::filter`)
+//! sets the whole document from its body, which is always the document as
+//! written: the first version a site may see, it sees whole.
+//!
 //! `_acl` is merged per principal (see `acl_merge`): a revoke concurrent
 //! with a grant of the same principal's rights wins, and concurrent edits
 //! of different principals both survive.
@@ -81,7 +86,13 @@ pub fn merge(mut versions: Vec<VersionRecord>) -> Merged {
                 lost: l as u64,
             })
         };
+        let starts_history = pos == 0 && v.kind == ChangeKind::Update;
         match v.kind {
+            _ if starts_history => {
+                doc = Some(v.body.clone());
+                setter = v.body.keys().map(|k| (k.clone(), pos)).collect();
+                acl.reset(pos, &v.body);
+            }
             ChangeKind::Delete => {
                 doc = None;
                 setter.clear();
@@ -221,6 +232,33 @@ mod tests {
             base: Some(key(base.0, base.1)),
             body: Map::new(),
         }
+    }
+
+    #[test]
+    fn an_update_first_held_sets_the_whole_document() {
+        // The insert was withheld from this site: the update it holds
+        // shows the document as written.
+        let m = merge(vec![update(
+            2,
+            "a",
+            (1, "a"),
+            json!({"x": 1, "y": 0, "_acl": []}),
+            &["x"],
+        )]);
+        assert_eq!(m.doc, Some(obj(json!({"x": 1, "y": 0, "_acl": []}))));
+        // Once the insert arrives, the fold is the origin's.
+        let full = merge(vec![
+            insert(1, "a", json!({"x": 0, "y": 0, "z": 9})),
+            update(2, "a", (1, "a"), json!({"x": 1, "y": 0, "_acl": []}), &["x"]),
+        ]);
+        assert_eq!(full.doc, Some(obj(json!({"x": 1, "y": 0, "z": 9}))));
+        // A later update on top of a first-held one applies its fields.
+        let m = merge(vec![
+            update(2, "a", (1, "a"), json!({"x": 1, "y": 0}), &["x"]),
+            update(3, "a", (2, "a"), json!({"x": 1, "y": 5}), &["y"]),
+        ]);
+        assert_eq!(m.doc, Some(obj(json!({"x": 1, "y": 5}))));
+        assert!(m.conflicts.is_empty());
     }
 
     #[test]

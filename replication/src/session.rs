@@ -13,6 +13,21 @@
 //! 4. afterwards new local changes (written here or received from a third
 //!    site) are pushed as they appear: the live tail.
 //!
+//! Filtering: every change goes out either in full or, when the session's
+//! [`PeerPolicy`] withholds it from this peer (see [`crate::filter`]), as a
+//! withheld stub that only holds its (origin, seq) place, so sequences stay
+//! contiguous and the peer's version vector catches up exactly. A stub
+//! read from the local log (this site got it as a stub) goes on as a stub.
+//! Each hello carries the sender's withheld ranges; the receiver sends any
+//! of those it holds in full and may share (a refill), so two sites that
+//! first met through a filtering relay end up exact once linked directly.
+//! During a session the same request goes as a `Withheld` frame when the
+//! site receives stubs over another link (`Input::LocalWithheld`), so a
+//! stub relayed ahead of the direct copy does not leave a gap until the
+//! next reconnect; ranges the receiver does not hold yet wait until it
+//! does. A site that replaced stubs by their changes offers them to its
+//! other peers (`Input::Offer`), which receive them unless they hold them.
+//!
 //! Invariants: a change the peer is known to hold (from its `Hello`, its
 //! acks, or because it sent it to us) is never sent to it, so relayed
 //! changes do not loop back; per origin, changes go out in sequence order
@@ -20,9 +35,17 @@
 
 use ocmesh_proto::federation::{self as pb, frame::Kind};
 
+use std::collections::VecDeque;
+
 use crate::change::{self, Change, ChangeError};
 use crate::chunks::{ChunkExchange, ChunkOutput, ChunkStats, Hash};
+use crate::filter::{self, PeerPolicy};
 use crate::vv::{VersionVector, VersionVectorError};
+use crate::withheld::{MAX_HELLO_RANGES, RangeError, RangeSet};
+
+/// Most ranges waiting to be refilled to the peer; more are dropped (and
+/// counted) until the peer's next hello asks again.
+pub const MAX_REFILL_RANGES: usize = 4 * MAX_HELLO_RANGES;
 
 /// Limits of one session.
 #[derive(Clone, Debug)]
@@ -60,6 +83,27 @@ pub enum Input {
     ChunksWanted(Vec<Hash>),
     /// The answer to `Output::ReadChunk`: the chunk, or `None` if not held.
     ChunkRead { hash: Hash, data: Option<Vec<u8>> },
+    /// The answer to `Output::FetchRanges`: changes (full or stubs) from
+    /// the local log, in the order of the requested ranges.
+    FetchedRanges(Vec<Change>),
+    /// This site now holds these changes only as stubs (received over
+    /// another link): ask the peer for them.
+    LocalWithheld(RangeSet),
+    /// This site now holds these changes in full after holding them as
+    /// stubs (refilled over another link): send them to the peer if it may
+    /// have them (it skips those it holds).
+    Offer(RangeSet),
+}
+
+/// Read request for given sequences of the local log (a refill of the
+/// peer's withheld ranges).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangeRequest {
+    /// (origin, first, last), inclusive; read in this order.
+    pub ranges: Vec<(String, u64, u64)>,
+    pub max_changes: usize,
+    /// Stop before exceeding this many body bytes (at least one change).
+    pub max_bytes: usize,
 }
 
 /// Read request for the local log.
@@ -79,6 +123,9 @@ pub enum Output {
     Send(pb::Frame),
     /// Read changes from the local log and answer with `Input::Fetched`.
     Fetch(FetchRequest),
+    /// Read these sequences from the local log and answer with
+    /// `Input::FetchedRanges`.
+    FetchRanges(RangeRequest),
     /// Apply these changes durably (skipping any already held), then answer
     /// with `Input::Applied`. Batches must be applied in the order given.
     Apply { batch: u64, changes: Vec<Change> },
@@ -125,6 +172,10 @@ pub enum SessionError {
     UnaskedChunk(String),
     #[error("peer sent content for chunk {0} that does not match its hash")]
     ChunkMismatch(String),
+    #[error("peer's hello lists bad withheld ranges: {0}")]
+    BadWithheld(#[from] RangeError),
+    #[error("local log returned {origin}:{seq}, which was not asked for")]
+    UnaskedRange { origin: String, seq: u64 },
 }
 
 /// Counters of one session.
@@ -134,6 +185,16 @@ pub struct SessionStats {
     pub changes_sent: u64,
     pub batches_received: u64,
     pub changes_received: u64,
+    /// Changes this site withheld from the peer (sent as stubs).
+    pub withheld: u64,
+    /// Stubs this site holds that it passed on as stubs.
+    pub stubs_relayed: u64,
+    /// Changes sent in full because the peer's hello listed them as withheld.
+    pub refilled: u64,
+    /// Stubs received from the peer.
+    pub stubs_received: u64,
+    /// Ranges to refill dropped because the queue was full.
+    pub refills_dropped: u64,
 }
 
 /// One side of a sync session.
@@ -162,10 +223,21 @@ pub struct SyncSession {
     told: VersionVector,
     /// When each unacknowledged batch went out (caller's milliseconds),
     /// oldest first; at most `max_in_flight` long.
-    in_flight_since: std::collections::VecDeque<u64>,
+    in_flight_since: VecDeque<u64>,
     closed: bool,
     stats: SessionStats,
     chunks: ChunkExchange,
+    /// What may go to this peer in full.
+    policy: PeerPolicy,
+    /// What this site holds only as stubs (for its hello).
+    local_withheld: RangeSet,
+    /// The peer's withheld ranges still to look at, in order.
+    refill: VecDeque<(String, u64, u64)>,
+    /// The ranges of the refill read under way.
+    refilling: Option<Vec<(String, u64, u64)>>,
+    /// Ranges the peer asked for that this site does not hold yet: they
+    /// join `refill` as the local log grows past them.
+    deferred: RangeSet,
 }
 
 impl SyncSession {
@@ -184,11 +256,38 @@ impl SyncSession {
             last_batch_acked: 0,
             last_batch_received: 0,
             told: VersionVector::new(),
-            in_flight_since: std::collections::VecDeque::new(),
+            in_flight_since: VecDeque::new(),
             closed: false,
             stats: SessionStats::default(),
             chunks: ChunkExchange::default(),
+            policy: PeerPolicy::default(),
+            local_withheld: RangeSet::new(),
+            refill: VecDeque::new(),
+            refilling: None,
+            deferred: RangeSet::new(),
         }
+    }
+
+    /// What may go to the peer in full (default: everything).
+    pub fn with_policy(mut self, policy: PeerPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// What this site holds only as stubs: its hello asks for them.
+    pub fn with_withheld(mut self, withheld: RangeSet) -> Self {
+        self.local_withheld = withheld;
+        self
+    }
+
+    /// Replaces the policy (the peer's roles changed); applies to changes
+    /// read from now on.
+    pub fn set_policy(&mut self, policy: PeerPolicy) {
+        self.policy = policy;
+    }
+
+    pub fn policy(&self) -> &PeerPolicy {
+        &self.policy
     }
 
     /// The opening frame. Call once, when the link is up.
@@ -201,6 +300,7 @@ impl SyncSession {
         vec![Output::Send(frame(Kind::Hello(pb::Hello {
             protocol_version: pb::PROTOCOL_VERSION,
             have: Some(self.local.to_proto()),
+            withheld: self.local_withheld.to_proto(MAX_HELLO_RANGES),
         })))]
     }
 
@@ -240,6 +340,7 @@ impl SyncSession {
             && !self.fetching
             && self.last_batch_acked == self.last_batch_sent
             && !self.local.exceeds(&self.sent)
+            && self.refill.is_empty()
             && self.chunks.is_idle()
     }
 
@@ -264,12 +365,36 @@ impl SyncSession {
             Input::Applied { batch, have } => {
                 self.local.merge(&have);
                 self.told.merge(&self.local);
+                self.release_deferred();
                 out.push(Output::Send(frame(Kind::Ack(pb::Ack {
                     batch,
                     have: Some(self.local.to_proto()),
                 }))));
             }
-            Input::LocalAdvanced(have) => self.local.merge(&have),
+            Input::LocalAdvanced(have) => {
+                self.local.merge(&have);
+                self.release_deferred();
+            }
+            Input::LocalWithheld(stubs) => {
+                // The stubs are in the log, so the vector covers them:
+                // the peer may answer with any change up to them.
+                for (origin, _, last) in stubs.ranges() {
+                    self.local.advance(origin, last);
+                    self.told.advance(origin, last);
+                }
+                let ranges = stubs.to_proto(usize::MAX);
+                for chunk in ranges.chunks(MAX_HELLO_RANGES) {
+                    out.push(Output::Send(frame(Kind::Withheld(pb::Withheld {
+                        ranges: chunk.to_vec(),
+                    }))));
+                }
+            }
+            Input::Offer(filled) => {
+                let ranges: Vec<(String, u64, u64)> = filled.ranges().map(|(o, f, l)| (o.to_owned(), f, l)).collect();
+                for (o, f, l) in ranges {
+                    self.queue_refill(&o, f, l);
+                }
+            }
             Input::ChunksWanted(hashes) => {
                 let mut asks = Vec::new();
                 self.chunks.want(hashes, now_ms, &mut asks);
@@ -279,6 +404,7 @@ impl SyncSession {
                 let answer = self.chunks.on_read(hash, data);
                 out.push(Output::Send(frame(Kind::ChunkData(answer))));
             }
+            Input::FetchedRanges(changes) => self.on_fetched_ranges(changes, now_ms, out)?,
         }
         self.maybe_fetch(out);
         Ok(())
@@ -295,6 +421,11 @@ impl SyncSession {
                     return Err(SessionError::UnsupportedVersion(h.protocol_version));
                 }
                 let have = self.check_claim(h.have.unwrap_or_default())?;
+                let withheld = RangeSet::from_proto(&h.withheld)?;
+                // Only what the peer's vector covers can be refilled.
+                for (origin, first, last) in withheld.ranges() {
+                    self.queue_refill(origin, first, last.min(have.get(origin)));
+                }
                 self.peer_hello = true;
                 self.sent.merge(&have);
                 self.acked.merge(&have);
@@ -310,6 +441,9 @@ impl SyncSession {
                 }
                 for c in &b.changes {
                     change::validate(c)?;
+                    if c.withheld {
+                        self.stats.stubs_received += 1;
+                    }
                     let next = self.told.get(&c.origin) + 1;
                     if c.seq > next {
                         return Err(SessionError::ChangeOutOfOrder {
@@ -358,6 +492,30 @@ impl SyncSession {
                 self.chunks.on_want(w, &mut reads)?;
                 chunk_outputs(reads, out);
             }
+            Kind::Withheld(w) => {
+                if !self.peer_hello {
+                    return Err(SessionError::BeforeHello("withheld ranges"));
+                }
+                let withheld = RangeSet::from_proto(&w.ranges)?;
+                for (origin, first, last) in withheld.ranges() {
+                    if origin == self.local_site {
+                        // This site made them; nobody holds stubs of them
+                        // that it has not made.
+                        let ours = self.local.get(origin);
+                        if last > ours {
+                            return Err(SessionError::ImpossibleClaim {
+                                origin: origin.to_owned(),
+                                claimed: last,
+                                ours,
+                            });
+                        }
+                    }
+                    // The peer holds stubs up to `last`: a gap-free answer.
+                    self.sent.advance(origin, last);
+                    self.acked.advance(origin, last);
+                    self.queue_refill(origin, first, last);
+                }
+            }
             Kind::ChunkData(d) => {
                 let mut next = Vec::new();
                 self.chunks.on_data(d, now_ms, &mut next)?;
@@ -365,6 +523,43 @@ impl SyncSession {
             }
         }
         Ok(())
+    }
+
+    /// Queues `origin`:`first..=last` for a refill: the part this site
+    /// holds now, and the rest once it does.
+    fn queue_refill(&mut self, origin: &str, first: u64, last: u64) {
+        let held = self.local.get(origin);
+        let now = last.min(held);
+        if first <= now {
+            if self.refill.len() < MAX_REFILL_RANGES {
+                self.refill.push_back((origin.to_owned(), first, now));
+            } else {
+                self.stats.refills_dropped += 1;
+            }
+        }
+        if last > held {
+            if self.deferred.ranges().count() < MAX_HELLO_RANGES {
+                self.deferred.insert_range(origin, first.max(held + 1), last);
+            } else {
+                self.stats.refills_dropped += 1;
+            }
+        }
+    }
+
+    /// Moves deferred ranges the local log now covers to the refill queue.
+    fn release_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let due = self.deferred.ranges().any(|(o, f, _)| f <= self.local.get(o));
+        if !due {
+            return;
+        }
+        let all: Vec<(String, u64, u64)> = self.deferred.ranges().map(|(o, f, l)| (o.to_owned(), f, l)).collect();
+        self.deferred = RangeSet::new();
+        for (o, f, l) in all {
+            self.queue_refill(&o, f, l);
+        }
     }
 
     /// Refuses a vector that claims more of our own changes than we made.
@@ -401,10 +596,75 @@ impl SyncSession {
             self.sent.advance(&c.origin, c.seq);
             self.local.advance(&c.origin, c.seq);
             self.told.advance(&c.origin, c.seq);
-            batch.push(c);
+            if c.withheld {
+                self.stats.stubs_relayed += 1;
+                batch.push(c);
+            } else if filter::decide(&c, &self.policy).is_err() {
+                self.stats.withheld += 1;
+                batch.push(change::stub_of(&c));
+            } else {
+                batch.push(c);
+            }
         }
+        self.send_batch(batch, now_ms, out);
+        Ok(())
+    }
+
+    /// Sends the changes of the peer's withheld ranges that this site holds
+    /// in full and may share; puts back what the read did not reach.
+    fn on_fetched_ranges(
+        &mut self,
+        changes: Vec<Change>,
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), SessionError> {
+        self.fetching = false;
+        let requested = self.refilling.take().unwrap_or_default();
+        // Index in `requested` and seq of the last change read.
+        let mut reached: Option<(usize, u64)> = None;
+        let mut batch = Vec::new();
+        for c in changes {
+            let from = reached.map_or(0, |(i, _)| i);
+            let after = reached.map_or(0, |(_, s)| s);
+            let Some(i) = requested
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(j, (o, f, l))| {
+                    *o == c.origin && (*f..=*l).contains(&c.seq) && (*j > from || reached.is_none() || c.seq > after)
+                })
+                .map(|(i, _)| i)
+            else {
+                return Err(SessionError::UnaskedRange {
+                    origin: c.origin,
+                    seq: c.seq,
+                });
+            };
+            reached = Some((i, c.seq));
+            if !c.withheld && filter::decide(&c, &self.policy).is_ok() {
+                self.stats.refilled += 1;
+                batch.push(c);
+            }
+        }
+        // The read stops at its limits: what it did not reach comes next.
+        if let Some((i, seq)) = reached {
+            let mut rest: Vec<(String, u64, u64)> = Vec::new();
+            let (o, _, l) = &requested[i];
+            if seq < *l {
+                rest.push((o.clone(), seq + 1, *l));
+            }
+            rest.extend(requested[i + 1..].iter().cloned());
+            for r in rest.into_iter().rev() {
+                self.refill.push_front(r);
+            }
+        }
+        self.send_batch(batch, now_ms, out);
+        Ok(())
+    }
+
+    fn send_batch(&mut self, batch: Vec<Change>, now_ms: u64, out: &mut Vec<Output>) {
         if batch.is_empty() {
-            return Ok(());
+            return;
         }
         self.last_batch_sent += 1;
         self.in_flight_since.push_back(now_ms);
@@ -414,13 +674,40 @@ impl SyncSession {
             batch: self.last_batch_sent,
             changes: batch,
         }))));
-        Ok(())
     }
 
     fn maybe_fetch(&mut self, out: &mut Vec<Output>) {
         let in_flight = self.last_batch_sent - self.last_batch_acked;
-        if self.peer_hello && !self.fetching && in_flight < self.config.max_in_flight && self.local.exceeds(&self.sent)
-        {
+        if !self.peer_hello || self.fetching || in_flight >= self.config.max_in_flight {
+            return;
+        }
+        // New changes first; the peer's withheld ranges when none are due.
+        if !self.refill.is_empty() && !self.local.exceeds(&self.sent) {
+            // At most a batch's worth of sequences per read.
+            let mut ranges = Vec::new();
+            let mut span = 0u64;
+            let max = self.config.max_batch_changes.max(1) as u64;
+            while span < max {
+                let Some((o, f, l)) = self.refill.pop_front() else {
+                    break;
+                };
+                let take = (l - f + 1).min(max - span);
+                if take < l - f + 1 {
+                    self.refill.push_front((o.clone(), f + take, l));
+                }
+                ranges.push((o, f, f + take - 1));
+                span += take;
+            }
+            self.fetching = true;
+            self.refilling = Some(ranges.clone());
+            out.push(Output::FetchRanges(RangeRequest {
+                ranges,
+                max_changes: self.config.max_batch_changes,
+                max_bytes: self.config.max_batch_bytes,
+            }));
+            return;
+        }
+        if self.local.exceeds(&self.sent) {
             self.fetching = true;
             out.push(Output::Fetch(FetchRequest {
                 after: self.sent.clone(),

@@ -540,6 +540,14 @@ impl<'s> Sim<'s> {
                         }
                     }
                     Output::PeerHas(_) => {}
+                    // Simulated sites share everything, so no hello lists
+                    // withheld ranges and none are ever asked for; an ask
+                    // is answered with nothing, which ends it.
+                    Output::FetchRanges(_) => {
+                        if let Some(s) = self.session(link, end) {
+                            work.push_back((link, end, s.handle(Input::FetchedRanges(Vec::new()), now)));
+                        }
+                    }
                     // Simulated sites hold no file content: nothing is ever
                     // asked for, and an ask is answered "missing".
                     Output::ReadChunk(hash) => {

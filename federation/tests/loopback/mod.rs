@@ -1,11 +1,13 @@
 //! Sites in one process joined by the real mesh over loopback QUIC.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use ocmesh_federation::{Mesh, MeshConfig, ca, tls};
+use ocmesh_federation::{FrameTap, Mesh, MeshConfig, ca, tls};
 use ocmesh_node::{Node, NodeConfig};
+use ocmesh_replication::ShareConfig;
 
 /// A running site; its data lives as long as it does.
 pub struct Site {
@@ -40,6 +42,19 @@ pub fn start(ca_dir: &Path, site: &str, listen: SocketAddr, peers: Vec<SocketAdd
 
 /// Starts the mesh of an open node (a first start, or a restart after a cut).
 pub fn start_mesh(node: Node, id: tls::SiteIdentity, listen: SocketAddr, peers: Vec<SocketAddr>) -> Mesh {
+    start_mesh_with(node, id, listen, peers, Default::default(), None)
+}
+
+/// `start_mesh` with per-peer share settings and a tap on sent frames.
+#[allow(dead_code)]
+pub fn start_mesh_with(
+    node: Node,
+    id: tls::SiteIdentity,
+    listen: SocketAddr,
+    peers: Vec<SocketAddr>,
+    sharing: HashMap<String, ShareConfig>,
+    tap: Option<FrameTap>,
+) -> Mesh {
     Mesh::start(
         node,
         &id,
@@ -47,6 +62,8 @@ pub fn start_mesh(node: Node, id: tls::SiteIdentity, listen: SocketAddr, peers: 
             listen,
             peers,
             session: Default::default(),
+            sharing,
+            tap,
         },
     )
     .expect("mesh")
