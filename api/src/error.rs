@@ -81,7 +81,8 @@ impl From<WriteError> for ApiError {
                 WorkItemError::QueueExists(_)
                 | WorkItemError::NotOwner { .. }
                 | WorkItemError::AlreadyOwner { .. }
-                | WorkItemError::Finished { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+                | WorkItemError::Finished { .. }
+                | WorkItemError::AlreadyDone { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
                 _ => ApiError::bad_request(e.to_string()),
             },
             WriteError::AlreadyExists { .. } | WriteError::NotUnique { .. } | WriteError::NotDeleted { .. } => {

@@ -375,6 +375,7 @@ async fn indexes_answer_like_a_scan_and_follow_every_write() {
 
 mod workitems {
     use super::*;
+    use crate::workitems::WorkItemError;
     use std::time::Duration;
 
     async fn queue(node: &Node, doc: Value) {
@@ -627,6 +628,40 @@ mod workitems {
         assert_eq!(first["_id"], again["_id"]);
         assert_eq!(again["retries"], 1);
         assert_eq!(again["errormessage"], "processing lease expired");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_finished_item_is_not_completed_again() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let node = open(dir.path(), "a");
+        queue(&node, json!({"name": "once", "success_wiq": "next"})).await;
+        queue(&node, json!({"name": "next"})).await;
+        node.push_workitems("once", vec![obj(json!({"name": "one"}))], &admin())
+            .await
+            .expect("push");
+        let item = node
+            .pop_workitem("once", &admin(), None)
+            .await
+            .expect("pop")
+            .expect("item");
+        let id = item["_id"].as_str().expect("id").to_owned();
+        node.update_workitem(&id, "successful", None, None, None, &admin())
+            .await
+            .expect("complete");
+        for state in ["successful", "failed", "retry"] {
+            let again = node.update_workitem(&id, state, None, None, None, &admin()).await;
+            assert!(
+                matches!(
+                    again,
+                    Err(WriteError::WorkItem(WorkItemError::AlreadyDone { ref state, .. })) if state == "successful"
+                ),
+                "{state} after successful: {again:?}"
+            );
+        }
+        // One routed copy, and the item's history holds one completion.
+        assert!(node.pop_workitem("next", &admin(), None).await.expect("pop").is_some());
+        assert!(node.pop_workitem("next", &admin(), None).await.expect("pop").is_none());
+        assert_eq!(node.versions("workitems", &id).expect("versions").len(), 3);
     }
 }
 

@@ -87,6 +87,8 @@ pub enum WorkItemError {
     AlreadyOwner { id: String },
     #[error("work item {id} is {state}; only new or processing items can be taken over")]
     Finished { id: String, state: String },
+    #[error("work item {id} is already {state}; a finished item is not completed again")]
+    AlreadyDone { id: String, state: String },
 }
 
 /// A queue's settings, read from its document.
@@ -547,6 +549,17 @@ impl Writer {
             return Err(WorkItemError::NotOwner {
                 id: id.to_owned(),
                 owner,
+            }
+            .into());
+        }
+        // A final state is final: completing again would route a second
+        // copy to the next queue (a worker whose lease ran out, a retried
+        // request), which is running the item's follow-up twice.
+        let state_now = current.get("state").and_then(Value::as_str).unwrap_or_default();
+        if matches!(state_now, "successful" | "failed") {
+            return Err(WorkItemError::AlreadyDone {
+                id: id.to_owned(),
+                state: state_now.to_owned(),
             }
             .into());
         }
