@@ -146,7 +146,17 @@ struct Acked {
     /// Work items pushed, and those completed at their site.
     items: Vec<String>,
     completed: Vec<String>,
+    /// Items pushed at a or c onto `CROSS_QUEUE` (served at b only).
+    crossed: Vec<String>,
+    /// Every pop of a crossed item at b: (item, epoch).
+    cross_pops: Vec<(String, u64)>,
+    /// A crossed item handed out anywhere but at b.
+    popped_elsewhere: Vec<String>,
 }
+
+/// A queue created at a and served at b only: items pushed at a and c are
+/// handed to b, and only b pops them.
+const CROSS_QUEUE: &str = "q-cross";
 
 /// A turmoil client that writes at every site every 100 ms of virtual time
 /// until `until`: a document each, a field of one shared document each (so
@@ -164,6 +174,11 @@ fn writers(sim: &mut Sim<'_>, sites: &BTreeMap<&'static str, Site>, until: Durat
                     .await
                     .map_err(|e| e.to_string())?;
             }
+            setup[0]
+                .1
+                .add_queue(obj(json!({"name": CROSS_QUEUE, "sites": ["b"]})), &setup_who)
+                .await
+                .map_err(|e| e.to_string())?;
             setup[0]
                 .1
                 .insert("entities", obj(json!({"_id": SHARED_ID, "origin": "a"})), &setup_who)
@@ -222,7 +237,72 @@ async fn write_round(name: &str, node: &Node, who: &Principal, round: u64, acked
             .map_err(e)?;
         acked.lock().map_err(|_| "poisoned")?.completed.push(id);
     }
+    if name != "b" {
+        // The queue's definition may not have reached c yet: such a push
+        // is refused and not counted.
+        if let Ok(pushed) = node
+            .push_workitems(
+                CROSS_QUEUE,
+                vec![obj(json!({"name": format!("x-{name}-{round}")}))],
+                who,
+            )
+            .await
+        {
+            let mut got = acked.lock().map_err(|_| "poisoned")?;
+            got.crossed
+                .extend(pushed.iter().filter_map(|d| d["_id"].as_str().map(str::to_owned)));
+        }
+        if let Ok(Some(item)) = node.pop_workitem(CROSS_QUEUE, who, None).await {
+            let id = item["_id"].as_str().unwrap_or_default().to_owned();
+            acked.lock().map_err(|_| "poisoned")?.popped_elsewhere.push(id);
+        }
+    }
     Ok(())
+}
+
+/// b's worker for `CROSS_QUEUE`: pops and completes what it is handed,
+/// every 50 ms of virtual time, until `until`.
+fn cross_worker(sim: &mut Sim<'_>, b: Node, until: Duration, acked: Arc<Mutex<Acked>>) {
+    sim.client("worker-b", async move {
+        let who = admin();
+        while turmoil::elapsed() < until {
+            let (node, who2, acked2) = (b.clone(), who.clone(), acked.clone());
+            held(async move {
+                let e = |e: ocmesh_node::WriteError| e.to_string();
+                // The queue's definition may not have reached b yet.
+                while let Ok(Some(item)) = node.pop_workitem(CROSS_QUEUE, &who2, None).await {
+                    let id = item["_id"].as_str().unwrap_or_default().to_owned();
+                    let epoch = item["_epoch"].as_u64().unwrap_or(0);
+                    acked2
+                        .lock()
+                        .map_err(|_| "poisoned")?
+                        .cross_pops
+                        .push((id.clone(), epoch));
+                    node.update_workitem(&id, "successful", None, None, None, &who2)
+                        .await
+                        .map_err(e)?;
+                }
+                Ok(())
+            })
+            .await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    });
+}
+
+/// Every crossed item is done, as seen at the site that pushed it (a or
+/// c; checking at a and c both covers either).
+fn crossed_all_done(sites: &BTreeMap<&'static str, Site>, acked: &Mutex<Acked>) -> bool {
+    let Ok(acked) = acked.lock() else { return false };
+    acked.crossed.iter().all(|id| {
+        ["a", "c"].iter().all(|s| {
+            sites[s]
+                .node
+                .get("workitems", id)
+                .is_ok_and(|d| d["state"] == "successful")
+        })
+    })
 }
 
 /// Runs `f` (node writes) with turmoil's clock held: on a blocking thread,
@@ -302,6 +382,29 @@ fn check_converged(sites: &BTreeMap<&'static str, Site>, acked: &Acked) {
             assert_eq!(item["state"], "successful", "item {id} at {name}");
         }
     }
+    // Items handed from a and c to b: popped at b only, once each, under
+    // one epoch, and done everywhere with b as their owner.
+    assert!(
+        acked.popped_elsewhere.is_empty(),
+        "crossed items popped outside b: {:?}",
+        acked.popped_elsewhere
+    );
+    let mut pops: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for (id, epoch) in &acked.cross_pops {
+        pops.entry(id).or_default().push(*epoch);
+    }
+    for id in &acked.crossed {
+        assert_eq!(
+            pops.get(id.as_str()).map(Vec::as_slice),
+            Some(&[1u64][..]),
+            "pops of crossed item {id}"
+        );
+        for (name, s) in sites {
+            let item = s.node.get("workitems", id).expect("crossed item");
+            assert_eq!(item["state"], "successful", "crossed item {id} at {name}");
+            assert_eq!(item["_owner"], "b", "owner of crossed item {id} at {name}");
+        }
+    }
 }
 
 fn partitions_holds_and_repairs(seed: u64) {
@@ -310,6 +413,12 @@ fn partitions_holds_and_repairs(seed: u64) {
     let acked = Arc::new(Mutex::new(Acked::default()));
     let writes_until = Duration::from_secs(62);
     writers(&mut sim, &sites, writes_until, acked.clone());
+    cross_worker(
+        &mut sim,
+        sites["b"].node.clone(),
+        writes_until + Duration::from_secs(80),
+        acked.clone(),
+    );
 
     let s = Duration::from_secs;
     // a alone; then b-c held; a back through b only (c reaches a by relay);
@@ -345,7 +454,9 @@ fn partitions_holds_and_repairs(seed: u64) {
         eprintln!("seed {seed}: {what} at {:?}", sim.elapsed());
     }
     step_until(&mut sim, writes_until + s(1), |_| false);
-    let converged = step_until(&mut sim, writes_until + s(90), |_| all_agree(&sites));
+    let converged = step_until(&mut sim, writes_until + s(90), |_| {
+        crossed_all_done(&sites, &acked) && all_agree(&sites)
+    });
     let acked = acked.lock().expect("acked");
     assert!(
         converged.is_some(),
@@ -358,11 +469,17 @@ fn partitions_holds_and_repairs(seed: u64) {
             .collect::<Vec<_>>()
     );
     eprintln!(
-        "seed {seed}: converged at {converged:?}: {} documents, {} updates, {} items ({} completed)",
+        "seed {seed}: converged at {converged:?}: {} documents, {} updates, {} items ({} completed), {} handed to b",
         acked.docs.len(),
         acked.updates.len(),
         acked.items.len(),
-        acked.completed.len()
+        acked.completed.len(),
+        acked.crossed.len()
+    );
+    assert!(
+        acked.crossed.len() >= 2 * 300,
+        "items handed to b: {}",
+        acked.crossed.len()
     );
     assert!(
         acked.docs.len() >= 3 * 300,
@@ -392,10 +509,19 @@ fn a_restarted_site_is_taken_back_at_once() {
     let sites = setup(&mut sim, seed, ca_dir.path());
     let acked = Arc::new(Mutex::new(Acked::default()));
     writers(&mut sim, &sites, Duration::from_secs(4), acked.clone());
+    cross_worker(
+        &mut sim,
+        sites["b"].node.clone(),
+        Duration::from_secs(60),
+        acked.clone(),
+    );
     let written = step_until(&mut sim, Duration::from_secs(10), |sim| !sim.is_host_running("writers"));
     assert!(written.is_some(), "the writers finished");
     assert!(
-        step_until(&mut sim, Duration::from_secs(20), |_| all_agree(&sites)).is_some(),
+        step_until(&mut sim, Duration::from_secs(20), |_| {
+            crossed_all_done(&sites, &acked) && all_agree(&sites)
+        })
+        .is_some(),
         "in sync before the restart"
     );
     let before = sites["a"].node.version_vector().total();
