@@ -959,25 +959,10 @@ impl Node {
             let vv = txn.open_table(VV)?;
             store::read_vv(&vv)?
         };
-        let changes = txn.open_table(CHANGES)?;
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for (origin, top) in held.iter() {
-            let after = req.after.get(origin);
-            if top <= after {
-                continue;
-            }
-            for entry in changes.range((origin, after + 1)..=(origin, top))? {
-                let (_, v) = entry?;
-                let len = v.value().len();
-                if out.len() >= req.max_changes || (!out.is_empty() && bytes + len > req.max_bytes) {
-                    return Ok(out);
-                }
-                bytes += len;
-                out.push(store::decode_change(v.value())?);
-            }
-        }
-        Ok(out)
+        let ranges = held
+            .iter()
+            .map(|(origin, top)| (origin, req.after.get(origin) + 1, top));
+        read_log_ranges(&txn, ranges, req.max_changes, req.max_bytes)
     }
 
     /// Reads the given sequences of the log, in the order of the ranges,
@@ -985,24 +970,11 @@ impl Node {
     /// Stubs come back as stubs.
     pub fn read_change_ranges(&self, req: &RangeRequest) -> Result<Vec<Change>, ReadError> {
         let txn = self.read()?;
-        let changes = txn.open_table(CHANGES)?;
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for (origin, first, last) in &req.ranges {
-            if first > last {
-                continue;
-            }
-            for entry in changes.range((origin.as_str(), *first)..=(origin.as_str(), *last))? {
-                let (_, v) = entry?;
-                let len = v.value().len();
-                if out.len() >= req.max_changes || (!out.is_empty() && bytes + len > req.max_bytes) {
-                    return Ok(out);
-                }
-                bytes += len;
-                out.push(store::decode_change(v.value())?);
-            }
-        }
-        Ok(out)
+        let ranges = req
+            .ranges
+            .iter()
+            .map(|(origin, first, last)| (origin.as_str(), *first, *last));
+        read_log_ranges(&txn, ranges, req.max_changes, req.max_bytes)
     }
 
     /// The changes this site holds only as withheld stubs, as ranges: at
@@ -1482,5 +1454,35 @@ pub fn default_data_dir() -> &'static Path {
     Path::new("ocmesh-data")
 }
 
+/// Reads the change log's (origin, first, last) ranges, inclusive, in the
+/// order given, stopping before `max_changes` or `max_bytes` would be
+/// exceeded (but returning at least one change if any is held).
+fn read_log_ranges<'a>(
+    txn: &redb::ReadTransaction,
+    ranges: impl Iterator<Item = (&'a str, u64, u64)>,
+    max_changes: usize,
+    max_bytes: usize,
+) -> Result<Vec<Change>, ReadError> {
+    let changes = txn.open_table(CHANGES)?;
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for (origin, first, last) in ranges {
+        if first > last {
+            continue;
+        }
+        for entry in changes.range((origin, first)..=(origin, last))? {
+            let (_, v) = entry?;
+            let len = v.value().len();
+            if out.len() >= max_changes || (!out.is_empty() && bytes + len > max_bytes) {
+                return Ok(out);
+            }
+            bytes += len;
+            out.push(store::decode_change(v.value())?);
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests;
+
