@@ -160,6 +160,8 @@ pub(crate) struct WriteTables<'t> {
     pub site: String,
     /// Peers' changes refused in this transaction (see `crate::authz`).
     pub refused: u64,
+    /// The node's wall clock when the transaction began (work-item times).
+    pub now_ms: u64,
 }
 
 /// What the writes of one group look up again and again. Whoever changes
@@ -197,6 +199,7 @@ impl<'t> WriteTables<'t> {
             cache: GroupCache::default(),
             site: site.to_owned(),
             refused: 0,
+            now_ms: 0,
         })
     }
 
@@ -341,10 +344,7 @@ impl<'t> WriteTables<'t> {
         }
         if collection == crate::workitems::QUEUES || collection == crate::workitems::ITEMS {
             // FIFO order within a priority: the HLC of the document's first version.
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
+            let now = self.now_ms;
             let created = crate::workitems::Created {
                 fifo: first_hlc,
                 at: &first_origin,
