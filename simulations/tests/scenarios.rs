@@ -2,7 +2,7 @@
 //! replays exactly; and the checkers do fail when a replica is damaged or a
 //! topology cannot converge.
 
-use ocmesh_sim::{Replica, Scenario, Sim, check, run};
+use ocmesh_sim::{Backend, Replica, Scenario, Sim, check, run, run_on};
 
 fn scenario(name: &str) -> Scenario {
     let path = format!("{}/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"));
@@ -48,6 +48,15 @@ fn week_away() {
 }
 
 #[test]
+fn smoke_node_two_sites() {
+    let s = scenario("two-sites");
+    let started = std::time::Instant::now();
+    let r = run_on(&s, Backend::Node, 0);
+    println!("{r}took {:?}", started.elapsed());
+    assert!(r.ok, "{r}");
+}
+
+#[test]
 fn a_seed_replays_exactly() {
     for name in ["two-sites", "chain", "hub"] {
         let s = scenario(name);
@@ -64,7 +73,7 @@ fn a_seed_replays_exactly() {
 #[test]
 fn checkers_catch_a_lost_version() {
     let s = scenario("two-sites");
-    let (report, mut replicas) = Sim::new(&s, 7).run();
+    let (report, mut replicas) = Sim::<Replica>::new(&s, 7).run();
     assert!(report.ok, "{report}");
     let id = replicas[1].documents().next().map(str::to_owned).expect("a document");
     assert!(replicas[1].corrupt_drop_version(&id));
