@@ -42,8 +42,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use ocmesh_replication::{Change, Clock, FetchRequest, Timestamp, VersionVector};
 
 pub use disk::{MemDisk, Storage};
-pub use options::{ManualClock, OpenOptions, SystemClock, WallClock};
 pub use error::{ApplyError, AuthError, OpenError, ReadError, StorageError, WriteError};
+pub use options::{ManualClock, OpenOptions, SystemClock, WallClock};
 pub use workitems::{QueueSettings, WorkItemError};
 pub use writer::ApplyReport;
 
@@ -241,21 +241,21 @@ impl Node {
         // Returns expired work-item leases to their queues, once a second,
         // for as long as the node is open.
         if options.lease_thread {
-        std::thread::Builder::new()
-            .name("ocmesh-leases".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(std::time::Duration::from_secs(1));
-                    let Some(tx) = lease_tick.upgrade() else { return };
-                    let (reply, _) = oneshot::channel();
-                    // A full queue means the writer is busy: try next tick.
-                    let _ = tx.try_send(Request {
-                        op: WriteOp::ExpireLeases,
-                        reply,
-                    });
-                }
-            })
-            .map_err(|e| OpenError::Storage(StorageError(format!("cannot start lease thread: {e}"))))?;
+            std::thread::Builder::new()
+                .name("ocmesh-leases".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        let Some(tx) = lease_tick.upgrade() else { return };
+                        let (reply, _) = oneshot::channel();
+                        // A full queue means the writer is busy: try next tick.
+                        let _ = tx.try_send(Request {
+                            op: WriteOp::ExpireLeases,
+                            reply,
+                        });
+                    }
+                })
+                .map_err(|e| OpenError::Storage(StorageError(format!("cannot start lease thread: {e}"))))?;
         }
         let node = Node {
             inner: Arc::new(Inner {

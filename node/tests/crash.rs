@@ -54,8 +54,12 @@ async fn random_write(node: &Node, rng: &mut StdRng) -> Result<bool, WriteError>
     let n: u32 = rng.random();
     let exists = node.get("entities", &id).is_ok();
     let r = if !exists {
-        node.insert("entities", json!({"_id": id, "n": n}).as_object().cloned().unwrap_or_default(), &admin())
-            .await
+        node.insert(
+            "entities",
+            json!({"_id": id, "n": n}).as_object().cloned().unwrap_or_default(),
+            &admin(),
+        )
+        .await
     } else if rng.random_bool(0.2) {
         node.delete("entities", &id, &admin()).await
     } else {
@@ -113,7 +117,11 @@ async fn crash_cycles(seed: u64) -> u32 {
             assert_eq!(c.seq, i as u64 + 1, "{replay}: the log has a gap");
         }
         for (seq, c) in &acked {
-            assert_eq!(log.get(*seq as usize - 1), Some(c), "{replay}: acknowledged change {seq} lost or changed");
+            assert_eq!(
+                log.get(*seq as usize - 1),
+                Some(c),
+                "{replay}: acknowledged change {seq} lost or changed"
+            );
         }
         // A change that was logged but not acknowledged may survive: then
         // it is acknowledged from now on (later writes build on it).
@@ -132,7 +140,10 @@ async fn crash_cycles(seed: u64) -> u32 {
         // The clock does not go back past what was acknowledged.
         let before = acked.values().map(|c| c.hlc).max().unwrap_or(0);
         let held = node.version_vector().get(SITE);
-        assert!(random_write(&node, &mut rng).await.expect("a write after restart"), "{replay}");
+        assert!(
+            random_write(&node, &mut rng).await.expect("a write after restart"),
+            "{replay}"
+        );
         let next = log_after(&node, held);
         assert!(next.iter().all(|c| c.hlc > before), "{replay}: the clock went back");
         for c in next {
@@ -163,7 +174,11 @@ async fn a_clean_reopen_keeps_everything_and_a_crash_only_loses_unsynced_bytes()
     let clock = ManualClock::new(1_700_000_000_000);
     let node = open(&disk, &clock, 1);
     let doc = node
-        .insert("entities", json!({"x": 1}).as_object().cloned().unwrap_or_default(), &admin())
+        .insert(
+            "entities",
+            json!({"x": 1}).as_object().cloned().unwrap_or_default(),
+            &admin(),
+        )
         .await
         .expect("insert");
     let id = doc["_id"].as_str().expect("id").to_owned();

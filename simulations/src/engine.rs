@@ -259,7 +259,9 @@ impl<'s, S: SimSite> Sim<'s, S> {
             match S::create(scenario, i, seed, sim.physical(i)) {
                 Ok(site) => sim.replicas.push(site),
                 Err(e) => {
-                    sim.report.anomalies.push(format!("site {} does not open: {e}", scenario.sites[i].name));
+                    sim.report
+                        .anomalies
+                        .push(format!("site {} does not open: {e}", scenario.sites[i].name));
                     return sim;
                 }
             }
@@ -318,7 +320,9 @@ impl<'s, S: SimSite> Sim<'s, S> {
             if !self.up(site) {
                 let physical = self.physical(site);
                 if let Err(e) = self.replicas[site].restart(physical) {
-                    self.report.anomalies.push(format!("{} does not restart: {e}", self.names[site]));
+                    self.report
+                        .anomalies
+                        .push(format!("{} does not restart: {e}", self.names[site]));
                 }
             }
         }

@@ -148,7 +148,9 @@ impl NodeSite {
     /// Records this site's changes made since `before` as acknowledged.
     fn ack_since(&self, before: u64, journal: &mut Journal) -> Result<(), String> {
         let now = self.node()?.version_vector().get(&self.name);
-        journal.acked.extend((before + 1..=now).map(|seq| (self.name.clone(), seq)));
+        journal
+            .acked
+            .extend((before + 1..=now).map(|seq| (self.name.clone(), seq)));
         if now > before {
             journal.writes += 1;
         }
@@ -552,12 +554,17 @@ pub fn check_nodes(sites: &[NodeSite], journal: &Journal, anomalies: &mut Vec<St
             .filter(|id| s.item_state(id).as_deref() != Some("successful"))
             .count();
         if unfinished > 0 {
-            anomalies.push(format!("replica {} shows {unfinished} work items not completed", s.name));
+            anomalies.push(format!(
+                "replica {} shows {unfinished} work items not completed",
+                s.name
+            ));
         }
     }
     for ((item, epoch), poppers) in &journal.pops {
         if poppers.len() > 1 {
-            anomalies.push(format!("work item {item} popped at {poppers:?} under one epoch {epoch}"));
+            anomalies.push(format!(
+                "work item {item} popped at {poppers:?} under one epoch {epoch}"
+            ));
         }
     }
     for item in &journal.pushed {
@@ -568,7 +575,12 @@ pub fn check_nodes(sites: &[NodeSite], journal: &Journal, anomalies: &mut Vec<St
                 .iter()
                 .map(|s| {
                     let doc = s.node.as_ref().and_then(|n| n.get(ITEMS, item).ok());
-                    let f = |k: &str| doc.as_ref().and_then(|d| d.get(k)).map(Value::to_string).unwrap_or_default();
+                    let f = |k: &str| {
+                        doc.as_ref()
+                            .and_then(|d| d.get(k))
+                            .map(Value::to_string)
+                            .unwrap_or_default()
+                    };
                     format!("{}: {} {}@{}", s.name, f("state"), f(OWNER_FIELD), f(EPOCH_FIELD))
                 })
                 .collect();
