@@ -308,7 +308,12 @@ impl<'t> WriteTables<'t> {
                     Some((origin, _, hlc)) => change.base_hlc == *hlc && change.base_origin == *origin,
                     None => true,
                 };
-                let new = if is_this && builds_on_previous {
+                // A work item's version may come from a superseded owner
+                // (see `ownership::settle`), which only a refold sees: a
+                // stale owner's second change builds on its first and would
+                // otherwise slip its fields in here.
+                let settles = collection == crate::workitems::ITEMS;
+                let new = if is_this && builds_on_previous && !settles {
                     self.apply_fields(change, old.clone())?
                 } else {
                     self.refold(collection, id)?

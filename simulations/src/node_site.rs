@@ -350,6 +350,22 @@ impl NodeSite {
         Ok(all.into_iter().map(|c| (c.collection, c.doc_id)).collect())
     }
 
+    /// A document's versions and current state, canonical JSON, one per line.
+    fn document_text(&self, collection: &str, id: &str) -> Result<String, String> {
+        let node = self.node()?;
+        let mut text = String::new();
+        for v in node.versions(collection, id).map_err(|e| e.to_string())? {
+            canonical(&v, &mut text);
+            text.push('\n');
+        }
+        text.push_str("current: ");
+        match node.get(collection, id) {
+            Ok(current) => canonical(&current, &mut text),
+            Err(_) => text.push_str("absent"),
+        }
+        Ok(text)
+    }
+
     fn history_len(&self, collection: &str, id: &str) -> usize {
         self.node
             .as_ref()
@@ -483,23 +499,11 @@ impl SimSite for NodeSite {
     }
 
     fn digest(&self) -> Result<u64, String> {
-        let node = self.node()?;
         let mut h = Fnv64::default();
-        let mut text = String::new();
         for (collection, id) in self.documents()? {
             h.write(collection.as_bytes());
             h.write(id.as_bytes());
-            for v in node.versions(&collection, &id).map_err(|e| e.to_string())? {
-                text.clear();
-                canonical(&v, &mut text);
-                h.write(text.as_bytes());
-            }
-            text.clear();
-            match node.get(&collection, &id) {
-                Ok(current) => canonical(&current, &mut text),
-                Err(_) => text.push_str("absent"),
-            }
-            h.write(text.as_bytes());
+            h.write(self.document_text(&collection, &id)?.as_bytes());
         }
         Ok(h.finish())
     }
@@ -537,7 +541,17 @@ pub fn check_nodes(sites: &[NodeSite], journal: &Journal, anomalies: &mut Vec<St
     }
     for s in sites {
         if digest(s) != first_digest {
-            anomalies.push(format!("replica {} differs from {} (state digest)", s.name, first.name));
+            // Name the first document that differs, with both versions of it.
+            let differs = all.keys().find_map(|(c, id)| {
+                let (x, y) = (first.document_text(c, id).ok()?, s.document_text(c, id).ok()?);
+                (x != y).then(|| format!("{c}/{id}:\n{}:\n{x}\n{}:\n{y}", first.name, s.name))
+            });
+            anomalies.push(format!(
+                "replica {} differs from {} (state digest); first difference: {}",
+                s.name,
+                first.name,
+                differs.unwrap_or_default()
+            ));
         }
         let vv = s.vv();
         let missing = journal.acked.iter().filter(|(o, seq)| vv.get(o) < *seq).count();
