@@ -256,12 +256,18 @@ async fn a_stale_owners_second_change_does_not_leak_into_the_current_document() 
     sync(&a, &b).await;
     // a takes the item over and finishes it; b has not heard of that.
     a.takeover_workitem(&id, &admin()).await.expect("takeover");
-    a.pop_workitem("q", &admin(), None).await.expect("pop at a").expect("item");
+    a.pop_workitem("q", &admin(), None)
+        .await
+        .expect("pop at a")
+        .expect("item");
     a.update_workitem(&id, "successful", None, None, None, &admin())
         .await
         .expect("complete at a");
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    b.pop_workitem("q", &admin(), None).await.expect("pop at b").expect("item");
+    b.pop_workitem("q", &admin(), None)
+        .await
+        .expect("pop at b")
+        .expect("item");
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     b.update_workitem(&id, "successful", None, None, None, &admin())
         .await

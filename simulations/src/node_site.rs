@@ -408,6 +408,10 @@ impl SimSite for NodeSite {
         let node = site.node()?;
         site.call(node.add_queue(queue, &operator()))
             .map_err(|e| format!("cannot create its queue: {e}"))?;
+        // The workload looks up open items often: an index on `state`
+        // keeps that from reading every item.
+        site.call(node.create_index(ITEMS, "state"))
+            .map_err(|e| format!("cannot index work items: {e}"))?;
         Ok(site)
     }
 
