@@ -528,7 +528,7 @@ impl SimSite for NodeSite {
 /// - no item was popped at two sites under one ownership epoch.
 pub fn check_nodes(sites: &[NodeSite], journal: &Journal, anomalies: &mut Vec<String>) {
     let Some(first) = sites.first() else { return };
-    let digest = |s: &NodeSite| s.digest().unwrap_or_else(|_| 0);
+    let digest = |s: &NodeSite| s.digest().unwrap_or(0);
     let first_digest = digest(first);
     let mut all: BTreeMap<(String, String), usize> = BTreeMap::new();
     for s in sites {
@@ -544,6 +544,9 @@ pub fn check_nodes(sites: &[NodeSite], journal: &Journal, anomalies: &mut Vec<St
         }
     }
     for s in sites {
+        if let Err(e) = s.digest() {
+            anomalies.push(format!("replica {} cannot be digested: {e}", s.name));
+        }
         if digest(s) != first_digest {
             // Name the first document that differs, with both versions of it.
             let differs = all.keys().find_map(|(c, id)| {
