@@ -335,7 +335,7 @@ mod tests {
         h.write_at(0, b"aa").expect("write");
         h.write_at(2, b"bb").expect("write");
         h.write_at(4, b"cc").expect("write");
-        disk.crash_tearing(|n| n - 1);
+        disk.crash_tearing(|n| n.saturating_sub(1));
         let mut out = [0u8; 4];
         let h2 = disk.handle(FileId::Database);
         h2.read_at(0, &mut out).expect("read");
