@@ -617,3 +617,48 @@ pub fn check_nodes(sites: &[NodeSite], journal: &Journal, anomalies: &mut Vec<St
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_ignores_key_order_only() {
+        let text = |v: Value| {
+            let mut s = String::new();
+            canonical(&v, &mut s);
+            s
+        };
+        let a = json!({"b": 1, "a": {"y": [1, {"q": 2, "p": 3}], "x": "s"}});
+        let b = json!({"a": {"x": "s", "y": [1, {"p": 3, "q": 2}]}, "b": 1});
+        assert_eq!(text(a.clone()), text(b));
+        assert_ne!(
+            text(a),
+            text(json!({"b": 1, "a": {"x": "s", "y": [{"p": 3, "q": 2}, 1]}}))
+        );
+    }
+
+    #[test]
+    fn a_crashed_site_restarts_from_its_disk_with_its_queue() {
+        let s = Scenario::from_toml(
+            r#"
+            name = "one"
+            workload_ms = 1_000
+            max_ms = 10_000
+            links = []
+            [[sites]]
+            name = "solo"
+            write_interval_ms = [10, 20]
+            "#,
+        )
+        .expect("valid");
+        let mut site = NodeSite::create(&s, 0, 1, 1_700_000_000_000).expect("opens");
+        let before = site.vv();
+        assert!(before.get("solo") >= 1, "the queue definition is a change");
+        site.crash();
+        assert!(site.node().is_err(), "down after a crash");
+        site.restart(1_700_000_005_000).expect("restarts");
+        assert_eq!(site.vv(), before, "its queue definition was durable");
+        assert!(site.node().expect("up").queue("q-solo").is_ok());
+    }
+}
