@@ -45,6 +45,10 @@ enum Command {
         /// A range of seeds, like 1..1000 (end exclusive).
         #[arg(long)]
         seeds: Option<String>,
+        /// Run the sites as `node` (the node over an in-memory disk) or
+        /// `model` (the replica model); default: the scenario's `backend`.
+        #[arg(long)]
+        backend: Option<String>,
     },
 }
 
@@ -111,7 +115,12 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(bench_catchup::raw_sink(s)),
-        Command::Sim { scenario, seed, seeds } => sim(&scenario, seed, seeds.as_deref()),
+        Command::Sim {
+            scenario,
+            seed,
+            seeds,
+            backend,
+        } => sim(&scenario, seed, seeds.as_deref(), backend.as_deref()),
         Command::Ca(CaCommand::Init { dir }) => {
             let files = ca::init_ca(&dir)?;
             println!("wrote {} and {}", files.cert.display(), files.key.display());
@@ -125,9 +134,17 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn sim(path: &std::path::Path, seed: Option<u64>, seeds: Option<&str>) -> anyhow::Result<()> {
+fn sim(path: &std::path::Path, seed: Option<u64>, seeds: Option<&str>, backend: Option<&str>) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let scenario = ocmesh_sim::Scenario::from_toml(&text).with_context(|| path.display().to_string())?;
+    let backend = match backend {
+        Some(b) => b.parse::<ocmesh_sim::Backend>()?,
+        None => scenario.backend,
+    };
+    let flag = match backend {
+        ocmesh_sim::Backend::Node => "",
+        ocmesh_sim::Backend::Model => " --backend model",
+    };
     let range = match (seed, seeds) {
         (Some(s), _) => s..s + 1,
         (None, Some(r)) => {
@@ -140,7 +157,7 @@ fn sim(path: &std::path::Path, seed: Option<u64>, seeds: Option<&str>) -> anyhow
     let started = std::time::Instant::now();
     let (mut failed, mut events) = (0u64, 0u64);
     for seed in range.clone() {
-        let report = ocmesh_sim::run(&scenario, seed);
+        let report = ocmesh_sim::run_on(&scenario, backend, seed);
         events += report.events;
         if single {
             print!("{report}");
@@ -150,12 +167,12 @@ fn sim(path: &std::path::Path, seed: Option<u64>, seeds: Option<&str>) -> anyhow
             if !single {
                 print!("{report}");
             }
-            println!("  replay: ocmesh sim {} --seed {seed}", path.display());
+            println!("  replay: ocmesh sim {}{flag} --seed {seed}", path.display());
         }
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{} seeds, {failed} failed; {events} events in {secs:.2} s ({:.0} events/s)",
+        "{} seeds ({backend:?} backend), {failed} failed; {events} events in {secs:.2} s ({:.0} events/s)",
         range.end - range.start,
         events as f64 / secs.max(1e-9)
     );

@@ -17,11 +17,13 @@
 
 pub mod acl;
 mod authz;
+pub mod disk;
 mod error;
 pub mod files;
 pub mod ids;
 mod index;
 pub mod messaging;
+pub mod options;
 pub mod query;
 mod store;
 mod users;
@@ -39,7 +41,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use ocmesh_replication::{Change, Clock, FetchRequest, RangeRequest, RangeSet, Timestamp, VersionVector};
 
+pub use disk::{MemDisk, Storage};
 pub use error::{ApplyError, AuthError, OpenError, ReadError, StorageError, WriteError};
+pub use options::{ManualClock, OpenOptions, SystemClock, WallClock};
 pub use workitems::{QueueSettings, WorkItemError};
 pub use writer::ApplyReport;
 
@@ -169,30 +173,52 @@ impl Node {
     /// its writer thread. Must be called inside a tokio runtime's context
     /// only for the async methods; opening itself is synchronous.
     pub fn open(config: NodeConfig) -> Result<Opened, OpenError> {
+        Node::open_with(config, OpenOptions::default())
+    }
+
+    /// `open`, with the storage, clock, id source and background threads
+    /// of `options` (a simulator's, or a crash test's `MemDisk`).
+    pub fn open_with(config: NodeConfig, options: OpenOptions) -> Result<Opened, OpenError> {
         if !is_valid_site(&config.site) {
             return Err(OpenError::BadSiteName(config.site));
         }
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| OpenError::DataDir {
-            path: config.data_dir.display().to_string(),
-            source,
-        })?;
-        let path = config.data_dir.join("ocmesh.redb");
-        let db = Database::builder()
-            .set_cache_size(STORE_CACHE_BYTES)
-            .create(&path)
-            .map_err(|source| OpenError::Database {
-                path: path.display().to_string(),
-                source,
-            })?;
+        let storage_err = |e: &dyn std::fmt::Display| OpenError::Storage(StorageError(e.to_string()));
+        let now_ms = options.clock.now_ms();
+        let (db, (mut wal, logged)) = match &options.storage {
+            Storage::Directory => {
+                std::fs::create_dir_all(&config.data_dir).map_err(|source| OpenError::DataDir {
+                    path: config.data_dir.display().to_string(),
+                    source,
+                })?;
+                let path = config.data_dir.join("ocmesh.redb");
+                let db = Database::builder()
+                    .set_cache_size(STORE_CACHE_BYTES)
+                    .create(&path)
+                    .map_err(|source| OpenError::Database {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                let wal_path = config.data_dir.join("ocmesh.wal");
+                (db, wal::Wal::open(&wal_path, now_ms).map_err(|e| storage_err(&e))?)
+            }
+            Storage::Memory(disk) => {
+                let backend = disk::MemBackend(disk.handle(disk::FileId::Database));
+                let db = Database::builder()
+                    .create_with_backend(backend)
+                    .map_err(|source| OpenError::Database {
+                        path: "<memory>".into(),
+                        source,
+                    })?;
+                let wal_file = disk.handle(disk::FileId::Wal);
+                (db, wal::Wal::open_mem(wal_file, now_ms).map_err(|e| storage_err(&e))?)
+            }
+        };
         let db = Arc::new(db);
-        let wal_path = config.data_dir.join("ocmesh.wal");
-        let (mut wal, logged) =
-            wal::Wal::open(&wal_path).map_err(|e| OpenError::Storage(StorageError(e.to_string())))?;
-        let init = init_store(&db, &config, &logged)?;
+        let mut ids = ids::IdGen::new(options.id_seed);
+        let init = init_store(&db, &config, &logged, &options, &mut ids)?;
         drop(logged);
-        wal.checkpointed();
-        wal.trim()
-            .map_err(|e| OpenError::Storage(StorageError(e.to_string())))?;
+        wal.checkpointed(now_ms);
+        wal.trim().map_err(|e| storage_err(&e))?;
         if init.replayed > 0 {
             tracing::info!(changes = init.replayed, "replayed the write-ahead log");
         }
@@ -216,6 +242,8 @@ impl Node {
             wal,
             wal_epoch: init.wal_epoch,
             failed: None,
+            wall: options.clock.clone(),
+            ids,
         };
         let lease_tick = tx.downgrade();
         std::thread::Builder::new()
@@ -224,21 +252,23 @@ impl Node {
             .map_err(|e| OpenError::Storage(StorageError(format!("cannot start writer thread: {e}"))))?;
         // Returns expired work-item leases to their queues, once a second,
         // for as long as the node is open.
-        std::thread::Builder::new()
-            .name("ocmesh-leases".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(std::time::Duration::from_secs(1));
-                    let Some(tx) = lease_tick.upgrade() else { return };
-                    let (reply, _) = oneshot::channel();
-                    // A full queue means the writer is busy: try next tick.
-                    let _ = tx.try_send(Request {
-                        op: WriteOp::ExpireLeases,
-                        reply,
-                    });
-                }
-            })
-            .map_err(|e| OpenError::Storage(StorageError(format!("cannot start lease thread: {e}"))))?;
+        if options.lease_thread {
+            std::thread::Builder::new()
+                .name("ocmesh-leases".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        let Some(tx) = lease_tick.upgrade() else { return };
+                        let (reply, _) = oneshot::channel();
+                        // A full queue means the writer is busy: try next tick.
+                        let _ = tx.try_send(Request {
+                            op: WriteOp::ExpireLeases,
+                            reply,
+                        });
+                    }
+                })
+                .map_err(|e| OpenError::Storage(StorageError(format!("cannot start lease thread: {e}"))))?;
+        }
         let node = Node {
             inner: Arc::new(Inner {
                 site: config.site,
@@ -733,6 +763,13 @@ impl Node {
                 collection: workitems::QUEUES.into(),
                 id: name.into(),
             })
+    }
+
+    /// Returns work items whose processing lease ran out (by the node's
+    /// clock) to their queues now; the lease thread does this once a
+    /// second unless `OpenOptions::lease_thread` is off.
+    pub async fn expire_leases(&self) -> Result<(), WriteError> {
+        self.write(WriteOp::ExpireLeases).await.map(|_| ())
     }
 
     /// Applies a peer's changes durably (skipping those already held).
@@ -1298,11 +1335,18 @@ struct Init {
     wal_epoch: u64,
 }
 
-fn init_store(db: &Database, config: &NodeConfig, logged: &[u8]) -> Result<Init, OpenError> {
+fn init_store(
+    db: &Database,
+    config: &NodeConfig,
+    logged: &[u8],
+    options: &OpenOptions,
+    ids: &mut ids::IdGen,
+) -> Result<Init, OpenError> {
     let txn = db.begin_write().map_err(StorageError::from)?;
     let mut generated = None;
     let (last, vv, secret, replayed, wal_epoch) = {
         let mut t = store::WriteTables::open(&txn, &config.site)?;
+        t.now_ms = options.clock.now_ms();
         let epoch = match t.meta.get(META_WAL_EPOCH).map_err(StorageError::from)? {
             Some(v) => u64::from_be_bytes(
                 v.value()
@@ -1348,12 +1392,12 @@ fn init_store(db: &Database, config: &NodeConfig, logged: &[u8]) -> Result<Init,
         let secret = match stored {
             Some(v) => v,
             None => {
-                let s: [u8; 32] = rand::random();
+                let s = ids.secret();
                 t.set_meta(META_TOKEN_SECRET, &s)?;
                 s.to_vec()
             }
         };
-        if t.credentials.get("admin").map_err(StorageError::from)?.is_none() {
+        if options.create_admin && t.credentials.get("admin").map_err(StorageError::from)?.is_none() {
             let password = match &config.admin_password {
                 Some(p) => p.clone(),
                 None => {
@@ -1362,12 +1406,9 @@ fn init_store(db: &Database, config: &NodeConfig, logged: &[u8]) -> Result<Init,
                     p
                 }
             };
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let secs = options.clock.now_ms() / 1000;
             let cred = Credential {
-                id: ids::new_object_id(secs),
+                id: ids.object_id(secs),
                 username: "admin".into(),
                 name: "admin".into(),
                 hash: users::hash_password(&password).map_err(OpenError::Hash)?,
@@ -1485,4 +1526,3 @@ fn read_log_ranges<'a>(
 
 #[cfg(test)]
 mod tests;
-

@@ -168,6 +168,8 @@ pub(crate) struct WriteTables<'t> {
     pub site: String,
     /// Peers' changes refused in this transaction (see `crate::authz`).
     pub refused: u64,
+    /// The node's wall clock when the transaction began (work-item times).
+    pub now_ms: u64,
 }
 
 /// What the writes of one group look up again and again. Whoever changes
@@ -206,6 +208,7 @@ impl<'t> WriteTables<'t> {
             cache: GroupCache::default(),
             site: site.to_owned(),
             refused: 0,
+            now_ms: 0,
         })
     }
 
@@ -352,12 +355,17 @@ impl<'t> WriteTables<'t> {
                     Some((origin, _, hlc)) => change.base_hlc == *hlc && change.base_origin == *origin,
                     None => true,
                 };
+                // A work item's version may come from a superseded owner
+                // (see `ownership::settle`), which only a refold sees: a
+                // stale owner's second change builds on its first and would
+                // otherwise slip its fields in here.
+                let settles = collection == crate::workitems::ITEMS;
                 let new = if is_this && len == 1 && change.kind == ChangeKind::Update as i32 {
                     // The first version held here is an update: the ones
                     // before it were withheld from this site (see
                     // `ocmesh_replication::merge`).
                     Some(body_object(change)?)
-                } else if is_this && builds_on_previous {
+                } else if is_this && builds_on_previous && !settles {
                     self.apply_fields(change, old.clone())?
                 } else {
                     self.refold(collection, id)?
@@ -397,10 +405,7 @@ impl<'t> WriteTables<'t> {
         }
         if collection == crate::workitems::QUEUES || collection == crate::workitems::ITEMS {
             // FIFO order within a priority: the HLC of the document's first version.
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
+            let now = self.now_ms;
             let created = crate::workitems::Created {
                 fifo: first_hlc,
                 at: &first_origin,

@@ -20,7 +20,9 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::disk::MemFileHandle;
 
 const MAGIC: [u8; 4] = *b"OMW1";
 const HEADER: usize = 4 + 8 + 4 + 8;
@@ -41,14 +43,52 @@ pub struct WalError {
     source: std::io::Error,
 }
 
+/// The log's file: on disk, or on a `MemDisk`.
+#[derive(Debug)]
+enum WalFile {
+    Disk(File),
+    Mem(MemFileHandle),
+}
+
+impl WalFile {
+    fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            WalFile::Disk(f) => f.write_all_at(data, offset),
+            WalFile::Mem(h) => h.write_at(offset, data),
+        }
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        match self {
+            WalFile::Disk(f) => f.sync_data(),
+            WalFile::Mem(h) => h.sync(),
+        }
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        match self {
+            WalFile::Disk(f) => Ok(f.metadata()?.len()),
+            WalFile::Mem(h) => h.len(),
+        }
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        match self {
+            WalFile::Disk(f) => f.set_len(len),
+            WalFile::Mem(h) => h.set_len(len),
+        }
+    }
+}
+
 /// The open log file of a site.
 #[derive(Debug)]
 pub(crate) struct Wal {
     path: PathBuf,
-    file: File,
+    file: WalFile,
     /// Where the next record goes: records since the last checkpoint end here.
     bytes: u64,
-    last_checkpoint: Instant,
+    /// Wall-clock ms (the node's clock) of the last checkpoint.
+    last_checkpoint_ms: u64,
 }
 
 fn checksum(epoch: u64, payload: &[u8]) -> [u8; 8] {
@@ -86,8 +126,25 @@ pub(crate) fn parse_records(bytes: &[u8], epoch: u64) -> Vec<&[u8]> {
 }
 
 impl Wal {
+    /// Opens the log on an in-memory disk and returns it with its content.
+    pub fn open_mem(file: MemFileHandle, now_ms: u64) -> Result<(Wal, Vec<u8>), WalError> {
+        let path = PathBuf::from("<memory>");
+        let content = file.read_all().map_err(|source| WalError {
+            path: path.display().to_string(),
+            what: "cannot read",
+            source,
+        })?;
+        let wal = Wal {
+            path,
+            file: WalFile::Mem(file),
+            bytes: content.len() as u64,
+            last_checkpoint_ms: now_ms,
+        };
+        Ok((wal, content))
+    }
+
     /// Opens (or creates) the log and returns it with its whole content.
-    pub fn open(path: &Path) -> Result<(Wal, Vec<u8>), WalError> {
+    pub fn open(path: &Path, now_ms: u64) -> Result<(Wal, Vec<u8>), WalError> {
         let err = |what| {
             let path = path.display().to_string();
             move |source| WalError { path, what, source }
@@ -103,9 +160,9 @@ impl Wal {
         file.read_to_end(&mut content).map_err(err("cannot read"))?;
         let wal = Wal {
             path: path.to_owned(),
-            file,
+            file: WalFile::Disk(file),
             bytes: content.len() as u64,
-            last_checkpoint: Instant::now(),
+            last_checkpoint_ms: now_ms,
         };
         Ok((wal, content))
     }
@@ -116,8 +173,11 @@ impl Wal {
     }
 
     /// Whether the next group should be a durable checkpoint instead.
-    pub fn checkpoint_due(&self) -> bool {
-        self.bytes >= CHECKPOINT_BYTES || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+    pub fn checkpoint_due(&self, now_ms: u64) -> bool {
+        self.bytes >= CHECKPOINT_BYTES
+            || now_ms.saturating_sub(self.last_checkpoint_ms) >= CHECKPOINT_EVERY.as_millis() as u64
+            // A clock that went back (a wall clock stepped) also checkpoints.
+            || now_ms < self.last_checkpoint_ms
     }
 
     /// Appends one record and waits until it is on disk.
@@ -141,14 +201,14 @@ impl Wal {
     /// After a checkpoint: everything logged is in redb now, so new
     /// records start again at the front, over the old ones (whose older
     /// epoch stops recovery where the new records end).
-    pub fn checkpointed(&mut self) {
-        self.last_checkpoint = Instant::now();
+    pub fn checkpointed(&mut self, now_ms: u64) {
+        self.last_checkpoint_ms = now_ms;
         self.bytes = 0;
     }
 
     /// Shrinks the file when it has grown past `CHECKPOINT_BYTES`.
     pub fn trim(&mut self) -> Result<(), WalError> {
-        let len = self.file.metadata().map_err(self.err("cannot stat"))?.len();
+        let len = self.file.len().map_err(self.err("cannot stat"))?;
         if len > CHECKPOINT_BYTES + (1 << 20) && self.bytes == 0 {
             self.file.set_len(0).map_err(self.err("cannot truncate"))?;
         }
@@ -164,13 +224,13 @@ mod tests {
     fn records_round_trip_and_stop_at_damage() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("wal");
-        let (mut wal, content) = Wal::open(&path).expect("open");
+        let (mut wal, content) = Wal::open(&path, 0).expect("open");
         assert!(content.is_empty());
         wal.append(7, b"one").expect("append");
         wal.append(7, b"two").expect("append");
         wal.append(7, b"three").expect("append");
         drop(wal);
-        let (_, content) = Wal::open(&path).expect("reopen");
+        let (_, content) = Wal::open(&path, 0).expect("reopen");
         assert_eq!(parse_records(&content, 7), vec![&b"one"[..], b"two", b"three"]);
         // Another epoch's records are not replayed.
         assert!(parse_records(&content, 8).is_empty());
@@ -187,13 +247,13 @@ mod tests {
     fn a_checkpoint_restarts_the_log() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("wal");
-        let (mut wal, _) = Wal::open(&path).expect("open");
+        let (mut wal, _) = Wal::open(&path, 0).expect("open");
         wal.append(1, b"first record").expect("append");
         wal.append(1, b"second record").expect("append");
-        wal.checkpointed();
+        wal.checkpointed(0);
         wal.append(2, b"y").expect("append");
         drop(wal);
-        let (_, content) = Wal::open(&path).expect("reopen");
+        let (_, content) = Wal::open(&path, 0).expect("reopen");
         // The new epoch's record overwrote the front; the stale rest is not replayed.
         assert_eq!(parse_records(&content, 2), vec![&b"y"[..]]);
         assert!(parse_records(&content, 1).is_empty());

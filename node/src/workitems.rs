@@ -333,13 +333,6 @@ pub(crate) fn outcome(
     }
 }
 
-fn physical_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Writer {
     fn queue(&self, t: &mut WriteTables<'_>, name: &str) -> Result<(String, QueueSettings), WriteError> {
         let (id, doc) = self.queue_doc(t, name)?;
@@ -428,7 +421,7 @@ impl Writer {
         by: &Principal,
     ) -> Result<WriteDone, WriteError> {
         let (qid, qdoc, q) = self.invocable_queue(t, queue, by)?;
-        let now = physical_now();
+        let now = self.wall.now_ms();
         let mut docs = Vec::with_capacity(items.len());
         for mut item in items {
             let item_err = |field, problem: String| WriteError::from(WorkItemError::BadItem { field, problem });
@@ -500,7 +493,7 @@ impl Writer {
         by: &Principal,
     ) -> Result<WriteDone, WriteError> {
         let (_, _, q) = self.invocable_queue(t, queue, by)?;
-        let now = physical_now();
+        let now = self.wall.now_ms();
         t.promote_due(queue, now)?;
         let Some(id) = t.first_ready(queue)? else {
             return Ok(WriteDone::Nothing);
@@ -568,7 +561,7 @@ impl Writer {
         }
         let retries = doc.get("retries").and_then(Value::as_u64).unwrap_or(0);
         let retries_after = if success || business { retries } else { retries + 1 };
-        let now = physical_now();
+        let now = self.wall.now_ms();
         doc.remove("_leaseuntil");
         if !success {
             doc.insert(
@@ -659,7 +652,7 @@ impl Writer {
 
     /// Items whose lease ran out go back to `new` as an application error.
     pub(crate) fn expire_leases(&mut self, t: &mut WriteTables<'_>, by: &Principal) -> Result<WriteDone, WriteError> {
-        let now = physical_now();
+        let now = self.wall.now_ms();
         let expired = t.expired_leases(now)?;
         for id in &expired {
             self.finish(

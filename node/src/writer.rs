@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableTable};
 use serde_json::{Map, Value};
@@ -15,7 +14,7 @@ use ocmesh_replication::change::validate;
 use ocmesh_replication::{Change, ChangeKind, Clock, Timestamp, VersionVector};
 
 use crate::error::{ApplyError, WriteError};
-use crate::ids::{iso8601, new_object_id, validate_collection, validate_id};
+use crate::ids::{IdGen, iso8601, validate_collection, validate_id};
 use crate::store::{LocalWrite, META_HLC, META_WAL_EPOCH, StorageError, WriteTables, body_object};
 use crate::{NodeStats, Principal};
 
@@ -261,13 +260,9 @@ pub(crate) struct Writer {
     /// Set when a group reached the log but not redb: later writes would
     /// reuse its sequence numbers, so the writer refuses all until restart.
     pub failed: Option<String>,
-}
-
-fn physical_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    /// The node's wall clock (see `crate::options`).
+    pub wall: Arc<dyn crate::options::WallClock>,
+    pub ids: IdGen,
 }
 
 impl Writer {
@@ -320,7 +315,7 @@ impl Writer {
                 .and_then(|txn| txn.commit().map_err(StorageError::from));
             match done {
                 Ok(()) => {
-                    self.wal.checkpointed();
+                    self.wal.checkpointed(self.wall.now_ms());
                     if let Err(e) = self.wal.trim() {
                         tracing::warn!(error = %e, "could not shrink the write-ahead log at shutdown");
                     }
@@ -397,7 +392,8 @@ impl Writer {
         refused: &mut Vec<(usize, WriteError)>,
     ) -> Result<GroupDone, GroupFailure> {
         let started = std::time::Instant::now();
-        let checkpoint = self.wal.checkpoint_due() || ops.iter().any(WriteOp::writes_outside_changes);
+        let wall_ms = self.wall.now_ms();
+        let checkpoint = self.wal.checkpoint_due(wall_ms) || ops.iter().any(WriteOp::writes_outside_changes);
         let mut txn = self.db.begin_write()?;
         if !checkpoint {
             txn.set_durability(redb::Durability::None)
@@ -408,6 +404,7 @@ impl Writer {
         let (log, readied);
         {
             let mut t = WriteTables::open(&txn, &self.site)?;
+            t.now_ms = wall_ms;
             for (index, op) in ops.into_iter().enumerate() {
                 if let Some(at) = refused.iter().position(|(i, _)| *i == index) {
                     results.push(Err(refused.swap_remove(at).1));
@@ -512,7 +509,7 @@ impl Writer {
             txn.commit()?;
             self.wal_epoch += 1;
             self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-            self.wal.checkpointed();
+            self.wal.checkpointed(wall_ms);
         } else {
             // The log first: once it holds the group, the group must reach
             // redb too, or later groups would reuse its sequence numbers.
@@ -546,7 +543,7 @@ impl Writer {
 
     /// Fresh HLC reading for a local write.
     pub(crate) fn stamp(&mut self) -> Timestamp {
-        self.clock.now(physical_ms())
+        self.clock.now(self.wall.now_ms())
     }
 
     pub(crate) fn insert(
@@ -559,7 +556,7 @@ impl Writer {
         validate_collection(&collection)?;
         let hlc = self.stamp();
         let id = match doc.get("_id") {
-            None | Some(Value::Null) => new_object_id(hlc.physical_ms() / 1000),
+            None | Some(Value::Null) => self.ids.object_id(hlc.physical_ms() / 1000),
             Some(Value::String(s)) => {
                 validate_id(s)?;
                 s.clone()
@@ -768,7 +765,7 @@ impl Writer {
             expect.advance(&c.origin, c.seq);
             fresh.push(c);
         }
-        let now = physical_ms();
+        let now = self.wall.now_ms();
         let refused = t.refused;
         for c in fresh {
             if c.withheld {
@@ -977,7 +974,7 @@ impl Writer {
         {
             return Err(WriteError::BadUser(format!("user name {username:?} is taken")));
         }
-        let id = new_object_id(self.clock.last().physical_ms() / 1000);
+        let id = self.ids.object_id(self.clock.last().physical_ms() / 1000);
         let mut doc = Map::new();
         doc.insert("_id".into(), id.clone().into());
         doc.insert("_type".into(), "user".into());

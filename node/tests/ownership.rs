@@ -238,3 +238,43 @@ async fn the_version_vector_is_unchanged_by_a_refused_takeover() {
     assert!(a.takeover_workitem(&id, &admin()).await.is_err());
     assert_eq!(a.version_vector(), before);
 }
+
+/// Found by the simulator (two-sites, seed 2): the old owner's pop and
+/// completion under the superseded epoch arrive at the new owner one after
+/// the other. The first refolds (and counts for nothing); the second
+/// builds on the first, and must not slip its fields (here `_modified`)
+/// into the current document through the fast path: both sites must end
+/// with the same document.
+#[tokio::test]
+async fn a_stale_owners_second_change_does_not_leak_into_the_current_document() {
+    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let (a, b) = (open(da.path(), "a"), open(db.path(), "b"));
+    a.add_queue(obj(json!({"name": "q", "sites": ["b"]})), &admin())
+        .await
+        .expect("queue");
+    let id = push(&a, "q").await;
+    sync(&a, &b).await;
+    // a takes the item over and finishes it; b has not heard of that.
+    a.takeover_workitem(&id, &admin()).await.expect("takeover");
+    a.pop_workitem("q", &admin(), None)
+        .await
+        .expect("pop at a")
+        .expect("item");
+    a.update_workitem(&id, "successful", None, None, None, &admin())
+        .await
+        .expect("complete at a");
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    b.pop_workitem("q", &admin(), None)
+        .await
+        .expect("pop at b")
+        .expect("item");
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    b.update_workitem(&id, "successful", None, None, None, &admin())
+        .await
+        .expect("late completion at b");
+    heal(&a, &b).await;
+    let (at_a, at_b) = (a.get(ITEMS, &id).expect("a"), b.get(ITEMS, &id).expect("b"));
+    assert_eq!(at_a, at_b);
+    assert_eq!(at_a["_owner"], json!("a"));
+    assert_eq!(at_a["_epoch"], json!(2));
+}

@@ -20,6 +20,7 @@ use ocmesh_replication::{Input, Output, SessionConfig, SyncSession, VersionKey};
 
 use crate::replica::Replica;
 use crate::scenario::{Scenario, ScenarioError};
+use crate::site::{Ctx, Journal, SimSite, SiteEvent};
 
 /// A connection that lasted this long resets the dial backoff (the shell's
 /// `STABLE_SESSION`).
@@ -52,6 +53,12 @@ pub struct Report {
     /// Received changes stamped beyond the clock drift bound.
     pub clock_clamped: u64,
     pub events: u64,
+    /// Work items pushed, completions, and operator takeovers (node backend).
+    pub workitems: u64,
+    pub completions: u64,
+    pub takeovers: u64,
+    /// Per site, its state digest at the end.
+    pub digests: Vec<(String, u64)>,
     pub anomalies: Vec<String>,
 }
 
@@ -74,6 +81,13 @@ impl fmt::Display for Report {
             self.duplicates,
             self.events
         )?;
+        if self.workitems > 0 {
+            writeln!(
+                f,
+                "  {} work items pushed, {} completions, {} takeovers",
+                self.workitems, self.completions, self.takeovers
+            )?;
+        }
         if self.clock_clamped > 0 {
             writeln!(
                 f,
@@ -113,6 +127,11 @@ enum Event {
     },
     FaultStart(usize),
     FaultEnd(usize),
+    /// Something a site scheduled for itself; stale if the site restarted since.
+    Site {
+        site: usize,
+        event: SiteEvent,
+    },
 }
 
 /// Queue entry ordered by (time, insertion order) only.
@@ -166,26 +185,27 @@ struct FaultPlan {
 
 /// A simulation in progress.
 #[derive(Debug)]
-pub struct Sim<'s> {
+pub struct Sim<'s, S: SimSite = Replica> {
     scenario: &'s Scenario,
     rng: StdRng,
     now: u64,
     seq: u64,
     queue: BinaryHeap<Reverse<Scheduled>>,
-    replicas: Vec<Replica>,
+    replicas: Vec<S>,
+    names: Vec<String>,
     /// Active crashes per site; a site runs when this is 0.
     down: Vec<u32>,
     links: Vec<Link>,
     faults: Vec<FaultPlan>,
     config: SessionConfig,
-    /// (origin, seq) of every local write.
-    acked: Vec<(String, u64)>,
+    /// What the sites did, for the checkers.
+    journal: Journal,
     /// When a change last reached a replica that lacked it.
     last_fresh_apply: u64,
     report: Report,
 }
 
-impl<'s> Sim<'s> {
+impl<'s, S: SimSite> Sim<'s, S> {
     /// Sets up the sites, links and schedule. A scenario that fails
     /// `Scenario::validate` gives a run that does nothing and reports why.
     pub fn new(scenario: &'s Scenario, seed: u64) -> Self {
@@ -195,7 +215,8 @@ impl<'s> Sim<'s> {
             now: 0,
             seq: 0,
             queue: BinaryHeap::new(),
-            replicas: scenario.sites.iter().map(|s| Replica::new(&s.name)).collect(),
+            replicas: Vec::new(),
+            names: scenario.sites.iter().map(|s| s.name.clone()).collect(),
             down: vec![0; scenario.sites.len()],
             links: Vec::new(),
             faults: Vec::new(),
@@ -203,7 +224,7 @@ impl<'s> Sim<'s> {
                 max_batch_changes: scenario.batch_changes,
                 ..SessionConfig::default()
             },
-            acked: Vec::new(),
+            journal: Journal::default(),
             last_fresh_apply: 0,
             report: Report {
                 scenario: scenario.name.clone(),
@@ -219,6 +240,10 @@ impl<'s> Sim<'s> {
                 duplicates: 0,
                 clock_clamped: 0,
                 events: 0,
+                workitems: 0,
+                completions: 0,
+                takeovers: 0,
+                digests: Vec::new(),
                 anomalies: Vec::new(),
             },
         };
@@ -230,6 +255,17 @@ impl<'s> Sim<'s> {
             }
         };
         sim.faults = faults;
+        for i in 0..scenario.sites.len() {
+            match S::create(scenario, i, seed, sim.physical(i)) {
+                Ok(site) => sim.replicas.push(site),
+                Err(e) => {
+                    sim.report
+                        .anomalies
+                        .push(format!("site {} does not open: {e}", scenario.sites[i].name));
+                    return sim;
+                }
+            }
+        }
         for (i, ends) in ends.into_iter().enumerate() {
             sim.links.push(Link {
                 ends,
@@ -256,8 +292,11 @@ impl<'s> Sim<'s> {
 
     /// Runs until nothing is left to happen (or `max_ms`), then checks the
     /// invariants. Returns the replicas too, for inspection.
-    pub fn run(mut self) -> (Report, Vec<Replica>) {
+    pub fn run(mut self) -> (Report, Vec<S>) {
         let valid = self.report.anomalies.is_empty();
+        if !valid {
+            return (self.report, self.replicas);
+        }
         let mut quiet = true;
         while let Some(Reverse(next)) = self.queue.pop() {
             if next.at > self.scenario.max_ms {
@@ -276,15 +315,34 @@ impl<'s> Sim<'s> {
                 .anomalies
                 .push(format!("still syncing at the {limit} ms limit"));
         }
-        check(&self.replicas, &self.acked, &mut self.report.anomalies);
-        let identical = self.replicas.windows(2).all(|w| w[0].digest() == w[1].digest());
+        // A site still down at the end restarts, so that it can be checked.
+        for site in 0..self.replicas.len() {
+            if !self.up(site) {
+                let physical = self.physical(site);
+                if let Err(e) = self.replicas[site].restart(physical) {
+                    self.report
+                        .anomalies
+                        .push(format!("{} does not restart: {e}", self.names[site]));
+                }
+            }
+        }
+        S::check(&self.replicas, &self.journal, &mut self.report.anomalies);
+        let digests: Vec<(String, u64)> = self
+            .replicas
+            .iter()
+            .map(|x| (x.name().to_owned(), x.digest().unwrap_or(0)))
+            .collect();
+        let identical = digests.windows(2).all(|w| w[0].1 == w[1].1);
         let r = &mut self.report;
+        r.digests = digests;
+        r.writes = self.journal.writes;
+        r.workitems = self.journal.pushed.len() as u64;
+        r.completions = self.journal.completions.values().map(|c| c.len() as u64).sum();
+        r.takeovers = self.journal.takeovers.len() as u64;
         r.converged = valid && quiet && identical;
         r.convergence_ms = r
             .converged
             .then(|| self.last_fresh_apply.saturating_sub(self.scenario.heal_ms()));
-        r.duplicates = self.replicas.iter().map(|x| x.duplicates).sum();
-        r.clock_clamped = self.replicas.iter().map(|x| x.clock_clamped).sum();
         r.ok = r.anomalies.is_empty();
         (self.report, self.replicas)
     }
@@ -322,10 +380,15 @@ impl<'s> Sim<'s> {
                     return;
                 }
                 if self.up(site) {
-                    self.local_write(site);
+                    self.site_step(site, None);
                 }
                 let next = self.write_gap(site);
                 self.schedule(next, Event::Write { site });
+            }
+            Event::Site { site, event } => {
+                if self.up(site) {
+                    self.site_step(site, Some(event));
+                }
             }
             Event::Dial { link, attempt } => {
                 let l = &self.links[link];
@@ -362,7 +425,11 @@ impl<'s> Sim<'s> {
                     self.disconnect(l);
                 }
                 if let Some(site) = self.faults[i].crash {
-                    // In-flight sessions are lost; the replica (all of it durable) stays.
+                    // In-flight sessions are lost, and whatever the site
+                    // had not made durable.
+                    if self.up(site) {
+                        self.replicas[site].crash();
+                    }
                     self.down[site] += 1;
                     for l in self.links_of(site) {
                         self.disconnect(l);
@@ -377,6 +444,12 @@ impl<'s> Sim<'s> {
                 if let Some(site) = self.faults[i].crash {
                     self.down[site] = self.down[site].saturating_sub(1);
                     if self.up(site) {
+                        let physical = self.physical(site);
+                        if let Err(e) = self.replicas[site].restart(physical) {
+                            let who = &self.names[site];
+                            self.report.anomalies.push(format!("{who} does not restart: {e}"));
+                        }
+                        self.received(site);
                         // A restarted site dials its peers at once.
                         for l in self.links_of(site) {
                             self.dial_now(l);
@@ -387,20 +460,56 @@ impl<'s> Sim<'s> {
         }
     }
 
-    fn local_write(&mut self, site: usize) {
-        let doc = self.rng.random_range(0..self.scenario.documents);
-        let delete = self.rng.random_bool(self.scenario.delete_ratio);
-        let id = format!("{doc:024x}");
-        let body = format!(
-            "{{\"by\":\"{}\",\"n\":{}}}",
-            self.replicas[site].name, self.report.writes
-        );
+    /// A local action (`None`) or a scheduled site event; tells the
+    /// site's sessions if its log grew.
+    fn site_step(&mut self, site: usize, event: Option<SiteEvent>) {
+        let before = self.replicas[site].vv();
         let physical = self.physical(site);
-        if let Some(c) = self.replicas[site].write(&id, body.as_bytes(), delete, physical) {
-            self.acked.push((c.origin, c.seq));
-            self.report.writes += 1;
+        let mut ctx = Ctx {
+            rng: &mut self.rng,
+            scenario: self.scenario,
+            now: self.now,
+            physical,
+            journal: &mut self.journal,
+            later: Vec::new(),
+            sites: &self.names,
+        };
+        let r = match event {
+            None => self.replicas[site].act(&mut ctx),
+            Some(e) => self.replicas[site].event(e, &mut ctx),
+        };
+        let later = std::mem::take(&mut ctx.later);
+        if let Err(e) = r {
+            let who = &self.names[site];
+            self.report.anomalies.push(format!("{who}: {e}"));
+        }
+        self.schedule_site(site, later);
+        if self.replicas[site].vv() != before {
             self.local_advanced(site, None);
         }
+    }
+
+    fn schedule_site(&mut self, site: usize, later: Vec<(u64, SiteEvent)>) {
+        for (delay, event) in later {
+            self.schedule(self.now + delay, Event::Site { site, event });
+        }
+    }
+
+    /// Fresh changes reached `site` (or it restarted): let it look at its queue.
+    fn received(&mut self, site: usize) {
+        let physical = self.physical(site);
+        let mut ctx = Ctx {
+            rng: &mut self.rng,
+            scenario: self.scenario,
+            now: self.now,
+            physical,
+            journal: &mut self.journal,
+            later: Vec::new(),
+            sites: &self.names,
+        };
+        self.replicas[site].received(&mut ctx);
+        let later = std::mem::take(&mut ctx.later);
+        self.schedule_site(site, later);
     }
 
     fn links_of(&self, site: usize) -> Vec<usize> {
@@ -443,16 +552,8 @@ impl<'s> Sim<'s> {
 
     fn connect(&mut self, link: usize) {
         let [x, y] = self.links[link].ends;
-        let mut sx = SyncSession::new(
-            self.config.clone(),
-            self.replicas[x].name.clone(),
-            self.replicas[x].vv().clone(),
-        );
-        let mut sy = SyncSession::new(
-            self.config.clone(),
-            self.replicas[y].name.clone(),
-            self.replicas[y].vv().clone(),
-        );
+        let mut sx = SyncSession::new(self.config.clone(), self.names[x].clone(), self.replicas[x].vv());
+        let mut sy = SyncSession::new(self.config.clone(), self.names[y].clone(), self.replicas[y].vv());
         let (ox, oy) = (sx.open(), sy.open());
         let l = &mut self.links[link];
         l.sessions = Some([sx, sy]);
@@ -484,7 +585,7 @@ impl<'s> Sim<'s> {
 
     /// Tells every session at `site` (but the one on `except`) that its log grew.
     fn local_advanced(&mut self, site: usize, except: Option<usize>) {
-        let vv = self.replicas[site].vv().clone();
+        let vv = self.replicas[site].vv();
         let now = self.now;
         let mut work = VecDeque::new();
         for l in self.links_of(site) {
@@ -511,29 +612,42 @@ impl<'s> Sim<'s> {
                 match o {
                     Output::Send(frame) => self.send(link, end, frame),
                     Output::Fetch(req) => {
-                        let changes = self.replicas[site].fetch(&req);
-                        if let Some(s) = self.session(link, end) {
-                            work.push_back((link, end, s.handle(Input::Fetched(changes), now)));
+                        let physical = self.physical(site);
+                        match self.replicas[site].fetch(&req, physical) {
+                            Ok(changes) => {
+                                if let Some(s) = self.session(link, end) {
+                                    work.push_back((link, end, s.handle(Input::Fetched(changes), now)));
+                                }
+                            }
+                            Err(e) => {
+                                let who = &self.names[site];
+                                self.report.anomalies.push(format!("{who} cannot read its log: {e}"));
+                                self.disconnect(link);
+                            }
                         }
                     }
                     Output::Apply { batch, changes } => {
-                        // Durable at once: a crash after this keeps the batch.
+                        // Durable once applied: a crash after this keeps the batch.
                         let physical = self.physical(site);
                         match self.replicas[site].apply(changes, physical) {
-                            Ok(fresh) => {
+                            Ok(applied) => {
+                                self.report.duplicates += applied.duplicates;
+                                self.report.clock_clamped += applied.clock_clamped;
+                                let fresh = applied.fresh;
                                 if fresh > 0 {
                                     self.last_fresh_apply = now;
                                 }
-                                let have = self.replicas[site].vv().clone();
+                                let have = self.replicas[site].vv();
                                 if let Some(s) = self.session(link, end) {
                                     work.push_back((link, end, s.handle(Input::Applied { batch, have }, now)));
                                 }
                                 if fresh > 0 {
                                     self.local_advanced(site, Some(link));
+                                    self.received(site);
                                 }
                             }
                             Err(e) => {
-                                let who = &self.replicas[site].name;
+                                let who = &self.names[site];
                                 self.report.anomalies.push(format!("{who} refused a batch: {e}"));
                                 self.disconnect(link);
                             }
@@ -557,7 +671,7 @@ impl<'s> Sim<'s> {
                     }
                     Output::StoreChunk { .. } => {}
                     Output::Close(e) => {
-                        let who = &self.replicas[site].name;
+                        let who = &self.names[site];
                         self.report.anomalies.push(format!("{who} closed a session: {e}"));
                         self.disconnect(link);
                     }
@@ -588,7 +702,7 @@ impl<'s> Sim<'s> {
             let Some(sessions) = &l.sessions else { continue };
             for (end, s) in sessions.iter().enumerate() {
                 if !s.is_idle() {
-                    let (a, b) = (&self.replicas[l.ends[end]].name, &self.replicas[l.ends[1 - end]].name);
+                    let (a, b) = (&self.names[l.ends[end]], &self.names[l.ends[1 - end]]);
                     self.report
                         .anomalies
                         .push(format!("session {a}->{b} is not idle with nothing in flight"));

@@ -2,7 +2,9 @@
 //!
 //! Role: tell, before deployment, how a topology behaves under faults, and
 //! catch replication bugs that only show under unlucky timing. Sites are
-//! in-memory replicas that follow the node's rules; links carry frames
+//! the node itself over an in-memory disk (`NodeSite`, the default
+//! backend), or a small model of its replication rules (`Replica`, for
+//! many fast seeds); links carry frames
 //! between the same `SyncSession`s the federation shell runs, in virtual
 //! time, with latency, flapping connections, partitions, crashes with
 //! restart from durable state, and clock skew. After the workload and the
@@ -15,21 +17,37 @@
 //! - frames of one connection arrive in order, as on a QUIC stream; loss is
 //!   a dropped connection, after which the link redials with the shell's
 //!   jittered exponential backoff and both ends start fresh sessions;
-//! - a crashed site keeps exactly what it had applied (apply is durable
-//!   before it is acknowledged) and loses only its sessions;
+//! - a crashed node site restarts from its disk's durable image (unsynced
+//!   bytes lost) and loses its sessions and its workers' items in hand; a
+//!   model site keeps all it had applied;
 //! - a run passes only if every replica is identical (digest, histories,
 //!   current versions), every acknowledged write is everywhere, no session
-//!   closed with a protocol error, and every session ended idle.
+//!   closed with a protocol error, every session ended idle, and (node
+//!   backend) every work item was completed exactly once unless an
+//!   operator's takeover is recorded, and none was popped at two sites
+//!   under one ownership epoch.
 
 mod engine;
+pub mod node_site;
 pub mod replica;
 pub mod scenario;
+pub mod site;
 
 pub use engine::{Report, Sim, check};
+pub use node_site::{NodeSite, check_nodes};
 pub use replica::Replica;
-pub use scenario::{Scenario, ScenarioError};
+pub use scenario::{Backend, Scenario, ScenarioError};
+pub use site::{Journal, SimSite};
 
-/// Runs one scenario with one seed.
+/// Runs one scenario with one seed, on the scenario's backend.
 pub fn run(scenario: &Scenario, seed: u64) -> Report {
-    Sim::new(scenario, seed).run().0
+    run_on(scenario, scenario.backend, seed)
+}
+
+/// Runs one scenario with one seed on `backend`.
+pub fn run_on(scenario: &Scenario, backend: Backend, seed: u64) -> Report {
+    match backend {
+        Backend::Node => Sim::<NodeSite>::new(scenario, seed).run().0,
+        Backend::Model => Sim::<Replica>::new(scenario, seed).run().0,
+    }
 }

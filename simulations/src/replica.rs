@@ -199,9 +199,59 @@ impl Replica {
     }
 }
 
+impl crate::site::SimSite for Replica {
+    fn create(scenario: &crate::Scenario, index: usize, _seed: u64, _physical: u64) -> Result<Self, String> {
+        Ok(Replica::new(&scenario.sites[index].name))
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn vv(&self) -> VersionVector {
+        self.vv.clone()
+    }
+
+    fn fetch(&mut self, req: &FetchRequest, _physical: u64) -> Result<Vec<Change>, String> {
+        Ok(Replica::fetch(self, req))
+    }
+
+    fn apply(&mut self, changes: Vec<Change>, physical: u64) -> Result<crate::site::Applied, String> {
+        let (dups, clamped) = (self.duplicates, self.clock_clamped);
+        let fresh = Replica::apply(self, changes, physical)?;
+        Ok(crate::site::Applied {
+            fresh: fresh as u64,
+            duplicates: self.duplicates - dups,
+            clock_clamped: self.clock_clamped - clamped,
+        })
+    }
+
+    /// A write of a random shared document (a delete now and then).
+    fn act(&mut self, ctx: &mut crate::site::Ctx<'_>) -> Result<(), String> {
+        use rand::Rng;
+        let doc = ctx.rng.random_range(0..ctx.scenario.documents);
+        let delete = ctx.rng.random_bool(ctx.scenario.delete_ratio);
+        let id = format!("{doc:024x}");
+        let body = format!("{{\"by\":\"{}\",\"n\":{}}}", self.name, ctx.journal.writes);
+        if let Some(c) = self.write(&id, body.as_bytes(), delete, ctx.physical) {
+            ctx.journal.acked.push((c.origin, c.seq));
+            ctx.journal.writes += 1;
+        }
+        Ok(())
+    }
+
+    fn digest(&self) -> Result<u64, String> {
+        Ok(Replica::digest(self))
+    }
+
+    fn check(sites: &[Self], journal: &crate::site::Journal, anomalies: &mut Vec<String>) {
+        crate::engine::check(sites, &journal.acked, anomalies);
+    }
+}
+
 /// FNV-1a, 64 bit: stable across runs and platforms.
 #[derive(Debug)]
-struct Fnv64(u64);
+pub(crate) struct Fnv64(pub(crate) u64);
 
 impl Default for Fnv64 {
     fn default() -> Self {

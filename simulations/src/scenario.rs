@@ -24,6 +24,55 @@ pub struct Scenario {
     pub links: Vec<LinkSpec>,
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// What the sites are: the node itself over an in-memory disk
+    /// (`node`, the default) or the small replica model (`model`).
+    #[serde(default)]
+    pub backend: Backend,
+    /// Node backend: share of local actions that push a work item (onto
+    /// a random site's queue, served by that site).
+    #[serde(default = "default_workitem_ratio")]
+    pub workitem_ratio: f64,
+    /// Node backend: share of local actions that are an operator's
+    /// takeover of an item another site owns.
+    #[serde(default = "default_takeover_ratio")]
+    pub takeover_ratio: f64,
+    /// Node backend: a popped item's processing lease (the queue's `leasetime`).
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+}
+
+/// What a simulated site runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// `ocmesh_node::Node` over a `MemDisk`: the real write and apply paths.
+    #[default]
+    Node,
+    /// `crate::Replica`, a model of the node's replication rules (fast).
+    Model,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = ScenarioError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "node" => Ok(Backend::Node),
+            "model" => Ok(Backend::Model),
+            other => Err(ScenarioError::Invalid(format!("backend {other:?}: use node or model"))),
+        }
+    }
+}
+
+fn default_workitem_ratio() -> f64 {
+    0.15
+}
+
+fn default_takeover_ratio() -> f64 {
+    0.01
+}
+
+fn default_lease_ms() -> u64 {
+    5_000
 }
 
 fn default_documents() -> u32 {
@@ -148,8 +197,19 @@ impl Scenario {
                 self.site_index(n)?;
             }
         }
-        if !(0.0..=1.0).contains(&self.delete_ratio) {
-            return Err(ScenarioError::Invalid("delete_ratio must lie in [0, 1]".into()));
+        for (what, r) in [
+            ("delete_ratio", self.delete_ratio),
+            ("workitem_ratio", self.workitem_ratio),
+            ("takeover_ratio", self.takeover_ratio),
+        ] {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(ScenarioError::Invalid(format!("{what} must lie in [0, 1]")));
+            }
+        }
+        if self.workitem_ratio + self.takeover_ratio > 1.0 || self.lease_ms < 1_000 {
+            return Err(ScenarioError::Invalid(
+                "workitem_ratio + takeover_ratio must be at most 1, lease_ms at least 1000".into(),
+            ));
         }
         if self.documents == 0 || self.batch_changes == 0 {
             return Err(ScenarioError::Invalid("documents and batch_changes must be > 0".into()));
