@@ -85,9 +85,10 @@ impl From<WriteError> for ApiError {
                 | WorkItemError::AlreadyDone { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
                 _ => ApiError::bad_request(e.to_string()),
             },
-            WriteError::AlreadyExists { .. } | WriteError::NotUnique { .. } | WriteError::NotDeleted { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
-            }
+            WriteError::AlreadyExists { .. }
+            | WriteError::NotUnique { .. }
+            | WriteError::NotDeleted { .. }
+            | WriteError::ClockBehind { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             WriteError::File(f) => match f {
                 FileError::TooLarge { .. } => {
                     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e.to_string())

@@ -17,6 +17,18 @@ pub enum WriteError {
     AlreadyExists { collection: String, id: String },
     #[error("document {collection}/{id} not found")]
     NotFound { collection: String, id: String },
+    /// A peer stamped the document's newest version further ahead than
+    /// this site's clock may follow (the drift bound); a local write would
+    /// be ordered below it and never become current.
+    #[error(
+        "document {collection}/{id} has a version stamped {stamped} by site {origin}, ahead of this site's clock by more than the allowed drift; writes to it are refused until this site's clock passes that time"
+    )]
+    ClockBehind {
+        collection: String,
+        id: String,
+        origin: String,
+        stamped: String,
+    },
     #[error("refused a peer's changes: {0}")]
     Apply(#[from] ApplyError),
     #[error("index: {0}")]

@@ -1274,3 +1274,52 @@ async fn withheld_stubs_and_refills() {
     leaky.body = b"{}".to_vec();
     assert!(b.apply(vec![leaky]).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_a_document_stamped_beyond_the_drift_bound_is_refused_clearly() {
+    let (dir_a, dir_b) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let a = open(dir_a.path(), "a");
+    // b's clock runs ten minutes ahead, far beyond the drift bound.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let b = Node::open_with(
+        NodeConfig {
+            data_dir: dir_b.path().into(),
+            site: "b".into(),
+            admin_password: Some("pw".into()),
+        },
+        OpenOptions {
+            clock: Arc::new(ManualClock::new(now + 10 * 60_000)),
+            ..OpenOptions::default()
+        },
+    )
+    .expect("open b")
+    .node;
+    let doc = b
+        .insert("entities", obj(json!({"x": 1})), &admin())
+        .await
+        .expect("insert at b");
+    let id = doc["_id"].as_str().expect("id").to_owned();
+    let report = a.apply(from_origin(&b, "b")).await.expect("apply at a");
+    assert!(report.clock_clamped > 0, "{report:?}");
+
+    let refused = a.update("entities", &id, json!({"$set": {"x": 2}}), &admin()).await;
+    match refused {
+        Err(WriteError::ClockBehind { ref origin, .. }) if origin == "b" => {
+            let text = refused.as_ref().expect_err("refused").to_string();
+            assert!(text.contains(&id) && text.contains("site b"), "{text}");
+        }
+        other => panic!("expected ClockBehind, got {other:?}"),
+    }
+    assert!(
+        a.delete("entities", &id, &admin()).await.is_err(),
+        "a delete is refused too"
+    );
+    // Nothing was written, and a's other documents take writes as usual.
+    assert_eq!(a.versions("entities", &id).expect("history").len(), 1);
+    a.insert("entities", obj(json!({"y": 1})), &admin())
+        .await
+        .expect("an unrelated write");
+}

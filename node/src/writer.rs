@@ -702,9 +702,20 @@ impl Writer {
             }
             _ => None,
         };
+        let greatest = t.greatest_version(collection, id)?;
+        if let Some((stamped, origin)) = &greatest
+            && *stamped >= hlc.raw()
+        {
+            return Err(WriteError::ClockBehind {
+                collection: collection.to_owned(),
+                id: id.to_owned(),
+                origin: origin.clone(),
+                stamped: Timestamp::from_raw(*stamped).to_string(),
+            });
+        }
         let (base_hlc, base_origin) = match kind {
             ChangeKind::Insert => (0, String::new()),
-            _ => t.greatest_version(collection, id)?.unwrap_or_default(),
+            _ => greatest.unwrap_or_default(),
         };
         let change = Change {
             origin: self.site.clone(),

@@ -52,6 +52,9 @@ pub struct Report {
     pub duplicates: u64,
     /// Received changes stamped beyond the clock drift bound.
     pub clock_clamped: u64,
+    /// Local writes refused because a peer stamped the document beyond the
+    /// drift bound (`WriteError::ClockBehind`, node backend).
+    pub clock_refused: u64,
     pub events: u64,
     /// Work items pushed, completions, and operator takeovers (node backend).
     pub workitems: u64,
@@ -93,6 +96,13 @@ impl fmt::Display for Report {
                 f,
                 "  {} changes stamped beyond the clock drift bound",
                 self.clock_clamped
+            )?;
+        }
+        if self.clock_refused > 0 {
+            writeln!(
+                f,
+                "  {} local writes refused: their document was stamped beyond the drift bound",
+                self.clock_refused
             )?;
         }
         for a in &self.anomalies {
@@ -239,6 +249,7 @@ impl<'s, S: SimSite> Sim<'s, S> {
                 connections: 0,
                 duplicates: 0,
                 clock_clamped: 0,
+                clock_refused: 0,
                 events: 0,
                 workitems: 0,
                 completions: 0,
@@ -339,6 +350,7 @@ impl<'s, S: SimSite> Sim<'s, S> {
         r.workitems = self.journal.pushed.len() as u64;
         r.completions = self.journal.completions.values().map(|c| c.len() as u64).sum();
         r.takeovers = self.journal.takeovers.len() as u64;
+        r.clock_refused = self.journal.clock_refused;
         r.converged = valid && quiet && identical;
         r.convergence_ms = r
             .converged

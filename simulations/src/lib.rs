@@ -24,8 +24,8 @@
 //!   current versions), every acknowledged write is everywhere, no session
 //!   closed with a protocol error, every session ended idle, and (node
 //!   backend) every work item was completed exactly once unless an
-//!   operator's takeover is recorded, and none was popped at two sites
-//!   under one ownership epoch.
+//!   operator's takeover is recorded, and none was popped under one
+//!   ownership claim (epoch, claiming site) anywhere but at that site.
 
 mod engine;
 pub mod node_site;

@@ -31,12 +31,18 @@ pub struct Journal {
     pub writes: u64,
     /// Work items whose push was acknowledged.
     pub pushed: BTreeSet<String>,
-    /// (item, epoch) → the sites that popped it under that epoch.
-    pub pops: BTreeMap<(String, u64), BTreeSet<String>>,
+    /// (item, epoch, owner) → the sites that popped it under that claim.
+    /// A claim is an epoch together with the site that made it: two
+    /// operators' concurrent takeovers at sites cut off from each other both
+    /// make epoch n + 1, but they are two claims, ordered by
+    /// `ownership::settle`, and only the winner's result counts.
+    pub pops: BTreeMap<(String, u64, String), BTreeSet<String>>,
     /// Item → every acknowledged completion: (site, epoch).
     pub completions: BTreeMap<String, Vec<(String, u64)>>,
     /// Items an operator took over (acknowledged).
     pub takeovers: BTreeSet<String>,
+    /// Local writes refused with `WriteError::ClockBehind`.
+    pub clock_refused: u64,
 }
 
 /// What a site's step may use.
