@@ -4,30 +4,16 @@
 mod common;
 mod loopback;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::json;
 
 use common::{admin, obj};
-use loopback::{Site, eventually, identity, new_ca, start, start_mesh};
+use loopback::{Site, eventually, frame_counters, free_udp, identity, issued, new_ca, start, start_mesh};
 use ocmesh_federation::{ca, frame, tls};
 use ocmesh_node::{Node, NodeConfig};
 
 /// The already issued certificate of `site` from the CA in `ca_dir`.
-fn issued(ca_dir: &std::path::Path, site: &str) -> tls::SiteIdentity {
-    tls::load_identity(
-        &ca_dir.join("ca.pem"),
-        &ca_dir.join(format!("{site}.pem")),
-        &ca_dir.join(format!("{site}.key")),
-    )
-    .expect("identity")
-}
-
-fn free_udp() -> SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sites_replicate_both_ways_and_catch_up() {
@@ -325,12 +311,7 @@ async fn an_in_sync_reconnect_costs_one_round_trip_under_1_kib() {
     })
     .await;
     let stats = b.mesh.stats();
-    let before = [
-        stats.frames_sent.load(Relaxed),
-        stats.frames_received.load(Relaxed),
-        stats.bytes_sent.load(Relaxed),
-        stats.bytes_received.load(Relaxed),
-    ];
+    let before = frame_counters(stats);
     // The old endpoint's socket may linger: a dials b, so any port does.
     let a_mesh = start_mesh(
         a_node.clone(),
@@ -344,12 +325,7 @@ async fn an_in_sync_reconnect_costs_one_round_trip_under_1_kib() {
     .await;
     // Leave time for anything more either side would send.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = [
-        stats.frames_sent.load(Relaxed),
-        stats.frames_received.load(Relaxed),
-        stats.bytes_sent.load(Relaxed),
-        stats.bytes_received.load(Relaxed),
-    ];
+    let after = frame_counters(stats);
     let [frames_sent, frames_received, bytes_sent, bytes_received] = [0, 1, 2, 3].map(|i| after[i] - before[i]);
     eprintln!(
         "in-sync reconnect at b: {frames_sent} frame(s) sent ({bytes_sent} B), {frames_received} received ({bytes_received} B)"

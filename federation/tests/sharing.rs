@@ -17,15 +17,11 @@ use serde_json::{Value, json};
 mod common;
 mod loopback;
 use common::{admin, obj};
-use loopback::{Site, eventually, identity, new_ca, start, start_mesh_with};
-use ocmesh_federation::{FrameTap, tls};
-use ocmesh_node::{Node, NodeConfig};
+use loopback::{
+    Site, eventually, frame_counters, free_udp, identity, issued, new_ca, open_node, start, start_mesh_with,
+};
+use ocmesh_federation::FrameTap;
 use ocmesh_replication::{AclMode, ShareConfig};
-
-fn free_udp() -> SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr")
-}
 
 /// A frame sent, encoded, and the peer site it went to.
 type Sent = (String, Vec<u8>);
@@ -56,28 +52,6 @@ impl Wire {
     fn frames_to(&self, site: &str) -> usize {
         self.0.lock().expect("lock").iter().filter(|(s, _)| s == site).count()
     }
-}
-
-/// `site`'s certificate, issued earlier by `identity`, loaded again.
-fn issued(ca_dir: &std::path::Path, site: &str) -> tls::SiteIdentity {
-    tls::load_identity(
-        &ca_dir.join("ca.pem"),
-        &ca_dir.join(format!("{site}.pem")),
-        &ca_dir.join(format!("{site}.key")),
-    )
-    .expect("identity")
-}
-
-fn open_node(site: &str) -> (Node, tempfile::TempDir) {
-    let data = tempfile::tempdir().expect("tmp");
-    let node = Node::open(NodeConfig {
-        data_dir: data.path().into(),
-        site: site.into(),
-        admin_password: Some("pw".into()),
-    })
-    .expect("open")
-    .node;
-    (node, data)
 }
 
 fn id_of(doc: &Value) -> String {
@@ -220,12 +194,7 @@ async fn what_a_peer_may_not_see_never_leaves_the_site() {
     })
     .await;
     let stats = b.mesh.stats();
-    let before = [
-        stats.frames_sent.load(Relaxed),
-        stats.frames_received.load(Relaxed),
-        stats.bytes_sent.load(Relaxed),
-        stats.bytes_received.load(Relaxed),
-    ];
+    let before = frame_counters(stats);
     let frames_before = wire.frames_to("b");
     let a_mesh = start_mesh_with(
         a_node.clone(),
@@ -240,12 +209,7 @@ async fn what_a_peer_may_not_see_never_leaves_the_site() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = [
-        stats.frames_sent.load(Relaxed),
-        stats.frames_received.load(Relaxed),
-        stats.bytes_sent.load(Relaxed),
-        stats.bytes_received.load(Relaxed),
-    ];
+    let after = frame_counters(stats);
     let [frames_sent, frames_received, bytes_sent, bytes_received] = [0, 1, 2, 3].map(|i| after[i] - before[i]);
     eprintln!(
         "filtered in-sync reconnect at b: {frames_sent} frame(s) sent ({bytes_sent} B), {frames_received} received ({bytes_received} B)"

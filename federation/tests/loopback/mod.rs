@@ -22,8 +22,26 @@ pub fn identity(ca_dir: &Path, site: &str) -> tls::SiteIdentity {
     tls::load_identity(&ca_dir.join("ca.pem"), &files.cert, &files.key).expect("identity")
 }
 
-/// Opens a node on a temporary directory and starts its mesh.
-pub fn start(ca_dir: &Path, site: &str, listen: SocketAddr, peers: Vec<SocketAddr>) -> Site {
+/// `site`'s certificate, issued earlier by `identity`, loaded again.
+#[allow(dead_code)]
+pub fn issued(ca_dir: &Path, site: &str) -> tls::SiteIdentity {
+    tls::load_identity(
+        &ca_dir.join("ca.pem"),
+        &ca_dir.join(format!("{site}.pem")),
+        &ca_dir.join(format!("{site}.key")),
+    )
+    .expect("identity")
+}
+
+/// A free UDP port on loopback (bound and released).
+#[allow(dead_code)]
+pub fn free_udp() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr")
+}
+
+/// Opens a node on a temporary directory, without a mesh.
+pub fn open_node(site: &str) -> (Node, tempfile::TempDir) {
     let data = tempfile::tempdir().expect("tmp");
     let node = Node::open(NodeConfig {
         data_dir: data.path().into(),
@@ -32,6 +50,25 @@ pub fn start(ca_dir: &Path, site: &str, listen: SocketAddr, peers: Vec<SocketAdd
     })
     .expect("open")
     .node;
+    (node, data)
+}
+
+/// The mesh's frame counters: [frames sent, frames received, bytes sent,
+/// bytes received].
+#[allow(dead_code)]
+pub fn frame_counters(stats: &ocmesh_federation::MeshStats) -> [u64; 4] {
+    use std::sync::atomic::Ordering::Relaxed;
+    [
+        stats.frames_sent.load(Relaxed),
+        stats.frames_received.load(Relaxed),
+        stats.bytes_sent.load(Relaxed),
+        stats.bytes_received.load(Relaxed),
+    ]
+}
+
+/// Opens a node on a temporary directory and starts its mesh.
+pub fn start(ca_dir: &Path, site: &str, listen: SocketAddr, peers: Vec<SocketAddr>) -> Site {
+    let (node, data) = open_node(site);
     let mesh = start_mesh(node.clone(), identity(ca_dir, site), listen, peers);
     Site {
         node,
