@@ -54,6 +54,11 @@ impl Wire {
     }
 }
 
+/// Inserts a document as the admin.
+async fn insert(node: &ocmesh_node::Node, collection: &str, doc: Value) -> Value {
+    node.insert(collection, obj(doc), &admin()).await.expect("insert")
+}
+
 fn id_of(doc: &Value) -> String {
     doc["_id"].as_str().expect("id").to_owned()
 }
@@ -90,36 +95,21 @@ async fn what_a_peer_may_not_see_never_leaves_the_site() {
     );
     let b = start(ca_dir.path(), "b", addr_b, vec![addr_a]);
 
-    let open = a_node
-        .insert("entities", obj(json!({"note": "OPEN-MARKER-1"})), &admin())
-        .await
-        .expect("insert");
-    let denied = a_node
-        .insert(
-            "entities",
-            obj(
-                json!({"note": "DENIED-MARKER-2", "_acl": [{"_id": "site:b", "name": "b", "rights": 2, "deny": true}]}),
-            ),
-            &admin(),
-        )
-        .await
-        .expect("insert");
-    let denied_to_sites = a_node
-        .insert(
-            "entities",
-            obj(json!({"note": "DENIED-MARKER-3", "_acl": [{"_id": "sites", "name": "sites", "rights": 65535, "deny": true}]})),
-            &admin(),
-        )
-        .await
-        .expect("insert");
-    let home = a_node
-        .insert("secrets", obj(json!({"note": "HOME-MARKER-4"})), &admin())
-        .await
-        .expect("insert");
-    let later = a_node
-        .insert("entities", obj(json!({"note": "OPEN-MARKER-5"})), &admin())
-        .await
-        .expect("insert");
+    let open = insert(&a_node, "entities", json!({"note": "OPEN-MARKER-1"})).await;
+    let denied = insert(
+        &a_node,
+        "entities",
+        json!({"note": "DENIED-MARKER-2", "_acl": [{"_id": "site:b", "name": "b", "rights": 2, "deny": true}]}),
+    )
+    .await;
+    let denied_to_sites = insert(
+        &a_node,
+        "entities",
+        json!({"note": "DENIED-MARKER-3", "_acl": [{"_id": "sites", "name": "sites", "rights": 65535, "deny": true}]}),
+    )
+    .await;
+    let home = insert(&a_node, "secrets", json!({"note": "HOME-MARKER-4"})).await;
+    let later = insert(&a_node, "entities", json!({"note": "OPEN-MARKER-5"})).await;
 
     eventually("b's vector to equal a's", || {
         b.node.version_vector() == a_node.version_vector()
@@ -241,14 +231,12 @@ async fn enforce_mode_sends_only_what_the_acl_grants_the_site() {
         },
     )]);
     // A role that lists site b as a member; created before the mesh starts.
-    a_node
-        .insert(
-            "users",
-            obj(json!({"_id": "aaaaaaaaaaaaaaaaaaaaaaaa", "_type": "role", "name": "partners", "members": [{"_id": "site:b"}]})),
-            &admin(),
-        )
-        .await
-        .expect("role");
+    insert(
+        &a_node,
+        "users",
+        json!({"_id": "aaaaaaaaaaaaaaaaaaaaaaaa", "_type": "role", "name": "partners", "members": [{"_id": "site:b"}]}),
+    )
+    .await;
     let a_mesh = start_mesh_with(
         a_node.clone(),
         identity(ca_dir.path(), "a"),
@@ -259,34 +247,25 @@ async fn enforce_mode_sends_only_what_the_acl_grants_the_site() {
     );
     let b = start(ca_dir.path(), "b", addr_b, vec![addr_a]);
     let grant = |who: &str| json!([{"_id": who, "name": who, "rights": 2}]);
-    let to_site = a_node
-        .insert(
-            "entities",
-            obj(json!({"note": "GRANT-SITE", "_acl": grant("site:b")})),
-            &admin(),
-        )
-        .await
-        .expect("insert");
-    let to_sites = a_node
-        .insert(
-            "entities",
-            obj(json!({"note": "GRANT-SITES", "_acl": grant("sites")})),
-            &admin(),
-        )
-        .await
-        .expect("insert");
-    let to_role = a_node
-        .insert(
-            "entities",
-            obj(json!({"note": "GRANT-ROLE", "_acl": grant("aaaaaaaaaaaaaaaaaaaaaaaa")})),
-            &admin(),
-        )
-        .await
-        .expect("insert");
-    let creator_only = a_node
-        .insert("entities", obj(json!({"note": "CREATOR-ONLY"})), &admin())
-        .await
-        .expect("insert");
+    let to_site = insert(
+        &a_node,
+        "entities",
+        json!({"note": "GRANT-SITE", "_acl": grant("site:b")}),
+    )
+    .await;
+    let to_sites = insert(
+        &a_node,
+        "entities",
+        json!({"note": "GRANT-SITES", "_acl": grant("sites")}),
+    )
+    .await;
+    let to_role = insert(
+        &a_node,
+        "entities",
+        json!({"note": "GRANT-ROLE", "_acl": grant("aaaaaaaaaaaaaaaaaaaaaaaa")}),
+    )
+    .await;
+    let creator_only = insert(&a_node, "entities", json!({"note": "CREATOR-ONLY"})).await;
     eventually("b's vector to equal a's", || {
         b.node.version_vector() == a_node.version_vector()
     })
@@ -332,18 +311,13 @@ async fn a_site_that_got_a_stub_through_a_relay_gets_the_record_from_a_direct_li
         HashMap::new(),
         None,
     );
-    let secret = a_node
-        .insert(
-            "entities",
-            obj(json!({"note": "NOT-FOR-B", "_acl": [{"_id": "site:b", "name": "b", "rights": 2, "deny": true}]})),
-            &admin(),
-        )
-        .await
-        .expect("insert");
-    let open = a_node
-        .insert("entities", obj(json!({"note": "FOR-ALL"})), &admin())
-        .await
-        .expect("insert");
+    let secret = insert(
+        &a_node,
+        "entities",
+        json!({"note": "NOT-FOR-B", "_acl": [{"_id": "site:b", "name": "b", "rights": 2, "deny": true}]}),
+    )
+    .await;
+    let open = insert(&a_node, "entities", json!({"note": "FOR-ALL"})).await;
     eventually("c's vector to equal a's", || {
         c_node.version_vector() == a_node.version_vector()
     })
