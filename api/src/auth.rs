@@ -59,6 +59,16 @@ pub fn verify_token(node: &Node, token: &str) -> Result<Principal, ApiError> {
     validation.leeway = 0;
     let data = jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(node.token_secret()), &validation)
         .map_err(|e| ApiError::unauthorized(format!("bearer token refused: {e}")))?;
+    // A token does not outlive its user: deleting the user's document ends it.
+    if !node
+        .user_exists(&data.claims.sub)
+        .map_err(|e| ApiError::internal(e.to_string()))?
+    {
+        return Err(ApiError::unauthorized(format!(
+            "bearer token refused: user {} no longer exists",
+            data.claims.sub
+        )));
+    }
     Ok(Principal {
         id: data.claims.sub,
         name: data.claims.name,

@@ -205,6 +205,50 @@ async fn signin_issues_a_token_for_this_site() {
 }
 
 #[tokio::test]
+async fn a_deleted_user_loses_its_tokens_and_its_password() {
+    let s = site();
+    let r = s
+        .admin(
+            Method::POST,
+            "/api/v1/users",
+            Some(json!({"username": "robot", "password": "robot-pw"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let id = r.body["_id"].as_str().expect("user _id").to_owned();
+    let jwt = s.signin("robot", "robot-pw").await.body["jwt"]
+        .as_str()
+        .expect("jwt")
+        .to_owned();
+    let bearer = format!("Bearer {jwt}");
+    let url = "/api/v1/conflicts";
+    assert_eq!(
+        s.call(Method::GET, url, Some(&bearer), None).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.call(Method::GET, url, Some(&basic("robot", "robot-pw")), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    let r = s
+        .admin(
+            Method::DELETE,
+            &format!("/api/v1/collections/users/documents/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = s.call(Method::GET, url, Some(&bearer), None).await;
+    assert_unauthorized(&r);
+    assert!(detail(&r).contains("no longer exists"), "{}", r.body);
+    assert_unauthorized(&s.call(Method::GET, url, Some(&basic("robot", "robot-pw")), None).await);
+    assert_unauthorized(&s.signin("robot", "robot-pw").await);
+}
+
+#[tokio::test]
 async fn authentication() {
     let s = site();
     let url = "/api/v1/mesh/peers";

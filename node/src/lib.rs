@@ -1253,8 +1253,27 @@ impl Node {
                 .await
                 .map_err(|e| AuthError::Storage(StorageError(format!("password check failed: {e}"))))?;
         let who = ok.ok_or(AuthError::BadCredentials)?;
+        // Deleting a user's document ends its access: the password record
+        // is a local table the delete does not reach.
+        if !self.user_exists(&who.id)? {
+            return Err(AuthError::BadCredentials);
+        }
         self.with_roles(who)
             .map_err(|e| AuthError::Storage(StorageError(e.to_string())))
+    }
+
+    /// Whether the user with this id has a current (not deleted) document
+    /// in `users`, or is the local `admin` (a credential only, which
+    /// cannot be deleted). Signing in and tokens need one.
+    pub fn user_exists(&self, id: &str) -> Result<bool, StorageError> {
+        if self.is_local_admin(id) {
+            return Ok(true);
+        }
+        match self.get("users", id) {
+            Ok(_) => Ok(true),
+            Err(ReadError::NotFound { .. } | ReadError::Name(_)) => Ok(false),
+            Err(e) => Err(StorageError(e.to_string())),
+        }
     }
 
     /// The principal with this user id, if it can sign in here.
