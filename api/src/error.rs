@@ -124,6 +124,9 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match &e {
             AuthError::BadCredentials => ApiError::unauthorized(e.to_string()),
+            AuthError::TooManyAttempts { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", e.to_string())
+            }
             AuthError::Storage(_) => ApiError::internal(e.to_string()),
         }
     }
@@ -219,6 +222,10 @@ mod tests {
         assert_eq!(
             status_and_code(AuthError::BadCredentials),
             (StatusCode::UNAUTHORIZED, "unauthorized")
+        );
+        assert_eq!(
+            status_and_code(AuthError::TooManyAttempts { retry_after_secs: 2 }),
+            (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")
         );
         assert_eq!(
             status_and_code(AuthError::Storage(StorageError("gone".into()))),

@@ -130,6 +130,8 @@ pub enum OpenError {
 pub enum AuthError {
     #[error("unknown user or wrong password")]
     BadCredentials,
+    #[error("too many failed sign-ins for this user name; try again in {retry_after_secs} s")]
+    TooManyAttempts { retry_after_secs: u64 },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }

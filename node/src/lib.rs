@@ -146,6 +146,8 @@ struct Inner {
     vv: watch::Receiver<VersionVector>,
     token_secret: Vec<u8>,
     verified: VerifiedCache,
+    sign_in_guard: users::SignInGuard,
+    wall: Arc<dyn WallClock>,
     stats: Arc<NodeStats>,
     signals: Arc<workitems::QueueSignals>,
 }
@@ -277,6 +279,8 @@ impl Node {
                 vv: vv_rx,
                 token_secret,
                 verified: VerifiedCache::new(),
+                sign_in_guard: users::SignInGuard::default(),
+                wall: options.clock.clone(),
                 stats,
                 signals,
             }),
@@ -1245,21 +1249,42 @@ impl Node {
 
     /// Checks a user name and password.
     pub async fn authenticate(&self, username: &str, password: &str) -> Result<Principal, AuthError> {
-        let cred = self.credential(username)?.ok_or(AuthError::BadCredentials)?;
+        let guard = &self.inner.sign_in_guard;
+        if let Err(wait_ms) = guard.check(username, self.inner.wall.now_ms()) {
+            return Err(AuthError::TooManyAttempts {
+                retry_after_secs: wait_ms.div_ceil(1000),
+            });
+        }
+        let verified = self.verify_password(username, password).await?;
+        let who = match verified {
+            Some(who) => who,
+            None => {
+                guard.failed(username, self.inner.wall.now_ms());
+                return Err(AuthError::BadCredentials);
+            }
+        };
+        guard.succeeded(username);
+        self.with_roles(who)
+            .map_err(|e| AuthError::Storage(StorageError(e.to_string())))
+    }
+
+    /// The user whose password this is, if it is and the user still has
+    /// its document in `users`. Deleting a user's document ends its access:
+    /// the password record is a local table the delete does not reach.
+    async fn verify_password(&self, username: &str, password: &str) -> Result<Option<Principal>, AuthError> {
+        let Some(cred) = self.credential(username)? else {
+            return Ok(None);
+        };
         let node = self.clone();
         let password = password.to_owned();
         let ok =
             tokio::task::spawn_blocking(move || node.inner.verified.verify(&cred, &password).then(|| cred.principal()))
                 .await
                 .map_err(|e| AuthError::Storage(StorageError(format!("password check failed: {e}"))))?;
-        let who = ok.ok_or(AuthError::BadCredentials)?;
-        // Deleting a user's document ends its access: the password record
-        // is a local table the delete does not reach.
-        if !self.user_exists(&who.id)? {
-            return Err(AuthError::BadCredentials);
+        match ok {
+            Some(who) if self.user_exists(&who.id)? => Ok(Some(who)),
+            _ => Ok(None),
         }
-        self.with_roles(who)
-            .map_err(|e| AuthError::Storage(StorageError(e.to_string())))
     }
 
     /// Whether the user with this id has a current (not deleted) document

@@ -290,6 +290,46 @@ async fn authentication() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_failed_sign_ins_make_the_name_wait() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let clock = ManualClock::new(1_000_000);
+    let node = Node::open_with(
+        NodeConfig {
+            data_dir: dir.path().into(),
+            site: "a".into(),
+            admin_password: Some("pw".into()),
+        },
+        OpenOptions {
+            clock: Arc::new(clock.clone()),
+            ..OpenOptions::default()
+        },
+    )
+    .expect("open")
+    .node;
+    for _ in 0..6 {
+        assert!(matches!(
+            node.authenticate("admin", "guess").await,
+            Err(AuthError::BadCredentials)
+        ));
+    }
+    // Even the right password waits now, and the answer says how long.
+    match node.authenticate("admin", "pw").await {
+        Err(e @ AuthError::TooManyAttempts { retry_after_secs: 1 }) => {
+            assert!(e.to_string().contains("try again in 1 s"), "{e}");
+        }
+        other => panic!("expected TooManyAttempts, got {other:?}"),
+    }
+    clock.set(1_001_000);
+    node.authenticate("admin", "pw").await.expect("after the wait");
+    // The success cleared the name.
+    assert!(matches!(
+        node.authenticate("admin", "guess").await,
+        Err(AuthError::BadCredentials)
+    ));
+    node.authenticate("admin", "pw").await.expect("not blocked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn indexes_answer_like_a_scan_and_follow_every_write() {
     use crate::query::{Filter, Query};
     let dir = tempfile::tempdir().expect("tmp");

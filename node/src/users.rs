@@ -128,3 +128,98 @@ mod tests {
         );
     }
 }
+
+/// Failed sign-ins in a row a user name gets before it has to wait.
+const FREE_FAILURES: u32 = 5;
+/// The longest wait between attempts on one user name.
+const MAX_WAIT_MS: u64 = 60_000;
+/// Most user names tracked; beyond it expired entries go, then all.
+const GUARD_LIMIT: usize = 10_000;
+
+/// Slows down password guessing: after [`FREE_FAILURES`] failed sign-ins
+/// in a row for one user name (known or not, so the answer does not tell
+/// which), each further attempt must wait 1 s, then 2 s, 4 s, ... up to
+/// [`MAX_WAIT_MS`]. A success clears the name. Time comes in as an
+/// argument (the node's wall clock).
+#[derive(Debug, Default)]
+pub(crate) struct SignInGuard {
+    failures: Mutex<HashMap<String, Failures>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    blocked_until_ms: u64,
+}
+
+impl SignInGuard {
+    /// `Err(ms to wait)` while `user` is blocked.
+    pub(crate) fn check(&self, user: &str, now_ms: u64) -> Result<(), u64> {
+        let Ok(map) = self.failures.lock() else { return Ok(()) };
+        match map.get(user) {
+            Some(f) if f.blocked_until_ms > now_ms => Err(f.blocked_until_ms - now_ms),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn failed(&self, user: &str, now_ms: u64) {
+        let Ok(mut map) = self.failures.lock() else { return };
+        if map.len() >= GUARD_LIMIT && !map.contains_key(user) {
+            map.retain(|_, f| f.blocked_until_ms > now_ms);
+            if map.len() >= GUARD_LIMIT {
+                map.clear();
+            }
+        }
+        let f = map.entry(user.to_owned()).or_insert(Failures {
+            count: 0,
+            blocked_until_ms: 0,
+        });
+        f.count = f.count.saturating_add(1);
+        if f.count > FREE_FAILURES {
+            let doublings = (f.count - FREE_FAILURES - 1).min(16);
+            f.blocked_until_ms = now_ms + (1000u64 << doublings).min(MAX_WAIT_MS);
+        }
+    }
+
+    pub(crate) fn succeeded(&self, user: &str) {
+        if let Ok(mut map) = self.failures.lock() {
+            map.remove(user);
+        }
+    }
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+
+    #[test]
+    fn failures_beyond_the_free_ones_wait_longer_each_time_and_success_clears() {
+        let g = SignInGuard::default();
+        for _ in 0..FREE_FAILURES {
+            assert_eq!(g.check("eve", 0), Ok(()));
+            g.failed("eve", 0);
+        }
+        assert_eq!(g.check("eve", 0), Ok(()), "the free failures do not block");
+        g.failed("eve", 0);
+        assert_eq!(g.check("eve", 0), Err(1000));
+        assert_eq!(g.check("eve", 1000), Ok(()));
+        g.failed("eve", 1000);
+        assert_eq!(g.check("eve", 1000), Err(2000));
+        assert_eq!(g.check("bob", 1000), Ok(()), "other names are not affected");
+        for _ in 0..20 {
+            g.failed("eve", 5000);
+        }
+        assert_eq!(g.check("eve", 5000), Err(MAX_WAIT_MS));
+        g.succeeded("eve");
+        assert_eq!(g.check("eve", 5000), Ok(()));
+    }
+
+    #[test]
+    fn the_table_stays_bounded() {
+        let g = SignInGuard::default();
+        for i in 0..GUARD_LIMIT + 10 {
+            g.failed(&format!("user{i}"), 0);
+        }
+        assert!(g.failures.lock().map(|m| m.len()).unwrap_or(0) <= GUARD_LIMIT);
+    }
+}
