@@ -529,10 +529,8 @@ impl Node {
     /// One chunk of file content by its hash.
     pub fn read_chunk(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, ReadError> {
         let txn = self.read()?;
-        let table = match txn.open_table(store::CHUNKS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_existing(&txn, store::CHUNKS)? else {
+            return Ok(None);
         };
         Ok(table.get(hash.as_slice())?.map(|g| g.value().to_vec()))
     }
@@ -559,10 +557,8 @@ impl Node {
     /// does not hold yet, to ask peers for.
     pub fn wanted_chunks(&self, limit: usize) -> Result<Vec<[u8; 32]>, ReadError> {
         let txn = self.read()?;
-        let table = match txn.open_table(store::CHUNKS_WANTED) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_existing(&txn, store::CHUNKS_WANTED)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for entry in table.iter()?.take(limit) {
@@ -577,10 +573,8 @@ impl Node {
     /// Which of `hashes` this site does not hold.
     pub fn missing_chunks(&self, hashes: &[[u8; 32]]) -> Result<Vec<[u8; 32]>, ReadError> {
         let txn = self.read()?;
-        let table = match txn.open_table(store::CHUNKS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(hashes.to_vec()),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_existing(&txn, store::CHUNKS)? else {
+            return Ok(hashes.to_vec());
         };
         let mut out = Vec::new();
         for h in hashes {
@@ -797,10 +791,8 @@ impl Node {
             collection: collection.into(),
             id: id.into(),
         };
-        let table = match txn.open_table(DOCUMENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Err(not_found()),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_existing(&txn, DOCUMENTS)? else {
+            return Err(not_found());
         };
         let Some(bytes) = table.get((collection, id))? else {
             return Err(not_found());
@@ -828,10 +820,8 @@ impl Node {
     ) -> Result<T, ReadError> {
         ids::validate_collection(collection)?;
         let txn = self.read()?;
-        let table = match txn.open_table(DOCUMENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(f(&mut std::iter::empty())),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_existing(&txn, DOCUMENTS)? else {
+            return Ok(f(&mut std::iter::empty()));
         };
         let parse = |id: &str, bytes: &[u8]| {
             serde_json::from_slice::<Value>(bytes)
@@ -1022,10 +1012,8 @@ impl Node {
     /// most `max_ranges` of them, oldest first per origin.
     pub fn withheld(&self, max_ranges: usize) -> Result<RangeSet, ReadError> {
         let txn = self.read()?;
-        let table = match txn.open_table(store::WITHHELD) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(RangeSet::new()),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_existing(&txn, store::WITHHELD)? else {
+            return Ok(RangeSet::new());
         };
         let mut set = RangeSet::new();
         let mut ranges = 0usize;
@@ -1050,11 +1038,10 @@ impl Node {
     pub fn withheld_count(&self) -> Result<u64, ReadError> {
         use redb::ReadableTableMetadata;
         let txn = self.read()?;
-        match txn.open_table(store::WITHHELD) {
-            Ok(t) => Ok(t.len()?),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-            Err(e) => Err(e.into()),
-        }
+        Ok(match open_existing(&txn, store::WITHHELD)? {
+            Some(t) => t.len()?,
+            None => 0,
+        })
     }
 
     /// The principal a peer site acts as when this site decides what to
@@ -1126,11 +1113,9 @@ impl Node {
         who: &Principal,
     ) -> Result<Vec<Value>, ReadError> {
         let txn = self.read()?;
-        let table = match txn.open_table(store::CONFLICTS) {
-            Ok(t) => t,
+        let Some(table) = open_existing(&txn, store::CONFLICTS)? else {
             // No conflict was ever recorded.
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(StorageError::from(e).into()),
+            return Ok(Vec::new());
         };
         let (lo, hi) = match (collection, id) {
             (Some(c), Some(i)) => ((c, i), (c, i)),
@@ -1290,15 +1275,21 @@ impl Node {
     /// Whether the user with this id has a current (not deleted) document
     /// in `users`, or is the local `admin` (a credential only, which
     /// cannot be deleted). Signing in and tokens need one.
+    /// Runs on every authenticated request: a key lookup, nothing parsed.
     pub fn user_exists(&self, id: &str) -> Result<bool, StorageError> {
-        if self.is_local_admin(id) {
-            return Ok(true);
-        }
-        match self.get("users", id) {
-            Ok(_) => Ok(true),
-            Err(ReadError::NotFound { .. } | ReadError::Name(_)) => Ok(false),
-            Err(e) => Err(StorageError(e.to_string())),
-        }
+        let held = self
+            .holds_document("users", id)
+            .map_err(|e| StorageError(e.to_string()))?;
+        Ok(held || self.is_local_admin(id))
+    }
+
+    /// Whether a current document with this id is held (nothing parsed).
+    fn holds_document(&self, collection: &str, id: &str) -> Result<bool, ReadError> {
+        let txn = self.read()?;
+        Ok(match open_existing(&txn, DOCUMENTS)? {
+            Some(table) => table.get((collection, id))?.is_some(),
+            None => false,
+        })
     }
 
     /// The principal with this user id, if it can sign in here.
@@ -1330,10 +1321,8 @@ impl Node {
     /// deleted) document, in name order. Reads one key per collection.
     pub fn collection_names(&self) -> Result<Vec<String>, ReadError> {
         let txn = self.read()?;
-        let table = match txn.open_table(DOCUMENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_existing(&txn, DOCUMENTS)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         let mut next = table.first()?.map(|(k, _)| k.value().0.to_owned());
@@ -1488,10 +1477,8 @@ pub enum Plan {
 
 fn indexed_fields(txn: &ReadTransaction, collection: &str) -> Result<Vec<String>, ReadError> {
     let mut fields: Vec<String> = index::ALWAYS_INDEXED.iter().map(|f| (*f).to_owned()).collect();
-    let defs = match txn.open_table(INDEX_DEFS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(fields),
-        Err(e) => return Err(e.into()),
+    let Some(defs) = open_existing(txn, INDEX_DEFS)? else {
+        return Ok(fields);
     };
     for entry in defs.range((collection, "")..=(collection, ORIGIN_MAX))? {
         let (k, _) = entry?;
@@ -1512,10 +1499,8 @@ fn plan(txn: &ReadTransaction, collection: &str, filter: &query::Filter) -> Resu
         let Some(keys) = values.iter().map(|v| index::key_of(v)).collect::<Option<Vec<_>>>() else {
             continue;
         };
-        let table = match txn.open_table(INDEX) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Plan::Index { field, ids: Vec::new() }),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_existing(txn, INDEX)? else {
+            return Ok(Plan::Index { field, ids: Vec::new() });
         };
         let mut ids = Vec::new();
         for key in &keys {
@@ -1537,6 +1522,18 @@ fn plan(txn: &ReadTransaction, collection: &str, filter: &query::Filter) -> Resu
 /// Where a node keeps its data by default.
 pub fn default_data_dir() -> &'static Path {
     Path::new("ocmesh-data")
+}
+
+/// Opens a table for reading; `None` while no write has created it yet.
+fn open_existing<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &ReadTransaction,
+    table: redb::TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, ReadError> {
+    match txn.open_table(table) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Reads the change log's (origin, first, last) ranges, inclusive, in the

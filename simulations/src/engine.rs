@@ -476,39 +476,22 @@ impl<'s, S: SimSite> Sim<'s, S> {
     /// site's sessions if its log grew.
     fn site_step(&mut self, site: usize, event: Option<SiteEvent>) {
         let before = self.replicas[site].vv();
-        let physical = self.physical(site);
-        let mut ctx = Ctx {
-            rng: &mut self.rng,
-            scenario: self.scenario,
-            now: self.now,
-            physical,
-            journal: &mut self.journal,
-            later: Vec::new(),
-            sites: &self.names,
-        };
-        let r = match event {
-            None => self.replicas[site].act(&mut ctx),
-            Some(e) => self.replicas[site].event(e, &mut ctx),
-        };
-        let later = std::mem::take(&mut ctx.later);
+        let r = self.in_site(site, |s, ctx| match event {
+            None => s.act(ctx),
+            Some(e) => s.event(e, ctx),
+        });
         if let Err(e) = r {
             let who = &self.names[site];
             self.report.anomalies.push(format!("{who}: {e}"));
         }
-        self.schedule_site(site, later);
         if self.replicas[site].vv() != before {
             self.local_advanced(site, None);
         }
     }
 
-    fn schedule_site(&mut self, site: usize, later: Vec<(u64, SiteEvent)>) {
-        for (delay, event) in later {
-            self.schedule(self.now + delay, Event::Site { site, event });
-        }
-    }
-
-    /// Fresh changes reached `site` (or it restarted): let it look at its queue.
-    fn received(&mut self, site: usize) {
+    /// Runs `f` on `site` with a context for this instant, then schedules
+    /// the events it asked for.
+    fn in_site<R>(&mut self, site: usize, f: impl FnOnce(&mut S, &mut Ctx<'_>) -> R) -> R {
         let physical = self.physical(site);
         let mut ctx = Ctx {
             rng: &mut self.rng,
@@ -519,9 +502,17 @@ impl<'s, S: SimSite> Sim<'s, S> {
             later: Vec::new(),
             sites: &self.names,
         };
-        self.replicas[site].received(&mut ctx);
+        let r = f(&mut self.replicas[site], &mut ctx);
         let later = std::mem::take(&mut ctx.later);
-        self.schedule_site(site, later);
+        for (delay, event) in later {
+            self.schedule(self.now + delay, Event::Site { site, event });
+        }
+        r
+    }
+
+    /// Fresh changes reached `site` (or it restarted): let it look at its queue.
+    fn received(&mut self, site: usize) {
+        self.in_site(site, |s, ctx| s.received(ctx));
     }
 
     fn links_of(&self, site: usize) -> Vec<usize> {
