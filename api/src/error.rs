@@ -82,7 +82,8 @@ impl From<WriteError> for ApiError {
                 | WorkItemError::NotOwner { .. }
                 | WorkItemError::AlreadyOwner { .. }
                 | WorkItemError::Finished { .. }
-                | WorkItemError::AlreadyDone { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+                | WorkItemError::AlreadyDone { .. }
+                | WorkItemError::NotProcessing { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
                 _ => ApiError::bad_request(e.to_string()),
             },
             WriteError::AlreadyExists { .. }

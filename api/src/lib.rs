@@ -867,16 +867,26 @@ async fn update_queue(
     delete,
     path = "/api/v1/workitemqueues/{name}",
     tag = "workitems",
-    params(("name" = String, Path, description = "queue name")),
-    responses((status = 200, description = "the deleted queue document", body = Object), crate::openapi::CallerErrors),
+    params(("name" = String, Path, description = "queue name"), ("purge" = Option<bool>, Query, description = "also delete every item of the queue, in the same write (needs the delete right on each)")),
+    responses((status = 200, description = "the deleted queue document; with purge, {\"purged\": [the deleted items]}", body = Object), crate::openapi::CallerErrors),
     security(("basic" = []), ("bearer" = []))
 )]
 async fn delete_queue(
     State(s): State<ApiState>,
     Caller(who): Caller,
     Path(name): Path<String>,
+    Query(params): Query<PurgeParams>,
 ) -> Result<Json<Value>, ApiError> {
+    if params.purge.unwrap_or(false) {
+        let purged = s.node.purge_queue(&name, true, &who).await?;
+        return Ok(Json(json!({ "purged": purged })));
+    }
     Ok(Json(s.node.delete_queue(&name, &who).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct PurgeParams {
+    purge: Option<bool>,
 }
 
 /// One item as the body, or `{"items": [...]}` for many.

@@ -2568,3 +2568,205 @@ async fn watch_paths_in_opencores_jsonpath_form_filter_events() {
     }
     w.quiet().await;
 }
+
+async fn push_one(c: &mut Conn, queue: &str, name: &str) -> pb::Workitem {
+    let r: pb::PushWorkitemResponse = c
+        .ok(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &pb::PushWorkitemRequest {
+                wiq: queue.into(),
+                name: name.into(),
+                payload: json!({"step": 0}).to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+    r.workitem.expect("workitem")
+}
+
+async fn update_item(c: &mut Conn, item: pb::Workitem) -> pb::Envelope {
+    let req = pb::UpdateWorkitemRequest {
+        workitem: Some(item),
+        ..Default::default()
+    };
+    c.call("updateworkitem", "UpdateWorkitemRequest", &req).await
+}
+
+#[tokio::test]
+async fn progress_reports_keep_an_item_processing_and_renew_its_lease() {
+    let s = server(GrpcLimits::default()).await;
+    let mut c = connect(s.addr).await;
+    c.signin("admin", PASSWORD).await;
+    add_queue(&mut c, "long", "").await;
+    let pushed = push_one(&mut c, "long", "job").await;
+
+    // Not popped yet: a progress report is refused with the item's state.
+    let mut early = pushed.clone();
+    early.state = "processing".into();
+    let e = error_of(&update_item(&mut c, early).await);
+    assert_eq!(e.code, 409, "{}", e.message);
+    assert!(e.message.contains("is new"), "{}", e.message);
+
+    let popped = pop(&mut c, "long").await.expect("popped");
+    let lease_before = s.node.get("workitems", &popped.id).expect("item")["_leaseuntil"].clone();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut report = popped.clone();
+    report.state = "processing".into();
+    report.payload = json!({"step": 1}).to_string();
+    report.files = vec![file("progress.txt", b"half way", false)];
+    let reply = update_item(&mut c, report).await;
+    assert_eq!(reply.command, "updateworkitemreply", "{:?}", error_text(&reply));
+    let stored = s.node.get("workitems", &popped.id).expect("item");
+    assert_eq!(stored["state"], "processing");
+    assert_eq!(stored["payload"], json!({"step": 1}));
+    assert_eq!(stored["files"].as_array().map(Vec::len), Some(1), "{stored}");
+    assert!(
+        stored["_leaseuntil"].as_str() > lease_before.as_str(),
+        "lease renewed: {lease_before} -> {}",
+        stored["_leaseuntil"]
+    );
+    // Still held by this worker: nobody else can pop it.
+    assert!(pop(&mut c, "long").await.is_none());
+
+    let mut done = popped.clone();
+    done.state = "successful".into();
+    done.payload = String::new();
+    let reply = update_item(&mut c, done).await;
+    assert_eq!(reply.command, "updateworkitemreply", "{:?}", error_text(&reply));
+    let stored = s.node.get("workitems", &popped.id).expect("item");
+    assert_eq!(
+        (stored["state"].as_str(), &stored["payload"]),
+        (Some("successful"), &json!({"step": 1}))
+    );
+
+    // A finished item takes no more progress reports.
+    let mut late = popped;
+    late.state = "processing".into();
+    let e = error_of(&update_item(&mut c, late).await);
+    assert_eq!(e.code, 409, "{}", e.message);
+}
+
+#[tokio::test]
+async fn purge_deletes_a_queues_items_and_only_with_the_right() {
+    let s = server(GrpcLimits::default()).await;
+    with_bob(&s).await;
+    let mut a = connect(s.addr).await;
+    a.signin("admin", PASSWORD).await;
+    add_queue(&mut a, "full", "").await;
+    add_queue(&mut a, "other", "").await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(push_one(&mut a, "full", &format!("job{n}")).await.id);
+    }
+    let kept = push_one(&mut a, "other", "stays").await.id;
+
+    // bob cannot see the queue, so he cannot purge it; nothing is deleted.
+    let mut b = connect(s.addr).await;
+    b.signin("bob", "bobpw").await;
+    let purge = |name: &str| pb::UpdateWorkItemQueueRequest {
+        workitemqueue: Some(pb::WorkItemQueue {
+            name: name.into(),
+            maxretries: 5,
+            ..Default::default()
+        }),
+        purge: true,
+        ..Default::default()
+    };
+    let e = b
+        .err("updateworkitemqueue", "UpdateWorkItemQueueRequest", &purge("full"))
+        .await;
+    assert!(matches!(e.code, 403 | 404), "{e:?}");
+    for id in &ids {
+        assert!(s.node.get("workitems", id).is_ok(), "{id} survives a refused purge");
+    }
+
+    // updateworkitemqueue with purge empties the queue and keeps it.
+    let r: pb::UpdateWorkItemQueueResponse = a
+        .ok("updateworkitemqueue", "UpdateWorkItemQueueRequest", &purge("full"))
+        .await;
+    assert_eq!(r.workitemqueue.expect("queue").maxretries, 5);
+    for id in &ids {
+        assert!(s.node.get("workitems", id).is_err(), "{id} purged");
+    }
+    assert!(s.node.get("workitems", &kept).is_ok(), "another queue's item stays");
+    assert!(pop(&mut a, "full").await.is_none());
+
+    // deleteworkitemqueue with purge takes the queue and its items in one write.
+    let again = push_one(&mut a, "full", "again").await.id;
+    let _: pb::DeleteWorkItemQueueResponse = a
+        .ok(
+            "deleteworkitemqueue",
+            "DeleteWorkItemQueueRequest",
+            &pb::DeleteWorkItemQueueRequest {
+                wiq: "full".into(),
+                purge: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(s.node.get("workitems", &again).is_err());
+    let e = a
+        .err(
+            "pushworkitem",
+            "PushWorkitemRequest",
+            &pb::PushWorkitemRequest {
+                wiq: "full".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(e.code, 404, "{}", e.message);
+    // The purged items' history is kept: each has a delete version.
+    let versions = s.node.versions("workitems", &again).expect("history");
+    assert_eq!(versions.len(), 2, "{versions:?}");
+}
+
+#[tokio::test]
+async fn queryas_reads_as_another_user_for_admins_only() {
+    let s = server(GrpcLimits::default()).await;
+    with_bob(&s).await;
+    let mut a = connect(s.addr).await;
+    a.signin("admin", PASSWORD).await;
+    let mut b = connect(s.addr).await;
+    let bob = b.signin("bob", "bobpw").await.user.expect("user");
+    let bobs = b.insert("notes", json!({"name": "bob's"})).await;
+    a.insert("notes", json!({"name": "admin's"})).await;
+
+    let query_as = |who: &str| pb::QueryRequest {
+        collectionname: "notes".into(),
+        query: "{}".into(),
+        top: 100,
+        queryas: who.into(),
+        ..Default::default()
+    };
+    // The admin reading as bob sees what bob sees: only his note.
+    let r: pb::QueryResponse = a.ok("query", "QueryRequest", &query_as(&bob.id)).await;
+    let seen: Vec<Value> = serde_json::from_str(&r.results).expect("JSON");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["_id"], bobs["_id"]);
+    let r: pb::CountResponse = a
+        .ok(
+            "count",
+            "CountRequest",
+            &pb::CountRequest {
+                collectionname: "notes".into(),
+                query: "{}".into(),
+                queryas: bob.id.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(r.result, 1);
+    // As himself the admin sees both.
+    assert_eq!(a.query("notes", json!({})).await.len(), 2);
+
+    // bob may not read as anyone else; an unknown id is named.
+    let e = b
+        .err("query", "QueryRequest", &query_as(ocmesh_node::acl::ADMINS_ROLE_ID))
+        .await;
+    assert_eq!(e.code, 403, "{}", e.message);
+    let e = a.err("query", "QueryRequest", &query_as("no-such-user")).await;
+    assert_eq!(e.code, 400, "{}", e.message);
+    assert!(e.message.contains("no-such-user"), "{}", e.message);
+}

@@ -829,3 +829,52 @@ async fn conflicts_are_listed() {
         .await;
     assert_error(&r, StatusCode::NOT_FOUND, "not_found");
 }
+
+#[tokio::test]
+async fn deleting_a_queue_with_purge_takes_its_items() {
+    let s = site();
+    let r = s
+        .admin(Method::POST, "/api/v1/workitemqueues", Some(json!({"name": "gone"})))
+        .await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        let r = s
+            .admin(
+                Method::POST,
+                "/api/v1/workitemqueues/gone/workitems",
+                Some(json!({"name": format!("job{n}"), "payload": {}})),
+            )
+            .await;
+        assert!(r.status.is_success(), "{:?}", r.body);
+        ids.push(r.body[0]["_id"].as_str().expect("pushed item's id").to_owned());
+    }
+    let r = s
+        .admin(Method::DELETE, "/api/v1/workitemqueues/gone?purge=yes", None)
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+    let r = s
+        .admin(Method::DELETE, "/api/v1/workitemqueues/gone?purge=true", None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let purged: Vec<&str> = r.body["purged"]
+        .as_array()
+        .expect("purged items")
+        .iter()
+        .filter_map(|d| d["_id"].as_str())
+        .collect();
+    assert_eq!(purged.len(), 2, "{:?}", r.body);
+    for id in &ids {
+        assert!(purged.contains(&id.as_str()));
+        let r = s
+            .admin(
+                Method::GET,
+                &format!("/api/v1/collections/workitems/documents/{id}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{:?}", r.body);
+    }
+    let r = s.admin(Method::GET, "/api/v1/workitemqueues/gone", None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{:?}", r.body);
+}

@@ -626,6 +626,23 @@ impl Node {
         .await
     }
 
+    /// Deletes every item of a queue, and the queue itself when
+    /// `delete_queue`, in one write; returns the deleted items' last
+    /// versions. Needs the delete right on the queue and on each item.
+    pub async fn purge_queue(&self, name: &str, delete_queue: bool, by: &Principal) -> Result<Vec<Value>, WriteError> {
+        match self
+            .write(WriteOp::PurgeQueue {
+                name: name.into(),
+                delete_queue,
+                by: by.clone(),
+            })
+            .await?
+        {
+            WriteDone::Documents(d) => Ok(d),
+            _ => Err(WriteError::Closed),
+        }
+    }
+
     /// Pushes items onto a queue: all or none.
     pub async fn push_workitems(
         &self,

@@ -77,8 +77,10 @@ pub enum WorkItemError {
     BadSetting { field: &'static str, problem: String },
     #[error("work item field {field}: {problem}")]
     BadItem { field: &'static str, problem: String },
-    #[error("state {0:?} cannot be set; use successful, failed or retry")]
+    #[error("state {0:?} cannot be set; use processing (a progress report), successful, failed or retry")]
     BadState(String),
+    #[error("work item {id} is {state}; only an item being processed takes a progress report (state processing)")]
+    NotProcessing { id: String, state: String },
     #[error("errortype {0:?} is neither business nor application")]
     BadErrorType(String),
     #[error("work item {id} is owned by site {owner:?}; only its owner completes it (an operator may take it over)")]
@@ -412,6 +414,34 @@ impl Writer {
         self.delete(t, QUEUES.into(), id, by)
     }
 
+    /// Deletes every item of a queue (OpenCore's `purge`), and then the
+    /// queue itself when `delete_queue`. Needs the delete right on the
+    /// queue and on every item: a purge empties the queue or, refused,
+    /// writes nothing (it is a multi-document write, so the group reruns
+    /// without it).
+    pub(crate) fn purge_queue(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        name: &str,
+        delete_queue: bool,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let (qid, qdoc) = self.queue_doc(t, name)?;
+        crate::writer::check(&qdoc, by, crate::acl::DELETE, QUEUES, &qid)?;
+        let of_queue = crate::query::Filter::parse(&json!({ "wiq": name }))?;
+        let mut out = Vec::new();
+        for (id, item) in crate::writer::matching(t, ITEMS, &of_queue)? {
+            crate::writer::check(&item, by, crate::acl::DELETE, ITEMS, &id)?;
+            if let WriteDone::Document(d) = self.delete(t, ITEMS.into(), id, by)? {
+                out.push(d);
+            }
+        }
+        if delete_queue {
+            self.delete(t, QUEUES.into(), qid, by)?;
+        }
+        Ok(WriteDone::Documents(out))
+    }
+
     /// Pushes items onto a queue; all are checked before any is written.
     pub(crate) fn push(
         &mut self,
@@ -520,6 +550,9 @@ impl Writer {
         payload: Option<Map<String, Value>>,
         by: &Principal,
     ) -> Result<WriteDone, WriteError> {
+        if state == "processing" {
+            return self.progress(t, id, payload, by);
+        }
         let success = match state {
             "successful" => true,
             "failed" | "retry" => false,
@@ -602,6 +635,51 @@ impl Writer {
             }
         }
         Ok(done)
+    }
+
+    /// A progress report on an item being processed (OpenCore's
+    /// `updateworkitem` with state `processing`): the payload is replaced
+    /// when one is given and the lease starts again, so a long job that
+    /// reports progress is not handed to another worker.
+    fn progress(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        id: &str,
+        payload: Option<Map<String, Value>>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let current = stored_item(t, id)?;
+        if !crate::acl::allowed_map(&current, by, crate::acl::READ) {
+            return Err(WorkItemError::NoItem(id.to_owned()).into());
+        }
+        let queue = current
+            .get("wiq")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let (_, _, q) = self.invocable_queue(t, &queue, by)?;
+        let owner = item_owner(t, id, &current)?;
+        if owner != self.site {
+            return Err(WorkItemError::NotOwner {
+                id: id.to_owned(),
+                owner,
+            }
+            .into());
+        }
+        let state_now = current.get("state").and_then(Value::as_str).unwrap_or_default();
+        if state_now != "processing" {
+            return Err(WorkItemError::NotProcessing {
+                id: id.to_owned(),
+                state: state_now.to_owned(),
+            }
+            .into());
+        }
+        let mut doc = current.clone();
+        if let Some(p) = payload {
+            doc.insert("payload".into(), Value::Object(p));
+        }
+        doc.insert("_leaseuntil".into(), iso8601(self.wall.now_ms() + q.lease_ms).into());
+        self.replace_current(t, ITEMS.into(), id.to_owned(), doc, current, by)
     }
 
     /// An operator's forced move of an item to this site, for when its

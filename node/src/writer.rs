@@ -69,6 +69,12 @@ pub(crate) enum WriteOp {
         name: String,
         by: Principal,
     },
+    /// Deletes a queue's items, and the queue too when `delete_queue`.
+    PurgeQueue {
+        name: String,
+        delete_queue: bool,
+        by: Principal,
+    },
     PushItems {
         queue: String,
         items: Vec<Map<String, Value>>,
@@ -201,7 +207,10 @@ impl WriteOp {
     fn writes_several(&self) -> bool {
         match self {
             WriteOp::PushItems { items, .. } => items.len() > 1,
-            WriteOp::UpdateMany { .. } | WriteOp::InsertMany { .. } | WriteOp::DeleteMany { .. } => true,
+            WriteOp::UpdateMany { .. }
+            | WriteOp::InsertMany { .. }
+            | WriteOp::DeleteMany { .. }
+            | WriteOp::PurgeQueue { .. } => true,
             _ => false,
         }
     }
@@ -379,7 +388,6 @@ impl Writer {
     }
 
     /// Returns each write's result and the queues that got ready items.
-    /// Returns each write's result and the queues that got ready items.
     ///
     /// Durability: a group is committed to redb without syncing and its
     /// changes are appended to the write-ahead log and synced, unless it
@@ -427,6 +435,9 @@ impl Writer {
                     WriteOp::AddQueue { doc, by } => self.add_queue(&mut t, doc, &by),
                     WriteOp::UpdateQueue { name, doc, by } => self.update_queue(&mut t, &name, doc, &by),
                     WriteOp::DeleteQueue { name, by } => self.delete_queue(&mut t, &name, &by),
+                    WriteOp::PurgeQueue { name, delete_queue, by } => {
+                        self.purge_queue(&mut t, &name, delete_queue, &by)
+                    }
                     WriteOp::PushItems { queue, items, by } => self.push(&mut t, &queue, items, &by),
                     WriteOp::PopItem { queue, by } => self.pop(&mut t, &queue, &by),
                     WriteOp::FinishItem {
@@ -1051,7 +1062,11 @@ pub(crate) fn check(
 type IdDoc = (String, Map<String, Value>);
 
 /// Current documents of `collection` that match `filter`, in id order.
-fn matching(t: &WriteTables<'_>, collection: &str, filter: &crate::query::Filter) -> Result<Vec<IdDoc>, WriteError> {
+pub(crate) fn matching(
+    t: &WriteTables<'_>,
+    collection: &str,
+    filter: &crate::query::Filter,
+) -> Result<Vec<IdDoc>, WriteError> {
     validate_collection(collection)?;
     let mut out = Vec::new();
     let range = t

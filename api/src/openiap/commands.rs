@@ -457,9 +457,7 @@ impl Dispatcher {
 
     async fn aggregate(&self, who: &Principal, env: &pb::Envelope) -> Result<Done, CommandError> {
         let r: pb::AggregateRequest = unpack(env, "AggregateRequest")?;
-        if !r.queryas.is_empty() && r.queryas != who.id {
-            return Err(CommandError::Unsupported("queryas (querying as another user)"));
-        }
+        let who = &super::dispatch::queryas_principal(&self.node, &r.queryas, who).await?;
         let mut stages = aggregate::parse(&r.aggregates)?;
         let q = aggregate::source(&mut stages)?;
         let (n, c, w) = (self.node.clone(), r.collectionname, who.clone());

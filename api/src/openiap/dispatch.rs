@@ -511,7 +511,7 @@ impl Dispatcher {
         match command {
             "query" => {
                 let r: pb::QueryRequest = unpack(env, "QueryRequest")?;
-                no_queryas(&r.queryas, who)?;
+                let who = &queryas_principal(node, &r.queryas, who).await?;
                 let q = query_of(&r)?;
                 let (n, c, w) = (node.clone(), r.collectionname, who.clone());
                 let docs = blocking(move || n.query_as(&c, &q, &w)).await?;
@@ -543,7 +543,7 @@ impl Dispatcher {
             }
             "count" => {
                 let r: pb::CountRequest = unpack(env, "CountRequest")?;
-                no_queryas(&r.queryas, who)?;
+                let who = &queryas_principal(node, &r.queryas, who).await?;
                 let filter = filter_of("query", &r.query)?;
                 let (n, c, w) = (node.clone(), r.collectionname, who.clone());
                 let count = blocking(move || n.count_as(&c, &filter, &w)).await?;
@@ -552,7 +552,7 @@ impl Dispatcher {
             }
             "distinct" => {
                 let r: pb::DistinctRequest = unpack(env, "DistinctRequest")?;
-                no_queryas(&r.queryas, who)?;
+                let who = &queryas_principal(node, &r.queryas, who).await?;
                 if r.field.is_empty() {
                     return Err(CommandError::Invalid("distinct needs a field".into()));
                 }
@@ -757,7 +757,7 @@ impl Dispatcher {
                 // not list yet (a popped item sent back lists its own).
                 let added: Vec<pb::WorkitemFile> = w.files.iter().chain(&r.files).cloned().collect();
                 let mut stored = Stored::default();
-                if !added.is_empty() && matches!(w.state.as_str(), "successful" | "failed" | "retry") {
+                if !added.is_empty() && matches!(w.state.as_str(), "processing" | "successful" | "failed" | "retry") {
                     let attached = self.attach_files(&w.id, &added, who, &mut stored).await;
                     if let Err(e) = attached {
                         self.forget_files(stored, who).await;
@@ -810,9 +810,6 @@ impl Dispatcher {
             }
             "updateworkitemqueue" => {
                 let r: pb::UpdateWorkItemQueueRequest = unpack(env, "UpdateWorkItemQueueRequest")?;
-                if r.purge {
-                    return Err(CommandError::Unsupported("updateworkitemqueue with purge"));
-                }
                 let q = r
                     .workitemqueue
                     .ok_or_else(|| CommandError::Invalid("updateworkitemqueue needs a workitemqueue".into()))?;
@@ -822,6 +819,10 @@ impl Dispatcher {
                 } else {
                     self.queue_name("", &q.id, who).await?
                 };
+                // OpenCore's purge: the queue's items are deleted first.
+                if r.purge {
+                    node.purge_queue(&current, false, who).await?;
+                }
                 let mut doc = convert::queue_doc(&q);
                 doc.entry("name").or_insert_with(|| current.clone().into());
                 let stored = node.update_queue(&current, doc, who).await?;
@@ -837,11 +838,12 @@ impl Dispatcher {
             }
             "deleteworkitemqueue" => {
                 let r: pb::DeleteWorkItemQueueRequest = unpack(env, "DeleteWorkItemQueueRequest")?;
-                if r.purge {
-                    return Err(CommandError::Unsupported("deleteworkitemqueue with purge"));
-                }
                 let queue = self.queue_name(&r.wiq, &r.wiqid, who).await?;
-                node.delete_queue(&queue, who).await?;
+                if r.purge {
+                    node.purge_queue(&queue, true, who).await?;
+                } else {
+                    node.delete_queue(&queue, who).await?;
+                }
                 Done::reply(
                     command,
                     pack("DeleteWorkItemQueueResponse", &pb::DeleteWorkItemQueueResponse {}),
@@ -938,13 +940,40 @@ impl Dispatcher {
     }
 }
 
-/// Refuses `queryas` naming anyone but the caller.
-fn no_queryas(queryas: &str, who: &Principal) -> Result<(), CommandError> {
+/// Whom a read with `queryas` runs as (OpenCore's "query as another user
+/// or role"): the caller when empty or its own id; otherwise only an admin
+/// may ask, and the read runs as that user or role with its roles resolved,
+/// so it sees exactly what they would.
+pub(super) async fn queryas_principal(node: &Node, queryas: &str, who: &Principal) -> Result<Principal, CommandError> {
     if queryas.is_empty() || queryas == who.id {
-        Ok(())
-    } else {
-        Err(CommandError::Unsupported("queryas (querying as another user)"))
+        return Ok(who.clone());
     }
+    if !who.is_admin() {
+        return Err(CommandError::Node {
+            message: format!("queryas {queryas:?}: only admins may read as another user or role"),
+            code: 403,
+        });
+    }
+    let (n, id) = (node.clone(), queryas.to_owned());
+    blocking(move || {
+        let doc = n.get("users", &id).map_err(|_| ReadError::NotFound {
+            collection: "users".into(),
+            id: id.clone(),
+        })?;
+        let name = doc.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+        n.with_roles(Principal {
+            id,
+            name,
+            roles: Vec::new(),
+        })
+    })
+    .await
+    .map_err(|e| match e {
+        CommandError::Node { code: 404, .. } => {
+            CommandError::Invalid(format!("queryas {queryas:?} names no user or role"))
+        }
+        other => other,
+    })
 }
 
 fn filter_of(field: &'static str, text: &str) -> Result<Filter, CommandError> {
