@@ -29,6 +29,9 @@ pub enum Storage {
     Directory,
     /// An in-memory disk (simulations, crash tests).
     Memory(MemDisk),
+    /// Blocks in a store: MongoDB (feature `mongodb`), or a test's
+    /// `MemBlockStore` (see `blockfile`).
+    Blocks(std::sync::Arc<dyn crate::blockfile::BlockStore>),
 }
 
 #[derive(Debug, Clone)]
@@ -81,9 +84,9 @@ impl MemFile {
     }
 }
 
-/// Which file of a `MemDisk`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FileId {
+/// Which of a site's two files (on a `MemDisk` or a block store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileId {
     Database,
     Wal,
 }

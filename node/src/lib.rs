@@ -17,6 +17,7 @@
 
 pub mod acl;
 mod authz;
+pub mod blockfile;
 pub mod disk;
 mod error;
 pub mod files;
@@ -213,6 +214,21 @@ impl Node {
                     })?;
                 let wal_file = disk.handle(disk::FileId::Wal);
                 (db, wal::Wal::open_mem(wal_file, now_ms).map_err(|e| storage_err(&e))?)
+            }
+            Storage::Blocks(store) => {
+                let open = |file| blockfile::BlockFile::open(store.clone(), file).map_err(|e| storage_err(&e));
+                let db = Database::builder()
+                    .set_cache_size(STORE_CACHE_BYTES)
+                    .create_with_backend(blockfile::BlockBackend(open(disk::FileId::Database)?))
+                    .map_err(|source| OpenError::Database {
+                        path: format!("{store:?}"),
+                        source,
+                    })?;
+                let wal_file = open(disk::FileId::Wal)?;
+                (
+                    db,
+                    wal::Wal::open_blocks(wal_file, now_ms).map_err(|e| storage_err(&e))?,
+                )
             }
         };
         let db = Arc::new(db);

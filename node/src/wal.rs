@@ -48,6 +48,7 @@ pub struct WalError {
 enum WalFile {
     Disk(File),
     Mem(MemFileHandle),
+    Blocks(crate::blockfile::BlockFile),
 }
 
 impl WalFile {
@@ -55,6 +56,7 @@ impl WalFile {
         match self {
             WalFile::Disk(f) => f.write_all_at(data, offset),
             WalFile::Mem(h) => h.write_at(offset, data),
+            WalFile::Blocks(b) => b.write_at(offset, data),
         }
     }
 
@@ -62,6 +64,7 @@ impl WalFile {
         match self {
             WalFile::Disk(f) => f.sync_data(),
             WalFile::Mem(h) => h.sync(),
+            WalFile::Blocks(b) => b.sync(),
         }
     }
 
@@ -69,6 +72,7 @@ impl WalFile {
         match self {
             WalFile::Disk(f) => Ok(f.metadata()?.len()),
             WalFile::Mem(h) => h.len(),
+            WalFile::Blocks(b) => Ok(b.len()),
         }
     }
 
@@ -76,6 +80,7 @@ impl WalFile {
         match self {
             WalFile::Disk(f) => f.set_len(len),
             WalFile::Mem(h) => h.set_len(len),
+            WalFile::Blocks(b) => b.set_len(len),
         }
     }
 }
@@ -137,6 +142,23 @@ impl Wal {
         let wal = Wal {
             path,
             file: WalFile::Mem(file),
+            bytes: content.len() as u64,
+            last_checkpoint_ms: now_ms,
+        };
+        Ok((wal, content))
+    }
+
+    /// Opens the log kept in a block store and returns it with its content.
+    pub fn open_blocks(file: crate::blockfile::BlockFile, now_ms: u64) -> Result<(Wal, Vec<u8>), WalError> {
+        let path = PathBuf::from("<block store>");
+        let content = file.read_all().map_err(|source| WalError {
+            path: path.display().to_string(),
+            what: "cannot read",
+            source,
+        })?;
+        let wal = Wal {
+            path,
+            file: WalFile::Blocks(file),
             bytes: content.len() as u64,
             last_checkpoint_ms: now_ms,
         };
