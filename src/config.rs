@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// (needs the rabbitmq feature) instead of the embedded broker.
     #[arg(long, env = "OCMESH_AMQP")]
     pub amqp: Option<String>,
+    /// Keep the site's store in MongoDB at this mongodb:// URI (needs the
+    /// mongodb feature) instead of the data directory.
+    #[arg(long, env = "OCMESH_MONGODB")]
+    pub mongodb: Option<String>,
     /// A peer's mesh address to dial; repeatable (env: comma-separated).
     #[arg(long = "peer", env = "OCMESH_PEERS", value_delimiter = ',')]
     pub peers: Vec<SocketAddr>,
@@ -67,6 +71,7 @@ struct FileConfig {
     peers: Option<Vec<String>>,
     max_file_bytes: Option<u64>,
     amqp: Option<String>,
+    mongodb: Option<String>,
     /// What is shared with each peer, by the peer's site name.
     share: Option<HashMap<String, ShareFile>>,
 }
@@ -123,6 +128,8 @@ pub struct Settings {
     pub peers: Vec<SocketAddr>,
     pub max_file_bytes: Option<u64>,
     pub amqp: Option<String>,
+    /// The store in MongoDB instead of `data`.
+    pub mongodb: Option<String>,
     /// What is shared with each peer site (by name); unlisted peers get
     /// everything their `_acl` does not deny them.
     pub sharing: HashMap<String, ShareConfig>,
@@ -197,6 +204,7 @@ impl Settings {
             peers,
             max_file_bytes: args.max_file_bytes.or(file.max_file_bytes),
             amqp: args.amqp.or(file.amqp),
+            mongodb: args.mongodb.or(file.mongodb),
             sharing,
         })
     }

@@ -182,6 +182,30 @@ fn sim(path: &std::path::Path, seed: Option<u64>, seeds: Option<&str>, backend: 
     Ok(())
 }
 
+/// Where the site's store lives: the data directory, or MongoDB with
+/// `--mongodb`. Returns the open options and a name for messages.
+fn storage(settings: &config::Settings, site: &str) -> anyhow::Result<(ocmesh_node::OpenOptions, String)> {
+    let options = ocmesh_node::OpenOptions::default();
+    match &settings.mongodb {
+        None => Ok((options, format!("data directory {}", settings.data.display()))),
+        #[cfg(feature = "mongodb")]
+        Some(uri) => {
+            let store = ocmesh_node::mongo::MongoBlockStore::connect(uri, site)?;
+            let place = format!("{store:?}");
+            let options = ocmesh_node::OpenOptions {
+                storage: ocmesh_node::Storage::Blocks(std::sync::Arc::new(store)),
+                ..options
+            };
+            Ok((options, place))
+        }
+        #[cfg(not(feature = "mongodb"))]
+        Some(_) => {
+            let _ = site;
+            anyhow::bail!("--mongodb needs a build with the mongodb feature (cargo build --features mongodb)")
+        }
+    }
+}
+
 async fn run(settings: config::Settings) -> anyhow::Result<()> {
     tls::install_crypto_provider();
     let identity = match &settings.tls {
@@ -197,18 +221,22 @@ async fn run(settings: config::Settings) -> anyhow::Result<()> {
         (None, None) => "local".to_owned(),
     };
     let admin_password = std::env::var("OCMESH_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty());
-    let opened = Node::open(NodeConfig {
-        data_dir: settings.data.clone(),
-        site: site.clone(),
-        admin_password,
-    })
-    .with_context(|| format!("opening data directory {}", settings.data.display()))?;
+    let (options, place) = storage(&settings, &site)?;
+    let opened = Node::open_with(
+        NodeConfig {
+            data_dir: settings.data.clone(),
+            site: site.clone(),
+            admin_password,
+        },
+        options,
+    )
+    .with_context(|| format!("opening the store in {place}"))?;
     if let Some(p) = &opened.generated_admin_password {
         // Shown once: only its hash is stored.
         eprintln!("created user admin with password {p} (shown only now; set OCMESH_ADMIN_PASSWORD to choose it)");
     }
     let node = opened.node;
-    tracing::info!(%site, data = %settings.data.display(), "node ready");
+    tracing::info!(%site, store = %place, "node ready");
 
     let mesh = match (&settings.mesh, &identity) {
         (Some(listen), Some(id)) => {

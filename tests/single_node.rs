@@ -812,3 +812,34 @@ async fn files_stream_in_and_out_and_stay_while_referenced() -> anyhow::Result<(
     assert_eq!(gone.status(), 404);
     Ok(())
 }
+
+/// `--mongodb` pointing at nothing: the process exits at once with an
+/// error naming the server, and writes no data directory.
+#[test]
+fn an_unreachable_mongodb_is_a_clear_startup_error() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let data = root.path().join("data");
+    let mut cmd = Command::new(bin());
+    hermetic(&mut cmd);
+    let out = cmd
+        .args([
+            "run",
+            "--http",
+            &free_tcp().to_string(),
+            "--grpc",
+            &free_tcp().to_string(),
+        ])
+        .arg("--data")
+        .arg(&data)
+        .args(["--mongodb", "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    if cfg!(feature = "mongodb") {
+        assert!(stderr.contains("MongoDB at 127.0.0.1:1 did not answer"), "{stderr}");
+    } else {
+        assert!(stderr.contains("needs a build with the mongodb feature"), "{stderr}");
+    }
+    assert!(!data.exists(), "nothing written locally");
+    Ok(())
+}

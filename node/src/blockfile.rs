@@ -125,6 +125,10 @@ impl BlockFile {
         self.lock().len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Makes sure every block of `blocks` is in memory (dirty or clean).
     fn load(&self, s: &mut State, blocks: Range<u64>) -> io::Result<()> {
         let mut at = blocks.start;

@@ -24,6 +24,8 @@ pub mod files;
 pub mod ids;
 mod index;
 pub mod messaging;
+#[cfg(feature = "mongodb")]
+pub mod mongo;
 pub mod options;
 pub mod query;
 mod store;
