@@ -35,6 +35,9 @@ pub(crate) const WI_DELAYED: TableDefinition<(&str, u64, &str), (u64, u64)> = Ta
 /// (lease expiry ms, id) → (): processing items.
 pub(crate) const WI_LEASES: TableDefinition<(u64, &str), ()> = TableDefinition::new("wi_leases");
 
+/// Queue signals kept before the ones nobody waits on are dropped.
+const SIGNALS_KEPT: usize = 256;
+
 /// Wakes poppers waiting on a queue when items become ready there, one
 /// waiter per ready item, instead of every waiter on every commit.
 #[derive(Debug, Default)]
@@ -43,11 +46,24 @@ pub(crate) struct QueueSignals {
 }
 
 impl QueueSignals {
-    /// The signal of `queue`, made on first use. Only queues that exist get
-    /// here (a pop on a missing queue fails first), so the map stays small.
+    /// The signal of `queue`, made on first use. A signal no waiter holds
+    /// any more is dropped once the map passes `SIGNALS_KEPT` entries
+    /// (queues come and go); losing one is harmless because a waiter
+    /// registers before its last attempt to pop.
     pub fn of(&self, queue: &str) -> std::sync::Arc<tokio::sync::Notify> {
         let mut map = self.by_queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= SIGNALS_KEPT && !map.contains_key(queue) {
+            map.retain(|_, signal| std::sync::Arc::strong_count(signal) > 1);
+        }
         map.entry(queue.to_owned()).or_default().clone()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     /// Called after a commit with one entry per item made ready.
@@ -819,6 +835,18 @@ mod tests {
 
     fn q(doc: Value) -> QueueSettings {
         QueueSettings::from_doc(doc.as_object().expect("object")).expect("settings")
+    }
+
+    #[test]
+    fn signals_nobody_waits_on_do_not_pile_up() {
+        let signals = QueueSignals::default();
+        let held = signals.of("busy");
+        for n in 0..10 * SIGNALS_KEPT {
+            drop(signals.of(&format!("gone-{n}")));
+        }
+        assert!(signals.len() <= SIGNALS_KEPT + 1, "{} signals kept", signals.len());
+        // The one a waiter holds is the same signal as before.
+        assert!(std::sync::Arc::ptr_eq(&held, &signals.of("busy")));
     }
 
     #[test]
