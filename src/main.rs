@@ -155,24 +155,40 @@ fn sim(path: &std::path::Path, seed: Option<u64>, seeds: Option<&str>, backend: 
     };
     let single = range.end - range.start == 1;
     let started = std::time::Instant::now();
-    let (mut failed, mut events) = (0u64, 0u64);
-    for seed in range.clone() {
-        let report = ocmesh_sim::run_on(&scenario, backend, seed);
-        events += report.events;
-        if single {
-            print!("{report}");
+    // Seeds are independent runs: one worker per core takes the next seed.
+    let next = std::sync::atomic::AtomicU64::new(range.start);
+    let totals = std::sync::Mutex::new((0u64, 0u64)); // (failed, events)
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(usize::try_from(range.end - range.start).unwrap_or(usize::MAX))
+        .max(1);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if seed >= range.end {
+                        break;
+                    }
+                    let report = ocmesh_sim::run_on(&scenario, backend, seed);
+                    let mut t = totals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    t.1 += report.events;
+                    // Under the lock, so one run's lines stay together.
+                    if single || !report.ok {
+                        print!("{report}");
+                    }
+                    if !report.ok {
+                        t.0 += 1;
+                        println!("  replay: ocmesh sim {}{flag} --seed {seed}", path.display());
+                    }
+                }
+            });
         }
-        if !report.ok {
-            failed += 1;
-            if !single {
-                print!("{report}");
-            }
-            println!("  replay: ocmesh sim {}{flag} --seed {seed}", path.display());
-        }
-    }
+    });
+    let (failed, events) = *totals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{} seeds ({backend:?} backend), {failed} failed; {events} events in {secs:.2} s ({:.0} events/s)",
+        "{} seeds ({backend:?} backend, {workers} at a time), {failed} failed; {events} events in {secs:.2} s ({:.0} events/s)",
         range.end - range.start,
         events as f64 / secs.max(1e-9)
     );
