@@ -2770,3 +2770,58 @@ async fn queryas_reads_as_another_user_for_admins_only() {
     assert_eq!(e.code, 400, "{}", e.message);
     assert!(e.message.contains("no-such-user"), "{}", e.message);
 }
+
+/// A change this site first got as a withheld stub (a relay was not allowed
+/// to share it) and later in full lands below the version vector; the watch
+/// still sees it arrive, once.
+#[tokio::test]
+async fn a_watch_sees_a_change_that_refills_a_withheld_stub() {
+    let s = server(GrpcLimits::default()).await;
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let other = Node::open(NodeConfig {
+        data_dir: other_dir.path().to_path_buf(),
+        site: "x".into(),
+        admin_password: Some(PASSWORD.into()),
+    })
+    .expect("open x")
+    .node;
+    let admin = ocmesh_node::Principal {
+        id: "0".repeat(24),
+        name: "admin".into(),
+        roles: vec![ocmesh_node::acl::ADMINS_ROLE_ID.into()],
+    };
+    let inserted = other
+        .insert(
+            "notes",
+            json!({"name": "held back"}).as_object().cloned().expect("object"),
+            &admin,
+        )
+        .await
+        .expect("insert at x");
+    let log = other
+        .read_changes(&ocmesh_replication::FetchRequest {
+            after: Default::default(),
+            max_changes: usize::MAX,
+            max_bytes: usize::MAX,
+        })
+        .expect("x's log");
+    let insert = log.last().expect("the insert").clone();
+    assert_eq!(insert.doc_id, inserted["_id"].as_str().expect("id"));
+
+    let mut c = connect(s.addr).await;
+    c.signin("admin", PASSWORD).await;
+    let wid = c.watch("notes", &[]).await;
+    let mut first = log[..log.len() - 1].to_vec();
+    first.push(ocmesh_replication::change::stub_of(&insert));
+    let report = s.node.apply(first).await.expect("apply with the stub");
+    assert_eq!(report.withheld, 1);
+    c.quiet().await;
+
+    let report = s.node.apply(vec![insert]).await.expect("refill");
+    assert_eq!(report.filled, 1);
+    let ev = c.watch_event().await;
+    assert_eq!((ev.id.as_str(), ev.operation.as_str()), (wid.as_str(), "insert"));
+    assert_eq!(doc_of(&ev)["name"], "held back");
+    c.quiet().await;
+    assert_eq!(s.stats.snapshot()["watch_refills"].as_u64(), Some(1));
+}

@@ -21,6 +21,7 @@ pub mod blockfile;
 pub mod disk;
 mod error;
 pub mod files;
+pub mod fills;
 pub mod ids;
 mod index;
 pub mod messaging;
@@ -153,6 +154,7 @@ struct Inner {
     wall: Arc<dyn WallClock>,
     stats: Arc<NodeStats>,
     signals: Arc<workitems::QueueSignals>,
+    fills: Arc<fills::FillNotices>,
 }
 
 /// What `Node::open` reports besides the node.
@@ -251,6 +253,7 @@ impl Node {
         let (vv_tx, vv_rx) = watch::channel(vv.clone());
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_BOUND);
         let signals = Arc::new(workitems::QueueSignals::default());
+        let fills = Arc::new(fills::FillNotices::default());
         let writer = Writer {
             db: db.clone(),
             site: config.site.clone(),
@@ -259,6 +262,7 @@ impl Node {
             published: vv_tx,
             stats: stats.clone(),
             signals: signals.clone(),
+            fills: fills.clone(),
             wal,
             wal_epoch: init.wal_epoch,
             failed: None,
@@ -301,6 +305,7 @@ impl Node {
                 wall: options.clock.clone(),
                 stats,
                 signals,
+                fills,
             }),
         };
         Ok(Opened {
@@ -359,6 +364,18 @@ impl Node {
     /// Follows the version vector as writes commit.
     pub fn subscribe(&self) -> watch::Receiver<VersionVector> {
         self.inner.vv.clone()
+    }
+
+    /// Changes when peers' changes replace withheld stubs (refills), which
+    /// land below the version vector `subscribe` follows.
+    pub fn subscribe_fills(&self) -> watch::Receiver<u64> {
+        self.inner.fills.subscribe()
+    }
+
+    /// The refilled changes (origin and sequence ranges) after generation
+    /// `seen` of `subscribe_fills`; read them with `read_change_ranges`.
+    pub fn fills_since(&self, seen: u64) -> fills::FillsSince {
+        self.inner.fills.since(seen)
     }
 
     async fn write(&self, op: WriteOp) -> Result<WriteDone, WriteError> {

@@ -263,6 +263,7 @@ pub(crate) struct Writer {
     pub published: watch::Sender<VersionVector>,
     pub stats: Arc<NodeStats>,
     pub signals: Arc<crate::workitems::QueueSignals>,
+    pub fills: Arc<crate::fills::FillNotices>,
     pub wal: crate::wal::Wal,
     /// Epoch of the log records written since the last checkpoint.
     pub wal_epoch: u64,
@@ -359,6 +360,11 @@ impl Writer {
         match self.try_commit_group(ops, &mut refused) {
             Ok((results, readied)) => {
                 self.signals.ready(&readied);
+                for r in &results {
+                    if let Ok(WriteDone::Applied(report)) = r {
+                        self.fills.record(report.filled_ranges.clone());
+                    }
+                }
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
                 if self.vv != *self.published.borrow() {

@@ -27,6 +27,7 @@ use ocmesh_node::query::Filter;
 use ocmesh_node::{Node, Principal, acl};
 use ocmesh_proto::federation::{Change, ChangeKind};
 use ocmesh_proto::openiap as pb;
+use ocmesh_replication::{RangeRequest, RangeSet};
 
 use super::convert::pack;
 use super::dispatch::SignedIn;
@@ -44,6 +45,10 @@ pub struct LiveStats {
     pub watches_dropped: AtomicU64,
     /// Watch events over the message limit, skipped.
     pub events_too_large: AtomicU64,
+    /// Refilled changes read for watches, and refill notices watches
+    /// fell too far behind to read.
+    pub watch_refills: AtomicU64,
+    pub watch_refills_missed: AtomicU64,
 }
 
 /// The part of a connection its background tasks share.
@@ -171,6 +176,11 @@ impl Connection {
         // From here on: changes committed after this reply are sent.
         let mut vv = w.node.subscribe();
         let mut seen = vv.borrow_and_update().clone();
+        let mut fills = w.node.subscribe_fills();
+        let mut fills_seen = *fills.borrow_and_update();
+        // Withheld stubs this watch passed over: if a peer later refills
+        // one, the change lands below the vector and comes as a notice.
+        let mut stubs = RangeSet::new();
         let (conn, wid) = (self.shared.clone(), id.clone());
         let task = async move {
             loop {
@@ -194,13 +204,31 @@ impl Connection {
                     }
                     for c in &changes {
                         seen.advance(&c.origin, c.seq);
+                        if c.withheld && stubs.len() < MAX_STUBS_FOLLOWED {
+                            stubs.insert(&c.origin, c.seq);
+                        }
                     }
                     if !deliver(&conn, &wid, &w, changes, &who).await {
                         return;
                     }
                 }
-                if vv.changed().await.is_err() {
-                    return; // the node closed
+                if !stubs.is_empty() && *fills.borrow_and_update() != fills_seen {
+                    match refilled(&w, &mut stubs, &mut fills_seen).await {
+                        Ok(Some((changes, who))) => {
+                            if !deliver(&conn, &wid, &w, changes, &who).await {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            return end_watch(&conn, &wid, &format!("cannot read refilled changes: {e}"), w.stall)
+                                .await;
+                        }
+                    }
+                }
+                tokio::select! {
+                    changed = vv.changed() => if changed.is_err() { return }, // the node closed
+                    changed = fills.changed() => if changed.is_err() { return },
                 }
             }
         };
@@ -341,6 +369,61 @@ const WATCH_BATCH: usize = 256;
 const WATCH_BATCH_BYTES: usize = 4 << 20;
 
 /// Sends the events of one batch of changes; false when the watch ended.
+/// Withheld stubs a watch follows at most (each a range entry; contiguous
+/// stubs share one).
+const MAX_STUBS_FOLLOWED: u64 = 10_000;
+
+/// The changes that refilled stubs in `stubs` since `fills_seen`, with the
+/// watcher's roles; the refilled stubs are no longer followed.
+async fn refilled(
+    w: &WatchSpec,
+    stubs: &mut RangeSet,
+    fills_seen: &mut u64,
+) -> Result<Option<(Vec<Change>, Principal)>, String> {
+    let news = w.node.fills_since(*fills_seen);
+    *fills_seen = news.generation;
+    if news.missed > 0 {
+        w.stats.watch_refills_missed.fetch_add(news.missed, Ordering::Relaxed);
+        tracing::warn!(
+            groups = news.missed,
+            "a watch fell behind the refill notices; refilled changes may be missing from it"
+        );
+    }
+    // Walk the stubs (bounded), not the notice's ranges (which may be long).
+    let mut wanted = Vec::new();
+    for (origin, first, last) in stubs.ranges() {
+        for seq in first..=last {
+            if news.ranges.contains(origin, seq) {
+                wanted.push((origin.to_owned(), seq, seq));
+            }
+        }
+    }
+    for (origin, seq, _) in &wanted {
+        stubs.remove(origin, *seq);
+    }
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    let (node, who, n) = (w.node.clone(), w.who.clone(), wanted.len());
+    let read = tokio::task::spawn_blocking(move || {
+        let changes = node.read_change_ranges(&RangeRequest {
+            ranges: wanted,
+            max_changes: n,
+            max_bytes: usize::MAX,
+        })?;
+        Ok::<_, ocmesh_node::ReadError>((changes, node.with_roles(who)?))
+    })
+    .await;
+    match read {
+        Ok(Ok((changes, who))) => {
+            w.stats.watch_refills.fetch_add(changes.len() as u64, Ordering::Relaxed);
+            Ok(Some((changes, who)))
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 async fn deliver(conn: &Shared, id: &str, w: &WatchSpec, changes: Vec<Change>, who: &Principal) -> bool {
     for c in changes {
         if c.collection != w.collection {

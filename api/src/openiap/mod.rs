@@ -133,6 +133,8 @@ impl GrpcStats {
             "watch_events": g(&self.live.watch_events),
             "watches_dropped": g(&self.live.watches_dropped),
             "watch_events_too_large": g(&self.live.events_too_large),
+            "watch_refills": g(&self.live.watch_refills),
+            "watch_refills_missed": g(&self.live.watch_refills_missed),
             "queue_events": g(&self.live.queue_events),
             "token_refreshes": g(&self.live.refreshes),
         })
