@@ -73,7 +73,10 @@ fn check_yaml(name: &str, text: &str, templated: bool) {
         if t.is_empty() || t.starts_with('#') || (templated && is_template_line(t)) {
             continue;
         }
-        assert!(!raw.starts_with('\t') && !raw[..indent(raw)].contains('\t'), "{at}: tab");
+        assert!(
+            !raw.starts_with('\t') && !raw[..indent(raw)].contains('\t'),
+            "{at}: tab"
+        );
         if t == "---" {
             opened = None;
             last_content_indent = 0;
@@ -256,7 +259,12 @@ fn cert_script(text: &str) -> String {
         .take_while(|l| l.trim().is_empty() || indent(l) > indent(lines[start]))
         .copied()
         .collect();
-    let ind = body.iter().filter(|l| !l.trim().is_empty()).map(|l| indent(l)).min().unwrap_or(0);
+    let ind = body
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| indent(l))
+        .min()
+        .unwrap_or(0);
     body.iter()
         .map(|l| l.get(ind..).unwrap_or("").to_owned())
         .collect::<Vec<_>>()
@@ -290,13 +298,18 @@ fn compose_file_is_well_formed_and_its_ports_agree() {
     // The shared site settings: health check on /health at the HTTP port,
     // the admin password from the environment, after the certificates.
     let site = block(&text, "x-site: &site").join("\n");
-    assert!(site.contains(&format!(r#"test: ["CMD", "curl", "-fsS", "http://127.0.0.1:{DEFAULT_HTTP}/health"]"#)));
+    assert!(site.contains(&format!(
+        r#"test: ["CMD", "curl", "-fsS", "http://127.0.0.1:{DEFAULT_HTTP}/health"]"#
+    )));
     assert!(site.contains("OCMESH_ADMIN_PASSWORD: ${OCMESH_ADMIN_PASSWORD:?"));
     assert!(site.contains("condition: service_completed_successfully"));
     let mut published = BTreeSet::new();
     for s in SITES {
         let lines = block(&text, &format!("  {s}:"));
-        assert!(lines.iter().any(|l| l.trim() == "<<: *site"), "{s} uses the shared settings");
+        assert!(
+            lines.iter().any(|l| l.trim() == "<<: *site"),
+            "{s} uses the shared settings"
+        );
         let cmd = compose_command(&text, s);
         let flag = |f: &str| {
             let i = cmd.iter().position(|a| a == f).unwrap_or_else(|| panic!("{s}: no {f}"));
@@ -313,11 +326,21 @@ fn compose_file_is_well_formed_and_its_ports_agree() {
             .filter(|(f, _)| *f == "--peer")
             .map(|(_, p)| p.clone())
             .collect();
-        let others: BTreeSet<String> = SITES.iter().filter(|o| **o != s).map(|o| format!("{o}:{MESH}")).collect();
+        let others: BTreeSet<String> = SITES
+            .iter()
+            .filter(|o| **o != s)
+            .map(|o| format!("{o}:{MESH}"))
+            .collect();
         assert_eq!(peers, others, "{s} dials every other site by its service name");
         let volumes = list_items(&lines, "    volumes");
-        assert!(volumes.contains(&format!("data-{s}:{}", flag("--data"))), "{s}: {volumes:?}");
-        assert!(volumes.contains(&format!("tls-{s}:/etc/ocmesh/tls:ro")), "{s}: {volumes:?}");
+        assert!(
+            volumes.contains(&format!("data-{s}:{}", flag("--data"))),
+            "{s}: {volumes:?}"
+        );
+        assert!(
+            volumes.contains(&format!("tls-{s}:/etc/ocmesh/tls:ro")),
+            "{s}: {volumes:?}"
+        );
         for p in list_items(&lines, "    ports") {
             let (host, container) = p.rsplit_once(':').expect("host:container");
             let container: u16 = container.parse().expect("port");
@@ -372,7 +395,11 @@ fn compose_command_lines_resolve_in_the_real_binary() {
             .arg("--help")
             .output()
             .expect("run");
-        assert!(out.status.success(), "ocmesh {l}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ocmesh {l}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let usage = String::from_utf8_lossy(&out.stdout).into_owned();
         let usage = usage.lines().find(|u| u.starts_with("Usage:")).unwrap_or_default();
         let positionals = usage.matches('<').count();
@@ -390,11 +417,19 @@ fn shim_path(root: &Path) -> anyhow::Result<String> {
     std::fs::write(&chown, "#!/bin/sh\nexit 0\n")?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&chown, std::fs::Permissions::from_mode(0o755))?;
-    Ok(format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default()))
+    Ok(format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    ))
 }
 
 fn run_cert_script(script: &str, path: &str) -> anyhow::Result<()> {
-    let out = Command::new("/bin/sh").arg("-ec").arg(script).env("PATH", path).output()?;
+    let out = Command::new("/bin/sh")
+        .arg("-ec")
+        .arg(script)
+        .env("PATH", path)
+        .output()?;
     if !out.status.success() {
         bail!("certificate script failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -409,17 +444,29 @@ async fn mesh_of(sites: &mut [Site], names: &[String]) -> anyhow::Result<()> {
     }
     for s in sites.iter() {
         for other in names.iter().filter(|n| **n != s.name) {
-            let ok = wait_until(Duration::from_secs(30), &format!("{} in sync with {other}", s.name), || async {
-                peer_in_sync(s, other).await
-            })
+            let ok = wait_until(
+                Duration::from_secs(30),
+                &format!("{} in sync with {other}", s.name),
+                || async { peer_in_sync(s, other).await },
+            )
             .await;
             if let Err(e) = ok {
                 bail!("{e:#}\n{}\n{}", peers_of(s).await, s.log_tail(30));
             }
         }
         let peers = s.peers().await?;
-        assert_eq!(peers.len(), names.len() - 1, "{}: {}", s.name, Value::Array(peers.clone()));
-        assert!(!peers.iter().any(|p| p["site"] == s.name.as_str()), "{} lists itself", s.name);
+        assert_eq!(
+            peers.len(),
+            names.len() - 1,
+            "{}: {}",
+            s.name,
+            Value::Array(peers.clone())
+        );
+        assert!(
+            !peers.iter().any(|p| p["site"] == s.name.as_str()),
+            "{} lists itself",
+            s.name
+        );
     }
     let (first, last) = (&sites[0], &sites[sites.len() - 1]);
     let doc = first.insert("entities", &json!({"name": "from deploy test"})).await?;
@@ -432,7 +479,11 @@ async fn mesh_of(sites: &mut [Site], names: &[String]) -> anyhow::Result<()> {
     for s in sites.iter() {
         let r = s.client.get(s.url("/ui")).send().await?;
         assert_eq!(r.status(), 200);
-        let ct = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
         assert!(ct.starts_with("text/html"), "{ct}");
     }
     Ok(())
@@ -447,7 +498,9 @@ async fn compose_sites_mesh_on_loopback() -> anyhow::Result<()> {
     let text = compose();
     let root = tempfile::tempdir()?;
     let r = root.path().display().to_string();
-    let script = cert_script(&text).replace(" /ca", &format!(" {r}/ca")).replace(" /tls/", &format!(" {r}/tls/"));
+    let script = cert_script(&text)
+        .replace(" /ca", &format!(" {r}/ca"))
+        .replace(" /tls/", &format!(" {r}/tls/"));
     for s in SITES {
         std::fs::create_dir_all(root.path().join("tls").join(s))?; // compose makes the mount points
     }
@@ -455,9 +508,19 @@ async fn compose_sites_mesh_on_loopback() -> anyhow::Result<()> {
     run_cert_script(&script, &path)?;
     let a_cert = std::fs::read(root.path().join("tls/a/a.pem"))?;
     run_cert_script(&script, &path).context("the script runs again on every `up`")?;
-    assert_eq!(std::fs::read(root.path().join("tls/a/a.pem"))?, a_cert, "a second run keeps the certificates");
-    assert!(!root.path().join("tls/a/ca.key").exists(), "the CA key stays in the ca volume");
-    assert!(!root.path().join("tls/a/b.key").exists(), "a site gets only its own key");
+    assert_eq!(
+        std::fs::read(root.path().join("tls/a/a.pem"))?,
+        a_cert,
+        "a second run keeps the certificates"
+    );
+    assert!(
+        !root.path().join("tls/a/ca.key").exists(),
+        "the CA key stays in the ca volume"
+    );
+    assert!(
+        !root.path().join("tls/a/b.key").exists(),
+        "a site gets only its own key"
+    );
 
     let mesh: BTreeMap<&str, SocketAddr> = SITES.iter().map(|s| (*s, free_udp())).collect();
     let mut sites = Vec::new();
@@ -509,12 +572,23 @@ fn systemd_unit_is_hardened_and_its_command_resolves() {
             current = name.to_owned();
             continue;
         }
-        let (k, v) = t.split_once('=').unwrap_or_else(|| panic!("line {}: {t:?} is not key=value", n + 1));
+        let (k, v) = t
+            .split_once('=')
+            .unwrap_or_else(|| panic!("line {}: {t:?} is not key=value", n + 1));
         assert!(!current.is_empty(), "line {}: outside a section", n + 1);
-        sections.entry(current.clone()).or_default().push((k.to_owned(), v.to_owned()));
+        sections
+            .entry(current.clone())
+            .or_default()
+            .push((k.to_owned(), v.to_owned()));
     }
     let service = &sections["Service"];
-    let get = |k: &str| -> Vec<&str> { service.iter().filter(|(key, _)| key == k).map(|(_, v)| v.as_str()).collect() };
+    let get = |k: &str| -> Vec<&str> {
+        service
+            .iter()
+            .filter(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
     for (k, v) in [
         ("Restart", "on-failure"),
         ("NoNewPrivileges", "yes"),
@@ -524,11 +598,21 @@ fn systemd_unit_is_hardened_and_its_command_resolves() {
     ] {
         assert_eq!(get(k), vec![v], "{k}");
     }
-    assert!(get("DynamicUser") == vec!["yes"] || get("User").len() == 1, "a dynamic or dedicated user");
+    assert!(
+        get("DynamicUser") == vec!["yes"] || get("User").len() == 1,
+        "a dynamic or dedicated user"
+    );
     let nofile: u64 = get("LimitNOFILE")[0].parse().expect("LimitNOFILE is a number");
     assert!(nofile >= 4096);
-    assert_eq!(sections["Install"], vec![("WantedBy".into(), "multi-user.target".into())]);
-    assert!(sections["Unit"].iter().any(|(k, v)| k == "After" && v.contains("network-online.target")));
+    assert_eq!(
+        sections["Install"],
+        vec![("WantedBy".into(), "multi-user.target".into())]
+    );
+    assert!(
+        sections["Unit"]
+            .iter()
+            .any(|(k, v)| k == "After" && v.contains("network-online.target"))
+    );
 
     // ExecStart, with systemd's specifiers for the state (%S) and
     // credentials (%d) directories filled in and the example config.
@@ -586,7 +670,11 @@ fn helm_chart_is_well_formed_and_refers_to_real_values() {
     let values = helm("values.yaml");
     check_yaml("values.yaml", &values, false);
     let keys = key_paths(&values);
-    for (key, port) in [("ports.http", DEFAULT_HTTP), ("ports.grpc", DEFAULT_GRPC), ("ports.mesh", MESH)] {
+    for (key, port) in [
+        ("ports.http", DEFAULT_HTTP),
+        ("ports.grpc", DEFAULT_GRPC),
+        ("ports.mesh", MESH),
+    ] {
         assert_eq!(value_at(&values, key), Some(port.to_string()), "{key}");
     }
     for t in TEMPLATES {
@@ -678,8 +766,11 @@ fn helm_command_line_resolves_in_the_real_binary() {
     for i in 0..sites {
         let pod = format!("ocmesh-{i}");
         let args = helm_args(&pod);
-        let report = check_config(&args, &[("OCMESH_PEERS", peers.clone()), ("OCMESH_ADMIN_PASSWORD", "x".into())])
-            .expect("valid");
+        let report = check_config(
+            &args,
+            &[("OCMESH_PEERS", peers.clone()), ("OCMESH_ADMIN_PASSWORD", "x".into())],
+        )
+        .expect("valid");
         assert_eq!(setting(&report, "cert"), format!("/etc/ocmesh/tls/{pod}.pem"));
         assert_eq!(setting(&report, "peers"), peers);
         assert_eq!(setting(&report, "http"), format!("0.0.0.0:{DEFAULT_HTTP}"));
@@ -695,7 +786,11 @@ async fn helm_pods_mesh_on_loopback_with_one_shared_peer_list() -> anyhow::Resul
     let tls = root.path().join("tls");
     make_ca(&tls, &pods.iter().map(String::as_str).collect::<Vec<_>>())?;
     let mesh: Vec<SocketAddr> = pods.iter().map(|_| free_udp()).collect();
-    let peers = mesh.iter().map(|m| format!("localhost:{}", m.port())).collect::<Vec<_>>().join(",");
+    let peers = mesh
+        .iter()
+        .map(|m| format!("localhost:{}", m.port()))
+        .collect::<Vec<_>>()
+        .join(",");
     let mut sites = Vec::new();
     for (i, pod) in pods.iter().enumerate() {
         let (http, grpc) = (free_tcp(), free_tcp());
@@ -770,7 +865,10 @@ fn dockerfile_builds_features_that_exist_and_runs_unprivileged() -> anyhow::Resu
     };
     let froms = all("FROM");
     assert_eq!(froms.len(), 2, "multi-stage: {froms:?}");
-    assert!(froms[0].starts_with("rust:") && froms[0].ends_with(" AS build"), "{froms:?}");
+    assert!(
+        froms[0].starts_with("rust:") && froms[0].ends_with(" AS build"),
+        "{froms:?}"
+    );
     assert!(froms[1].contains("slim"), "{froms:?}");
     let build = all("RUN")
         .into_iter()
@@ -805,7 +903,10 @@ fn dockerfile_builds_features_that_exist_and_runs_unprivileged() -> anyhow::Resu
     assert_eq!(all("VOLUME"), vec![r#"["/var/lib/ocmesh"]"#]);
     assert_eq!(all("ENTRYPOINT"), vec![r#"["ocmesh"]"#]);
     let health = all("HEALTHCHECK");
-    assert!(health[0].contains(&format!("http://127.0.0.1:{DEFAULT_HTTP}/health")), "{health:?}");
+    assert!(
+        health[0].contains(&format!("http://127.0.0.1:{DEFAULT_HTTP}/health")),
+        "{health:?}"
+    );
     // CMD with the image's ENV is a valid run.
     let env: Vec<(String, String)> = all("ENV")
         .iter()

@@ -183,7 +183,14 @@ async fn the_queries_of_the_page_answer_what_it_reads() {
         format!("Basic {creds}")
     };
     let auth = Some(admin.as_str());
-    let r = send(&s.app, Method::POST, "/api/v1/workitemqueues", auth, &json!({"name": "orders"})).await;
+    let r = send(
+        &s.app,
+        Method::POST,
+        "/api/v1/workitemqueues",
+        auth,
+        &json!({"name": "orders"}),
+    )
+    .await;
     assert!(r.status.is_success(), "{} {}", r.status, r.text);
     let r = send(
         &s.app,
@@ -226,7 +233,10 @@ async fn the_queries_of_the_page_answer_what_it_reads() {
 
     // What the other panels read.
     let health = json_of(&send(&s.app, Method::GET, "/health", None, &Value::Null).await);
-    assert_eq!((health["site"].as_str(), health["status"].as_str()), (Some("a"), Some("ok")));
+    assert_eq!(
+        (health["site"].as_str(), health["status"].as_str()),
+        (Some("a"), Some("ok"))
+    );
     let metrics = json_of(&send(&s.app, Method::GET, "/api/v1/metrics", auth, &Value::Null).await);
     assert!(metrics.is_object() && metrics["peers"].is_array(), "{metrics}");
     let conflicts = send(&s.app, Method::GET, "/api/v1/conflicts", auth, &Value::Null).await;
@@ -236,7 +246,16 @@ async fn the_queries_of_the_page_answer_what_it_reads() {
     for field in ["p.site", "p.address", "p.connected", "p.unacked", "p.last_error"] {
         assert!(PAGE.contains(field), "peers panel reads {field}");
     }
-    for field in ["c.collection", "c._id", "c.field", "c.kept", "c.lost", "r.jwt", "h.site", "h.status"] {
+    for field in [
+        "c.collection",
+        "c._id",
+        "c.field",
+        "c.kept",
+        "c.lost",
+        "r.jwt",
+        "h.site",
+        "h.status",
+    ] {
         assert!(PAGE.contains(field), "the page reads {field}");
     }
 }

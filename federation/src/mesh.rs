@@ -35,8 +35,8 @@ use ocmesh_replication::chunks::{Hash as ChunkHash, MAX_WANTED};
 use ocmesh_replication::withheld::MAX_HELLO_RANGES;
 use ocmesh_replication::{Input, Output, PeerPolicy, RangeSet, SessionConfig, ShareConfig, SyncSession, VersionVector};
 
-use crate::peer_addr::PeerAddr;
 use crate::frame::{FrameError, encode_hello_frame, incarnation_of, read_frame, write_frame};
+use crate::peer_addr::PeerAddr;
 use crate::status::{PeerStatus, PeerTable};
 use crate::tls::{self, SiteIdentity, TlsError};
 

@@ -11,7 +11,10 @@ use std::str::FromStr;
 pub enum PeerAddr {
     Addr(SocketAddr),
     /// `host:port`; `host` is not an IP address.
-    Name { host: String, port: u16 },
+    Name {
+        host: String,
+        port: u16,
+    },
 }
 
 impl From<SocketAddr> for PeerAddr {
