@@ -230,7 +230,8 @@ async fn run(settings: config::Settings) -> anyhow::Result<()> {
                     tap: None,
                 },
             )?;
-            tracing::info!(addr = %mesh.local_addr()?, peers = ?settings.peers, "mesh listening");
+            let peers: Vec<String> = settings.peers.iter().map(ToString::to_string).collect();
+            tracing::info!(addr = %mesh.local_addr()?, peers = %peers.join(","), "mesh listening");
             Some(mesh)
         }
         (Some(_), None) => anyhow::bail!("--mesh needs --ca, --cert and --key"),
