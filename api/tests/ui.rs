@@ -136,8 +136,11 @@ async fn every_request_of_the_page_reaches_a_route() {
     ] {
         assert!(paths.contains(&needed), "the page does not call {needed}: {calls:?}");
     }
-    // Requests go through `call` only: one fetch, inside it.
+    // Requests go through `call` only: one fetch, inside it, which sends no
+    // browser credentials (a 401 with `WWW-Authenticate: Basic` would make
+    // the browser prompt for a password instead of answering the script).
     assert_eq!(PAGE.matches("fetch(").count(), 1, "fetch outside call()");
+    assert!(PAGE.contains("credentials: \"omit\""), "fetch without credentials: \"omit\"");
     for word in ["XMLHttpRequest", "WebSocket", "EventSource", "import("] {
         assert!(!PAGE.contains(word), "the page uses {word}");
     }
