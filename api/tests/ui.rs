@@ -140,7 +140,10 @@ async fn every_request_of_the_page_reaches_a_route() {
     // browser credentials (a 401 with `WWW-Authenticate: Basic` would make
     // the browser prompt for a password instead of answering the script).
     assert_eq!(PAGE.matches("fetch(").count(), 1, "fetch outside call()");
-    assert!(PAGE.contains("credentials: \"omit\""), "fetch without credentials: \"omit\"");
+    assert!(
+        PAGE.contains("credentials: \"omit\""),
+        "fetch without credentials: \"omit\""
+    );
     for word in ["XMLHttpRequest", "WebSocket", "EventSource", "import("] {
         assert!(!PAGE.contains(word), "the page uses {word}");
     }
