@@ -52,7 +52,7 @@ fn start_site(dir: &Path, site: &str, ca_dir: &Path, peers: Vec<SocketAddr>) -> 
         &identity,
         MeshConfig {
             listen: "127.0.0.1:0".parse()?,
-            peers,
+            peers: peers.into_iter().map(Into::into).collect(),
             session: Default::default(),
             sharing: Default::default(),
             tap: None,

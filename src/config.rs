@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use ocmesh_federation::PeerAddr;
 use ocmesh_replication::{AclMode, ShareConfig};
 
 #[derive(clap::Args, Debug, Default)]
@@ -51,9 +52,15 @@ pub struct RunArgs {
     /// mongodb feature) instead of the data directory.
     #[arg(long, env = "OCMESH_MONGODB")]
     pub mongodb: Option<String>,
-    /// A peer's mesh address to dial; repeatable (env: comma-separated).
+    /// A peer's mesh address to dial, `ip:port` or `host:port` (looked up
+    /// before every dial); repeatable (env: comma-separated).
     #[arg(long = "peer", env = "OCMESH_PEERS", value_delimiter = ',')]
-    pub peers: Vec<SocketAddr>,
+    pub peers: Vec<PeerAddr>,
+    /// Resolve the flags, environment and config file, report what a run
+    /// would use, and exit (0 when valid, 1 naming the problem) without
+    /// opening the data directory or any socket.
+    #[arg(long, hide = true)]
+    pub check_config: bool,
 }
 
 /// The `--config` file.
@@ -125,7 +132,7 @@ pub struct Settings {
     pub grpc: SocketAddr,
     pub mesh: Option<SocketAddr>,
     pub tls: Option<TlsFiles>,
-    pub peers: Vec<SocketAddr>,
+    pub peers: Vec<PeerAddr>,
     pub max_file_bytes: Option<u64>,
     pub amqp: Option<String>,
     /// The store in MongoDB instead of `data`.
@@ -175,7 +182,10 @@ impl Settings {
             file.peers
                 .unwrap_or_default()
                 .iter()
-                .map(|p| addr(&path, "peers", p))
+                .map(|p| {
+                    p.parse::<PeerAddr>()
+                        .with_context(|| format!("{}: `peers`", path.display()))
+                })
                 .collect::<Result<_, _>>()?
         };
         let mut sharing = HashMap::new();
@@ -207,6 +217,51 @@ impl Settings {
             mongodb: args.mongodb.or(file.mongodb),
             sharing,
         })
+    }
+
+    /// Combinations a run refuses, found before anything is opened.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.mesh.is_some() && self.tls.is_none() {
+            bail!("--mesh needs --ca, --cert and --key");
+        }
+        if self.mesh.is_none() && !self.peers.is_empty() {
+            bail!("--peer needs --mesh (an address to listen for peers on)");
+        }
+        if self.amqp.is_some() && !cfg!(feature = "rabbitmq") {
+            bail!("--amqp needs a build with the rabbitmq feature (cargo build --features rabbitmq)");
+        }
+        if self.mongodb.is_some() && !cfg!(feature = "mongodb") {
+            bail!("--mongodb needs a build with the mongodb feature (cargo build --features mongodb)");
+        }
+        Ok(())
+    }
+
+    /// One line per setting, for `run --check-config`.
+    pub fn describe(&self) -> String {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        let peers: Vec<String> = self.peers.iter().map(ToString::to_string).collect();
+        let mut sharing: Vec<&String> = self.sharing.keys().collect();
+        sharing.sort();
+        format!(
+            "site {}\ndata {}\nhttp {}\ngrpc {}\nmesh {}\nca {}\ncert {}\nkey {}\npeers {}\nshare {}\nmax_file_bytes {}\namqp {}\nmongodb {}\n",
+            opt(self.site.clone()),
+            self.data.display(),
+            self.http,
+            self.grpc,
+            opt(self.mesh.map(|m| m.to_string())),
+            opt(self.tls.as_ref().map(|t| t.ca.display().to_string())),
+            opt(self.tls.as_ref().map(|t| t.cert.display().to_string())),
+            opt(self.tls.as_ref().map(|t| t.key.display().to_string())),
+            if peers.is_empty() { "-".into() } else { peers.join(",") },
+            if sharing.is_empty() {
+                "-".into()
+            } else {
+                sharing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+            },
+            opt(self.max_file_bytes.map(|m| m.to_string())),
+            opt(self.amqp.as_ref().map(|_| "(set)".to_owned())),
+            opt(self.mongodb.as_ref().map(|_| "(set)".to_owned())),
+        )
     }
 }
 

@@ -89,7 +89,14 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => {
+            let check_only = args.check_config;
             let settings = config::Settings::resolve(*args)?;
+            settings.check()?;
+            if check_only {
+                print!("{}", settings.describe());
+                println!("config ok");
+                return Ok(());
+            }
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -267,16 +274,12 @@ async fn run(settings: config::Settings) -> anyhow::Result<()> {
                     tap: None,
                 },
             )?;
-            tracing::info!(addr = %mesh.local_addr()?, peers = ?settings.peers, "mesh listening");
+            let peers: Vec<String> = settings.peers.iter().map(ToString::to_string).collect();
+            tracing::info!(addr = %mesh.local_addr()?, peers = %peers.join(","), "mesh listening");
             Some(mesh)
         }
         (Some(_), None) => anyhow::bail!("--mesh needs --ca, --cert and --key"),
-        (None, _) => {
-            if !settings.peers.is_empty() {
-                anyhow::bail!("--peer needs --mesh (an address to listen for peers on)");
-            }
-            None
-        }
+        (None, _) => None,
     };
 
     let listener = tokio::net::TcpListener::bind(settings.http)

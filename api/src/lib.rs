@@ -1,8 +1,10 @@
 //! ocmesh-api: the client-facing HTTP side of a site.
 //!
 //! REST over axum: documents with history, sign-in, health and mesh
-//! status. Every route but `/health` and `/api/v1/signin` needs a caller
-//! (HTTP Basic or a bearer JWT signed by this site).
+//! status, and a read-only management page at `/ui` (ui.html, embedded).
+//! Every route but `/health`, `/ui` and `/api/v1/signin` (and the OpenIAP
+//! and OpenAPI documents) needs a caller (HTTP Basic or a bearer JWT signed
+//! by this site).
 //!
 //! Invariants: every failure is a JSON `{"error", "detail"}` with a fitting
 //! status; request input never panics the server; reads run on the blocking
@@ -95,6 +97,7 @@ pub fn router_with_openiap(
     let docs = "/api/v1/collections/{collection}/documents";
     Router::new()
         .route("/health", get(health))
+        .route("/ui", get(ui_page))
         .route("/api/openapi.json", get(openapi_json))
         .route("/ws/v2", get(openiap::websocket))
         .route("/config", get(openiap::config))
@@ -287,6 +290,37 @@ async fn blocking<T: Send + 'static>(
 )]
 async fn openapi_json() -> Response {
     openapi::document_response()
+}
+
+/// The management page: one static HTML file with its script and styles
+/// inline; it signs in through `/api/v1/signin` and reads the REST API of
+/// the site that served it.
+pub const UI_HTML: &str = include_str!("ui.html");
+
+#[utoipa::path(
+    get,
+    path = "/ui",
+    tag = "meta",
+    responses((status = 200, description = "the read-only management page (HTML; it signs in itself)", body = String, content_type = "text/html"))
+)]
+async fn ui_page() -> Response {
+    use axum::http::{HeaderValue, header};
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8")),
+            // Inline script and styles only; requests go to this site alone.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
+                ),
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        UI_HTML,
+    )
+        .into_response()
 }
 
 #[utoipa::path(

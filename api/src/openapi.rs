@@ -158,6 +158,7 @@ fn openiap_config() {}
     ),
     paths(
         crate::health,
+        crate::ui_page,
         openiap_websocket,
         openiap_config,
         crate::openapi_json,

@@ -16,8 +16,10 @@
 pub mod ca;
 pub mod frame;
 pub mod mesh;
+pub mod peer_addr;
 pub mod status;
 pub mod tls;
 
 pub use mesh::{FrameTap, Mesh, MeshConfig, MeshError, MeshStats, bind_udp};
+pub use peer_addr::PeerAddr;
 pub use status::{PeerStatus, PeerTable};

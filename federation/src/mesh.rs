@@ -36,6 +36,7 @@ use ocmesh_replication::withheld::MAX_HELLO_RANGES;
 use ocmesh_replication::{Input, Output, PeerPolicy, RangeSet, SessionConfig, ShareConfig, SyncSession, VersionVector};
 
 use crate::frame::{FrameError, encode_hello_frame, incarnation_of, read_frame, write_frame};
+use crate::peer_addr::PeerAddr;
 use crate::status::{PeerStatus, PeerTable};
 use crate::tls::{self, SiteIdentity, TlsError};
 
@@ -63,7 +64,9 @@ const POLICY_TTL: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
     pub listen: SocketAddr,
-    pub peers: Vec<SocketAddr>,
+    /// Peers to dial: addresses, or `host:port` names looked up before
+    /// every attempt.
+    pub peers: Vec<PeerAddr>,
     pub session: SessionConfig,
     /// What is shared with each peer, by its site name (from its
     /// certificate); a peer not listed gets `ShareConfig::default()`:
@@ -176,6 +179,10 @@ struct Shared {
     /// socket, so a peer that dialed us from R listens on R): lets a dialer
     /// that has not got through yet report under the peer's name.
     known_sites: Mutex<HashMap<SocketAddr, String>>,
+    /// The placeholder status slot of each peer configured by name, by the
+    /// address the name last resolved to: a connection from that address
+    /// replaces the placeholder, as one from a configured address does.
+    named_slots: Mutex<HashMap<SocketAddr, String>>,
     stats: MeshStats,
     shutdown: watch::Receiver<bool>,
     /// Chunks some session has asked its peer for, and when: another
@@ -319,6 +326,7 @@ impl Mesh {
             registry: Mutex::default(),
             acked: Mutex::default(),
             known_sites: Mutex::default(),
+            named_slots: Mutex::default(),
             stats: MeshStats::default(),
             shutdown,
             chunks_asked: Mutex::default(),
@@ -327,8 +335,8 @@ impl Mesh {
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(shared.clone(), endpoint.clone()));
-        for &addr in &shared.config.peers {
-            tasks.spawn(dial_loop(shared.clone(), endpoint.clone(), addr));
+        for peer in &shared.config.peers {
+            tasks.spawn(dial_loop(shared.clone(), endpoint.clone(), peer.clone()));
         }
         tasks.spawn(refresh_idle_status(shared.clone()));
         Ok(Mesh {
@@ -409,11 +417,20 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: Endpoint) {
                     return;
                 }
             };
+            if site == shared.local_site {
+                tracing::debug!(%from, "this site dialed itself (its own address is in its peer list); closed");
+                conn.close(VarInt::from_u32(CLOSE_SELF), b"that is us");
+                return;
+            }
             tracing::info!(%from, peer = %site, "peer connected to us");
             if let Ok(mut known) = shared.known_sites.lock() {
                 known.insert(from, site.clone());
             }
             shared.table.remove(&format!("addr:{from}"));
+            let named = shared.named_slots.lock().ok().and_then(|n| n.get(&from).cloned());
+            if let Some(slot) = named {
+                shared.table.remove(&slot);
+            }
             let _ = run_connection(&shared, conn, site, false, from.to_string()).await;
         });
         // Reap finished connection tasks so the set does not grow.
@@ -422,8 +439,13 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: Endpoint) {
     connections.shutdown().await;
 }
 
-async fn dial_loop(shared: Arc<Shared>, endpoint: Endpoint, addr: SocketAddr) {
-    let address = addr.to_string();
+async fn dial_loop(shared: Arc<Shared>, endpoint: Endpoint, peer: PeerAddr) {
+    let address = peer.to_string();
+    let ipv4 = endpoint.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
+    let mut addr = match &peer {
+        PeerAddr::Addr(a) => *a,
+        PeerAddr::Name { .. } => SocketAddr::from(([0, 0, 0, 0], 0)),
+    };
     let mut slot = format!("addr:{address}");
     let init = {
         let address = address.clone();
@@ -444,6 +466,15 @@ async fn dial_loop(shared: Arc<Shared>, endpoint: Endpoint, addr: SocketAddr) {
             return;
         }
         let attempt = async {
+            // A name is looked up on every attempt: a restarted container
+            // or pod keeps its name, not its address.
+            addr = peer.resolve(ipv4).await?;
+            if matches!(peer, PeerAddr::Name { .. })
+                && slot.starts_with("addr:")
+                && let Ok(mut named) = shared.named_slots.lock()
+            {
+                named.insert(addr, slot.clone());
+            }
             let connecting = endpoint.connect(addr, tls::SERVER_NAME).map_err(|e| e.to_string())?;
             match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
                 Ok(Ok(conn)) => Ok(conn),
@@ -458,9 +489,12 @@ async fn dial_loop(shared: Arc<Shared>, endpoint: Endpoint, addr: SocketAddr) {
         match result {
             Ok(conn) => match tls::peer_site(&conn) {
                 Ok(site) if site == shared.local_site => {
-                    tracing::error!(%addr, "peer address answers with this site's own certificate; not syncing with ourselves");
+                    // One peer list shared by every site (a compose file,
+                    // a Helm chart) names each site itself too.
+                    tracing::info!(peer = %address, %addr, "this peer address is this site itself; not dialing it again");
                     conn.close(VarInt::from_u32(CLOSE_SELF), b"that is us");
-                    backoff = BACKOFF_MAX;
+                    shared.table.remove(&slot);
+                    return;
                 }
                 Ok(site) => {
                     if let Ok(mut known) = shared.known_sites.lock() {
@@ -491,7 +525,7 @@ async fn dial_loop(shared: Arc<Shared>, endpoint: Endpoint, addr: SocketAddr) {
             },
             Err(reason) => {
                 shared.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%addr, %reason, retry_in = ?backoff, "cannot connect to peer");
+                tracing::warn!(peer = %address, %reason, retry_in = ?backoff, "cannot connect to peer");
                 shared
                     .table
                     .update(&slot, init.clone(), |s| s.last_error = Some(reason));

@@ -81,7 +81,7 @@ fn setup(sim: &mut Sim<'_>, seed: u64, ca_dir: &std::path::Path) -> BTreeMap<&'s
                 let peer_addrs = SITES
                     .iter()
                     .filter(|s| **s != name)
-                    .map(|s| SocketAddr::new(turmoil::lookup(*s), PORT))
+                    .map(|s| SocketAddr::new(turmoil::lookup(*s), PORT).into())
                     .collect();
                 let config = MeshConfig {
                     listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT)),

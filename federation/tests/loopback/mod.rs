@@ -97,7 +97,7 @@ pub fn start_mesh_with(
         &id,
         MeshConfig {
             listen,
-            peers,
+            peers: peers.into_iter().map(Into::into).collect(),
             session: Default::default(),
             sharing,
             tap,
