@@ -444,7 +444,7 @@ impl SyncSession {
                     if c.withheld {
                         self.stats.stubs_received += 1;
                     }
-                    let next = self.told.get(&c.origin) + 1;
+                    let next = self.told.get(&c.origin).saturating_add(1);
                     if c.seq > next {
                         return Err(SessionError::ChangeOutOfOrder {
                             origin: c.origin.clone(),
@@ -539,7 +539,7 @@ impl SyncSession {
         }
         if last > held {
             if self.deferred.ranges().count() < MAX_HELLO_RANGES {
-                self.deferred.insert_range(origin, first.max(held + 1), last);
+                self.deferred.insert_range(origin, first.max(held.saturating_add(1)), last);
             } else {
                 self.stats.refills_dropped += 1;
             }
@@ -581,16 +581,18 @@ impl SyncSession {
         self.fetching = false;
         let mut batch = Vec::with_capacity(changes.len());
         for c in changes {
-            let next = self.sent.get(&c.origin) + 1;
-            if c.seq < next {
+            // The peer's ack or withheld ranges may have raised `sent` to
+            // anything up to u64::MAX while this read was under way.
+            let sent = self.sent.get(&c.origin);
+            if c.seq <= sent {
                 // Learnt meanwhile that the peer holds it.
                 continue;
             }
-            if c.seq > next {
+            if c.seq != sent + 1 {
                 return Err(SessionError::LocalLogGap {
                     origin: c.origin.clone(),
                     seq: c.seq,
-                    expected: next,
+                    expected: sent + 1,
                 });
             }
             self.sent.advance(&c.origin, c.seq);
