@@ -102,7 +102,12 @@ fn json_value() -> impl Strategy<Value = Value> {
 /// `_acl` in every shape a careless or hostile writer could give it.
 fn acl() -> impl Strategy<Value = Value> {
     let entry = (
-        prop_oneof![Just(json!("mallory")), Just(json!("site:b")), Just(json!("")), json_value()],
+        prop_oneof![
+            Just(json!("mallory")),
+            Just(json!("site:b")),
+            Just(json!("")),
+            json_value()
+        ],
         prop_oneof![Just(json!(65535)), Just(json!(-1)), Just(json!(u64::MAX)), json_value()],
         prop_oneof![Just(Value::Null), any::<bool>().prop_map(Value::from), json_value()],
     )
@@ -130,17 +135,13 @@ fn nested(depth: usize, object: bool) -> String {
 fn body() -> impl Strategy<Value = Vec<u8>> {
     let special = (
         proptest::option::of(acl()),
-        proptest::option::of(prop_oneof![Just(json!("role")), Just(json!("workitemqueue")), json_value()]),
         proptest::option::of(prop_oneof![
-            Just(json!("q")),
-            Just(json!("other")),
+            Just(json!("role")),
+            Just(json!("workitemqueue")),
             json_value()
         ]),
-        proptest::option::of(prop_oneof![
-            Just(json!("new")),
-            Just(json!("processing")),
-            json_value()
-        ]),
+        proptest::option::of(prop_oneof![Just(json!("q")), Just(json!("other")), json_value()]),
+        proptest::option::of(prop_oneof![Just(json!("new")), Just(json!("processing")), json_value()]),
         proptest::collection::btree_map(
             prop_oneof![
                 Just("_owner"),
@@ -373,7 +374,12 @@ fn check(batches: Vec<Vec<Spec>>, seed: u64) -> Result<(), TestCaseError> {
     ];
     let mut guarded_state: Vec<(Value, usize)> = locals
         .iter()
-        .map(|(c, i)| (node.get(c, i).expect("get"), node.versions(c, i).expect("versions").len()))
+        .map(|(c, i)| {
+            (
+                node.get(c, i).expect("get"),
+                node.versions(c, i).expect("versions").len(),
+            )
+        })
         .collect();
     let own_log: Vec<Change> = log(&node).into_iter().filter(|c| c.origin == "a").collect();
 
@@ -412,14 +418,22 @@ fn check(batches: Vec<Vec<Spec>>, seed: u64) -> Result<(), TestCaseError> {
             if let Err(e) = node.versions(&c.collection, &c.doc_id)
                 && matches!(e, ocmesh_node::ReadError::Storage(_))
             {
-                return Err(TestCaseError::fail(format!("history of {}/{}: {e}", c.collection, c.doc_id)));
+                return Err(TestCaseError::fail(format!(
+                    "history of {}/{}: {e}",
+                    c.collection, c.doc_id
+                )));
             }
         }
         if changes.iter().any(|c| c.author_admin) {
             // An admin's change may touch anything: guard what stands now.
             guarded_state = locals
                 .iter()
-                .map(|(c, i)| (node.get(c, i).unwrap_or(Value::Null), node.versions(c, i).map_or(0, |v| v.len())))
+                .map(|(c, i)| {
+                    (
+                        node.get(c, i).unwrap_or(Value::Null),
+                        node.versions(c, i).map_or(0, |v| v.len()),
+                    )
+                })
                 .collect();
         }
         for ((c, i), (state, versions)) in locals.iter().zip(&guarded_state) {
@@ -433,7 +447,11 @@ fn check(batches: Vec<Vec<Spec>>, seed: u64) -> Result<(), TestCaseError> {
         }
     }
     prop_assert_eq!(
-        log(&node).into_iter().filter(|c| c.origin == "a").take(own_log.len()).collect::<Vec<_>>(),
+        log(&node)
+            .into_iter()
+            .filter(|c| c.origin == "a")
+            .take(own_log.len())
+            .collect::<Vec<_>>(),
         own_log
     );
     // A crash, then the write-ahead log's replay: everything acknowledged is back.
@@ -498,7 +516,12 @@ fn a_reused_version_stamp_is_refused_not_a_store_failure() {
     assert_eq!(again.refused, 1);
     assert_eq!(node.version_vector().get("b"), 3);
     assert_eq!(node.get("entities", "feed00000000000000000001").expect("get")["n"], 1);
-    assert_eq!(node.versions("entities", "feed00000000000000000001").expect("history").len(), 1);
+    assert_eq!(
+        node.versions("entities", "feed00000000000000000001")
+            .expect("history")
+            .len(),
+        1
+    );
     rt.block_on(node.insert("entities", obj(json!({"after": 1})), &admin()))
         .expect("still writable");
     // The replay of the write-ahead log decides the same.

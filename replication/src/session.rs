@@ -539,7 +539,8 @@ impl SyncSession {
         }
         if last > held {
             if self.deferred.ranges().count() < MAX_HELLO_RANGES {
-                self.deferred.insert_range(origin, first.max(held.saturating_add(1)), last);
+                self.deferred
+                    .insert_range(origin, first.max(held.saturating_add(1)), last);
             } else {
                 self.stats.refills_dropped += 1;
             }

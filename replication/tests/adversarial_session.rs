@@ -107,7 +107,10 @@ impl Log {
                 continue;
             }
             if c.seq != held + 1 {
-                return Err(format!("session let a gap through: {}:{} after {held}", c.origin, c.seq));
+                return Err(format!(
+                    "session let a gap through: {}:{} after {held}",
+                    c.origin, c.seq
+                ));
             }
             list.push(c);
         }
@@ -206,7 +209,11 @@ impl Harness {
                     Output::PeerHas(_) => {}
                     Output::ReadChunk(hash) => work.push_back(Input::ChunkRead { hash, data: None }),
                     Output::StoreChunk { hash, data } => {
-                        prop_assert_eq!(*blake3::hash(&data).as_bytes(), hash, "stored a chunk that does not match");
+                        prop_assert_eq!(
+                            *blake3::hash(&data).as_bytes(),
+                            hash,
+                            "stored a chunk that does not match"
+                        );
                     }
                     Output::Close(reason) => {
                         prop_assert!(!reason.to_string().is_empty());
@@ -217,7 +224,6 @@ impl Harness {
         }
         Ok(())
     }
-
 }
 
 /// Checks a frame the session sends.
@@ -305,7 +311,11 @@ fn a_change() -> impl Strategy<Value = Change> {
         prop_oneof![Just(0u64), Just(u64::MAX), any::<u64>()],
         -1i32..5,
         prop_oneof![Just("entities".to_owned()), Just(String::new()), "[a-z.$]{0,5}"],
-        prop_oneof![Just("0123456789abcdef01234567".to_owned()), Just(String::new()), ".{0,4}"],
+        prop_oneof![
+            Just("0123456789abcdef01234567".to_owned()),
+            Just(String::new()),
+            ".{0,4}"
+        ],
         body(),
         any::<bool>(),
         any::<bool>(),
@@ -564,7 +574,11 @@ fn extreme_claims_close_or_are_survived() {
         // A third origin claimed at u64::MAX, then local writes.
         vec![hello(vec![("c", u64::MAX)], vec![]), Step::Write(2)],
         // Withheld ranges up to u64::MAX of a third origin, with a read under way.
-        vec![hello(vec![], vec![("c", 1, u64::MAX)]), withheld("c", 1, u64::MAX), Step::Write(1)],
+        vec![
+            hello(vec![], vec![("c", 1, u64::MAX)]),
+            withheld("c", 1, u64::MAX),
+            Step::Write(1),
+        ],
         // An ack raising a third origin to u64::MAX while a read is under way.
         vec![hello(vec![], vec![]), ack(1, vec![("c", u64::MAX)]), Step::Write(3)],
         vec![hello(vec![], vec![]), withheld("c", u64::MAX, u64::MAX), Step::Write(3)],
