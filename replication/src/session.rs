@@ -47,6 +47,11 @@ use crate::withheld::{MAX_HELLO_RANGES, RangeError, RangeSet};
 /// counted) until the peer's next hello asks again.
 pub const MAX_REFILL_RANGES: usize = 4 * MAX_HELLO_RANGES;
 
+/// Most origins a session keeps track of for its peer: far more sites than
+/// a mesh has, and a bound on what a peer naming made-up origins in hello
+/// after ack can make this site hold.
+pub const MAX_ORIGINS: usize = 10_000;
+
 /// Limits of one session.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
@@ -176,6 +181,8 @@ pub enum SessionError {
     BadWithheld(#[from] RangeError),
     #[error("local log returned {origin}:{seq}, which was not asked for")]
     UnaskedRange { origin: String, seq: u64 },
+    #[error("peer named more than {MAX_ORIGINS} origins")]
+    TooManyOrigins,
 }
 
 /// Counters of one session.
@@ -360,7 +367,14 @@ impl SyncSession {
 
     fn step(&mut self, input: Input, now_ms: u64, out: &mut Vec<Output>) -> Result<(), SessionError> {
         match input {
-            Input::Frame(f) => self.on_frame(f, now_ms, out)?,
+            Input::Frame(f) => {
+                self.on_frame(f, now_ms, out)?;
+                // Every origin the peer names stays in these vectors for
+                // the session's life: bound them.
+                if self.sent.len().max(self.acked.len()).max(self.told.len()) > MAX_ORIGINS {
+                    return Err(SessionError::TooManyOrigins);
+                }
+            }
             Input::Fetched(changes) => self.on_fetched(changes, now_ms, out)?,
             Input::Applied { batch, have } => {
                 self.local.merge(&have);

@@ -492,6 +492,70 @@ proptest! {
     }
 }
 
+/// A peer naming ever more made-up origins (in hellos, acks, withheld
+/// ranges) would grow the session's vectors without bound: past
+/// `MAX_ORIGINS` the session ends instead.
+#[test]
+fn made_up_origins_are_bounded() {
+    use ocmesh_replication::session::{MAX_ORIGINS, SessionError};
+    let log = Log::new();
+    let mut s = SyncSession::new(SessionConfig::default(), LOCAL, log.vv());
+    s.open();
+    let hello = pb::Frame {
+        kind: Some(Kind::Hello(pb::Hello {
+            protocol_version: pb::PROTOCOL_VERSION,
+            have: Some(pb::VersionVector::default()),
+            withheld: Vec::new(),
+        })),
+    };
+    assert!(
+        !s.handle(Input::Frame(hello), 0)
+            .iter()
+            .any(|o| matches!(o, Output::Close(_)))
+    );
+    let mut closed = None;
+    for round in 0..20u64 {
+        let entries = (0..1000)
+            .map(|i| pb::OriginSeq {
+                origin: format!("made-up-{round}-{i}"),
+                seq: 1,
+            })
+            .collect();
+        let withheld = pb::Frame {
+            kind: Some(Kind::Withheld(pb::Withheld {
+                ranges: vec![pb::SeqRange {
+                    origin: format!("made-up-w-{round}"),
+                    first: 1,
+                    last: 1,
+                }],
+            })),
+        };
+        let ack = pb::Frame {
+            kind: Some(Kind::Ack(pb::Ack {
+                batch: 0,
+                have: Some(pb::VersionVector { entries }),
+            })),
+        };
+        for f in [withheld, ack] {
+            for o in s.handle(Input::Frame(f), round) {
+                if let Output::Close(e) = o {
+                    closed = Some((round, e));
+                }
+            }
+        }
+        if closed.is_some() {
+            break;
+        }
+    }
+    let (round, e) = closed.expect("the session ends");
+    assert_eq!(e, SessionError::TooManyOrigins);
+    assert_eq!(
+        round as usize,
+        MAX_ORIGINS / 1000 - 1,
+        "ends as soon as the bound is passed"
+    );
+}
+
 /// The cases the random search is least likely to hit, each on its own.
 #[test]
 fn extreme_claims_close_or_are_survived() {
