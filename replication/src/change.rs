@@ -210,7 +210,7 @@ mod tests {
         assert_eq!(depth(&json!({"a": [1, {"b": []}], "c": 2})), 4);
         let mut deep = json!(0);
         for _ in 0..10_000 {
-            deep = json!([deep]);
+            deep = serde_json::Value::Array(vec![deep]);
         }
         assert_eq!(depth(&deep), 10_000);
         // Dropping it recursively would overflow the stack: take it apart.
