@@ -376,4 +376,38 @@ mod tests {
         .expect_err("partial tls");
         assert!(e.to_string().contains("go together"));
     }
+
+    /// Files no operator meant to write: nesting far past any sensible
+    /// depth, unterminated tables, bytes that are not UTF-8, wrong types.
+    /// Each is an error naming the file, never a crash of the node at start.
+    #[test]
+    fn malformed_files_are_errors_not_crashes() {
+        let deep_array = format!("peers = {}\"x\"{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let deep_table = format!("share = {}1{}\n", "{a = ".repeat(100_000), "}".repeat(100_000));
+        let unterminated = format!("peers = {}\n", "[".repeat(100_000));
+        let headers = "[share.a.b.c.d.e.f.g.h]\n".repeat(1000);
+        let texts: Vec<Vec<u8>> = vec![
+            deep_array.into_bytes(),
+            deep_table.into_bytes(),
+            unterminated.into_bytes(),
+            headers.into_bytes(),
+            b"peers = \"not a list\"\n".to_vec(),
+            b"site = 12\n".to_vec(),
+            b"[share\n".to_vec(),
+            b"http = \"\\ud800\"\n".to_vec(),
+            vec![0xff, 0xfe, 0x00, 0x41],
+            b"site = \"a\"\nsite = \"b\"\n".to_vec(),
+        ];
+        for text in texts {
+            let dir = tempfile::tempdir().expect("tmp");
+            let p = dir.path().join("ocmesh.toml");
+            std::fs::write(&p, &text).expect("write");
+            let e = Settings::resolve(RunArgs {
+                config: Some(p),
+                ..Default::default()
+            })
+            .expect_err("malformed");
+            assert!(format!("{e:#}").contains("ocmesh.toml"), "{e:#}");
+        }
+    }
 }

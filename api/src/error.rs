@@ -100,7 +100,11 @@ impl From<WriteError> for ApiError {
                 FileError::MissingChunk { .. } => ApiError::internal(e.to_string()),
             },
             WriteError::Forbidden { .. } => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            WriteError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e.to_string())
+            }
             WriteError::Filter(_)
+            | WriteError::TooDeep { .. }
             | WriteError::Update(_)
             | WriteError::MissingUniqueField(_)
             | WriteError::Acl(_)

@@ -6,8 +6,10 @@
 //!   on its queue will do: pop and completion are made with it), a delete
 //!   needs delete right, both judged on the change's base version. When this site does not hold the base
 //!   (or the change names none), the greatest version held below the
-//!   change stands in for it; a document with no version held here has
-//!   nothing to protect yet, and the change is let in.
+//!   change stands in for it, or the earliest held when none is below (a
+//!   change stamped before the history must not pass as a create); a
+//!   document with no version held here has nothing to protect yet, and
+//!   the change is let in.
 //! - An insert over a history held here (a recover) needs update right on
 //!   the greatest live version below it. A create needs no prior `_acl`,
 //!   except a role's (`_type: "role"` in `users`): only admins create those.
@@ -206,7 +208,9 @@ fn based_on(t: &WriteTables<'_>, change: &Change) -> Result<Option<Map<String, V
 }
 
 /// The body of the greatest version held below `change` (a live one only,
-/// when `live`).
+/// when `live`); when none is below but the document has versions here,
+/// the earliest of them: a change stamped before a document's history
+/// (a forged low HLC) is judged on that history, not let in as a create.
 fn below(t: &WriteTables<'_>, change: &Change, live: bool) -> Result<Option<Map<String, Value>>, StorageError> {
     let (collection, id) = (change.collection.as_str(), change.doc_id.as_str());
     let range = t
@@ -214,17 +218,32 @@ fn below(t: &WriteTables<'_>, change: &Change, live: bool) -> Result<Option<Map<
         .range((collection, id, 0u64, "")..(collection, id, change.hlc, change.origin.as_str()))?;
     for entry in range.rev() {
         let (k, seq) = entry?;
-        let origin = k.value().3.to_owned();
-        let Some(bytes) = t.changes.get((origin.as_str(), seq.value()))? else {
-            continue;
-        };
-        let version = decode_change(bytes.value())?;
-        if live && version.kind == ChangeKind::Delete as i32 {
-            continue;
+        if let Some(version) = version_at(t, k.value().3, seq.value(), live)? {
+            return body_object(&version).map(Some);
         }
-        return body_object(&version).map(Some);
+    }
+    let above = t
+        .versions
+        .range((collection, id, change.hlc, change.origin.as_str())..=(collection, id, u64::MAX, ORIGIN_MAX))?;
+    for entry in above {
+        let (k, seq) = entry?;
+        if let Some(version) = version_at(t, k.value().3, seq.value(), live)? {
+            return body_object(&version).map(Some);
+        }
     }
     Ok(None)
+}
+
+/// The version `origin`:`seq` from the log (only a live one, when `live`).
+fn version_at(t: &WriteTables<'_>, origin: &str, seq: u64, live: bool) -> Result<Option<Change>, StorageError> {
+    let Some(bytes) = t.changes.get((origin, seq))? else {
+        return Ok(None);
+    };
+    let version = decode_change(bytes.value())?;
+    if live && version.kind == ChangeKind::Delete as i32 {
+        return Ok(None);
+    }
+    Ok(Some(version))
 }
 
 fn body_at(t: &WriteTables<'_>, origin: &str, seq: u64) -> Result<Option<Map<String, Value>>, StorageError> {

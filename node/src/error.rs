@@ -57,6 +57,22 @@ pub enum WriteError {
     },
     #[error("document {collection}/{id} is not deleted; nothing to recover")]
     NotDeleted { collection: String, id: String },
+    /// A body nobody could read back (see `ocmesh_replication::change::MAX_BODY_DEPTH`).
+    #[error("document {collection}/{id} nests arrays and objects {depth} levels deep; at most {max} are allowed")]
+    TooDeep {
+        collection: String,
+        id: String,
+        depth: usize,
+        max: usize,
+    },
+    /// A body peers would refuse (see `ocmesh_replication::change::MAX_BODY_BYTES`).
+    #[error("document {collection}/{id} would be {bytes} bytes of JSON; at most {max} are allowed")]
+    TooLarge {
+        collection: String,
+        id: String,
+        bytes: usize,
+        max: usize,
+    },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("the node is shutting down")]

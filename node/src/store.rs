@@ -273,12 +273,29 @@ impl<'t> WriteTables<'t> {
             return Ok((0, None));
         }
         let key = (change.collection.as_str(), change.doc_id.as_str());
-        let existed = self
-            .versions
-            .insert((key.0, key.1, change.hlc, change.origin.as_str()), change.seq)?
-            .is_some();
-        if existed {
-            // Same (hlc, origin) twice means a site reused a timestamp.
+        let version = (key.0, key.1, change.hlc, change.origin.as_str());
+        let existed = self.versions.insert(version, change.seq)?.map(|g| g.value());
+        if let Some(first) = existed
+            && local.is_none()
+        {
+            // A peer reused a version stamp (a site never issues one twice,
+            // so it is broken or hostile): the first change keeps the
+            // version, this one stays in the log only, like a refused one.
+            // Failing here would fail every write grouped with it.
+            self.versions.insert(version, first)?;
+            self.refused += 1;
+            tracing::warn!(
+                origin = %change.origin,
+                seq = change.seq,
+                collection = key.0,
+                id = key.1,
+                hlc = %Timestamp::from_raw(change.hlc),
+                "refused a replicated change that reuses a version stamp already held"
+            );
+            return Ok((0, None));
+        }
+        if existed.is_some() {
+            // Same (hlc, origin) twice from this site means its clock failed.
             return Err(StorageError(format!(
                 "version {}@{} of {}/{} already exists",
                 Timestamp::from_raw(change.hlc),

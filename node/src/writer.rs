@@ -707,7 +707,29 @@ impl Writer {
         hlc: Timestamp,
         by: &Principal,
     ) -> Result<Value, WriteError> {
+        // Every site, this one included, must be able to read the body
+        // back: a body past serde_json's depth limit or over the size peers
+        // accept would be written once and then refused everywhere,
+        // stalling replication behind it.
+        use ocmesh_replication::change::{MAX_BODY_BYTES, MAX_BODY_DEPTH, depth};
+        let nesting = body.values().map(depth).max().unwrap_or(0) + 1;
+        if nesting > MAX_BODY_DEPTH {
+            return Err(WriteError::TooDeep {
+                collection: collection.to_owned(),
+                id: id.to_owned(),
+                depth: nesting,
+                max: MAX_BODY_DEPTH,
+            });
+        }
         let bytes = serde_json::to_vec(&body).map_err(|e| StorageError(e.to_string()))?;
+        if bytes.len() > MAX_BODY_BYTES {
+            return Err(WriteError::TooLarge {
+                collection: collection.to_owned(),
+                id: id.to_owned(),
+                bytes: bytes.len(),
+                max: MAX_BODY_BYTES,
+            });
+        }
         let seq = self.vv.get(&self.site) + 1;
         // An update names the fields it changed, so a concurrent update of
         // other fields at another site survives the merge.

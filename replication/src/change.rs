@@ -11,6 +11,35 @@ use crate::hlc::Timestamp;
 /// Largest accepted document body in a change (bytes of JSON).
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
+/// Deepest nesting of arrays and objects a site writes into a body (the
+/// body itself is level 1). serde_json refuses to parse past 127 levels,
+/// so a deeper body could be written once and then never read back, here
+/// or at any peer; the margin leaves room for the envelopes that carry a
+/// document (a REST body, a work item's `payload`).
+pub const MAX_BODY_DEPTH: usize = 100;
+
+/// Nesting depth of `value`: 0 for a scalar, 1 for a flat array or
+/// object. Iterative, so any depth is measured without recursion.
+pub fn depth(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    let mut deepest = 0;
+    let mut stack = vec![(value, 1usize)];
+    while let Some((v, level)) = stack.pop() {
+        match v {
+            Value::Array(items) => {
+                deepest = deepest.max(level);
+                stack.extend(items.iter().map(|i| (i, level + 1)));
+            }
+            Value::Object(m) => {
+                deepest = deepest.max(level);
+                stack.extend(m.values().map(|i| (i, level + 1)));
+            }
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// Why a change record was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChangeError {
@@ -171,6 +200,24 @@ mod tests {
             validate(&leaky),
             Err(ChangeError::StubWithContent { seq: 4, .. })
         ));
+    }
+
+    #[test]
+    fn depth_counts_nesting() {
+        use serde_json::json;
+        assert_eq!(depth(&json!(1)), 0);
+        assert_eq!(depth(&json!({})), 1);
+        assert_eq!(depth(&json!({"a": [1, {"b": []}], "c": 2})), 4);
+        let mut deep = json!(0);
+        for _ in 0..10_000 {
+            deep = serde_json::Value::Array(vec![deep]);
+        }
+        assert_eq!(depth(&deep), 10_000);
+        // Dropping it recursively would overflow the stack: take it apart.
+        let mut v = deep;
+        while let serde_json::Value::Array(mut a) = v {
+            v = a.pop().unwrap_or_default();
+        }
     }
 
     proptest! {

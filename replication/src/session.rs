@@ -47,6 +47,11 @@ use crate::withheld::{MAX_HELLO_RANGES, RangeError, RangeSet};
 /// counted) until the peer's next hello asks again.
 pub const MAX_REFILL_RANGES: usize = 4 * MAX_HELLO_RANGES;
 
+/// Most origins a session keeps track of for its peer: far more sites than
+/// a mesh has, and a bound on what a peer naming made-up origins in hello
+/// after ack can make this site hold.
+pub const MAX_ORIGINS: usize = 10_000;
+
 /// Limits of one session.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
@@ -176,6 +181,8 @@ pub enum SessionError {
     BadWithheld(#[from] RangeError),
     #[error("local log returned {origin}:{seq}, which was not asked for")]
     UnaskedRange { origin: String, seq: u64 },
+    #[error("peer named more than {MAX_ORIGINS} origins")]
+    TooManyOrigins,
 }
 
 /// Counters of one session.
@@ -360,7 +367,14 @@ impl SyncSession {
 
     fn step(&mut self, input: Input, now_ms: u64, out: &mut Vec<Output>) -> Result<(), SessionError> {
         match input {
-            Input::Frame(f) => self.on_frame(f, now_ms, out)?,
+            Input::Frame(f) => {
+                self.on_frame(f, now_ms, out)?;
+                // Every origin the peer names stays in these vectors for
+                // the session's life: bound them.
+                if self.sent.len().max(self.acked.len()).max(self.told.len()) > MAX_ORIGINS {
+                    return Err(SessionError::TooManyOrigins);
+                }
+            }
             Input::Fetched(changes) => self.on_fetched(changes, now_ms, out)?,
             Input::Applied { batch, have } => {
                 self.local.merge(&have);
@@ -444,7 +458,7 @@ impl SyncSession {
                     if c.withheld {
                         self.stats.stubs_received += 1;
                     }
-                    let next = self.told.get(&c.origin) + 1;
+                    let next = self.told.get(&c.origin).saturating_add(1);
                     if c.seq > next {
                         return Err(SessionError::ChangeOutOfOrder {
                             origin: c.origin.clone(),
@@ -539,7 +553,8 @@ impl SyncSession {
         }
         if last > held {
             if self.deferred.ranges().count() < MAX_HELLO_RANGES {
-                self.deferred.insert_range(origin, first.max(held + 1), last);
+                self.deferred
+                    .insert_range(origin, first.max(held.saturating_add(1)), last);
             } else {
                 self.stats.refills_dropped += 1;
             }
@@ -581,16 +596,18 @@ impl SyncSession {
         self.fetching = false;
         let mut batch = Vec::with_capacity(changes.len());
         for c in changes {
-            let next = self.sent.get(&c.origin) + 1;
-            if c.seq < next {
+            // The peer's ack or withheld ranges may have raised `sent` to
+            // anything up to u64::MAX while this read was under way.
+            let sent = self.sent.get(&c.origin);
+            if c.seq <= sent {
                 // Learnt meanwhile that the peer holds it.
                 continue;
             }
-            if c.seq > next {
+            if c.seq != sent + 1 {
                 return Err(SessionError::LocalLogGap {
                     origin: c.origin.clone(),
                     seq: c.seq,
-                    expected: next,
+                    expected: sent + 1,
                 });
             }
             self.sent.advance(&c.origin, c.seq);

@@ -60,6 +60,15 @@ impl VersionVector {
         self.0.iter().map(|(o, &s)| (o.as_str(), s))
     }
 
+    /// Number of origins named.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Total number of changes covered.
     pub fn total(&self) -> u64 {
         self.0.values().sum()

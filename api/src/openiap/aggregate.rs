@@ -298,3 +298,103 @@ fn group(docs: Vec<Value>, spec: &Value) -> Result<Vec<Value>, CommandError> {
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            Just(json!(1e308)),
+            Just(json!(-1e308)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            prop_oneof![Just("$a"), Just("$b.c"), Just("$"), Just("$$"), Just("$b.0"), Just("x")].prop_map(Value::from),
+        ]
+    }
+
+    fn expr() -> impl Strategy<Value = Value> {
+        leaf().prop_recursive(3, 12, 3, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("_id".to_owned()),
+                        Just("$sum".to_owned()),
+                        Just("$avg".to_owned()),
+                        Just("$min".to_owned()),
+                        Just("$max".to_owned()),
+                        Just("$push".to_owned()),
+                        Just("$addToSet".to_owned()),
+                        Just("$count".to_owned()),
+                        Just("$first".to_owned()),
+                        Just("$last".to_owned()),
+                        Just("$eq".to_owned()),
+                        "[a-c]{1,2}",
+                    ],
+                    inner,
+                    0..3,
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn stage() -> impl Strategy<Value = Value> {
+        (
+            prop_oneof![
+                Just("$match"),
+                Just("$project"),
+                Just("$sort"),
+                Just("$skip"),
+                Just("$limit"),
+                Just("$group"),
+                Just("$count"),
+                Just("$lookup"),
+                Just("$unwind"),
+            ],
+            expr(),
+        )
+            .prop_map(|(op, arg)| json!({ op: arg }))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Any pipeline over any documents: results, or an error naming
+        /// the stage; never a panic, and never more documents than it read
+        /// (but for `$group`, one per key, and `$count`, one).
+        #[test]
+        fn any_pipeline_runs_or_is_refused(
+            stages in proptest::collection::vec(stage(), 0..5),
+            docs in proptest::collection::vec(expr(), 0..8),
+            raw in ".{0,40}",
+        ) {
+            let _ = parse(&raw);
+            let text = Value::Array(stages).to_string();
+            let Ok(mut stages) = parse(&text) else {
+                return Ok(());
+            };
+            let Ok(_query) = source(&mut stages) else {
+                return Ok(());
+            };
+            if let Err(e) = run(docs, &stages) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        /// Sums that overflow i64 and f64 stay numbers or null, never a panic.
+        #[test]
+        fn group_sums_survive_any_numbers(ns in proptest::collection::vec(leaf(), 0..12)) {
+            let docs: Vec<Value> = ns.into_iter().map(|n| json!({"a": n})).collect();
+            let out = run(docs, &[("$group".into(), json!({"_id": null, "s": {"$sum": "$a"}, "v": {"$avg": "$a"}, "m": {"$max": "$a"}}))]);
+            prop_assert!(out.is_ok());
+        }
+    }
+}

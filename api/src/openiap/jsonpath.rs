@@ -214,8 +214,11 @@ impl Parser {
                     return Err(self.expected("a quoted field name in [...]"));
                 };
                 let name = self.string(quote)?;
-                if name.is_empty() || name.starts_with('$') {
-                    return Err(self.expected("a field name not empty and not starting with '$'"));
+                // The name becomes a dotted path of the node's filter: an
+                // empty part ('a..b', '.') would be a filter the node refuses
+                // only later, when the watch runs.
+                if name.split('.').any(str::is_empty) || name.starts_with('$') {
+                    return Err(self.expected("a field name with no empty part, not starting with '$'"));
                 }
                 self.skip_ws();
                 self.expect(']', "']' after the field name")?;
@@ -290,6 +293,73 @@ impl Parser {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A comparison or a combination of them, as OpenCore clients write them.
+    fn expr() -> impl Strategy<Value = String> {
+        let field = prop_oneof![
+            "[a-z_][a-z0-9_-]{0,4}".prop_map(|f| format!("@.{f}")),
+            "[a-z_][a-z0-9_-]{0,3}\\.[a-z]{1,3}".prop_map(|f| format!("@.{f}")),
+            "[a-z é-]{1,3}(\\.[a-z $é-]{1,3}){0,2}".prop_map(|f| format!("@['{f}']")),
+        ];
+        let literal = prop_oneof![
+            "[a-z ']{0,6}".prop_map(|s| format!("'{}'", s.replace('\'', "\\'"))),
+            "[a-z]{0,6}".prop_map(|s| format!("\"{s}\"")),
+            any::<i64>().prop_map(|n| n.to_string()),
+            (-1e6f64..1e6).prop_map(|f| f.to_string()),
+            Just("true".to_owned()),
+            Just("false".to_owned()),
+            Just("null".to_owned()),
+        ];
+        let op = prop_oneof![Just("=="), Just("==="), Just("!="), Just("!==")];
+        let leaf = (field, op, literal).prop_map(|(f, o, l)| format!("{f} {o} {l}"));
+        leaf.prop_recursive(4, 16, 3, |inner| {
+            prop_oneof![
+                (inner.clone(), prop_oneof![Just("&&"), Just("||")], inner.clone())
+                    .prop_map(|(a, o, b)| format!("{a} {o} {b}")),
+                inner.prop_map(|e| format!("({e})")),
+            ]
+        })
+    }
+
+    fn token() -> impl Strategy<Value = &'static str> {
+        proptest::sample::select(vec![
+            "$", ".", "[", "]", "?", "(", ")", "@", ".a", "['b c']", "['x.y']", "['a..b']", "['']", "==", "!=", "===",
+            "&&", "||", "'s'", "\"d\"", "'", "1", "-2.5e3", "1e999", "--", "true", "null", " ", "\\", "é", "\u{0}",
+        ])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+        /// Any text: a selection or an error naming a position, never a panic.
+        #[test]
+        fn any_text_parses_or_is_refused(text in ".{0,80}") {
+            if let Err(e) = parse(&text) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        /// Token soup near the grammar: whatever parses is a filter the
+        /// node accepts (a watch never fails later on its own path).
+        #[test]
+        fn what_parses_is_a_valid_node_filter(tokens in proptest::collection::vec(token(), 0..30)) {
+            let text: String = tokens.concat();
+            if let Ok(Selection::Filter(f)) = parse(&text) {
+                prop_assert!(ocmesh_node::query::Filter::parse(&f).is_ok(), "{} gave {}", text, f);
+            }
+        }
+
+        /// Well-formed filters always parse, into valid node filters.
+        #[test]
+        fn well_formed_filters_parse(e in expr(), dot in any::<bool>()) {
+            let text = format!("${}[?({e})]", if dot { "." } else { "" });
+            match parse(&text) {
+                Ok(Selection::Filter(f)) => prop_assert!(ocmesh_node::query::Filter::parse(&f).is_ok(), "{} gave {}", text, f),
+                other => prop_assert!(false, "{} gave {:?}", text, other),
+            }
+        }
+    }
 
     fn filter(path: &str) -> Value {
         match parse(path) {
@@ -365,6 +435,9 @@ mod tests {
             "$.[?(@[1] == 1)]",
             "$.[?(@['$where'] == 1)]",
             "$.[?(@[''] == 1)]",
+            "$.[?(@['.'] == 1)]",
+            "$.[?(@['a..b'] == 1)]",
+            "$.[?(@['a.'] == 1)]",
             "$.[?(@.a == 1 && @.b == 2 || (@.c == 3)]",
             "$.[*]",
             "$..name",

@@ -40,39 +40,59 @@ fn frame_cap(flow: &FlowServer) -> usize {
     flow.limits.hard_max_message_bytes.max(flow.limits.max_message_bytes)
 }
 
-/// Splits a byte stream into length-prefixed envelopes.
+/// Splits a byte stream into length-prefixed envelopes, one at a time.
+///
+/// A single message may pack millions of tiny envelopes (an empty one is
+/// four zero bytes): they are decoded one by one as the connection takes
+/// them, never all at once (tens of bytes of `Envelope` per byte of input),
+/// and the consumed prefix is dropped once, not after every envelope.
 #[derive(Debug)]
 pub(crate) struct Deframer {
     buf: Vec<u8>,
+    /// Bytes of `buf` already decoded.
+    start: usize,
     cap: usize,
 }
 
 impl Deframer {
     pub(crate) fn new(cap: usize) -> Self {
-        Deframer { buf: Vec::new(), cap }
+        Deframer {
+            buf: Vec::new(),
+            start: 0,
+            cap,
+        }
     }
 
-    /// Adds bytes; returns the envelopes they complete. An `Err` ends the stream.
-    pub(crate) fn push(&mut self, bytes: &[u8]) -> Result<Vec<Envelope>, Status> {
-        self.buf.extend_from_slice(bytes);
-        let mut out = Vec::new();
-        while self.buf.len() >= 4 {
-            let n = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-            if n > self.cap {
-                return Err(Status::out_of_range(format!(
-                    "envelope of {n} bytes is over the limit of {} bytes",
-                    self.cap
-                )));
-            }
-            if self.buf.len() < 4 + n {
-                break;
-            }
-            let env = Envelope::decode(&self.buf[4..4 + n])
-                .map_err(|e| Status::invalid_argument(format!("envelope does not decode: {e}")))?;
-            self.buf.drain(..4 + n);
-            out.push(env);
+    /// Adds bytes from the socket; take the envelopes with `next`.
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
         }
-        Ok(out)
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete envelope, `None` when more bytes are needed. An
+    /// `Err` (a length over the cap, bytes that do not decode) ends the stream.
+    pub(crate) fn next(&mut self) -> Result<Option<Envelope>, Status> {
+        let rest = &self.buf[self.start..];
+        let Some(len) = rest.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let n = u32::from_le_bytes(*len) as usize;
+        if n > self.cap {
+            return Err(Status::out_of_range(format!(
+                "envelope of {n} bytes is over the limit of {} bytes",
+                self.cap
+            )));
+        }
+        let Some(body) = rest.get(4..4 + n) else {
+            return Ok(None);
+        };
+        let env =
+            Envelope::decode(body).map_err(|e| Status::invalid_argument(format!("envelope does not decode: {e}")))?;
+        self.start += 4 + n;
+        Ok(Some(env))
     }
 }
 
@@ -121,17 +141,19 @@ async fn serve(flow: FlowServer, mut socket: WebSocket) {
                     break;
                 }
             };
-            match deframer.push(&bytes) {
-                Ok(envs) => {
-                    for env in envs {
+            deframer.push(&bytes);
+            loop {
+                match deframer.next() {
+                    Ok(Some(env)) => {
                         if in_tx.send(Ok(env)).await.is_err() {
                             return;
                         }
                     }
-                }
-                Err(e) => {
-                    let _ = in_tx.send(Err(e)).await;
-                    break;
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = in_tx.send(Err(e)).await;
+                        return;
+                    }
                 }
             }
         }
@@ -176,6 +198,17 @@ async fn serve(flow: FlowServer, mut socket: WebSocket) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Pushes `bytes` and takes every envelope they complete.
+    fn feed(d: &mut Deframer, bytes: &[u8]) -> Result<Vec<Envelope>, Status> {
+        d.push(bytes);
+        let mut out = Vec::new();
+        while let Some(env) = d.next()? {
+            out.push(env);
+        }
+        Ok(out)
+    }
 
     fn framed(env: &Envelope) -> Vec<u8> {
         let body = env.encode_to_vec();
@@ -201,8 +234,8 @@ mod tests {
         // Every split point, in two pushes.
         for cut in 0..=bytes.len() {
             let mut d = Deframer::new(1024);
-            let mut got = d.push(&bytes[..cut]).expect("first part");
-            got.extend(d.push(&bytes[cut..]).expect("second part"));
+            let mut got = feed(&mut d, &bytes[..cut]).expect("first part");
+            got.extend(feed(&mut d, &bytes[cut..]).expect("second part"));
             assert_eq!(got, vec![a.clone(), b.clone()], "cut at {cut}");
         }
     }
@@ -210,13 +243,90 @@ mod tests {
     #[test]
     fn oversized_lengths_and_garbage_end_the_stream() {
         let mut d = Deframer::new(16);
-        let e = d.push(&100u32.to_le_bytes()).expect_err("over the cap");
+        let e = feed(&mut d, &100u32.to_le_bytes()).expect_err("over the cap");
         assert_eq!(e.code(), tonic::Code::OutOfRange);
         let mut d = Deframer::new(16);
         let mut bytes = 3u32.to_le_bytes().to_vec();
         bytes.extend([0xff, 0xff, 0xff]);
-        let e = d.push(&bytes).expect_err("garbage");
+        let e = feed(&mut d, &bytes).expect_err("garbage");
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_message_packed_with_empty_envelopes_is_taken_one_at_a_time() {
+        // 4 MiB of empty envelopes: a million of them in one message.
+        let mut d = Deframer::new(16 * 1024 * 1024);
+        d.push(&vec![0u8; 4 * 1024 * 1024]);
+        let started = std::time::Instant::now();
+        let mut n = 0;
+        while let Some(env) = d.next().expect("empty envelopes decode") {
+            assert_eq!(env, Envelope::default());
+            n += 1;
+        }
+        assert_eq!(n, 1024 * 1024);
+        // Linear: the old drain after every envelope took hours here.
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        // What is left is the unread tail only.
+        d.push(&[5, 0]);
+        assert_eq!(d.buf.len() - d.start, 2);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Any bytes, cut anywhere: envelopes come out in order, or the
+        /// stream ends with an error; the buffer never holds more than one
+        /// envelope and one push.
+        #[test]
+        fn any_bytes_deframe_or_fail_cleanly(
+            envs in proptest::collection::vec(("[a-z]{0,8}", "[0-9]{0,4}", proptest::collection::vec(any::<u8>(), 0..40)), 0..6),
+            noise in proptest::collection::vec(any::<u8>(), 0..64),
+            cuts in proptest::collection::vec(0usize..400, 0..6),
+            cap in prop_oneof![Just(16usize), Just(1024usize)],
+        ) {
+            let sent: Vec<Envelope> = envs
+                .into_iter()
+                .map(|(command, id, jwt)| Envelope {
+                    command,
+                    id,
+                    jwt: String::from_utf8_lossy(&jwt).into_owned(),
+                    ..Default::default()
+                })
+                .collect();
+            let mut bytes = Vec::new();
+            for e in &sent {
+                bytes.extend(framed(e));
+            }
+            let clean = bytes.len();
+            bytes.extend(&noise);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort();
+            cuts.push(bytes.len());
+            let mut d = Deframer::new(cap);
+            let mut got = Vec::new();
+            let mut from = 0;
+            let mut failed = false;
+            for cut in cuts {
+                match feed(&mut d, &bytes[from..cut]) {
+                    Ok(envs) => got.extend(envs),
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+                prop_assert!(d.buf.len() <= cap + 4 + (cut - from) + 4);
+                from = cut;
+            }
+            // What decoded is a prefix of what was sent (then the noise's).
+            let fits = sent.iter().all(|e| e.encoded_len() <= cap);
+            if fits {
+                prop_assert_eq!(&got[..sent.len().min(got.len())], &sent[..sent.len().min(got.len())]);
+                if !failed && noise.is_empty() {
+                    prop_assert_eq!(got.len(), sent.len());
+                    prop_assert_eq!(d.buf.len() - d.start, bytes.len() - clean);
+                }
+            }
+        }
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub enum UpdateError {
     },
     #[error("field {0} is assigned by the store and cannot be updated")]
     Reserved(String),
+    #[error("{op} names a field path of {steps} steps; at most {max} are allowed")]
+    PathTooLong { op: String, steps: usize, max: usize },
 }
 
 const RESERVED: &[&str] = &[
@@ -62,6 +64,15 @@ pub fn apply_update(doc: &Map<String, Value>, update: &Value) -> Result<Map<Stri
             let path: Vec<&str> = field.split('.').collect();
             if path.iter().any(|p| p.is_empty()) {
                 return Err(UpdateError::BadOperand(op.clone()));
+            }
+            // `$set` creates the objects on its way: a path of a million
+            // steps would build a value whose drop alone overflows the stack.
+            if path.len() > ocmesh_replication::change::MAX_BODY_DEPTH {
+                return Err(UpdateError::PathTooLong {
+                    op: op.clone(),
+                    steps: path.len(),
+                    max: ocmesh_replication::change::MAX_BODY_DEPTH,
+                });
             }
             match op.as_str() {
                 "$set" => *slot(&mut out, &path, "$set")? = value.clone(),
@@ -190,5 +201,7 @@ mod tests {
         assert!(err(json!({"$set": {"s.x": 1}})).contains("not an object"));
         assert!(err(json!({})).contains("operators"));
         assert!(err(json!({"$inc": {"n": i64::MAX}})).contains("overflow"));
+        let long = vec!["a"; 200_000].join(".");
+        assert!(err(json!({"$set": {long: 1}})).contains("200000 steps"));
     }
 }

@@ -30,15 +30,57 @@ fn type_rank(v: &Value) -> u8 {
     }
 }
 
+/// A number exactly as JSON gave it: an integer (i64 or u64) or a finite float.
+enum Exact {
+    Int(i128),
+    Float(f64),
+}
+
+fn exact(n: &serde_json::Number) -> Exact {
+    match (n.as_i64(), n.as_u64()) {
+        (Some(i), _) => Exact::Int(i.into()),
+        (None, Some(u)) => Exact::Int(u.into()),
+        // serde_json numbers are finite; 0.0 stands in should one not be.
+        (None, None) => Exact::Float(n.as_f64().unwrap_or(0.0)),
+    }
+}
+
+/// Orders an integer against a float by their exact values. Converting
+/// the integer to f64 instead rounds above 2^53, which made 2^53 + 1 equal
+/// to 2^53 as a float but greater than 2^53 as an integer: not a total
+/// order, and sorting panics on one of those.
+fn cmp_int_float(i: i128, f: f64) -> Ordering {
+    // Beyond ±2^127 no i64 or u64 can reach.
+    const LIMIT: f64 = 170_141_183_460_469_231_731_687_303_715_884_105_728.0;
+    if f >= LIMIT {
+        return Ordering::Less;
+    }
+    if f < -LIMIT {
+        return Ordering::Greater;
+    }
+    let whole = f.trunc();
+    // Exact: `whole` is integral and within i128.
+    let w = whole as i128;
+    i.cmp(&w).then_with(|| {
+        let frac = f - whole;
+        if frac > 0.0 {
+            Ordering::Less
+        } else if frac < 0.0 {
+            Ordering::Greater
+        } else {
+            Ordering::Equal
+        }
+    })
+}
+
 fn cmp_numbers(a: &serde_json::Number, b: &serde_json::Number) -> Ordering {
-    if let (Some(x), Some(y)) = (a.as_i64(), b.as_i64()) {
-        return x.cmp(&y);
+    match (exact(a), exact(b)) {
+        (Exact::Int(x), Exact::Int(y)) => x.cmp(&y),
+        // -0.0 equals 0.0, as it equals the integer 0.
+        (Exact::Float(x), Exact::Float(y)) => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
+        (Exact::Int(x), Exact::Float(y)) => cmp_int_float(x, y),
+        (Exact::Float(x), Exact::Int(y)) => cmp_int_float(y, x).reverse(),
     }
-    if let (Some(x), Some(y)) = (a.as_u64(), b.as_u64()) {
-        return x.cmp(&y);
-    }
-    let (x, y) = (a.as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap_or(f64::NAN));
-    x.total_cmp(&y)
 }
 
 /// A total order over JSON values: by type rank, then by value; objects
