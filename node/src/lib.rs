@@ -772,6 +772,7 @@ impl Node {
 
     /// Applies a peer's changes durably (skipping those already held).
     pub async fn apply(&self, changes: Vec<Change>) -> Result<ApplyReport, WriteError> {
+        let changes = changes.into_iter().map(writer::Incoming::new).collect();
         match self.write(WriteOp::Apply { changes }).await? {
             WriteDone::Applied(r) => Ok(r),
             _ => Err(WriteError::Closed),
