@@ -246,6 +246,7 @@ impl Node {
             failed: None,
             wall: options.clock.clone(),
             ids,
+            docs: Default::default(),
         };
         let lease_tick = tx.downgrade();
         std::thread::Builder::new()

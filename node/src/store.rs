@@ -169,6 +169,56 @@ pub(crate) struct LocalWrite {
     pub first: Option<(String, u64)>,
 }
 
+/// Most entries of a `DocCache`.
+const DOC_CACHE_ENTRIES: usize = 1024;
+
+/// Current documents that this writer's local writes stored lately, as
+/// parsed maps: a work item's pop and its completion read back what the
+/// transition before wrote, which would otherwise be a B-tree read and a
+/// JSON parse each. It moves into a transaction's tables and back to the
+/// writer only once that transaction has committed, so whatever an aborted
+/// group wrote leaves with it; a peer's change to a document drops the
+/// document's entry.
+#[derive(Default)]
+pub(crate) struct DocCache {
+    /// (collection, id) → (insertion number, stored document).
+    docs: std::collections::HashMap<(String, String), (u64, Map<String, Value>)>,
+    /// Insertion order, for eviction; an entry replaced later is skipped.
+    order: std::collections::VecDeque<((String, String), u64)>,
+    next: u64,
+}
+
+impl DocCache {
+    fn get(&self, collection: &str, id: &str) -> Option<&Map<String, Value>> {
+        if self.docs.is_empty() {
+            return None;
+        }
+        self.docs
+            .get(&(collection.to_owned(), id.to_owned()))
+            .map(|(_, doc)| doc)
+    }
+
+    fn put(&mut self, collection: &str, id: &str, doc: Map<String, Value>) {
+        let key = (collection.to_owned(), id.to_owned());
+        self.next += 1;
+        self.order.push_back((key.clone(), self.next));
+        self.docs.insert(key, (self.next, doc));
+        while self.order.len() > DOC_CACHE_ENTRIES {
+            if let Some((old, n)) = self.order.pop_front()
+                && self.docs.get(&old).is_some_and(|(m, _)| *m == n)
+            {
+                self.docs.remove(&old);
+            }
+        }
+    }
+
+    fn remove(&mut self, collection: &str, id: &str) {
+        if !self.docs.is_empty() {
+            self.docs.remove(&(collection.to_owned(), id.to_owned()));
+        }
+    }
+}
+
 /// See `WriteTables::history_ends`.
 pub(crate) struct HistoryEnds {
     pub first: (String, u64),
@@ -225,6 +275,9 @@ pub(crate) struct WriteTables<'t> {
     pub refused: u64,
     /// The node's wall clock when the transaction began (work-item times).
     pub now_ms: u64,
+    /// The writer's recent documents (see `DocCache`), lent to this
+    /// transaction.
+    pub docs: DocCache,
 }
 
 /// What the writes of one group look up again and again. Whoever changes
@@ -264,6 +317,7 @@ impl<'t> WriteTables<'t> {
             site: site.to_owned(),
             refused: 0,
             now_ms: 0,
+            docs: DocCache::default(),
         })
     }
 
@@ -473,6 +527,7 @@ impl<'t> WriteTables<'t> {
                 if old.is_some() {
                     self.documents.remove((collection, id))?;
                 }
+                self.docs.remove(collection, id);
                 // Only a deleted document keeps its history length here.
                 self.history_len.insert((collection, id), len)?;
                 None
@@ -485,6 +540,11 @@ impl<'t> WriteTables<'t> {
                 doc.sort_keys();
                 let bytes = serde_json::to_vec(&doc).map_err(|e| StorageError(e.to_string()))?;
                 self.documents.insert((collection, id), bytes.as_slice())?;
+                if from_peer {
+                    self.docs.remove(collection, id);
+                } else {
+                    self.docs.put(collection, id, doc.clone());
+                }
                 Some(doc)
             }
         };
@@ -675,6 +735,9 @@ impl<'t> WriteTables<'t> {
     }
 
     pub fn current(&self, collection: &str, id: &str) -> Result<Option<Map<String, Value>>, StorageError> {
+        if let Some(doc) = self.docs.get(collection, id) {
+            return Ok(Some(doc.clone()));
+        }
         match self.documents.get((collection, id))? {
             Some(g) => match serde_json::from_slice(g.value()) {
                 Ok(Value::Object(m)) => Ok(Some(m)),

@@ -147,6 +147,37 @@ async fn version_numbers_count_history_through_deletes() {
     assert_eq!(b.get("entities", &id).expect("b"), next);
 }
 
+/// The writer keeps the documents its local writes stored (see
+/// `store::DocCache`); a peer's change to one must replace what it keeps,
+/// or the next local update would build on a stale document.
+#[tokio::test]
+async fn a_local_update_after_a_peer_change_builds_on_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (a, b) = (open(&dir.path().join("a"), "a"), open(&dir.path().join("b"), "b"));
+    let who = admin();
+    let doc = a
+        .insert("entities", obj(json!({"x": 0, "y": 0})), &who)
+        .await
+        .expect("insert");
+    let id = doc["_id"].as_str().expect("id").to_owned();
+    a.update("entities", &id, json!({"$set": {"x": 1}}), &who)
+        .await
+        .expect("a");
+    b.apply(all_changes(&a)).await.expect("apply at b");
+    b.update("entities", &id, json!({"$set": {"y": 2}}), &who)
+        .await
+        .expect("b");
+    let from_b: Vec<Change> = all_changes(&b).into_iter().filter(|c| c.origin == "b").collect();
+    a.apply(from_b).await.expect("apply at a");
+    let after = a
+        .update("entities", &id, json!({"$set": {"z": 3}}), &who)
+        .await
+        .expect("a again");
+    assert_eq!((after["x"].clone(), after["y"].clone(), after["z"].clone()), (json!(1), json!(2), json!(3)));
+    assert_eq!(after["_version"], 3);
+    assert_eq!(a.get("entities", &id).expect("get"), after);
+}
+
 #[tokio::test]
 async fn survives_restart_and_refuses_other_site_name() {
     let dir = tempfile::tempdir().expect("tmp");

@@ -289,6 +289,8 @@ pub(crate) struct Writer {
     /// The node's wall clock (see `crate::options`).
     pub wall: Arc<dyn crate::options::WallClock>,
     pub ids: IdGen,
+    /// Documents recent local writes stored (see `DocCache`).
+    pub docs: crate::store::DocCache,
 }
 
 impl Writer {
@@ -427,10 +429,12 @@ impl Writer {
         }
         let mut results = Vec::with_capacity(ops.len());
         let vv_before = self.vv.clone();
-        let (log, readied);
+        let (log, readied, docs);
         {
             let mut t = WriteTables::open(&txn, &self.site)?;
             t.now_ms = wall_ms;
+            // Lent to the transaction; returned only once it has committed.
+            t.docs = std::mem::take(&mut self.docs);
             for (index, op) in ops.into_iter().enumerate() {
                 if let Some(at) = refused.iter().position(|(i, _)| *i == index) {
                     results.push(Err(refused.swap_remove(at).1));
@@ -515,6 +519,7 @@ impl Writer {
                 // Nothing changed (empty pops, refused writes): no commit.
                 // (A refill of a withheld stub logs a change below the
                 // version vector: that is a change.)
+                self.docs = std::mem::take(&mut t.docs);
                 drop(t);
                 txn.abort()?;
                 return Ok((results, Vec::new()));
@@ -526,6 +531,7 @@ impl Writer {
             }
             log = std::mem::take(&mut t.log);
             readied = std::mem::take(&mut t.readied);
+            docs = std::mem::take(&mut t.docs);
         }
         let committing = std::time::Instant::now();
         self.stats
@@ -556,6 +562,7 @@ impl Writer {
         self.stats
             .commit_nanos
             .fetch_add(committing.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.docs = docs;
         Ok((results, readied))
     }
 
