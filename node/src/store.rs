@@ -136,7 +136,11 @@ fn take_body(change: &Change, parsed: &mut Option<Map<String, Value>>) -> Result
 }
 
 /// The greatest version's effect on the document before it.
-fn apply_fields(change: &Change, body: Map<String, Value>, old: Option<Map<String, Value>>) -> Option<Map<String, Value>> {
+fn apply_fields(
+    change: &Change,
+    body: Map<String, Value>,
+    old: Option<Map<String, Value>>,
+) -> Option<Map<String, Value>> {
     match ChangeKind::try_from(change.kind) {
         Ok(ChangeKind::Delete) => None,
         Ok(ChangeKind::Update) if change.partial => old.map(|mut doc| {
@@ -415,7 +419,12 @@ impl<'t> WriteTables<'t> {
     /// A current document shows it as `_version` + 1 (before the addition),
     /// so `history_len` holds it only for documents whose current state is
     /// deleted; counting the history is the last resort.
-    fn history_count(&self, collection: &str, id: &str, current: Option<&Map<String, Value>>) -> Result<u64, StorageError> {
+    fn history_count(
+        &self,
+        collection: &str,
+        id: &str,
+        current: Option<&Map<String, Value>>,
+    ) -> Result<u64, StorageError> {
         if let Some(v) = current.and_then(shown_version) {
             return Ok(v + 2);
         }
@@ -482,7 +491,11 @@ impl<'t> WriteTables<'t> {
                         None => (None, None, None),
                         // The version before the greatest (the first, when
                         // there are two).
-                        Some(last) => (Some(last), Some(next(true)?.unwrap_or_else(|| first.clone())), Some(first)),
+                        Some(last) => (
+                            Some(last),
+                            Some(next(true)?.unwrap_or_else(|| first.clone())),
+                            Some(first),
+                        ),
                     }
                 };
                 let (len, old) = match &greatest {

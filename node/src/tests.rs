@@ -105,10 +105,7 @@ async fn version_numbers_count_history_through_deletes() {
     let dir = tempfile::tempdir().expect("tmp");
     let a = open(&dir.path().join("a"), "a");
     let who = admin();
-    let doc = a
-        .insert("entities", obj(json!({"n": 0})), &who)
-        .await
-        .expect("insert");
+    let doc = a.insert("entities", obj(json!({"n": 0})), &who).await.expect("insert");
     let id = doc["_id"].as_str().expect("id").to_owned();
     let mut numbers = vec![doc["_version"].clone()];
     numbers.push(a.delete("entities", &id, &who).await.expect("delete")["_version"].clone());
@@ -123,7 +120,10 @@ async fn version_numbers_count_history_through_deletes() {
     numbers.push(a.recover("entities", &id, &who).await.expect("recover")["_version"].clone());
     assert_eq!(numbers, (0..6).map(|n| json!(n)).collect::<Vec<_>>());
     let current = a.get("entities", &id).expect("get");
-    assert_eq!((current["_version"].clone(), current["n"].clone()), (json!(5), json!(3)));
+    assert_eq!(
+        (current["_version"].clone(), current["n"].clone()),
+        (json!(5), json!(3))
+    );
 
     let changes = all_changes(&a);
     // One batch, or one change per batch (meeting each delete): the same document.
@@ -173,7 +173,10 @@ async fn a_local_update_after_a_peer_change_builds_on_it() {
         .update("entities", &id, json!({"$set": {"z": 3}}), &who)
         .await
         .expect("a again");
-    assert_eq!((after["x"].clone(), after["y"].clone(), after["z"].clone()), (json!(1), json!(2), json!(3)));
+    assert_eq!(
+        (after["x"].clone(), after["y"].clone(), after["z"].clone()),
+        (json!(1), json!(2), json!(3))
+    );
     assert_eq!(after["_version"], 3);
     assert_eq!(a.get("entities", &id).expect("get"), after);
 }

@@ -784,7 +784,11 @@ impl Writer {
         let mut fresh = Vec::with_capacity(changes.len());
         let mut fills = Vec::new();
         for incoming in changes {
-            let Incoming { change: c, encoded, body } = incoming;
+            let Incoming {
+                change: c,
+                encoded,
+                body,
+            } = incoming;
             validate(&c).map_err(ApplyError::Invalid)?;
             let held = expect.get(&c.origin);
             if c.seq <= held {
