@@ -30,7 +30,7 @@ use ocmesh_replication::{Change, ChangeKind};
 
 use crate::Principal;
 use crate::acl::{self, DELETE, INVOKE, UPDATE};
-use crate::store::{META_SITE, ORIGIN_MAX, StorageError, WriteTables, body_object, decode_change};
+use crate::store::{ORIGIN_MAX, StorageError, WriteTables, body_object, decode_change};
 
 /// Collections where only admins create roles (`_type: "role"`).
 const SYSTEM_COLLECTIONS: &[&str] = &["users"];
@@ -68,11 +68,8 @@ fn judge(t: &WriteTables<'_>, change: &Change) -> Result<Option<Refusal>, Storag
     if change.author_admin || change.author == crate::system_principal().id {
         return Ok(None);
     }
-    let own = t
-        .meta
-        .get(META_SITE)?
-        .is_some_and(|s| s.value() == change.origin.as_bytes());
-    if own {
+    // The site name is fixed for a data directory (see `META_SITE`).
+    if change.origin == t.site {
         return Ok(None);
     }
     let collection = change.collection.as_str();

@@ -268,6 +268,7 @@ impl Node {
             failed: None,
             wall: options.clock.clone(),
             ids,
+            docs: Default::default(),
         };
         let lease_tick = tx.downgrade();
         std::thread::Builder::new()
@@ -824,6 +825,7 @@ impl Node {
 
     /// Applies a peer's changes durably (skipping those already held).
     pub async fn apply(&self, changes: Vec<Change>) -> Result<ApplyReport, WriteError> {
+        let changes = changes.into_iter().map(writer::Incoming::new).collect();
         match self.write(WriteOp::Apply { changes }).await? {
             WriteDone::Applied(r) => Ok(r),
             _ => Err(WriteError::Closed),

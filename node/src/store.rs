@@ -127,11 +127,120 @@ pub(crate) fn version_record(change: &Change) -> Result<ocmesh_replication::merg
     })
 }
 
+/// A peer change's body: the one its caller parsed, or parsed now.
+fn take_body(change: &Change, parsed: &mut Option<Map<String, Value>>) -> Result<Map<String, Value>, StorageError> {
+    match parsed.take() {
+        Some(body) => Ok(body),
+        None => body_object(change),
+    }
+}
+
+/// The greatest version's effect on the document before it.
+fn apply_fields(
+    change: &Change,
+    body: Map<String, Value>,
+    old: Option<Map<String, Value>>,
+) -> Option<Map<String, Value>> {
+    match ChangeKind::try_from(change.kind) {
+        Ok(ChangeKind::Delete) => None,
+        Ok(ChangeKind::Update) if change.partial => old.map(|mut doc| {
+            doc.remove("_version");
+            for f in &change.fields {
+                match body.get(f) {
+                    Some(v) => {
+                        doc.insert(f.clone(), v.clone());
+                    }
+                    None => {
+                        doc.shift_remove(f);
+                    }
+                }
+            }
+            doc
+        }),
+        // A whole-document update of a deleted document leaves it deleted.
+        Ok(ChangeKind::Update) if old.is_none() => None,
+        _ => Some(body),
+    }
+}
+
 /// What a local write hands to `WriteTables::append`: its body, and the
 /// current document it replaces, both already parsed.
 pub(crate) struct LocalWrite {
     pub body: Map<String, Value>,
     pub old: Option<Map<String, Value>>,
+    /// The (origin, hlc) of the document's first version, when it had any
+    /// before this write (the writer looked up its history's ends already).
+    pub first: Option<(String, u64)>,
+}
+
+/// Most entries of a `DocCache`.
+const DOC_CACHE_ENTRIES: usize = 1024;
+
+/// Current documents that this writer's local writes stored lately, as
+/// parsed maps: a work item's pop and its completion read back what the
+/// transition before wrote, which would otherwise be a B-tree read and a
+/// JSON parse each. It moves into a transaction's tables and back to the
+/// writer only once that transaction has committed, so whatever an aborted
+/// group wrote leaves with it; a peer's change to a document drops the
+/// document's entry.
+#[derive(Default)]
+pub(crate) struct DocCache {
+    /// (collection, id) → (insertion number, stored document).
+    docs: std::collections::HashMap<(String, String), (u64, Map<String, Value>)>,
+    /// Insertion order, for eviction; an entry replaced later is skipped.
+    order: std::collections::VecDeque<((String, String), u64)>,
+    next: u64,
+}
+
+impl DocCache {
+    fn get(&self, collection: &str, id: &str) -> Option<&Map<String, Value>> {
+        if self.docs.is_empty() {
+            return None;
+        }
+        self.docs
+            .get(&(collection.to_owned(), id.to_owned()))
+            .map(|(_, doc)| doc)
+    }
+
+    fn put(&mut self, collection: &str, id: &str, doc: Map<String, Value>) {
+        let key = (collection.to_owned(), id.to_owned());
+        self.next += 1;
+        self.order.push_back((key.clone(), self.next));
+        self.docs.insert(key, (self.next, doc));
+        while self.order.len() > DOC_CACHE_ENTRIES {
+            if let Some((old, n)) = self.order.pop_front()
+                && self.docs.get(&old).is_some_and(|(m, _)| *m == n)
+            {
+                self.docs.remove(&old);
+            }
+        }
+    }
+
+    fn remove(&mut self, collection: &str, id: &str) {
+        if !self.docs.is_empty() {
+            self.docs.remove(&(collection.to_owned(), id.to_owned()));
+        }
+    }
+}
+
+/// See `WriteTables::history_ends`.
+pub(crate) struct HistoryEnds {
+    pub first: (String, u64),
+    pub greatest: (u64, String),
+}
+
+/// Where an appended change comes from.
+pub(crate) enum Source {
+    /// A write made here (see `LocalWrite`).
+    Local(LocalWrite),
+    /// A peer's change (or one replayed from the write-ahead log), with its
+    /// body when the caller has parsed it already.
+    Peer(Option<Map<String, Value>>),
+}
+
+/// The version number a stored current document shows.
+fn shown_version(doc: &Map<String, Value>) -> Option<u64> {
+    doc.get("_version").and_then(Value::as_u64)
 }
 
 /// Open tables of one write transaction.
@@ -170,6 +279,9 @@ pub(crate) struct WriteTables<'t> {
     pub refused: u64,
     /// The node's wall clock when the transaction began (work-item times).
     pub now_ms: u64,
+    /// The writer's recent documents (see `DocCache`), lent to this
+    /// transaction.
+    pub docs: DocCache,
 }
 
 /// What the writes of one group look up again and again. Whoever changes
@@ -209,19 +321,30 @@ impl<'t> WriteTables<'t> {
             site: site.to_owned(),
             refused: 0,
             now_ms: 0,
+            docs: DocCache::default(),
         })
     }
 
     /// Appends a change to the log and to its document's history, then
     /// recomputes the document's current state. The caller has checked that
     /// `change.seq` is the origin's next sequence number. A local write
-    /// passes its body and the document it replaces (`local`), already
-    /// parsed, so nothing is decoded again. Returns the document's history
-    /// length and, when this change became the current version, its view
-    /// (`(0, None)` for a peer's change refused by `crate::authz`).
+    /// passes its body and the document it replaces (`Source::Local`),
+    /// already parsed, so nothing is decoded again. Returns the document's
+    /// history length and, when this change became the current version, its
+    /// view (`(0, None)` for a peer's change refused by `crate::authz`).
     /// A withheld stub takes its place in the log and in `withheld` only.
-    pub fn append(&mut self, change: &Change, local: Option<LocalWrite>) -> Result<(u64, Option<Value>), StorageError> {
-        self.log_change(change)?;
+    pub fn append(&mut self, change: &Change, source: Source) -> Result<(u64, Option<Value>), StorageError> {
+        self.append_encoded(change, None, source)
+    }
+
+    /// `append`, with the change's encoding when the caller has it already.
+    pub fn append_encoded(
+        &mut self,
+        change: &Change,
+        encoded: Option<&[u8]>,
+        source: Source,
+    ) -> Result<(u64, Option<Value>), StorageError> {
+        self.log_change(change, encoded)?;
         match self.vv_pending.iter_mut().find(|(o, _)| *o == change.origin) {
             Some(entry) => entry.1 = change.seq,
             None => self.vv_pending.push((change.origin.clone(), change.seq)),
@@ -230,7 +353,7 @@ impl<'t> WriteTables<'t> {
             self.withheld.insert((change.origin.as_str(), change.seq), ())?;
             return Ok((0, None));
         }
-        self.join_history(change, local)
+        self.join_history(change, source)
     }
 
     /// Whether this site holds `origin`:`seq` only as a withheld stub.
@@ -246,29 +369,31 @@ impl<'t> WriteTables<'t> {
         if change.withheld || self.withheld.remove((change.origin.as_str(), change.seq))?.is_none() {
             return Ok(false);
         }
-        self.log_change(change)?;
-        self.join_history(change, None)?;
+        self.log_change(change, None)?;
+        self.join_history(change, Source::Peer(None))?;
         Ok(true)
     }
 
     /// Writes `change` to the log table and to this group's write-ahead
     /// log record.
-    fn log_change(&mut self, change: &Change) -> Result<(), StorageError> {
-        let bytes = change.encode_to_vec();
-        self.changes
-            .insert((change.origin.as_str(), change.seq), bytes.as_slice())?;
+    fn log_change(&mut self, change: &Change, encoded: Option<&[u8]>) -> Result<(), StorageError> {
+        let owned;
+        let bytes = match encoded {
+            Some(b) => b,
+            None => {
+                owned = change.encode_to_vec();
+                owned.as_slice()
+            }
+        };
+        self.changes.insert((change.origin.as_str(), change.seq), bytes)?;
         prost::encoding::encode_varint(bytes.len() as u64, &mut self.log);
-        self.log.extend_from_slice(&bytes);
+        self.log.extend_from_slice(bytes);
         Ok(())
     }
 
-    fn join_history(
-        &mut self,
-        change: &Change,
-        local: Option<LocalWrite>,
-    ) -> Result<(u64, Option<Value>), StorageError> {
+    fn join_history(&mut self, change: &Change, source: Source) -> Result<(u64, Option<Value>), StorageError> {
         // A peer's change whose author lacked the right stays in the log only.
-        if local.is_none() && crate::authz::refuse(self, change)?.is_some() {
+        if matches!(source, Source::Peer(_)) && crate::authz::refuse(self, change)?.is_some() {
             self.refused += 1;
             return Ok((0, None));
         }
@@ -304,70 +429,103 @@ impl<'t> WriteTables<'t> {
                 key.1
             )));
         }
-        let len = self.history_len.get(key)?.map(|g| g.value()).unwrap_or(0) + 1;
-        self.history_len.insert(key, len)?;
-        let view = self.materialize(change, local, len)?;
-        Ok((len, view))
+        self.materialize(change, source)
+    }
+
+    /// The number of versions of a document, the one just added included.
+    /// A current document shows it as `_version` + 1 (before the addition),
+    /// so `history_len` holds it only for documents whose current state is
+    /// deleted; counting the history is the last resort.
+    fn history_count(
+        &self,
+        collection: &str,
+        id: &str,
+        current: Option<&Map<String, Value>>,
+    ) -> Result<u64, StorageError> {
+        if let Some(v) = current.and_then(shown_version) {
+            return Ok(v + 2);
+        }
+        if let Some(n) = self.history_len.get((collection, id))? {
+            return Ok(n.value() + 1);
+        }
+        let mut n = 0;
+        for entry in self
+            .versions
+            .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?
+        {
+            entry?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Recomputes the current document after `change` joined its history
-    /// (see `ocmesh_replication::merge`); returns the current view when
-    /// `change` is the greatest version.
+    /// (see `ocmesh_replication::merge`); returns the history length and
+    /// the current view when `change` is the greatest version.
     ///
     /// Fast paths: a local write, or a peer's write that built on our
     /// greatest version, is the new greatest and saw everything we hold,
     /// so the current document is the old one with its fields applied.
     /// Anything else (a concurrent or late version) refolds the history.
-    fn materialize(
-        &mut self,
-        change: &Change,
-        local: Option<LocalWrite>,
-        len: u64,
-    ) -> Result<Option<Value>, StorageError> {
+    /// A document's first version needs no history read at all.
+    fn materialize(&mut self, change: &Change, source: Source) -> Result<(u64, Option<Value>), StorageError> {
         let (collection, id) = (change.collection.as_str(), change.doc_id.as_str());
-        let (greatest, previous, (first_origin, first_hlc)) = {
-            let mut range = self
-                .versions
-                .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?;
-            let first = match range.next() {
-                Some(entry) => {
-                    let (k, v) = entry?;
-                    let k = k.value();
-                    (k.3.to_owned(), v.value(), k.2)
-                }
-                None => return Ok(None),
-            };
-            let mut back = || -> Result<Option<(String, u64, u64)>, StorageError> {
-                Ok(match range.next_back() {
-                    Some(entry) => {
-                        let (k, v) = entry?;
-                        let k = k.value();
-                        Some((k.3.to_owned(), v.value(), k.2))
-                    }
-                    None => None,
-                })
-            };
-            let last = back()?.unwrap_or_else(|| first.clone());
-            // The version before the greatest, when there are two or more;
-            // only a peer's change needs it (a local write is always current).
-            let previous = if len >= 2 && local.is_none() {
-                back()?.or_else(|| Some(first.clone()))
-            } else {
-                None
-            };
-            let created = (first.0.clone(), first.2);
-            (last, previous, created)
-        };
-        let is_this = greatest.0 == change.origin && greatest.1 == change.seq;
-        let from_peer = local.is_none();
+        let from_peer = matches!(source, Source::Peer(_));
         let deleted = change.kind == ChangeKind::Delete as i32;
-        let (new, old) = match local {
-            Some(l) if is_this => {
-                let new = (!deleted).then_some(l.body);
-                (new, l.old)
+        // Only the work-item tables need where the document began.
+        let wants_first = collection == crate::workitems::QUEUES || collection == crate::workitems::ITEMS;
+        let (len, is_this, new, old, first) = match source {
+            Source::Local(l) => {
+                // A local change carries the newest HLC (the writer refused
+                // an older one), so it is the current version.
+                let len = match l.first {
+                    Some(_) => self.history_count(collection, id, l.old.as_ref())?,
+                    None => 1,
+                };
+                (len, true, (!deleted).then_some(l.body), l.old, l.first)
             }
-            _ => {
-                let old = self.current(collection, id)?;
+            Source::Peer(mut body) => {
+                let (greatest, previous, first) = {
+                    let mut range = self
+                        .versions
+                        .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?;
+                    let mut next = |back: bool| -> Result<Option<(String, u64, u64)>, StorageError> {
+                        let entry = if back { range.next_back() } else { range.next() };
+                        Ok(match entry {
+                            Some(entry) => {
+                                let (k, v) = entry?;
+                                let k = k.value();
+                                Some((k.3.to_owned(), v.value(), k.2))
+                            }
+                            None => None,
+                        })
+                    };
+                    let Some(first) = next(false)? else {
+                        return Ok((0, None));
+                    };
+                    match next(true)? {
+                        // The change just added is the only version.
+                        None => (None, None, None),
+                        // The version before the greatest (the first, when
+                        // there are two).
+                        Some(last) => (
+                            Some(last),
+                            Some(next(true)?.unwrap_or_else(|| first.clone())),
+                            Some(first),
+                        ),
+                    }
+                };
+                let (len, old) = match &greatest {
+                    None => (1, None),
+                    Some(_) => {
+                        let old = self.current(collection, id)?;
+                        (self.history_count(collection, id, old.as_ref())?, old)
+                    }
+                };
+                let is_this = match &greatest {
+                    None => true,
+                    Some((origin, seq, _)) => *origin == change.origin && *seq == change.seq,
+                };
                 let builds_on_previous = match &previous {
                     Some((origin, _, hlc)) => change.base_hlc == *hlc && change.base_origin == *origin,
                     None => true,
@@ -381,20 +539,27 @@ impl<'t> WriteTables<'t> {
                     // The first version held here is an update: the ones
                     // before it were withheld from this site (see
                     // `ocmesh_replication::merge`).
-                    Some(body_object(change)?)
+                    Some(take_body(change, &mut body)?)
                 } else if is_this && builds_on_previous && !settles {
-                    self.apply_fields(change, old.clone())?
+                    apply_fields(change, take_body(change, &mut body)?, old.clone())
                 } else {
                     self.refold(collection, id)?
                 };
-                (new, old)
+                (len, is_this, new, old, first.map(|(origin, _, hlc)| (origin, hlc)))
             }
+        };
+        let (first_origin, first_hlc) = match &first {
+            Some((origin, hlc)) => (origin.as_str(), *hlc),
+            None => (change.origin.as_str(), change.hlc),
         };
         let new = match new {
             None => {
                 if old.is_some() {
                     self.documents.remove((collection, id))?;
                 }
+                self.docs.remove(collection, id);
+                // Only a deleted document keeps its history length here.
+                self.history_len.insert((collection, id), len)?;
                 None
             }
             Some(mut doc) => {
@@ -405,6 +570,11 @@ impl<'t> WriteTables<'t> {
                 doc.sort_keys();
                 let bytes = serde_json::to_vec(&doc).map_err(|e| StorageError(e.to_string()))?;
                 self.documents.insert((collection, id), bytes.as_slice())?;
+                if from_peer {
+                    self.docs.remove(collection, id);
+                } else {
+                    self.docs.put(collection, id, doc.clone());
+                }
                 Some(doc)
             }
         };
@@ -420,27 +590,30 @@ impl<'t> WriteTables<'t> {
         {
             self.want_missing_chunks(doc)?;
         }
-        if collection == crate::workitems::QUEUES || collection == crate::workitems::ITEMS {
+        if wants_first {
             // FIFO order within a priority: the HLC of the document's first version.
             let now = self.now_ms;
             let created = crate::workitems::Created {
                 fifo: first_hlc,
-                at: &first_origin,
+                at: first_origin,
             };
             crate::workitems::reindex(self, collection, id, old.as_ref(), new.as_ref(), created, now)?;
         }
         if !is_this {
-            return Ok(None);
+            return Ok((len, None));
         }
-        Ok(Some(match new {
-            Some(doc) => Value::Object(doc),
-            // A delete shows the document as it was deleted.
-            None => {
-                let mut doc = body_object(change)?;
-                doc.insert("_version".into(), Value::from(len - 1));
-                Value::Object(doc)
-            }
-        }))
+        Ok((
+            len,
+            Some(match new {
+                Some(doc) => Value::Object(doc),
+                // A delete shows the document as it was deleted.
+                None => {
+                    let mut doc = body_object(change)?;
+                    doc.insert("_version".into(), Value::from(len - 1));
+                    Value::Object(doc)
+                }
+            }),
+        ))
     }
 
     /// Records the chunks a file document names that this site lacks.
@@ -458,35 +631,6 @@ impl<'t> WriteTables<'t> {
             }
         }
         Ok(())
-    }
-
-    /// The greatest version's effect on the document before it.
-    fn apply_fields(
-        &self,
-        change: &Change,
-        old: Option<Map<String, Value>>,
-    ) -> Result<Option<Map<String, Value>>, StorageError> {
-        let body = body_object(change)?;
-        Ok(match ChangeKind::try_from(change.kind) {
-            Ok(ChangeKind::Delete) => None,
-            Ok(ChangeKind::Update) if change.partial => old.map(|mut doc| {
-                doc.remove("_version");
-                for f in &change.fields {
-                    match body.get(f) {
-                        Some(v) => {
-                            doc.insert(f.clone(), v.clone());
-                        }
-                        None => {
-                            doc.shift_remove(f);
-                        }
-                    }
-                }
-                doc
-            }),
-            // A whole-document update of a deleted document leaves it deleted.
-            Ok(ChangeKind::Update) if old.is_none() => None,
-            _ => Some(body),
-        })
     }
 
     /// Merges the whole history of a document and records its conflicts.
@@ -544,19 +688,29 @@ impl<'t> WriteTables<'t> {
         Ok(merged.doc)
     }
 
-    /// The key of a document's greatest version, if it has any.
-    pub fn greatest_version(&self, collection: &str, id: &str) -> Result<Option<(u64, String)>, StorageError> {
+    /// The ends of a document's history, if it has any: the (origin, hlc)
+    /// of its first version and the (hlc, origin) of its greatest.
+    pub fn history_ends(&self, collection: &str, id: &str) -> Result<Option<HistoryEnds>, StorageError> {
         let mut range = self
             .versions
             .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?;
-        Ok(match range.next_back() {
+        let first = match range.next() {
             Some(entry) => {
                 let (k, _) = entry?;
                 let k = k.value();
-                Some((k.2, k.3.to_owned()))
+                (k.3.to_owned(), k.2)
             }
-            None => None,
-        })
+            None => return Ok(None),
+        };
+        let greatest = match range.next_back() {
+            Some(entry) => {
+                let (k, _) = entry?;
+                let k = k.value();
+                (k.2, k.3.to_owned())
+            }
+            None => (first.1, first.0.clone()),
+        };
+        Ok(Some(HistoryEnds { first, greatest }))
     }
 
     /// Fields indexed in `collection`, `_type` included.
@@ -611,6 +765,9 @@ impl<'t> WriteTables<'t> {
     }
 
     pub fn current(&self, collection: &str, id: &str) -> Result<Option<Map<String, Value>>, StorageError> {
+        if let Some(doc) = self.docs.get(collection, id) {
+            return Ok(Some(doc.clone()));
+        }
         match self.documents.get((collection, id))? {
             Some(g) => match serde_json::from_slice(g.value()) {
                 Ok(Value::Object(m)) => Ok(Some(m)),
@@ -655,7 +812,7 @@ impl<'t> WriteTables<'t> {
                         change.origin, change.seq
                     )));
                 }
-                self.append(&change, None)?;
+                self.append(&change, Source::Peer(None))?;
                 vv.advance(&change.origin, change.seq);
                 max_hlc = max_hlc.max(change.hlc);
                 applied += 1;

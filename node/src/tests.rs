@@ -96,6 +96,91 @@ async fn document_lifecycle_with_history() {
     assert_eq!(node.version_vector().get("a"), 3);
 }
 
+/// A document's `_version` counts its whole history through deletes and
+/// recoveries, where it is written and at every peer, however its versions
+/// are batched (the count lives in the current document, and in
+/// `history_len` only while the document is deleted).
+#[tokio::test]
+async fn version_numbers_count_history_through_deletes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = open(&dir.path().join("a"), "a");
+    let who = admin();
+    let doc = a.insert("entities", obj(json!({"n": 0})), &who).await.expect("insert");
+    let id = doc["_id"].as_str().expect("id").to_owned();
+    let mut numbers = vec![doc["_version"].clone()];
+    numbers.push(a.delete("entities", &id, &who).await.expect("delete")["_version"].clone());
+    numbers.push(a.recover("entities", &id, &who).await.expect("recover")["_version"].clone());
+    numbers.push(
+        a.replace("entities", &id, obj(json!({"n": 3})), &who)
+            .await
+            .expect("replace")["_version"]
+            .clone(),
+    );
+    numbers.push(a.delete("entities", &id, &who).await.expect("delete")["_version"].clone());
+    numbers.push(a.recover("entities", &id, &who).await.expect("recover")["_version"].clone());
+    assert_eq!(numbers, (0..6).map(|n| json!(n)).collect::<Vec<_>>());
+    let current = a.get("entities", &id).expect("get");
+    assert_eq!(
+        (current["_version"].clone(), current["n"].clone()),
+        (json!(5), json!(3))
+    );
+
+    let changes = all_changes(&a);
+    // One batch, or one change per batch (meeting each delete): the same document.
+    let b = open(&dir.path().join("b"), "b");
+    b.apply(changes.clone()).await.expect("apply");
+    assert_eq!(b.get("entities", &id).expect("b"), current);
+    let c = open(&dir.path().join("c"), "c");
+    for ch in &changes {
+        c.apply(vec![ch.clone()]).await.expect("apply one");
+    }
+    assert_eq!(c.get("entities", &id).expect("c"), current);
+    assert_eq!(c.versions("entities", &id).expect("versions").len(), 6);
+    // The count goes on after the writer's next update and at the peers.
+    let next = a
+        .replace("entities", &id, obj(json!({"n": 6})), &who)
+        .await
+        .expect("replace");
+    assert_eq!(next["_version"], 6);
+    let newest: Vec<Change> = all_changes(&a).into_iter().filter(|ch| ch.seq == 7).collect();
+    b.apply(newest).await.expect("apply newest");
+    assert_eq!(b.get("entities", &id).expect("b"), next);
+}
+
+/// The writer keeps the documents its local writes stored (see
+/// `store::DocCache`); a peer's change to one must replace what it keeps,
+/// or the next local update would build on a stale document.
+#[tokio::test]
+async fn a_local_update_after_a_peer_change_builds_on_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (a, b) = (open(&dir.path().join("a"), "a"), open(&dir.path().join("b"), "b"));
+    let who = admin();
+    let doc = a
+        .insert("entities", obj(json!({"x": 0, "y": 0})), &who)
+        .await
+        .expect("insert");
+    let id = doc["_id"].as_str().expect("id").to_owned();
+    a.update("entities", &id, json!({"$set": {"x": 1}}), &who)
+        .await
+        .expect("a");
+    b.apply(all_changes(&a)).await.expect("apply at b");
+    b.update("entities", &id, json!({"$set": {"y": 2}}), &who)
+        .await
+        .expect("b");
+    let from_b: Vec<Change> = all_changes(&b).into_iter().filter(|c| c.origin == "b").collect();
+    a.apply(from_b).await.expect("apply at a");
+    let after = a
+        .update("entities", &id, json!({"$set": {"z": 3}}), &who)
+        .await
+        .expect("a again");
+    assert_eq!(
+        (after["x"].clone(), after["y"].clone(), after["z"].clone()),
+        (json!(1), json!(2), json!(3))
+    );
+    assert_eq!(after["_version"], 3);
+    assert_eq!(a.get("entities", &id).expect("get"), after);
+}
+
 #[tokio::test]
 async fn survives_restart_and_refuses_other_site_name() {
     let dir = tempfile::tempdir().expect("tmp");

@@ -15,7 +15,7 @@ use ocmesh_replication::{Change, ChangeKind, Clock, Timestamp, VersionVector};
 
 use crate::error::{ApplyError, WriteError};
 use crate::ids::{IdGen, iso8601, validate_collection, validate_id};
-use crate::store::{LocalWrite, META_HLC, META_WAL_EPOCH, StorageError, WriteTables, body_object};
+use crate::store::{LocalWrite, META_HLC, META_WAL_EPOCH, Source, StorageError, WriteTables, body_object};
 use crate::{NodeStats, Principal};
 
 /// Most requests committed together.
@@ -46,7 +46,7 @@ pub(crate) enum WriteOp {
     },
     /// Changes from a peer, in per-origin sequence order.
     Apply {
-        changes: Vec<Change>,
+        changes: Vec<Incoming>,
     },
     CreateIndex {
         collection: String,
@@ -155,6 +155,32 @@ pub(crate) enum WriteOp {
         hash: String,
         by: Principal,
     },
+}
+
+/// A peer's change with what the writer thread would otherwise compute:
+/// its encoding (the change log's bytes) and its parsed body. The caller
+/// prepares it on its own thread, since the single writer is the node's
+/// bottleneck.
+#[derive(Debug, Clone)]
+pub(crate) struct Incoming {
+    pub change: Change,
+    pub encoded: Vec<u8>,
+    /// `None` for a withheld stub, or a body that is not a JSON object
+    /// (refused by the writer if the change is new here).
+    pub body: Option<Map<String, Value>>,
+}
+
+impl Incoming {
+    pub fn new(change: Change) -> Self {
+        use prost::Message;
+        let encoded = change.encode_to_vec();
+        let body = if change.withheld {
+            None
+        } else {
+            body_object(&change).ok()
+        };
+        Incoming { change, encoded, body }
+    }
 }
 
 /// What a write produced.
@@ -273,6 +299,8 @@ pub(crate) struct Writer {
     /// The node's wall clock (see `crate::options`).
     pub wall: Arc<dyn crate::options::WallClock>,
     pub ids: IdGen,
+    /// Documents recent local writes stored (see `DocCache`).
+    pub docs: crate::store::DocCache,
 }
 
 impl Writer {
@@ -415,10 +443,12 @@ impl Writer {
         }
         let mut results = Vec::with_capacity(ops.len());
         let vv_before = self.vv.clone();
-        let (log, readied);
+        let (log, readied, docs);
         {
             let mut t = WriteTables::open(&txn, &self.site)?;
             t.now_ms = wall_ms;
+            // Lent to the transaction; returned only once it has committed.
+            t.docs = std::mem::take(&mut self.docs);
             for (index, op) in ops.into_iter().enumerate() {
                 if let Some(at) = refused.iter().position(|(i, _)| *i == index) {
                     results.push(Err(refused.swap_remove(at).1));
@@ -506,6 +536,7 @@ impl Writer {
                 // Nothing changed (empty pops, refused writes): no commit.
                 // (A refill of a withheld stub logs a change below the
                 // version vector: that is a change.)
+                self.docs = std::mem::take(&mut t.docs);
                 drop(t);
                 txn.abort()?;
                 return Ok((results, Vec::new()));
@@ -517,6 +548,7 @@ impl Writer {
             }
             log = std::mem::take(&mut t.log);
             readied = std::mem::take(&mut t.readied);
+            docs = std::mem::take(&mut t.docs);
         }
         let committing = std::time::Instant::now();
         self.stats
@@ -547,6 +579,7 @@ impl Writer {
         self.stats
             .commit_nanos
             .fetch_add(committing.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.docs = docs;
         Ok((results, readied))
     }
 
@@ -741,7 +774,11 @@ impl Writer {
             }
             _ => None,
         };
-        let greatest = t.greatest_version(collection, id)?;
+        let ends = t.history_ends(collection, id)?;
+        let (first, greatest) = match ends {
+            Some(e) => (Some(e.first), Some(e.greatest)),
+            None => (None, None),
+        };
         if let Some((stamped, origin)) = &greatest
             && *stamped >= hlc.raw()
         {
@@ -772,7 +809,7 @@ impl Writer {
             base_origin,
             withheld: false,
         };
-        let (_, view) = t.append(&change, Some(LocalWrite { body, old }))?;
+        let (_, view) = t.append(&change, Source::Local(LocalWrite { body, old, first }))?;
         self.vv.advance(&self.site, seq);
         // A local change carries the newest HLC, so it is the current version.
         view.ok_or_else(|| StorageError(format!("local change {id} did not become current")).into())
@@ -780,18 +817,23 @@ impl Writer {
 
     /// Applies a peer's changes: skips those already held, refuses the whole
     /// batch (writing nothing) if any change is malformed or leaves a gap.
-    fn apply(&mut self, t: &mut WriteTables<'_>, changes: Vec<Change>) -> Result<ApplyReport, WriteError> {
+    fn apply(&mut self, t: &mut WriteTables<'_>, changes: Vec<Incoming>) -> Result<ApplyReport, WriteError> {
         let mut report = ApplyReport::default();
         let mut expect = self.vv.clone();
         let mut fresh = Vec::with_capacity(changes.len());
         let mut fills = Vec::new();
-        for c in changes {
+        for incoming in changes {
+            let Incoming {
+                change: c,
+                encoded,
+                body,
+            } = incoming;
             validate(&c).map_err(ApplyError::Invalid)?;
             let held = expect.get(&c.origin);
             if c.seq <= held {
                 // The content of a change held here only as a stub.
                 if !c.withheld && c.seq <= self.vv.get(&c.origin) && t.is_withheld(&c.origin, c.seq)? {
-                    check_content(&c)?;
+                    check_content(&c, body.is_some())?;
                     fills.push(c);
                 } else {
                     report.duplicates += 1;
@@ -810,21 +852,21 @@ impl Writer {
                 .into());
             }
             if !c.withheld {
-                check_content(&c)?;
+                check_content(&c, body.is_some())?;
             }
             expect.advance(&c.origin, c.seq);
-            fresh.push(c);
+            fresh.push((c, encoded, body));
         }
         let now = self.wall.now_ms();
         let refused = t.refused;
-        for c in fresh {
+        for (c, encoded, body) in fresh {
             if c.withheld {
                 report.withheld += 1;
                 report.new_stubs.insert(&c.origin, c.seq);
             } else if self.clock.observe(Timestamp::from_raw(c.hlc), now).clamped {
                 report.clock_clamped += 1;
             }
-            t.append(&c, None)?;
+            t.append_encoded(&c, Some(&encoded), Source::Peer(body))?;
             self.vv.advance(&c.origin, c.seq);
             report.applied += 1;
         }
@@ -860,11 +902,12 @@ impl Writer {
     }
 }
 
-/// Checks what a receiver relies on in a change's content.
-fn check_content(c: &Change) -> Result<(), WriteError> {
+/// Checks what a receiver relies on in a change's content (`body_ok`:
+/// whether its body parsed as a JSON object, see `Incoming`).
+fn check_content(c: &Change, body_ok: bool) -> Result<(), WriteError> {
     validate_collection(&c.collection).map_err(ApplyError::Name)?;
     validate_id(&c.doc_id).map_err(ApplyError::Name)?;
-    if body_object(c).is_err() {
+    if !body_ok {
         return Err(ApplyError::BodyNotObject {
             origin: c.origin.clone(),
             seq: c.seq,
