@@ -268,29 +268,25 @@ impl BlockFile {
     }
 }
 
-/// redb's storage on a [`BlockFile`].
-#[derive(Debug)]
-pub(crate) struct BlockBackend(pub BlockFile);
-
-impl redb::StorageBackend for BlockBackend {
-    fn len(&self) -> Result<u64, io::Error> {
-        Ok(self.0.len())
+impl crate::disk::SiteFile for BlockFile {
+    fn len(&self) -> io::Result<u64> {
+        Ok(BlockFile::len(self))
     }
 
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
-        self.0.read_at(offset, out)
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        BlockFile::read_at(self, offset, out)
     }
 
-    fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        self.0.set_len(len)
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        BlockFile::write_at(self, offset, data)
     }
 
-    fn sync_data(&self) -> Result<(), io::Error> {
-        self.0.sync()
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        BlockFile::set_len(self, len)
     }
 
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-        self.0.write_at(offset, data)
+    fn sync(&self) -> io::Result<()> {
+        BlockFile::sync(self)
     }
 }
 

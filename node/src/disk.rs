@@ -248,6 +248,7 @@ impl MemFileHandle {
         })
     }
 
+    #[cfg(test)]
     pub fn read_all(&self) -> io::Result<Vec<u8>> {
         self.with(|s| Ok(s.file(self.file).current.clone()))
     }
@@ -285,11 +286,44 @@ impl MemFileHandle {
     }
 }
 
-/// redb's storage on a `MemDisk`.
-#[derive(Debug)]
-pub(crate) struct MemBackend(pub MemFileHandle);
+/// A file of a site's store that is not a plain file (a `MemDisk`'s, a
+/// block store's): what redb's backend and the write-ahead log need of it.
+pub(crate) trait SiteFile: fmt::Debug + Send + Sync + 'static {
+    fn len(&self) -> io::Result<u64>;
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> io::Result<()>;
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes every earlier write and length change durable.
+    fn sync(&self) -> io::Result<()>;
+}
 
-impl redb::StorageBackend for MemBackend {
+impl SiteFile for MemFileHandle {
+    fn len(&self) -> io::Result<u64> {
+        MemFileHandle::len(self)
+    }
+
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        MemFileHandle::read_at(self, offset, out)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        MemFileHandle::write_at(self, offset, data)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        MemFileHandle::set_len(self, len)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        MemFileHandle::sync(self)
+    }
+}
+
+/// redb's storage on a [`SiteFile`].
+#[derive(Debug)]
+pub(crate) struct Backend<F>(pub F);
+
+impl<F: SiteFile> redb::StorageBackend for Backend<F> {
     fn len(&self) -> Result<u64, io::Error> {
         self.0.len()
     }

@@ -209,7 +209,7 @@ impl Node {
                 (db, wal::Wal::open(&wal_path, now_ms).map_err(|e| storage_err(&e))?)
             }
             Storage::Memory(disk) => {
-                let backend = disk::MemBackend(disk.handle(disk::FileId::Database));
+                let backend = disk::Backend(disk.handle(disk::FileId::Database));
                 let db = Database::builder()
                     .create_with_backend(backend)
                     .map_err(|source| OpenError::Database {
@@ -217,22 +217,23 @@ impl Node {
                         source,
                     })?;
                 let wal_file = disk.handle(disk::FileId::Wal);
-                (db, wal::Wal::open_mem(wal_file, now_ms).map_err(|e| storage_err(&e))?)
+                (
+                    db,
+                    wal::Wal::open_site_file(wal_file, "<memory>", now_ms).map_err(|e| storage_err(&e))?,
+                )
             }
             Storage::Blocks(store) => {
                 let open = |file| blockfile::BlockFile::open(store.clone(), file).map_err(|e| storage_err(&e));
                 let db = Database::builder()
                     .set_cache_size(STORE_CACHE_BYTES)
-                    .create_with_backend(blockfile::BlockBackend(open(disk::FileId::Database)?))
+                    .create_with_backend(disk::Backend(open(disk::FileId::Database)?))
                     .map_err(|source| OpenError::Database {
                         path: format!("{store:?}"),
                         source,
                     })?;
                 let wal_file = open(disk::FileId::Wal)?;
-                (
-                    db,
-                    wal::Wal::open_blocks(wal_file, now_ms).map_err(|e| storage_err(&e))?,
-                )
+                let wal = wal::Wal::open_site_file(wal_file, "<block store>", now_ms).map_err(|e| storage_err(&e))?;
+                (db, wal)
             }
         };
         let db = Arc::new(db);
@@ -666,17 +667,12 @@ impl Node {
     /// `delete_queue`, in one write; returns the deleted items' last
     /// versions. Needs the delete right on the queue and on each item.
     pub async fn purge_queue(&self, name: &str, delete_queue: bool, by: &Principal) -> Result<Vec<Value>, WriteError> {
-        match self
-            .write(WriteOp::PurgeQueue {
-                name: name.into(),
-                delete_queue,
-                by: by.clone(),
-            })
-            .await?
-        {
-            WriteDone::Documents(d) => Ok(d),
-            _ => Err(WriteError::Closed),
-        }
+        self.write_documents(WriteOp::PurgeQueue {
+            name: name.into(),
+            delete_queue,
+            by: by.clone(),
+        })
+        .await
     }
 
     /// Pushes items onto a queue: all or none.
@@ -686,17 +682,12 @@ impl Node {
         items: Vec<Map<String, Value>>,
         by: &Principal,
     ) -> Result<Vec<Value>, WriteError> {
-        match self
-            .write(WriteOp::PushItems {
-                queue: queue.into(),
-                items,
-                by: by.clone(),
-            })
-            .await?
-        {
-            WriteDone::Documents(d) => Ok(d),
-            _ => Err(WriteError::Closed),
-        }
+        self.write_documents(WriteOp::PushItems {
+            queue: queue.into(),
+            items,
+            by: by.clone(),
+        })
+        .await
     }
 
     /// Pops the most urgent due item; with `wait`, returns as soon as one

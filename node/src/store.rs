@@ -401,7 +401,7 @@ impl<'t> WriteTables<'t> {
         let version = (key.0, key.1, change.hlc, change.origin.as_str());
         let existed = self.versions.insert(version, change.seq)?.map(|g| g.value());
         if let Some(first) = existed
-            && local.is_none()
+            && matches!(source, Source::Peer(_))
         {
             // A peer reused a version stamp (a site never issues one twice,
             // so it is broken or hostile): the first change keeps the

@@ -22,7 +22,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::disk::MemFileHandle;
+use crate::disk::SiteFile;
 
 const MAGIC: [u8; 4] = *b"OMW1";
 const HEADER: usize = 4 + 8 + 4 + 8;
@@ -43,44 +43,40 @@ pub struct WalError {
     source: std::io::Error,
 }
 
-/// The log's file: on disk, or on a `MemDisk`.
+/// The log's file: on disk, or another kind of site file (a `MemDisk`'s,
+/// a block store's).
 #[derive(Debug)]
 enum WalFile {
     Disk(File),
-    Mem(MemFileHandle),
-    Blocks(crate::blockfile::BlockFile),
+    Other(Box<dyn SiteFile>),
 }
 
 impl WalFile {
     fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
         match self {
             WalFile::Disk(f) => f.write_all_at(data, offset),
-            WalFile::Mem(h) => h.write_at(offset, data),
-            WalFile::Blocks(b) => b.write_at(offset, data),
+            WalFile::Other(f) => f.write_at(offset, data),
         }
     }
 
     fn sync_data(&self) -> std::io::Result<()> {
         match self {
             WalFile::Disk(f) => f.sync_data(),
-            WalFile::Mem(h) => h.sync(),
-            WalFile::Blocks(b) => b.sync(),
+            WalFile::Other(f) => f.sync(),
         }
     }
 
     fn len(&self) -> std::io::Result<u64> {
         match self {
             WalFile::Disk(f) => Ok(f.metadata()?.len()),
-            WalFile::Mem(h) => h.len(),
-            WalFile::Blocks(b) => Ok(b.len()),
+            WalFile::Other(f) => f.len(),
         }
     }
 
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         match self {
             WalFile::Disk(f) => f.set_len(len),
-            WalFile::Mem(h) => h.set_len(len),
-            WalFile::Blocks(b) => b.set_len(len),
+            WalFile::Other(f) => f.set_len(len),
         }
     }
 }
@@ -131,34 +127,31 @@ pub(crate) fn parse_records(bytes: &[u8], epoch: u64) -> Vec<&[u8]> {
 }
 
 impl Wal {
-    /// Opens the log on an in-memory disk and returns it with its content.
-    pub fn open_mem(file: MemFileHandle, now_ms: u64) -> Result<(Wal, Vec<u8>), WalError> {
-        let path = PathBuf::from("<memory>");
-        let content = file.read_all().map_err(|source| WalError {
-            path: path.display().to_string(),
-            what: "cannot read",
-            source,
-        })?;
-        let wal = Wal {
-            path,
-            file: WalFile::Mem(file),
-            bytes: content.len() as u64,
-            last_checkpoint_ms: now_ms,
-        };
-        Ok((wal, content))
+    /// Opens the log on a site file other than a plain one (an in-memory
+    /// disk's, a block store's) and returns it with its content.
+    pub fn open_site_file(file: impl SiteFile, place: &str, now_ms: u64) -> Result<(Wal, Vec<u8>), WalError> {
+        let content = file.len().and_then(|len| {
+            let mut out = vec![0u8; usize::try_from(len).map_err(std::io::Error::other)?];
+            file.read_at(0, &mut out).map(|()| out)
+        });
+        Wal::opened(PathBuf::from(place), WalFile::Other(Box::new(file)), content, now_ms)
     }
 
-    /// Opens the log kept in a block store and returns it with its content.
-    pub fn open_blocks(file: crate::blockfile::BlockFile, now_ms: u64) -> Result<(Wal, Vec<u8>), WalError> {
-        let path = PathBuf::from("<block store>");
-        let content = file.read_all().map_err(|source| WalError {
+    /// The log over `file`, whose content (or why it could not be read) is `content`.
+    fn opened(
+        path: PathBuf,
+        file: WalFile,
+        content: std::io::Result<Vec<u8>>,
+        now_ms: u64,
+    ) -> Result<(Wal, Vec<u8>), WalError> {
+        let content = content.map_err(|source| WalError {
             path: path.display().to_string(),
             what: "cannot read",
             source,
         })?;
         let wal = Wal {
             path,
-            file: WalFile::Blocks(file),
+            file,
             bytes: content.len() as u64,
             last_checkpoint_ms: now_ms,
         };
@@ -179,14 +172,8 @@ impl Wal {
             .open(path)
             .map_err(err("cannot open"))?;
         let mut content = Vec::new();
-        file.read_to_end(&mut content).map_err(err("cannot read"))?;
-        let wal = Wal {
-            path: path.to_owned(),
-            file: WalFile::Disk(file),
-            bytes: content.len() as u64,
-            last_checkpoint_ms: now_ms,
-        };
-        Ok((wal, content))
+        let read = file.read_to_end(&mut content).map(|_| content);
+        Wal::opened(path.to_owned(), WalFile::Disk(file), read, now_ms)
     }
 
     fn err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> WalError {

@@ -579,21 +579,8 @@ impl Writer {
             Some("business") => true,
             Some(other) => return Err(WorkItemError::BadErrorType(other.to_owned()).into()),
         };
-        let current = stored_item(t, id)?;
+        let (current, q) = self.held_item(t, id, by)?;
         let mut doc = current.clone();
-        let queue = doc.get("wiq").and_then(Value::as_str).unwrap_or_default().to_owned();
-        if !crate::acl::allowed_map(&doc, by, crate::acl::READ) {
-            return Err(WorkItemError::NoItem(id.to_owned()).into());
-        }
-        let (_, _, q) = self.invocable_queue(t, &queue, by)?;
-        let owner = item_owner(t, id, &current)?;
-        if owner != self.site {
-            return Err(WorkItemError::NotOwner {
-                id: id.to_owned(),
-                owner,
-            }
-            .into());
-        }
         // A final state is final: completing again would route a second
         // copy to the next queue (a worker whose lease ran out, a retried
         // request), which is running the item's follow-up twice.
@@ -653,17 +640,15 @@ impl Writer {
         Ok(done)
     }
 
-    /// A progress report on an item being processed (OpenCore's
-    /// `updateworkitem` with state `processing`): the payload is replaced
-    /// when one is given and the lease starts again, so a long job that
-    /// reports progress is not handed to another worker.
-    fn progress(
+    /// An item the caller may work on here: one it may read, on a queue it
+    /// may invoke, owned by this site. Returns the item and its queue's
+    /// settings.
+    fn held_item(
         &mut self,
         t: &mut WriteTables<'_>,
         id: &str,
-        payload: Option<Map<String, Value>>,
         by: &Principal,
-    ) -> Result<WriteDone, WriteError> {
+    ) -> Result<(Map<String, Value>, QueueSettings), WriteError> {
         let current = stored_item(t, id)?;
         if !crate::acl::allowed_map(&current, by, crate::acl::READ) {
             return Err(WorkItemError::NoItem(id.to_owned()).into());
@@ -682,6 +667,21 @@ impl Writer {
             }
             .into());
         }
+        Ok((current, q))
+    }
+
+    /// A progress report on an item being processed (OpenCore's
+    /// `updateworkitem` with state `processing`): the payload is replaced
+    /// when one is given and the lease starts again, so a long job that
+    /// reports progress is not handed to another worker.
+    fn progress(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        id: &str,
+        payload: Option<Map<String, Value>>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let (current, q) = self.held_item(t, id, by)?;
         let state_now = current.get("state").and_then(Value::as_str).unwrap_or_default();
         if state_now != "processing" {
             return Err(WorkItemError::NotProcessing {
