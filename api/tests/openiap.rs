@@ -2753,7 +2753,6 @@ async fn queryas_reads_as_another_user_for_admins_only() {
                 collectionname: "notes".into(),
                 query: "{}".into(),
                 queryas: bob.id.clone(),
-                ..Default::default()
             },
         )
         .await;
