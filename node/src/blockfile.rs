@@ -46,7 +46,7 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
     /// Makes `blocks` and `len` durable, and forgets every other block
     /// numbered `drop_from` or more. Returns only once all of it is
     /// durable; on error any part of it may have been kept.
-    fn commit(&self, file: FileId, blocks: Vec<(u64, Vec<u8>)>, len: u64, drop_from: u64) -> io::Result<()>;
+    fn commit(&self, file: FileId, blocks: &BTreeMap<u64, Vec<u8>>, len: u64, drop_from: u64) -> io::Result<()>;
 }
 
 #[derive(Default)]
@@ -257,8 +257,7 @@ impl BlockFile {
         }
         let len = s.len;
         let drop_from = s.cut_from.unwrap_or(u64::MAX).min(len.div_ceil(BLOCK));
-        let blocks: Vec<(u64, Vec<u8>)> = s.dirty.iter().map(|(b, d)| (*b, d.clone())).collect();
-        self.store.commit(self.file, blocks, len, drop_from)?;
+        self.store.commit(self.file, &s.dirty, len, drop_from)?;
         for (b, d) in std::mem::take(&mut s.dirty) {
             s.remember(b, d);
         }
@@ -354,7 +353,7 @@ impl BlockStore for MemBlockStore {
             .unwrap_or_default())
     }
 
-    fn commit(&self, file: FileId, blocks: Vec<(u64, Vec<u8>)>, len: u64, drop_from: u64) -> io::Result<()> {
+    fn commit(&self, file: FileId, blocks: &BTreeMap<u64, Vec<u8>>, len: u64, drop_from: u64) -> io::Result<()> {
         let mut s = self.lock();
         if let Some(left) = s.fail_after.as_mut() {
             if *left == 0 {
@@ -365,7 +364,7 @@ impl BlockStore for MemBlockStore {
         s.commits += 1;
         let (stored_len, map) = s.files.entry(file).or_default();
         map.retain(|b, _| *b < drop_from);
-        map.extend(blocks);
+        map.extend(blocks.iter().map(|(b, d)| (*b, d.clone())));
         *stored_len = len;
         Ok(())
     }

@@ -26,6 +26,7 @@
 //! into an I/O error (the writer then refuses writes until restart), not
 //! a hang.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::ops::Range;
@@ -264,18 +265,30 @@ impl BlockStore for MongoBlockStore {
             .collect()
     }
 
-    fn commit(&self, file: FileId, blocks: Vec<(u64, Vec<u8>)>, len: u64, drop_from: u64) -> io::Result<()> {
+    fn commit(&self, file: FileId, blocks: &BTreeMap<u64, Vec<u8>>, len: u64, drop_from: u64) -> io::Result<()> {
         let coll = self.blocks.clone();
+        // One copy of each block, into the document the task owns.
+        let blocks: Vec<(String, Document)> = blocks
+            .iter()
+            .map(|(b, data)| {
+                let id = block_id(file, *b);
+                let body = doc! {
+                    "_id": id.clone(),
+                    "d": Binary { subtype: BinarySubtype::Generic, bytes: data.clone() },
+                };
+                (id, body)
+            })
+            .collect();
         let len = i64::try_from(len).map_err(|e| io_err("file length", e))?;
         self.call("commit", async move {
-            let written: Vec<String> = blocks.iter().map(|(b, _)| block_id(file, *b)).collect();
-            for chunk in blocks.chunks(WRITES_IN_FLIGHT) {
-                try_join_all(chunk.iter().map(|(b, data)| {
-                    let id = block_id(file, *b);
-                    let body = doc! {
-                        "_id": id.clone(),
-                        "d": Binary { subtype: BinarySubtype::Generic, bytes: data.clone() },
-                    };
+            let written: Vec<String> = blocks.iter().map(|(id, _)| id.clone()).collect();
+            let mut blocks = blocks.into_iter();
+            loop {
+                let chunk: Vec<(String, Document)> = blocks.by_ref().take(WRITES_IN_FLIGHT).collect();
+                if chunk.is_empty() {
+                    break;
+                }
+                try_join_all(chunk.into_iter().map(|(id, body)| {
                     let coll = coll.clone();
                     async move { coll.replace_one(doc! {"_id": id}, body).upsert(true).await }
                 }))

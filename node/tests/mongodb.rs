@@ -42,7 +42,7 @@ fn drop_collection(uri: &str, site: &str) {
     let store = MongoBlockStore::connect(uri, site).expect("connect");
     // Truncating both files to nothing removes every block document.
     for file in [FileId::Database, FileId::Wal] {
-        store.commit(file, Vec::new(), 0, 0).expect("clear");
+        store.commit(file, &Default::default(), 0, 0).expect("clear");
     }
 }
 
