@@ -30,7 +30,7 @@ use ocmesh_replication::{Change, ChangeKind};
 
 use crate::Principal;
 use crate::acl::{self, DELETE, INVOKE, UPDATE};
-use crate::store::{ORIGIN_MAX, StorageError, WriteTables, body_object, decode_change};
+use crate::store::{Changes, ORIGIN_MAX, StorageError, WriteTables, body_object};
 
 /// Collections where only admins create roles (`_type: "role"`).
 const SYSTEM_COLLECTIONS: &[&str] = &["users"];
@@ -150,10 +150,11 @@ fn invokes_queue_of(
 fn with_roles(t: &WriteTables<'_>, who: Principal) -> Result<Principal, StorageError> {
     let mut roles: Vec<(String, Vec<String>)> = Vec::new();
     for entry in t.documents.range(("users", "")..=("users", ORIGIN_MAX))? {
-        let (_, v) = entry?;
-        let Ok(d) = serde_json::from_slice::<Value>(v.value()) else {
+        let (k, v) = entry?;
+        let Ok(d) = crate::store::read_stored_doc("users", k.value().1, v.value(), t) else {
             continue;
         };
+        let d = Value::Object(d);
         if d.get("_type").and_then(Value::as_str) == Some("role") {
             roles.extend(role_members(&d));
         }
@@ -233,10 +234,9 @@ fn below(t: &WriteTables<'_>, change: &Change, live: bool) -> Result<Option<Map<
 
 /// The version `origin`:`seq` from the log (only a live one, when `live`).
 fn version_at(t: &WriteTables<'_>, origin: &str, seq: u64, live: bool) -> Result<Option<Change>, StorageError> {
-    let Some(bytes) = t.changes.get((origin, seq))? else {
+    let Some(version) = t.change(origin, seq)? else {
         return Ok(None);
     };
-    let version = decode_change(bytes.value())?;
     if live && version.kind == ChangeKind::Delete as i32 {
         return Ok(None);
     }
@@ -244,8 +244,8 @@ fn version_at(t: &WriteTables<'_>, origin: &str, seq: u64, live: bool) -> Result
 }
 
 fn body_at(t: &WriteTables<'_>, origin: &str, seq: u64) -> Result<Option<Map<String, Value>>, StorageError> {
-    match t.changes.get((origin, seq))? {
-        Some(bytes) => body_object(&decode_change(bytes.value())?).map(Some),
+    match t.change(origin, seq)? {
+        Some(change) => body_object(&change).map(Some),
         None => Ok(None),
     }
 }

@@ -73,8 +73,8 @@ pub(crate) fn system_principal() -> Principal {
 }
 
 use store::{
-    CHANGES, CREDENTIALS, DOCUMENTS, INDEX, INDEX_DEFS, META_HLC, META_SITE, META_TOKEN_SECRET, META_WAL_EPOCH,
-    ORIGIN_MAX, VERSIONS, VV,
+    CHANGES, CREDENTIALS, Changes, DOCUMENTS, INDEX, INDEX_DEFS, META_HLC, META_SITE, META_TOKEN_SECRET,
+    META_WAL_EPOCH, META_WAL_FROM, ORIGIN_MAX, VERSIONS, VV,
 };
 use users::{Credential, VerifiedCache};
 use writer::{Request, WriteDone, WriteOp, Writer};
@@ -155,6 +155,8 @@ struct Inner {
     stats: Arc<NodeStats>,
     signals: Arc<workitems::QueueSignals>,
     fills: Arc<fills::FillNotices>,
+    /// The log the `changes` table points into.
+    log: wal::LogReader,
 }
 
 /// What `Node::open` reports besides the node.
@@ -191,7 +193,7 @@ impl Node {
         }
         let storage_err = |e: &dyn std::fmt::Display| OpenError::Storage(StorageError(e.to_string()));
         let now_ms = options.clock.now_ms();
-        let (db, (mut wal, logged)) = match &options.storage {
+        let (db, mut wal) = match &options.storage {
             Storage::Directory => {
                 std::fs::create_dir_all(&config.data_dir).map_err(|source| OpenError::DataDir {
                     path: config.data_dir.display().to_string(),
@@ -217,10 +219,7 @@ impl Node {
                         source,
                     })?;
                 let wal_file = disk.handle(disk::FileId::Wal);
-                (
-                    db,
-                    wal::Wal::open_site_file(wal_file, "<memory>", now_ms).map_err(|e| storage_err(&e))?,
-                )
+                (db, wal::Wal::open_site_file(wal_file, "<memory>", now_ms))
             }
             Storage::Blocks(store) => {
                 let open = |file| blockfile::BlockFile::open(store.clone(), file).map_err(|e| storage_err(&e));
@@ -232,16 +231,14 @@ impl Node {
                         source,
                     })?;
                 let wal_file = open(disk::FileId::Wal)?;
-                let wal = wal::Wal::open_site_file(wal_file, "<block store>", now_ms).map_err(|e| storage_err(&e))?;
-                (db, wal)
+                (db, wal::Wal::open_site_file(wal_file, "<block store>", now_ms))
             }
         };
         let db = Arc::new(db);
         let mut ids = ids::IdGen::new(options.id_seed);
-        let init = init_store(&db, &config, &logged, &options, &mut ids)?;
-        drop(logged);
+        let init = init_store(&db, &config, &mut wal, &options, &mut ids)?;
         wal.checkpointed(now_ms);
-        wal.trim().map_err(|e| storage_err(&e))?;
+        let log = wal.reader();
         if init.replayed > 0 {
             tracing::info!(changes = init.replayed, "replayed the write-ahead log");
         }
@@ -308,6 +305,7 @@ impl Node {
                 stats,
                 signals,
                 fills,
+                log,
             }),
         };
         Ok(Opened {
@@ -827,6 +825,17 @@ impl Node {
         Ok(self.inner.db.begin_read()?)
     }
 
+    /// The change log as of `txn`.
+    fn log_view(
+        &self,
+        txn: &ReadTransaction,
+    ) -> Result<store::LogView<redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>>, ReadError> {
+        Ok(store::LogView {
+            table: txn.open_table(CHANGES)?,
+            log: self.inner.log.clone(),
+        })
+    }
+
     /// The current document, or `NotFound` (also when deleted).
     pub fn get(&self, collection: &str, id: &str) -> Result<Value, ReadError> {
         ids::validate_collection(collection)?;
@@ -842,8 +851,13 @@ impl Node {
         let Some(bytes) = table.get((collection, id))? else {
             return Err(not_found());
         };
-        serde_json::from_slice(bytes.value())
-            .map_err(|e| ReadError::Storage(StorageError(format!("stored document {collection}/{id}: {e}"))))
+        let changes = self.log_view(&txn)?;
+        Ok(Value::Object(store::read_stored_doc(
+            collection,
+            id,
+            bytes.value(),
+            &changes,
+        )?))
     }
 
     /// How a read of `collection` with `filter` finds its candidates: an
@@ -868,10 +882,8 @@ impl Node {
         let Some(table) = open_existing(&txn, DOCUMENTS)? else {
             return Ok(f(&mut std::iter::empty()));
         };
-        let parse = |id: &str, bytes: &[u8]| {
-            serde_json::from_slice::<Value>(bytes)
-                .map_err(|e| StorageError(format!("stored document {collection}/{id}: {e}")))
-        };
+        let changes = self.log_view(&txn)?;
+        let parse = |id: &str, bytes: &[u8]| store::read_stored_doc(collection, id, bytes, &changes).map(Value::Object);
         let mut failure = None;
         let out = match plan(&txn, collection, filter)? {
             Plan::FullScan => {
@@ -965,18 +977,17 @@ impl Node {
         ids::validate_id(id)?;
         let txn = self.read()?;
         let versions = txn.open_table(VERSIONS)?;
-        let changes = txn.open_table(CHANGES)?;
+        let changes = self.log_view(&txn)?;
         let mut n = 0;
         for entry in versions.range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))? {
             let (k, seq) = entry?;
             let origin = k.value().3;
-            let Some(bytes) = changes.get((origin, seq.value()))? else {
+            let Some(change) = changes.change(origin, seq.value())? else {
                 return Err(ReadError::Storage(StorageError(format!(
                     "missing change {origin}:{}",
                     seq.value()
                 ))));
             };
-            let change = store::decode_change(bytes.value())?;
             let go_on = f(n, &change)?;
             n += 1;
             if !go_on {
@@ -1038,7 +1049,7 @@ impl Node {
         let ranges = held
             .iter()
             .map(|(origin, top)| (origin, req.after.get(origin) + 1, top));
-        read_log_ranges(&txn, ranges, req.max_changes, req.max_bytes)
+        read_log_ranges(&txn, &self.inner.log, ranges, req.max_changes, req.max_bytes)
     }
 
     /// Reads the given sequences of the log, in the order of the ranges,
@@ -1050,7 +1061,7 @@ impl Node {
             .ranges
             .iter()
             .map(|(origin, first, last)| (origin.as_str(), *first, *last));
-        read_log_ranges(&txn, ranges, req.max_changes, req.max_bytes)
+        read_log_ranges(&txn, &self.inner.log, ranges, req.max_changes, req.max_bytes)
     }
 
     /// The changes this site holds only as withheld stubs, as ranges: at
@@ -1416,14 +1427,14 @@ struct Init {
 fn init_store(
     db: &Database,
     config: &NodeConfig,
-    logged: &[u8],
+    wal: &mut wal::Wal,
     options: &OpenOptions,
     ids: &mut ids::IdGen,
 ) -> Result<Init, OpenError> {
     let txn = db.begin_write().map_err(StorageError::from)?;
     let mut generated = None;
     let (last, vv, secret, replayed, wal_epoch) = {
-        let mut t = store::WriteTables::open(&txn, &config.site)?;
+        let mut t = store::WriteTables::open(&txn, &config.site, wal.reader(), u64::MAX)?;
         t.now_ms = options.clock.now_ms();
         let epoch = match t.meta.get(META_WAL_EPOCH).map_err(StorageError::from)? {
             Some(v) => u64::from_be_bytes(
@@ -1458,10 +1469,25 @@ fn init_store(
             None => Timestamp::default(),
         };
         // Groups acknowledged after the last checkpoint.
-        let (replayed, replayed_hlc) = t.replay(&wal::parse_records(logged, epoch))?;
+        let from = match t.meta.get(META_WAL_FROM).map_err(StorageError::from)? {
+            Some(v) => u64::from_be_bytes(
+                v.value()
+                    .try_into()
+                    .map_err(|_| StorageError("stored log position is damaged".into()))?,
+            ),
+            None => 0,
+        };
+        let logged = wal.read_from(from).map_err(|e| StorageError(e.to_string()))?;
+        let (records, end) = wal::parse_records(&logged, from, epoch);
+        let (replayed, replayed_hlc) = t.replay(&records)?;
+        drop(records);
+        drop(logged);
+        // New records (a new epoch) go after the intact ones.
+        wal.set_end(end);
         let last = last.max(Timestamp::from_raw(replayed_hlc));
         t.set_meta(META_HLC, &last.raw().to_be_bytes())?;
         t.set_meta(META_WAL_EPOCH, &(epoch + 1).to_be_bytes())?;
+        t.set_meta(META_WAL_FROM, &end.to_be_bytes())?;
         let stored = t
             .meta
             .get(META_TOKEN_SECRET)
@@ -1586,28 +1612,29 @@ fn open_existing<K: redb::Key + 'static, V: redb::Value + 'static>(
 /// exceeded (but returning at least one change if any is held).
 fn read_log_ranges<'a>(
     txn: &redb::ReadTransaction,
+    log: &wal::LogReader,
     ranges: impl Iterator<Item = (&'a str, u64, u64)>,
     max_changes: usize,
     max_bytes: usize,
 ) -> Result<Vec<Change>, ReadError> {
     let changes = txn.open_table(CHANGES)?;
-    let mut out = Vec::new();
+    let mut values = Vec::new();
     let mut bytes = 0usize;
-    for (origin, first, last) in ranges {
+    'ranges: for (origin, first, last) in ranges {
         if first > last {
             continue;
         }
         for entry in changes.range((origin, first)..=(origin, last))? {
             let (_, v) = entry?;
-            let len = v.value().len();
-            if out.len() >= max_changes || (!out.is_empty() && bytes + len > max_bytes) {
-                return Ok(out);
+            let len = store::stored_change_len(v.value())?;
+            if values.len() >= max_changes || (!values.is_empty() && bytes + len > max_bytes) {
+                break 'ranges;
             }
             bytes += len;
-            out.push(store::decode_change(v.value())?);
+            values.push(v.value().to_vec());
         }
     }
-    Ok(out)
+    Ok(store::load_changes(&values, log)?)
 }
 
 #[cfg(test)]

@@ -1,13 +1,19 @@
 //! The redb tables of a site and the transactional steps on them.
 //!
 //! Layout (one redb file):
-//! - `changes`: (origin, seq) → encoded `Change`: the change log, and the
-//!   only copy of every version's body.
+//! - `changes`: (origin, seq) → where the encoded `Change` is in the log
+//!   file (`crate::wal`), the only copy of every version's body. (A store
+//!   written before the log kept the changes holds the encoding itself;
+//!   both forms read the same.)
 //! - `version_vector`: origin → highest contiguous seq held.
 //! - `versions`: (collection, id, hlc, origin) → seq: each document's history
 //!   in version order; the last entry is the current version.
-//! - `documents`: (collection, id) → current JSON with `_version`; absent
-//!   when the current version is a delete.
+//! - `documents`: (collection, id) → the current document; absent when the
+//!   current version is a delete. Stored as a reference to the change whose
+//!   body it is (its `_version` and the change's (origin, seq)) whenever it
+//!   is one version's body as written, so a body is stored once; as JSON
+//!   with `_version` only when it is a merge of several versions. Either
+//!   way it reads back with its fields in key order (see `read_stored_doc`).
 //! - `history_len`: (collection, id) → number of versions.
 //! - `meta`: site name, last HLC, write-ahead log epoch, secrets.
 //! - `credentials`: user name → local login record (not replicated).
@@ -24,6 +30,8 @@ use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde_json::{Map, Value};
 
 use ocmesh_replication::{Change, ChangeKind, Timestamp, VersionVector};
+
+use crate::wal::LogReader;
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const CHANGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("changes");
@@ -50,8 +58,12 @@ pub(crate) const WITHHELD: TableDefinition<(&str, u64), ()> = TableDefinition::n
 pub(crate) const META_SITE: &str = "site";
 pub(crate) const META_HLC: &str = "hlc";
 pub(crate) const META_TOKEN_SECRET: &str = "token_secret";
-/// Epoch of the write-ahead log records not yet checkpointed (u64 BE).
+/// Epoch of the log records written since this store was last opened (u64 BE).
 pub(crate) const META_WAL_EPOCH: &str = "wal_epoch";
+/// Where in the log the records start that the last checkpoint may not
+/// hold (u64 BE): a recovery replays from there. Absent in a store written
+/// before the log kept the changes, whose log started at 0.
+pub(crate) const META_WAL_FROM: &str = "wal_from";
 
 /// Upper bound for origin names in range scans: site names are ASCII.
 pub(crate) const ORIGIN_MAX: &str = "\u{7f}";
@@ -89,9 +101,147 @@ pub(crate) fn read_vv(table: &impl ReadableTable<&'static str, u64>) -> Result<V
     Ok(vv)
 }
 
-/// Decodes a stored change; a failure means the file is damaged.
+/// Decodes a change's encoding; a failure means the store is damaged.
 pub(crate) fn decode_change(bytes: &[u8]) -> Result<Change, StorageError> {
     Change::decode(bytes).map_err(|e| StorageError(format!("stored change does not decode: {e}")))
+}
+
+/// First byte of a `changes` value that gives the change's place in the
+/// log. No protobuf encoding starts with it (it would be field 31 of wire
+/// type 7, which does not exist).
+const CHANGE_AT: u8 = 0xFF;
+
+/// A `changes` value: the change's encoding is `len` bytes at `at` in the log.
+fn encode_place(at: u64, len: usize) -> [u8; 13] {
+    let mut out = [0u8; 13];
+    out[0] = CHANGE_AT;
+    out[1..9].copy_from_slice(&at.to_be_bytes());
+    out[9..13].copy_from_slice(&(len as u32).to_be_bytes());
+    out
+}
+
+/// Where a `changes` value's encoding is.
+enum ChangePlace<'a> {
+    Log {
+        at: u64,
+        len: usize,
+    },
+    /// Stored in the table itself (a store from before the log kept them).
+    Inline(&'a [u8]),
+}
+
+fn change_place(value: &[u8]) -> Result<ChangePlace<'_>, StorageError> {
+    if value.first() != Some(&CHANGE_AT) {
+        return Ok(ChangePlace::Inline(value));
+    }
+    let (Some(at), Some(len)) = (value.get(1..9), value.get(9..13)) else {
+        return Err(StorageError("stored change place is damaged".into()));
+    };
+    Ok(ChangePlace::Log {
+        at: u64::from_be_bytes(at.try_into().unwrap_or_default()),
+        len: u32::from_be_bytes(len.try_into().unwrap_or_default()) as usize,
+    })
+}
+
+/// The length of the encoding a `changes` value stands for.
+pub(crate) fn stored_change_len(value: &[u8]) -> Result<usize, StorageError> {
+    Ok(match change_place(value)? {
+        ChangePlace::Log { len, .. } => len,
+        ChangePlace::Inline(b) => b.len(),
+    })
+}
+
+/// The change a `changes` value stands for. `pending` is the writer's
+/// record not yet in the file: (its payload's offset, the payload).
+pub(crate) fn load_change(
+    value: &[u8],
+    log: &LogReader,
+    pending: Option<(u64, &[u8])>,
+) -> Result<Change, StorageError> {
+    match change_place(value)? {
+        ChangePlace::Inline(bytes) => decode_change(bytes),
+        ChangePlace::Log { at, len } => match pending {
+            Some((base, buf)) if at >= base => {
+                let from = usize::try_from(at - base).unwrap_or(usize::MAX);
+                match buf.get(from..from.saturating_add(len)) {
+                    Some(bytes) => decode_change(bytes),
+                    None => Err(StorageError(format!("change place {at}+{len} is past the log"))),
+                }
+            }
+            _ => decode_change(&log.read(at, len).map_err(|e| StorageError(e.to_string()))?),
+        },
+    }
+}
+
+/// The changes `values` (from the `changes` table) stand for, in order.
+/// Neighbours in the log are read together, a span at a time.
+pub(crate) fn load_changes(values: &[Vec<u8>], log: &LogReader) -> Result<Vec<Change>, StorageError> {
+    /// Most bytes read at once; a gap this small between two changes is
+    /// read rather than skipped.
+    const SPAN: u64 = 1 << 20;
+    const GAP: u64 = 4096;
+    let places = values.iter().map(|v| change_place(v)).collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::with_capacity(places.len());
+    let mut i = 0;
+    while i < places.len() {
+        let ChangePlace::Log { at: start, len } = places[i] else {
+            if let ChangePlace::Inline(bytes) = places[i] {
+                out.push(decode_change(bytes)?);
+            }
+            i += 1;
+            continue;
+        };
+        let mut end = start + len as u64;
+        let mut j = i + 1;
+        while let Some(ChangePlace::Log { at, len }) = places.get(j) {
+            let next_end = at + *len as u64;
+            if *at < end || *at > end + GAP || next_end - start > SPAN {
+                break;
+            }
+            end = next_end;
+            j += 1;
+        }
+        let span = log
+            .read(start, (end - start) as usize)
+            .map_err(|e| StorageError(e.to_string()))?;
+        for place in &places[i..j] {
+            if let ChangePlace::Log { at, len } = place {
+                let from = (at - start) as usize;
+                out.push(decode_change(&span[from..from + len])?);
+            }
+        }
+        i = j;
+    }
+    Ok(out)
+}
+
+/// Looks changes up by (origin, seq).
+pub(crate) trait Changes {
+    fn change(&self, origin: &str, seq: u64) -> Result<Option<Change>, StorageError>;
+}
+
+/// A `changes` table with the log it points into: how readers find changes.
+pub(crate) struct LogView<T> {
+    pub table: T,
+    pub log: LogReader,
+}
+
+impl<T: ReadableTable<(&'static str, u64), &'static [u8]>> Changes for LogView<T> {
+    fn change(&self, origin: &str, seq: u64) -> Result<Option<Change>, StorageError> {
+        match self.table.get((origin, seq))? {
+            Some(v) => load_change(v.value(), &self.log, None).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Changes for WriteTables<'_> {
+    fn change(&self, origin: &str, seq: u64) -> Result<Option<Change>, StorageError> {
+        match self.changes.get((origin, seq))? {
+            Some(v) => load_change(v.value(), &self.log_file, Some((self.log_base, &self.log))).map(Some),
+            None => Ok(None),
+        }
+    }
 }
 
 /// Parses a version body into a JSON object.
@@ -127,6 +277,59 @@ pub(crate) fn version_record(change: &Change) -> Result<ocmesh_replication::merg
     })
 }
 
+/// First byte of a `documents` value that refers to a change instead of
+/// holding JSON (which always starts with `{`).
+const DOC_REF: u8 = 0;
+
+/// A `documents` value that refers to change (`origin`, `seq`), whose body
+/// shown as version number `version` is the current document.
+fn encode_doc_ref(version: u64, origin: &str, seq: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(17 + origin.len());
+    out.push(DOC_REF);
+    out.extend_from_slice(&version.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(origin.as_bytes());
+    out
+}
+
+/// A `documents` value that is a reference: (version, origin, seq).
+fn decode_doc_ref(bytes: &[u8]) -> Option<(u64, &str, u64)> {
+    if bytes.first() != Some(&DOC_REF) || bytes.len() < 17 {
+        return None;
+    }
+    let version = u64::from_be_bytes(bytes[1..9].try_into().ok()?);
+    let seq = u64::from_be_bytes(bytes[9..17].try_into().ok()?);
+    let origin = std::str::from_utf8(&bytes[17..]).ok()?;
+    Some((version, origin, seq))
+}
+
+/// The current document a `documents` value stands for: its JSON, or the
+/// body of the change it refers to (read from `changes`) with `_version`,
+/// fields in key order as the JSON form stores them.
+pub(crate) fn read_stored_doc(
+    collection: &str,
+    id: &str,
+    bytes: &[u8],
+    changes: &impl Changes,
+) -> Result<Map<String, Value>, StorageError> {
+    let damaged = |what: String| StorageError(format!("stored document {collection}/{id}: {what}"));
+    if bytes.first() != Some(&DOC_REF) {
+        return match serde_json::from_slice(bytes) {
+            Ok(Value::Object(m)) => Ok(m),
+            Ok(_) => Err(damaged("not a JSON object".into())),
+            Err(e) => Err(damaged(e.to_string())),
+        };
+    }
+    let (version, origin, seq) = decode_doc_ref(bytes).ok_or_else(|| damaged("malformed reference".into()))?;
+    let Some(change) = changes.change(origin, seq)? else {
+        return Err(damaged(format!("refers to missing change {origin}:{seq}")));
+    };
+    let mut doc = body_object(&change)?;
+    doc.insert("_version".into(), Value::from(version));
+    doc.sort_keys();
+    Ok(doc)
+}
+
 /// A peer change's body: the one its caller parsed, or parsed now.
 fn take_body(change: &Change, parsed: &mut Option<Map<String, Value>>) -> Result<Map<String, Value>, StorageError> {
     match parsed.take() {
@@ -135,13 +338,14 @@ fn take_body(change: &Change, parsed: &mut Option<Map<String, Value>>) -> Result
     }
 }
 
-/// The greatest version's effect on the document before it.
+/// The greatest version's effect on the document before it, and whether
+/// the result is the change's body as written.
 fn apply_fields(
     change: &Change,
     body: Map<String, Value>,
     old: Option<Map<String, Value>>,
-) -> Option<Map<String, Value>> {
-    match ChangeKind::try_from(change.kind) {
+) -> (Option<Map<String, Value>>, bool) {
+    let doc = match ChangeKind::try_from(change.kind) {
         Ok(ChangeKind::Delete) => None,
         Ok(ChangeKind::Update) if change.partial => old.map(|mut doc| {
             doc.remove("_version");
@@ -159,8 +363,9 @@ fn apply_fields(
         }),
         // A whole-document update of a deleted document leaves it deleted.
         Ok(ChangeKind::Update) if old.is_none() => None,
-        _ => Some(body),
-    }
+        _ => return (Some(body), true),
+    };
+    (doc, false)
 }
 
 /// What a local write hands to `WriteTables::append`: its body, and the
@@ -266,8 +471,12 @@ pub(crate) struct WriteTables<'t> {
     /// item: poppers waiting on them are woken after the commit.
     pub readied: Vec<String>,
     /// The changes appended in this transaction, each length-delimited: the
-    /// group's write-ahead log record.
+    /// payload of the group's log record.
     pub log: Vec<u8>,
+    /// Where that payload will be in the log file.
+    pub log_base: u64,
+    /// The log, to read changes of earlier groups.
+    pub log_file: LogReader,
     /// Highest seq appended per origin, written to `version_vector` once
     /// per transaction by `flush_vv`.
     vv_pending: Vec<(String, u64)>,
@@ -295,7 +504,13 @@ pub(crate) struct GroupCache {
 }
 
 impl<'t> WriteTables<'t> {
-    pub fn open(txn: &'t WriteTransaction, site: &str) -> Result<Self, StorageError> {
+    /// The tables of `txn`; the group's log record will go to `log_base`.
+    pub fn open(
+        txn: &'t WriteTransaction,
+        site: &str,
+        log_file: LogReader,
+        log_base: u64,
+    ) -> Result<Self, StorageError> {
         Ok(WriteTables {
             meta: txn.open_table(META)?,
             changes: txn.open_table(CHANGES)?,
@@ -316,6 +531,8 @@ impl<'t> WriteTables<'t> {
             withheld: txn.open_table(WITHHELD)?,
             readied: Vec::new(),
             log: Vec::new(),
+            log_base,
+            log_file,
             vv_pending: Vec::new(),
             cache: GroupCache::default(),
             site: site.to_owned(),
@@ -344,7 +561,18 @@ impl<'t> WriteTables<'t> {
         encoded: Option<&[u8]>,
         source: Source,
     ) -> Result<(u64, Option<Value>), StorageError> {
-        self.log_change(change, encoded)?;
+        self.append_logged(change, encoded, None, source)
+    }
+
+    /// `append_encoded`, for a change already in the log at `logged_at`.
+    fn append_logged(
+        &mut self,
+        change: &Change,
+        encoded: Option<&[u8]>,
+        logged_at: Option<(u64, usize)>,
+        source: Source,
+    ) -> Result<(u64, Option<Value>), StorageError> {
+        self.log_change(change, encoded, logged_at)?;
         match self.vv_pending.iter_mut().find(|(o, _)| *o == change.origin) {
             Some(entry) => entry.1 = change.seq,
             None => self.vv_pending.push((change.origin.clone(), change.seq)),
@@ -366,28 +594,48 @@ impl<'t> WriteTables<'t> {
     /// change). Returns false, doing nothing, when the change is not
     /// withheld here.
     pub fn fill(&mut self, change: &Change) -> Result<bool, StorageError> {
+        self.fill_logged(change, None)
+    }
+
+    /// `fill`, for a change already in the log at `logged_at`.
+    fn fill_logged(&mut self, change: &Change, logged_at: Option<(u64, usize)>) -> Result<bool, StorageError> {
         if change.withheld || self.withheld.remove((change.origin.as_str(), change.seq))?.is_none() {
             return Ok(false);
         }
-        self.log_change(change, None)?;
+        self.log_change(change, None, logged_at)?;
         self.join_history(change, Source::Peer(None))?;
         Ok(true)
     }
 
-    /// Writes `change` to the log table and to this group's write-ahead
-    /// log record.
-    fn log_change(&mut self, change: &Change, encoded: Option<&[u8]>) -> Result<(), StorageError> {
-        let owned;
-        let bytes = match encoded {
-            Some(b) => b,
+    /// Adds `change` to this group's log record and its place to the
+    /// `changes` table; a change replayed from the log (`logged_at`) is
+    /// there already.
+    fn log_change(
+        &mut self,
+        change: &Change,
+        encoded: Option<&[u8]>,
+        logged_at: Option<(u64, usize)>,
+    ) -> Result<(), StorageError> {
+        let (at, len) = match logged_at {
+            Some(place) => place,
             None => {
-                owned = change.encode_to_vec();
-                owned.as_slice()
+                let owned;
+                let bytes = match encoded {
+                    Some(b) => b,
+                    None => {
+                        owned = change.encode_to_vec();
+                        owned.as_slice()
+                    }
+                };
+                prost::encoding::encode_varint(bytes.len() as u64, &mut self.log);
+                let at = self.log_base + self.log.len() as u64;
+                self.log.extend_from_slice(bytes);
+                (at, bytes.len())
             }
         };
-        self.changes.insert((change.origin.as_str(), change.seq), bytes)?;
-        prost::encoding::encode_varint(bytes.len() as u64, &mut self.log);
-        self.log.extend_from_slice(bytes);
+        let place = encode_place(at, len);
+        self.changes
+            .insert((change.origin.as_str(), change.seq), place.as_slice())?;
         Ok(())
     }
 
@@ -474,7 +722,9 @@ impl<'t> WriteTables<'t> {
         let deleted = change.kind == ChangeKind::Delete as i32;
         // Only the work-item tables need where the document began.
         let wants_first = collection == crate::workitems::QUEUES || collection == crate::workitems::ITEMS;
-        let (len, is_this, new, old, first) = match source {
+        // `verbatim`: the new current document is this change's body as
+        // written, so `documents` can refer to the change.
+        let (len, is_this, new, verbatim, old, first) = match source {
             Source::Local(l) => {
                 // A local change carries the newest HLC (the writer refused
                 // an older one), so it is the current version.
@@ -482,7 +732,7 @@ impl<'t> WriteTables<'t> {
                     Some(_) => self.history_count(collection, id, l.old.as_ref())?,
                     None => 1,
                 };
-                (len, true, (!deleted).then_some(l.body), l.old, l.first)
+                (len, true, (!deleted).then_some(l.body), true, l.old, l.first)
             }
             Source::Peer(mut body) => {
                 let (greatest, previous, first) = {
@@ -535,17 +785,24 @@ impl<'t> WriteTables<'t> {
                 // stale owner's second change builds on its first and would
                 // otherwise slip its fields in here.
                 let settles = collection == crate::workitems::ITEMS;
-                let new = if is_this && len == 1 && change.kind == ChangeKind::Update as i32 {
+                let (new, verbatim) = if is_this && len == 1 && change.kind == ChangeKind::Update as i32 {
                     // The first version held here is an update: the ones
                     // before it were withheld from this site (see
                     // `ocmesh_replication::merge`).
-                    Some(take_body(change, &mut body)?)
+                    (Some(take_body(change, &mut body)?), true)
                 } else if is_this && builds_on_previous && !settles {
                     apply_fields(change, take_body(change, &mut body)?, old.clone())
                 } else {
-                    self.refold(collection, id)?
+                    (self.refold(collection, id)?, false)
                 };
-                (len, is_this, new, old, first.map(|(origin, _, hlc)| (origin, hlc)))
+                (
+                    len,
+                    is_this,
+                    new,
+                    verbatim,
+                    old,
+                    first.map(|(origin, _, hlc)| (origin, hlc)),
+                )
             }
         };
         let (first_origin, first_hlc) = match &first {
@@ -568,7 +825,11 @@ impl<'t> WriteTables<'t> {
                 // client's order, a peer's fold appends changed fields, and
                 // the stored bytes must not depend on which site wrote them.
                 doc.sort_keys();
-                let bytes = serde_json::to_vec(&doc).map_err(|e| StorageError(e.to_string()))?;
+                let bytes = if verbatim {
+                    encode_doc_ref(len - 1, &change.origin, change.seq)
+                } else {
+                    serde_json::to_vec(&doc).map_err(|e| StorageError(e.to_string()))?
+                };
                 self.documents.insert((collection, id), bytes.as_slice())?;
                 if from_peer {
                     self.docs.remove(collection, id);
@@ -648,13 +909,10 @@ impl<'t> WriteTables<'t> {
         };
         let mut records = Vec::with_capacity(keys.len());
         for (origin, seq) in keys {
-            let change = match self.changes.get((origin.as_str(), seq))? {
-                Some(g) => decode_change(g.value())?,
-                None => {
-                    return Err(StorageError(format!(
-                        "history of {collection}/{id} points at missing change {origin}:{seq}"
-                    )));
-                }
+            let Some(change) = self.change(&origin, seq)? else {
+                return Err(StorageError(format!(
+                    "history of {collection}/{id} points at missing change {origin}:{seq}"
+                )));
             };
             records.push(version_record(&change)?);
         }
@@ -769,12 +1027,7 @@ impl<'t> WriteTables<'t> {
             return Ok(Some(doc.clone()));
         }
         match self.documents.get((collection, id))? {
-            Some(g) => match serde_json::from_slice(g.value()) {
-                Ok(Value::Object(m)) => Ok(Some(m)),
-                _ => Err(StorageError(format!(
-                    "stored document {collection}/{id} is not a JSON object"
-                ))),
-            },
+            Some(g) => read_stored_doc(collection, id, g.value(), self).map(Some),
             None => Ok(None),
         }
     }
@@ -787,20 +1040,31 @@ impl<'t> WriteTables<'t> {
         Ok(())
     }
 
-    /// Re-applies the changes of write-ahead log records that the last
-    /// checkpoint does not hold; returns how many and the greatest HLC.
-    pub fn replay(&mut self, records: &[&[u8]]) -> Result<(u64, u64), StorageError> {
+    /// Re-applies the changes of log records that the last checkpoint may
+    /// not hold (they stay where they are in the log); returns how many
+    /// and the greatest HLC.
+    pub fn replay(&mut self, records: &[crate::wal::Record<'_>]) -> Result<(u64, u64), StorageError> {
         let mut vv = read_vv(&self.vv)?;
         let (mut applied, mut max_hlc) = (0, 0);
         for record in records {
-            let mut buf = *record;
+            let mut buf = record.payload;
             while !buf.is_empty() {
-                let change = Change::decode_length_delimited(&mut buf)
-                    .map_err(|e| StorageError(format!("write-ahead log record does not decode: {e}")))?;
+                let bad = |e: prost::DecodeError| StorageError(format!("log record does not decode: {e}"));
+                let len = prost::encoding::decode_varint(&mut buf).map_err(bad)? as usize;
+                let at = record.at + (record.payload.len() - buf.len()) as u64;
+                let Some(encoded) = buf.get(..len) else {
+                    return Err(StorageError(format!(
+                        "log record at {} ends inside a change",
+                        record.at
+                    )));
+                };
+                let change = Change::decode(encoded).map_err(bad)?;
+                buf = &buf[len..];
+                let place = Some((at, len));
                 let held = vv.get(&change.origin);
                 if change.seq <= held {
                     // A refill of a stub this site held is logged again.
-                    if self.fill(&change)? {
+                    if self.fill_logged(&change, place)? {
                         max_hlc = max_hlc.max(change.hlc);
                         applied += 1;
                     }
@@ -812,7 +1076,7 @@ impl<'t> WriteTables<'t> {
                         change.origin, change.seq
                     )));
                 }
-                self.append(&change, Source::Peer(None))?;
+                self.append_logged(&change, None, place, Source::Peer(None))?;
                 vv.advance(&change.origin, change.seq);
                 max_hlc = max_hlc.max(change.hlc);
                 applied += 1;

@@ -955,6 +955,63 @@ async fn concurrent_field_edits_merge_and_same_field_edits_are_conflicts() {
     assert!(a.conflicts(None, None, &stranger).expect("list").is_empty());
 }
 
+/// The stored form of a current document: its first byte tells a
+/// reference to a version (0) from JSON (`{`).
+fn stored_form(node: &Node, collection: &str, id: &str) -> u8 {
+    let txn = node.inner.db.begin_read().expect("read");
+    let docs = txn.open_table(store::DOCUMENTS).expect("table");
+    let v = docs.get((collection, id)).expect("get").expect("stored");
+    v.value()[0]
+}
+
+/// A document that is one version's body is stored as a reference to that
+/// change (its body is kept once); a merge of several versions is stored
+/// as JSON. Both read back the same way, fields in key order, on every site.
+#[tokio::test]
+async fn a_current_document_is_a_reference_to_its_version_unless_merged() {
+    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let (a, b) = (open(da.path(), "a"), open(db.path(), "b"));
+    let doc = a
+        .insert("entities", obj(json!({"z": 0, "y": 0, "x": 0})), &admin())
+        .await
+        .expect("insert");
+    let id = doc["_id"].as_str().expect("id").to_owned();
+    b.apply(all_changes(&a)).await.expect("apply");
+    assert_eq!(stored_form(&a, "entities", &id), 0, "a local insert is a reference");
+    assert_eq!(stored_form(&b, "entities", &id), 0, "a peer's insert is a reference");
+    let text = |v: &Value| serde_json::to_string(v).expect("text");
+    let (ga, gb) = (a.get("entities", &id).expect("a"), b.get("entities", &id).expect("b"));
+    assert_eq!(text(&ga), text(&gb));
+    let keys: Vec<&String> = ga.as_object().expect("object").keys().collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "fields in key order");
+    assert_eq!(text(&ga), text(&doc), "the write's answer is what a read shows");
+
+    a.update("entities", &id, json!({"$set": {"x": "a"}}), &admin())
+        .await
+        .expect("a");
+    b.update("entities", &id, json!({"$set": {"y": "b"}}), &admin())
+        .await
+        .expect("b");
+    let from = |n: &Node, o: &str| -> Vec<Change> { all_changes(n).into_iter().filter(|c| c.origin == o).collect() };
+    let (from_a, from_b) = (from(&a, "a"), from(&b, "b"));
+    a.apply(from_b).await.expect("apply at a");
+    b.apply(from_a).await.expect("apply at b");
+    // Whichever version is greater, one of the two sites had to merge.
+    let forms = (stored_form(&a, "entities", &id), stored_form(&b, "entities", &id));
+    assert!(forms.0 == b'{' || forms.1 == b'{', "{forms:?}");
+    let (ga, gb) = (a.get("entities", &id).expect("a"), b.get("entities", &id).expect("b"));
+    assert_eq!(text(&ga), text(&gb), "both forms read the same");
+    assert_eq!((ga["x"].clone(), ga["y"].clone()), (json!("a"), json!("b")));
+    let q = query::Query::from_json(&json!({"filter": {"x": "a"}})).expect("query");
+    assert_eq!(a.query("entities", &q).expect("query"), vec![ga.clone()]);
+    assert_eq!(b.query("entities", &q).expect("query"), vec![gb]);
+    drop(a);
+    let a = reopen(da.path(), "a").await;
+    assert_eq!(text(&a.get("entities", &id).expect("a")), text(&ga), "after a restart");
+}
+
 /// A delete made at one site is not undone by an edit a late peer made to
 /// the old document.
 #[tokio::test]

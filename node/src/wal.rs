@@ -1,41 +1,46 @@
-//! The write-ahead log: what makes a group of writes durable between
-//! checkpoints.
+//! The log: the site's change log on disk, and what makes a group of
+//! writes durable.
 //!
-//! redb's durable commit costs far more than appending the same changes to
-//! a file and syncing it (it rewrites and syncs every touched B-tree page).
-//! So most groups are committed to redb without durability and their
-//! changes, already encoded, are appended here and synced before anyone is
-//! answered. Every second (or 64 MiB of log) the writer makes one durable
-//! redb commit, a checkpoint, which bumps the log's epoch and empties it.
+//! Every group of writes that makes changes appends them, already encoded,
+//! as one checksummed record, and syncs it before anyone is answered. The
+//! file only grows: the records are where every change's encoding lives
+//! (redb's `changes` table holds each change's place in this file, see
+//! `crate::store`), so a change's body is written once. redb's own commits
+//! are not durable except at a checkpoint (every second, or after 64 MiB
+//! of log), which also records where the log stood (`wal_from`): recovery
+//! replays the records from there, which redb may not hold yet.
 //!
 //! A record is `magic, epoch (u64 LE), length (u32 LE), checksum (8 bytes
 //! of BLAKE3 over epoch and payload), payload`; the payload is the group's
 //! changes, each length-delimited protobuf. Recovery reads records of the
-//! current epoch until the first that is torn or damaged: a record is
-//! synced before its writes are acknowledged, so only unacknowledged writes
-//! can be lost with a torn tail. Records of older epochs are already in
-//! redb and are ignored, which also makes an unsynced truncation harmless.
+//! current epoch from the checkpointed offset until the first that is torn
+//! or damaged: a record is synced before its writes are acknowledged, so
+//! only unacknowledged writes can be lost with a torn tail. Each opening
+//! starts a new epoch at the end of the intact records, so whatever a torn
+//! write left past that end is never mistaken for a record later.
 
 use std::fs::{File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::disk::SiteFile;
 
 const MAGIC: [u8; 4] = *b"OMW1";
-const HEADER: usize = 4 + 8 + 4 + 8;
+/// Bytes before a record's payload.
+pub(crate) const HEADER: usize = 4 + 8 + 4 + 8;
 /// Largest record accepted on recovery; a group's changes stay far below.
 const MAX_RECORD: usize = 1 << 30;
 /// A checkpoint is due after this long...
 pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-/// ...or once the log holds this many bytes.
+/// ...or once this many bytes were logged since the last one (what a
+/// recovery replays at most, give or take a group).
 pub(crate) const CHECKPOINT_BYTES: u64 = 64 << 20;
 
 /// Why the log could not be read or written.
 #[derive(Debug, thiserror::Error)]
-#[error("write-ahead log {path}: {what}: {source}")]
+#[error("log {path}: {what}: {source}")]
 pub struct WalError {
     path: String,
     what: &'static str,
@@ -59,6 +64,13 @@ impl WalFile {
         }
     }
 
+    fn read_exact_at(&self, out: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            WalFile::Disk(f) => f.read_exact_at(out, offset),
+            WalFile::Other(f) => f.read_at(offset, out),
+        }
+    }
+
     fn sync_data(&self) -> std::io::Result<()> {
         match self {
             WalFile::Disk(f) => f.sync_data(),
@@ -72,22 +84,38 @@ impl WalFile {
             WalFile::Other(f) => f.len(),
         }
     }
+}
 
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        match self {
-            WalFile::Disk(f) => f.set_len(len),
-            WalFile::Other(f) => f.set_len(len),
-        }
+/// Reads changes back from the log by their place; shared by the writer
+/// and every reader. It only reads what a committed redb transaction
+/// points at, which the log synced before that commit.
+#[derive(Debug, Clone)]
+pub(crate) struct LogReader {
+    path: Arc<str>,
+    file: Arc<WalFile>,
+}
+
+impl LogReader {
+    /// `len` bytes at `offset`.
+    pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, WalError> {
+        let mut out = vec![0u8; len];
+        self.file.read_exact_at(&mut out, offset).map_err(|source| WalError {
+            path: self.path.to_string(),
+            what: "cannot read",
+            source,
+        })?;
+        Ok(out)
     }
 }
 
-/// The open log file of a site.
+/// The open log of a site.
 #[derive(Debug)]
 pub(crate) struct Wal {
-    path: PathBuf,
-    file: WalFile,
-    /// Where the next record goes: records since the last checkpoint end here.
-    bytes: u64,
+    reader: LogReader,
+    /// Where the next record goes: the end of the intact records.
+    end: u64,
+    /// Bytes appended since the last checkpoint.
+    since_checkpoint: u64,
     /// Wall-clock ms (the node's clock) of the last checkpoint.
     last_checkpoint_ms: u64,
 }
@@ -101,89 +129,115 @@ fn checksum(epoch: u64, payload: &[u8]) -> [u8; 8] {
     out
 }
 
-/// The payloads of the intact records of `epoch`, in order, from `bytes`.
-pub(crate) fn parse_records(bytes: &[u8], epoch: u64) -> Vec<&[u8]> {
+/// An intact record found by `parse_records`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Record<'a> {
+    /// Offset of the payload in the file.
+    pub at: u64,
+    pub payload: &'a [u8],
+}
+
+/// The intact records of `epoch`, in order, in `bytes` (which start at
+/// file offset `base`), and the offset where they end.
+pub(crate) fn parse_records(bytes: &[u8], base: u64, epoch: u64) -> (Vec<Record<'_>>, u64) {
     let mut out = Vec::new();
-    let mut rest = bytes;
-    while rest.len() >= HEADER && rest[..4] == MAGIC {
+    let mut pos = 0usize;
+    loop {
+        let rest = &bytes[pos..];
+        if rest.len() < HEADER || rest[..4] != MAGIC {
+            break;
+        }
         let rec_epoch = u64::from_le_bytes(rest[4..12].try_into().unwrap_or_default());
         let len = u32::from_le_bytes(rest[12..16].try_into().unwrap_or_default()) as usize;
         if len > MAX_RECORD || rest.len() < HEADER + len {
             break;
         }
         let payload = &rest[HEADER..HEADER + len];
-        if rest[16..24] != checksum(rec_epoch, payload) {
+        // Another epoch's record is what an earlier opening left past its
+        // end: never part of this log.
+        if rec_epoch != epoch || rest[16..24] != checksum(rec_epoch, payload) {
             break;
         }
-        // A stale record of an earlier epoch: everything from here on is
-        // older than the last checkpoint.
-        if rec_epoch != epoch {
-            break;
-        }
-        out.push(payload);
-        rest = &rest[HEADER + len..];
+        out.push(Record {
+            at: base + (pos + HEADER) as u64,
+            payload,
+        });
+        pos += HEADER + len;
     }
-    out
+    (out, base + pos as u64)
 }
 
 impl Wal {
-    /// Opens the log on a site file other than a plain one (an in-memory
-    /// disk's, a block store's) and returns it with its content.
-    pub fn open_site_file(file: impl SiteFile, place: &str, now_ms: u64) -> Result<(Wal, Vec<u8>), WalError> {
-        let content = file.len().and_then(|len| {
-            let mut out = vec![0u8; usize::try_from(len).map_err(std::io::Error::other)?];
-            file.read_at(0, &mut out).map(|()| out)
-        });
-        Wal::opened(PathBuf::from(place), WalFile::Other(Box::new(file)), content, now_ms)
+    /// The log on a site file other than a plain one (an in-memory disk's,
+    /// a block store's).
+    pub fn open_site_file(file: impl SiteFile, place: &str, now_ms: u64) -> Wal {
+        Wal::opened(place, WalFile::Other(Box::new(file)), now_ms)
     }
 
-    /// The log over `file`, whose content (or why it could not be read) is `content`.
-    fn opened(
-        path: PathBuf,
-        file: WalFile,
-        content: std::io::Result<Vec<u8>>,
-        now_ms: u64,
-    ) -> Result<(Wal, Vec<u8>), WalError> {
-        let content = content.map_err(|source| WalError {
-            path: path.display().to_string(),
-            what: "cannot read",
-            source,
-        })?;
-        let wal = Wal {
-            path,
-            file,
-            bytes: content.len() as u64,
+    fn opened(path: &str, file: WalFile, now_ms: u64) -> Wal {
+        Wal {
+            reader: LogReader {
+                path: path.into(),
+                file: Arc::new(file),
+            },
+            end: 0,
+            since_checkpoint: 0,
             last_checkpoint_ms: now_ms,
-        };
-        Ok((wal, content))
+        }
     }
 
-    /// Opens (or creates) the log and returns it with its whole content.
-    pub fn open(path: &Path, now_ms: u64) -> Result<(Wal, Vec<u8>), WalError> {
-        let err = |what| {
-            let path = path.display().to_string();
-            move |source| WalError { path, what, source }
-        };
-        let mut file = OpenOptions::new()
+    /// Opens (or creates) the log file.
+    pub fn open(path: &Path, now_ms: u64) -> Result<Wal, WalError> {
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .truncate(false)
             .create(true)
             .open(path)
-            .map_err(err("cannot open"))?;
-        let mut content = Vec::new();
-        let read = file.read_to_end(&mut content).map(|_| content);
-        Wal::opened(path.to_owned(), WalFile::Disk(file), read, now_ms)
+            .map_err(|source| WalError {
+                path: path.display().to_string(),
+                what: "cannot open",
+                source,
+            })?;
+        Ok(Wal::opened(&path.display().to_string(), WalFile::Disk(file), now_ms))
     }
 
     fn err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> WalError {
-        let path = self.path.display().to_string();
+        let path = self.reader.path.to_string();
         move |source| WalError { path, what, source }
     }
 
-    /// Whether the next group should be a durable checkpoint instead.
+    /// Everything in the file from `from` on (the records a recovery may
+    /// replay, and whatever a torn write left after them).
+    pub fn read_from(&self, from: u64) -> Result<Vec<u8>, WalError> {
+        let len = self.reader.file.len().map_err(self.err("cannot stat"))?;
+        let n = usize::try_from(len.saturating_sub(from))
+            .map_err(|_| self.err("cannot read")(std::io::Error::other("log too large")))?;
+        self.reader.read(from, n)
+    }
+
+    /// Sets where the next record goes, after a recovery found the end.
+    pub fn set_end(&mut self, end: u64) {
+        self.end = end;
+    }
+
+    /// Where the next record goes.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Where the payload of the next record will be.
+    pub fn next_payload_at(&self) -> u64 {
+        self.end + HEADER as u64
+    }
+
+    pub fn reader(&self) -> LogReader {
+        self.reader.clone()
+    }
+
+    /// Whether the next group should also be a checkpoint.
     pub fn checkpoint_due(&self, now_ms: u64) -> bool {
-        self.bytes >= CHECKPOINT_BYTES
+        self.since_checkpoint >= CHECKPOINT_BYTES
             || now_ms.saturating_sub(self.last_checkpoint_ms) >= CHECKPOINT_EVERY.as_millis() as u64
             // A clock that went back (a wall clock stepped) also checkpoints.
             || now_ms < self.last_checkpoint_ms
@@ -197,31 +251,20 @@ impl Wal {
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         record.extend_from_slice(&checksum(epoch, payload));
         record.extend_from_slice(payload);
-        // Overwriting blocks the file already has keeps the sync to data
-        // only; the file's size changes only while it grows past its peak.
-        self.file
-            .write_all_at(&record, self.bytes)
+        self.reader
+            .file
+            .write_all_at(&record, self.end)
             .map_err(self.err("cannot append"))?;
-        self.file.sync_data().map_err(self.err("cannot sync"))?;
-        self.bytes += record.len() as u64;
+        self.reader.file.sync_data().map_err(self.err("cannot sync"))?;
+        self.end += record.len() as u64;
+        self.since_checkpoint += record.len() as u64;
         Ok(())
     }
 
-    /// After a checkpoint: everything logged is in redb now, so new
-    /// records start again at the front, over the old ones (whose older
-    /// epoch stops recovery where the new records end).
+    /// After a checkpoint: recovery now starts at `end`.
     pub fn checkpointed(&mut self, now_ms: u64) {
         self.last_checkpoint_ms = now_ms;
-        self.bytes = 0;
-    }
-
-    /// Shrinks the file when it has grown past `CHECKPOINT_BYTES`.
-    pub fn trim(&mut self) -> Result<(), WalError> {
-        let len = self.file.len().map_err(self.err("cannot stat"))?;
-        if len > CHECKPOINT_BYTES + (1 << 20) && self.bytes == 0 {
-            self.file.set_len(0).map_err(self.err("cannot truncate"))?;
-        }
-        Ok(())
+        self.since_checkpoint = 0;
     }
 }
 
@@ -229,42 +272,63 @@ impl Wal {
 mod tests {
     use super::*;
 
+    fn payloads<'a>(records: &[Record<'a>]) -> Vec<&'a [u8]> {
+        records.iter().map(|r| r.payload).collect()
+    }
+
     #[test]
     fn records_round_trip_and_stop_at_damage() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("wal");
-        let (mut wal, content) = Wal::open(&path, 0).expect("open");
-        assert!(content.is_empty());
+        let mut wal = Wal::open(&path, 0).expect("open");
+        assert!(wal.read_from(0).expect("read").is_empty());
         wal.append(7, b"one").expect("append");
         wal.append(7, b"two").expect("append");
         wal.append(7, b"three").expect("append");
         drop(wal);
-        let (_, content) = Wal::open(&path, 0).expect("reopen");
-        assert_eq!(parse_records(&content, 7), vec![&b"one"[..], b"two", b"three"]);
+        let wal = Wal::open(&path, 0).expect("reopen");
+        let content = wal.read_from(0).expect("read");
+        let (records, end) = parse_records(&content, 0, 7);
+        assert_eq!(payloads(&records), vec![&b"one"[..], b"two", b"three"]);
+        assert_eq!(end, content.len() as u64);
+        // Each payload is where the record says.
+        for r in &records {
+            assert_eq!(wal.reader().read(r.at, r.payload.len()).expect("read"), r.payload);
+        }
         // Another epoch's records are not replayed.
-        assert!(parse_records(&content, 8).is_empty());
+        assert!(parse_records(&content, 0, 8).0.is_empty());
         // A torn tail loses only the torn record.
-        assert_eq!(parse_records(&content[..content.len() - 2], 7).len(), 2);
+        let (torn, torn_end) = parse_records(&content[..content.len() - 2], 0, 7);
+        assert_eq!(torn.len(), 2);
+        assert_eq!(torn_end, (2 * HEADER + 6) as u64);
         // A flipped byte in the second payload stops there.
         let mut bad = content.clone();
         let second = HEADER + 3 + HEADER;
         bad[second] ^= 1;
-        assert_eq!(parse_records(&bad, 7), vec![&b"one"[..]]);
+        assert_eq!(payloads(&parse_records(&bad, 0, 7).0), vec![&b"one"[..]]);
+        // Reading from the middle: offsets stay the file's.
+        let (tail, _) = parse_records(&content[HEADER + 3..], (HEADER + 3) as u64, 7);
+        assert_eq!(tail, records[1..].to_vec());
     }
 
     #[test]
-    fn a_checkpoint_restarts_the_log() {
+    fn a_new_epoch_written_over_a_torn_tail_ends_where_it_ends() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("wal");
-        let (mut wal, _) = Wal::open(&path, 0).expect("open");
+        let mut wal = Wal::open(&path, 0).expect("open");
         wal.append(1, b"first record").expect("append");
-        wal.append(1, b"second record").expect("append");
-        wal.checkpointed(0);
+        wal.append(1, b"a second, longer record").expect("append");
+        // The second record was torn: the next opening ends after the first.
+        let content = wal.read_from(0).expect("read");
+        let (_, end) = parse_records(&content[..content.len() - 1], 0, 1);
+        wal.set_end(end);
         wal.append(2, b"y").expect("append");
         drop(wal);
-        let (_, content) = Wal::open(&path, 0).expect("reopen");
-        // The new epoch's record overwrote the front; the stale rest is not replayed.
-        assert_eq!(parse_records(&content, 2), vec![&b"y"[..]]);
-        assert!(parse_records(&content, 1).is_empty());
+        let wal = Wal::open(&path, 0).expect("reopen");
+        let content = wal.read_from(end).expect("read");
+        // The new epoch's record overwrote the front of the torn one; what
+        // is left of that is not replayed.
+        assert_eq!(payloads(&parse_records(&content, end, 2).0), vec![&b"y"[..]]);
+        assert!(parse_records(&content, end, 1).0.is_empty());
     }
 }

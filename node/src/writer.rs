@@ -15,7 +15,7 @@ use ocmesh_replication::{Change, ChangeKind, Clock, Timestamp, VersionVector};
 
 use crate::error::{ApplyError, WriteError};
 use crate::ids::{IdGen, iso8601, validate_collection, validate_id};
-use crate::store::{LocalWrite, META_HLC, META_WAL_EPOCH, Source, StorageError, WriteTables, body_object};
+use crate::store::{Changes, LocalWrite, META_HLC, META_WAL_FROM, Source, StorageError, WriteTables, body_object};
 use crate::{NodeStats, Principal};
 
 /// Most requests committed together.
@@ -344,21 +344,17 @@ impl Writer {
                 let _ = reply.send(result);
             }
         }
-        // Clean shutdown: make everything durable in redb and empty the log.
+        // Clean shutdown: make everything durable in redb, so the next
+        // opening replays nothing.
         if self.failed.is_none() {
-            let done = self
-                .db
-                .begin_write()
-                .map_err(StorageError::from)
-                .and_then(|txn| txn.commit().map_err(StorageError::from));
-            match done {
-                Ok(()) => {
-                    self.wal.checkpointed(self.wall.now_ms());
-                    if let Err(e) = self.wal.trim() {
-                        tracing::warn!(error = %e, "could not shrink the write-ahead log at shutdown");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "final checkpoint failed; the write-ahead log will be replayed"),
+            let end = self.wal.end();
+            let done = self.db.begin_write().map_err(StorageError::from).and_then(|txn| {
+                txn.open_table(crate::store::META)?
+                    .insert(META_WAL_FROM, end.to_be_bytes().as_slice())?;
+                txn.commit().map_err(StorageError::from)
+            });
+            if let Err(e) = done {
+                tracing::warn!(error = %e, "final checkpoint failed; the log will be replayed");
             }
         }
     }
@@ -423,11 +419,11 @@ impl Writer {
 
     /// Returns each write's result and the queues that got ready items.
     ///
-    /// Durability: a group is committed to redb without syncing and its
-    /// changes are appended to the write-ahead log and synced, unless it
+    /// Durability: a group's changes are appended to the log and synced,
+    /// then the group is committed to redb without syncing, unless it
     /// writes outside the change log (indexes, chunks, credentials) or a
-    /// checkpoint is due; then it is a durable redb commit that also
-    /// empties the log.
+    /// checkpoint is due; then the commit is durable and moves the point
+    /// a recovery replays from to the log's end.
     fn try_commit_group(
         &mut self,
         ops: Vec<WriteOp>,
@@ -445,7 +441,7 @@ impl Writer {
         let vv_before = self.vv.clone();
         let (log, readied, docs);
         {
-            let mut t = WriteTables::open(&txn, &self.site)?;
+            let mut t = WriteTables::open(&txn, &self.site, self.wal.reader(), self.wal.next_payload_at())?;
             t.now_ms = wall_ms;
             // Lent to the transaction; returned only once it has committed.
             t.docs = std::mem::take(&mut self.docs);
@@ -544,7 +540,12 @@ impl Writer {
             t.flush_vv()?;
             t.set_meta(META_HLC, &self.clock.last().raw().to_be_bytes())?;
             if checkpoint {
-                t.set_meta(META_WAL_EPOCH, &(self.wal_epoch + 1).to_be_bytes())?;
+                // This group's record, if any, is replayed no more.
+                let end = match t.log.is_empty() {
+                    true => self.wal.end(),
+                    false => self.wal.next_payload_at() + t.log.len() as u64,
+                };
+                t.set_meta(META_WAL_FROM, &end.to_be_bytes())?;
             }
             log = std::mem::take(&mut t.log);
             readied = std::mem::take(&mut t.readied);
@@ -554,14 +555,10 @@ impl Writer {
         self.stats
             .apply_nanos
             .fetch_add(committing.duration_since(started).as_nanos() as u64, Ordering::Relaxed);
-        if checkpoint {
-            txn.commit()?;
-            self.wal_epoch += 1;
-            self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-            self.wal.checkpointed(wall_ms);
-        } else {
-            // The log first: once it holds the group, the group must reach
-            // redb too, or later groups would reuse its sequence numbers.
+        // The log first: it holds the changes the transaction points at,
+        // and once it holds the group, the group must reach redb too, or
+        // later groups would reuse its sequence numbers.
+        if !log.is_empty() {
             let logging = std::time::Instant::now();
             if let Err(e) = self.wal.append(self.wal_epoch, &log) {
                 return Err(self.fail(e.to_string()).into());
@@ -569,12 +566,17 @@ impl Writer {
             self.stats
                 .wal_nanos
                 .fetch_add(logging.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            if let Err(e) = txn.commit() {
-                return Err(self
-                    .fail(format!("{e} (after the write-ahead log took the group)"))
-                    .into());
-            }
             self.stats.wal_bytes.fetch_add(log.len() as u64, Ordering::Relaxed);
+        }
+        if let Err(e) = txn.commit() {
+            if log.is_empty() {
+                return Err(e.into());
+            }
+            return Err(self.fail(format!("{e} (after the log took the group)")).into());
+        }
+        if checkpoint {
+            self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+            self.wal.checkpointed(wall_ms);
         }
         self.stats
             .commit_nanos
@@ -944,8 +946,9 @@ fn create_index(t: &mut WriteTables<'_>, collection: &str, field: &str) -> Resul
         let mut out = Vec::new();
         for entry in range {
             let (k, v) = entry.map_err(StorageError::from)?;
-            let doc = serde_json::from_slice(v.value()).map_err(|e| StorageError(e.to_string()))?;
-            out.push((k.value().1.to_owned(), doc));
+            let id = k.value().1;
+            let doc = crate::store::read_stored_doc(collection, id, v.value(), t)?;
+            out.push((id.to_owned(), Value::Object(doc)));
         }
         out
     };
@@ -1146,11 +1149,12 @@ pub(crate) fn matching(
         .map_err(StorageError::from)?;
     for entry in range {
         let (k, v) = entry.map_err(StorageError::from)?;
-        let doc: Value = serde_json::from_slice(v.value()).map_err(|e| StorageError(e.to_string()))?;
+        let id = k.value().1;
+        let doc = Value::Object(crate::store::read_stored_doc(collection, id, v.value(), t)?);
         if filter.matches(&doc)
             && let Value::Object(m) = doc
         {
-            out.push((k.value().1.to_owned(), m));
+            out.push((id.to_owned(), m));
         }
     }
     Ok(out)
@@ -1316,14 +1320,9 @@ impl Writer {
             for entry in range.rev() {
                 let (k, seq) = entry.map_err(StorageError::from)?;
                 let origin = k.value().3.to_owned();
-                let Some(bytes) = t
-                    .changes
-                    .get((origin.as_str(), seq.value()))
-                    .map_err(StorageError::from)?
-                else {
+                let Some(change) = t.change(&origin, seq.value())? else {
                     continue;
                 };
-                let change = crate::store::decode_change(bytes.value())?;
                 if change.kind != ChangeKind::Delete as i32 {
                     live = Some(body_object(&change)?);
                     break;
