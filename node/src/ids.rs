@@ -1,6 +1,7 @@
 //! Names and identifiers: document ids (ObjectId strings), collection
 //! names, and the ISO-8601 timestamps OpenCore puts in documents.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use rand::Rng;
@@ -52,50 +53,65 @@ pub fn validate_id(id: &str) -> Result<(), NameError> {
     }
 }
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+/// This process's ObjectId counter (starting at a random value, as
+/// MongoDB's does).
+static COUNTER: OnceLock<AtomicU32> = OnceLock::new();
+/// This process's 5 random ObjectId bytes.
+static PROCESS: OnceLock<[u8; 5]> = OnceLock::new();
 
-/// A new ObjectId string: 4 bytes of seconds, 5 random bytes, a 3-byte counter.
+/// A new ObjectId string, as MongoDB makes them: 4 bytes of seconds, 5
+/// random bytes chosen once per process, a 3-byte counter. Ids made by one
+/// process therefore ascend, so every B-tree keyed by them grows at its
+/// right edge instead of splitting pages all over.
 pub fn new_object_id(unix_secs: u64) -> String {
+    let process = PROCESS.get_or_init(|| rand::rng().random());
+    let c = COUNTER
+        .get_or_init(|| AtomicU32::new(rand::rng().random()))
+        .fetch_add(1, Ordering::Relaxed);
+    object_id(unix_secs, process, c)
+}
+
+fn object_id(unix_secs: u64, process: &[u8; 5], counter: u32) -> String {
     let mut bytes = [0u8; 12];
     bytes[..4].copy_from_slice(&(unix_secs as u32).to_be_bytes());
-    rand::rng().fill(&mut bytes[4..9]);
-    let c = COUNTER.fetch_add(1, Ordering::Relaxed);
-    bytes[9..].copy_from_slice(&c.to_be_bytes()[1..]);
+    bytes[4..9].copy_from_slice(process);
+    bytes[9..].copy_from_slice(&counter.to_be_bytes()[1..]);
     hex::encode(bytes)
 }
 
-/// Where a node's ids come from: the operating system's randomness, or a
-/// seeded generator (simulations) so that one seed gives the same ids.
+/// Where a node's ids come from: the process's ObjectId source, or a
+/// seeded one (simulations) so that one seed gives the same ids.
 #[derive(Debug)]
 pub(crate) struct IdGen {
-    seeded: Option<(rand::rngs::StdRng, u32)>,
+    /// The seeded generator, this node's 5 ObjectId bytes and its counter.
+    seeded: Option<(rand::rngs::StdRng, [u8; 5], u32)>,
 }
 
 impl IdGen {
     pub fn new(seed: Option<u64>) -> Self {
         use rand::SeedableRng;
         IdGen {
-            seeded: seed.map(|s| (rand::rngs::StdRng::seed_from_u64(s), 0)),
+            seeded: seed.map(|s| {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(s);
+                let process = rng.random();
+                (rng, process, 0)
+            }),
         }
     }
 
     /// `new_object_id`, from the seeded generator when there is one.
     pub fn object_id(&mut self, unix_secs: u64) -> String {
-        let Some((rng, counter)) = &mut self.seeded else {
+        let Some((_, process, counter)) = &mut self.seeded else {
             return new_object_id(unix_secs);
         };
-        let mut bytes = [0u8; 12];
-        bytes[..4].copy_from_slice(&(unix_secs as u32).to_be_bytes());
-        rng.fill(&mut bytes[4..9]);
         *counter = counter.wrapping_add(1);
-        bytes[9..].copy_from_slice(&counter.to_be_bytes()[1..]);
-        hex::encode(bytes)
+        object_id(unix_secs, process, *counter)
     }
 
     /// 32 random bytes (a secret).
     pub fn secret(&mut self) -> [u8; 32] {
         match &mut self.seeded {
-            Some((rng, _)) => rng.random(),
+            Some((rng, ..)) => rng.random(),
             None => rand::random(),
         }
     }
@@ -204,6 +220,11 @@ mod tests {
         assert_ne!(seeded(5), seeded(6));
         let (a, b) = seeded(5);
         assert!(validate_id(&a).is_ok() && a != b);
+        // One source's ids ascend: time, its own 5 bytes, then a counter.
+        assert!(a < b, "{a} {b}");
+        let (x, y) = (new_object_id(1_700_000_000), new_object_id(1_700_000_001));
+        assert_eq!(x[8..18], y[8..18], "one process, one middle part");
+        assert!(x < y);
         assert!(validate_id("0123456789abcdef0123456g").is_err());
     }
 
