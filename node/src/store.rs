@@ -1092,3 +1092,66 @@ impl<'t> WriteTables<'t> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{FileId, MemDisk};
+
+    fn change(seq: u64, body: &str) -> Change {
+        Change {
+            origin: "a".into(),
+            seq,
+            collection: "c".into(),
+            doc_id: format!("{seq:024x}"),
+            body: body.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// A `changes` row is either a place in the log or (in a store from
+    /// before the log kept the changes) the encoding itself; a read of
+    /// several gets them in order whichever form each has, neighbours in
+    /// the log read as one span and far ones apart.
+    #[test]
+    fn changes_read_back_from_places_and_inline_rows_alike() {
+        let disk = MemDisk::new();
+        let mut wal = crate::wal::Wal::open_site_file(disk.handle(FileId::Wal), "<memory>", 0);
+        let changes: Vec<Change> = (1..=5).map(|s| change(s, &format!("{{\"n\":{s}}}"))).collect();
+        let mut payload = Vec::new();
+        let mut places = Vec::new();
+        for c in &changes[..3] {
+            let bytes = c.encode_to_vec();
+            prost::encoding::encode_varint(bytes.len() as u64, &mut payload);
+            places.push(encode_place(wal.next_payload_at() + payload.len() as u64, bytes.len()).to_vec());
+            payload.extend_from_slice(&bytes);
+        }
+        wal.append(1, &payload).expect("append");
+        // A record far behind: read apart from the first span.
+        wal.append(1, &vec![0u8; 10_000]).expect("append");
+        let far = changes[4].encode_to_vec();
+        let far_at = wal.next_payload_at();
+        wal.append(1, &far).expect("append");
+        let rows = vec![
+            places[0].clone(),
+            places[1].clone(),
+            changes[3].encode_to_vec(),
+            places[2].clone(),
+            encode_place(far_at, far.len()).to_vec(),
+        ];
+        let expected = vec![
+            changes[0].clone(),
+            changes[1].clone(),
+            changes[3].clone(),
+            changes[2].clone(),
+            changes[4].clone(),
+        ];
+        assert_eq!(load_changes(&rows, &wal.reader()).expect("load"), expected);
+        assert_eq!(stored_change_len(&rows[2]).expect("len"), changes[3].encoded_len());
+        assert_eq!(stored_change_len(&rows[4]).expect("len"), far.len());
+        // A place past the log's end is an error, not a panic.
+        let beyond = encode_place(far_at + 1_000_000, 10).to_vec();
+        assert!(load_changes(&[beyond], &wal.reader()).is_err());
+        assert!(load_change(&[CHANGE_AT, 1, 2], &wal.reader(), None).is_err());
+    }
+}
