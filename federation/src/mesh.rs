@@ -26,14 +26,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::sync::{broadcast, mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
-use ocmesh_node::Node;
+use ocmesh_node::{ApplyReport, Node, WriteError};
 use ocmesh_proto::federation::{Frame, frame::Kind};
 use ocmesh_replication::chunks::{Hash as ChunkHash, MAX_WANTED};
 use ocmesh_replication::withheld::MAX_HELLO_RANGES;
-use ocmesh_replication::{Input, Output, PeerPolicy, RangeSet, SessionConfig, ShareConfig, SyncSession, VersionVector};
+use ocmesh_replication::{
+    Change, Input, Output, PeerPolicy, RangeSet, SessionConfig, ShareConfig, SyncSession, VersionVector,
+};
 
 use crate::frame::{FrameError, encode_hello_frame, incarnation_of, read_frame, write_frame};
 use crate::peer_addr::PeerAddr;
@@ -145,6 +147,12 @@ pub struct MeshStats {
     pub changes_withheld: AtomicU64,
     /// Chunks a peer asked for that it may not read: answered as missing.
     pub chunks_withheld: AtomicU64,
+    /// Most received batches one session had in the node's writer at once
+    /// (at most `SessionConfig::max_applying`).
+    pub applying_peak: AtomicU64,
+    /// Times a session's share of the writer filled up, so its next frame
+    /// waited for the oldest batch to become durable, over all sessions.
+    pub applying_full: AtomicU64,
 }
 
 /// The active connection with each peer site.
@@ -915,6 +923,10 @@ async fn drive(
     chunk_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut policy_at = Instant::now();
     let mut withheld_counted = 0u64;
+    let mut full_counted = 0u64;
+    // Batches in the node's writer, oldest first: each answers once
+    // durable. The session bounds them (`accepts_frames`).
+    let mut applying: VecDeque<(u64, Applying)> = VecDeque::new();
     loop {
         while let Some(out) = pending.pop_front() {
             if matches!(out, Output::Fetch(_) | Output::FetchRanges(_)) && policy_at.elapsed() >= POLICY_TTL {
@@ -950,30 +962,7 @@ async fn drive(
                     };
                     pending.extend(session.handle(Input::FetchedRanges(changes), now_ms()));
                 }
-                Output::Apply { batch, changes } => {
-                    // Awaited on a blocking thread, like the reads: under a
-                    // simulated paused clock (turmoil) time then stands still
-                    // while the writer thread works, instead of running on.
-                    let applier = node.clone();
-                    let rt = tokio::runtime::Handle::current();
-                    let applied = tokio::task::spawn_blocking(move || rt.block_on(applier.apply(changes))).await;
-                    let report = match applied {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(e)) => return SessionEnd::Refused(e),
-                        Err(e) => return SessionEnd::Store(e.to_string()),
-                    };
-                    tracing::trace!(peer = %site, batch, applied = report.applied, duplicates = report.duplicates, "applied batch");
-                    if !report.new_stubs.is_empty() || !report.filled_ranges.is_empty() {
-                        // No receiver is no error: no other session is up.
-                        let _ = shared.notices.send(Notice {
-                            from: session_id,
-                            stubs: report.new_stubs,
-                            filled: report.filled_ranges,
-                        });
-                    }
-                    let have = node.version_vector();
-                    pending.extend(session.handle(Input::Applied { batch, have }, now_ms()));
-                }
+                Output::Apply { batch, changes } => applying.push_back((batch, submit_apply(node, changes).await)),
                 Output::PeerHas(vv) => {
                     if let Ok(mut acked) = shared.acked.lock() {
                         acked.entry(site.to_owned()).or_default().merge(&vv);
@@ -1026,6 +1015,15 @@ async fn drive(
             .changes_withheld
             .fetch_add(stats.withheld - withheld_counted, Ordering::Relaxed);
         withheld_counted = stats.withheld;
+        shared
+            .stats
+            .applying_full
+            .fetch_add(stats.applying_full - full_counted, Ordering::Relaxed);
+        full_counted = stats.applying_full;
+        shared
+            .stats
+            .applying_peak
+            .fetch_max(stats.applying_peak, Ordering::Relaxed);
         shared.table.update(
             site,
             || unreachable_status(site),
@@ -1041,8 +1039,34 @@ async fn drive(
                 s.refilled = stats.refilled;
             },
         );
+        let accepts_frames = session.accepts_frames();
         tokio::select! {
-            frame = frames.recv() => match frame {
+            // The oldest batch only: acks go out in batch order.
+            applied = next_applied(&mut applying) => {
+                let Some((batch, _)) = applying.pop_front() else {
+                    continue;
+                };
+                let report = match applied {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => return SessionEnd::Refused(e),
+                    Err(e) => return SessionEnd::Store(e.to_string()),
+                };
+                tracing::trace!(peer = %site, batch, applied = report.applied, duplicates = report.duplicates, "applied batch");
+                if !report.new_stubs.is_empty() || !report.filled_ranges.is_empty() {
+                    // No receiver is no error: no other session is up.
+                    let _ = shared.notices.send(Notice {
+                        from: session_id,
+                        stubs: report.new_stubs,
+                        filled: report.filled_ranges,
+                    });
+                }
+                // The writer publishes its vector only once a group is
+                // durable, so this holds at least this batch, maybe later
+                // ones too: all of it durable, so all of it may be acked.
+                let have = node.version_vector();
+                pending.extend(session.handle(Input::Applied { batch, have }, now_ms()));
+            }
+            frame = frames.recv(), if accepts_frames => match frame {
                 Some(Ok((f, n))) => {
                     shared.stats.frames_received.fetch_add(1, Ordering::Relaxed);
                     shared.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
@@ -1091,6 +1115,54 @@ async fn drive(
             e = conn.closed() => return SessionEnd::Connection(e),
             _ = shutdown.changed() => return SessionEnd::Shutdown,
         }
+    }
+}
+
+/// A batch in the node's writer: answers once it is durable (or refused).
+type Applying = JoinHandle<Result<ApplyReport, WriteError>>;
+
+/// Hands a batch to the node's writer and returns once it is queued there,
+/// so the next batch can follow while the writer works on this one.
+///
+/// `Node::apply` pre-parses the bodies and sends the batch to the writer's
+/// queue in its first poll (tokio's bounded channel serves senders in the
+/// order they first asked), so the next batch, submitted after this
+/// returns, lands behind it; the writer answers in queue order, each once
+/// its group is durable. Were the order ever lost, the writer would refuse
+/// the later batch as leaving a gap, never write it out of order.
+///
+/// Run on a blocking thread, like the reads: under a simulated paused clock
+/// (turmoil) time then stands still while the writer works, instead of
+/// running on.
+async fn submit_apply(node: &Node, changes: Vec<Change>) -> Applying {
+    let applier = node.clone();
+    let rt = tokio::runtime::Handle::current();
+    let (queued_tx, queued_rx) = oneshot::channel();
+    let task = tokio::task::spawn_blocking(move || {
+        rt.block_on(async move {
+            let mut apply = std::pin::pin!(applier.apply(changes));
+            let first = std::future::poll_fn(|cx| std::task::Poll::Ready(apply.as_mut().poll(cx))).await;
+            // The receiver may be gone with its session; the batch goes on.
+            let _ = queued_tx.send(());
+            match first {
+                std::task::Poll::Ready(r) => r,
+                std::task::Poll::Pending => apply.await,
+            }
+        })
+    });
+    // An error here means the task ended without queueing (it panicked);
+    // its handle reports that.
+    let _ = queued_rx.await;
+    task
+}
+
+/// The answer for the oldest batch in the writer; pending while none is.
+async fn next_applied(
+    applying: &mut VecDeque<(u64, Applying)>,
+) -> Result<Result<ApplyReport, WriteError>, tokio::task::JoinError> {
+    match applying.front_mut() {
+        Some((_, task)) => task.await,
+        None => std::future::pending().await,
     }
 }
 

@@ -96,6 +96,69 @@ async fn two_sites_replicate_both_ways_and_catch_up() {
     a.mesh.shutdown().await;
 }
 
+/// A catch-up in many small batches: b hands its writer the next batch
+/// before the last is durable (at most `max_applying` at once), acks each
+/// once durable, and ends with a's exact histories.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_in_many_batches_is_pipelined_and_exact() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let ca_dir = new_ca();
+    let (addr_a, addr_b) = (free_udp(), free_udp());
+    let (a_node, _a_data) = loopback::open_node("a");
+    let mut ids = Vec::new();
+    for i in 0..400 {
+        let d = a_node
+            .insert("entities", obj(json!({"i": i})), &admin())
+            .await
+            .expect("insert");
+        ids.push(d["_id"].as_str().expect("id").to_owned());
+    }
+    let session = ocmesh_replication::SessionConfig {
+        max_batch_changes: 8,
+        ..Default::default()
+    };
+    let config = |listen, peers: Vec<std::net::SocketAddr>| ocmesh_federation::MeshConfig {
+        listen,
+        peers: peers.into_iter().map(Into::into).collect(),
+        session: session.clone(),
+        sharing: Default::default(),
+        tap: None,
+    };
+    let a_mesh = ocmesh_federation::Mesh::start(a_node.clone(), &identity(ca_dir.path(), "a"), config(addr_a, vec![]))
+        .expect("mesh a");
+    let (b_node, _b_data) = loopback::open_node("b");
+    let b_mesh = ocmesh_federation::Mesh::start(
+        b_node.clone(),
+        &identity(ca_dir.path(), "b"),
+        config(addr_b, vec![addr_a]),
+    )
+    .expect("mesh b");
+    eventually("catch-up", || b_node.version_vector() == a_node.version_vector()).await;
+    eventually("a sees all acknowledged", || {
+        a_mesh
+            .peers()
+            .snapshot()
+            .iter()
+            .any(|p| p.site.as_deref() == Some("b") && p.connected && p.unacked == 0)
+    })
+    .await;
+    for id in &ids {
+        assert_eq!(
+            b_node.versions("entities", id).expect("b"),
+            a_node.versions("entities", id).expect("a")
+        );
+    }
+    let peak = b_mesh.stats().applying_peak.load(Relaxed);
+    assert!(
+        (1..=session.max_applying).contains(&peak),
+        "{peak} batches in b's writer at once"
+    );
+    assert_eq!(b_mesh.stats().protocol_errors.load(Relaxed), 0);
+    b_mesh.shutdown().await;
+    a_mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_relay_through_a_middle_site() {
     let ca_dir = new_ca();

@@ -9,7 +9,9 @@
 //! 2. each streams the changes the other lacks, oldest first per origin, in
 //!    batches of bounded size with at most `max_in_flight` unacknowledged;
 //! 3. the receiver applies a batch durably, then acknowledges it with its
-//!    new version vector;
+//!    new version vector; it may hand the store up to `max_applying`
+//!    batches before the first is durable (so the store is never idle
+//!    waiting for the next), and acknowledges them in batch order;
 //! 4. afterwards new local changes (written here or received from a third
 //!    site) are pushed as they appear: the live tail.
 //!
@@ -61,6 +63,10 @@ pub struct SessionConfig {
     pub max_batch_bytes: usize,
     /// Most batches sent and not yet acknowledged.
     pub max_in_flight: u64,
+    /// Most received batches handed to the store (`Output::Apply`) and not
+    /// yet durable (`Input::Applied`); see [`SyncSession::accepts_frames`].
+    /// 0 counts as 1.
+    pub max_applying: u64,
 }
 
 impl Default for SessionConfig {
@@ -69,6 +75,11 @@ impl Default for SessionConfig {
             max_batch_changes: 1024,
             max_batch_bytes: 1024 * 1024,
             max_in_flight: 4,
+            // Two keep the writer busy: it works on one while the next
+            // waits in its queue, and the one after is decoded and
+            // pre-parsed meanwhile. More only hold more parsed batches in
+            // memory (a third took the bench's peak RSS past 200 MiB).
+            max_applying: 2,
         }
     }
 }
@@ -80,7 +91,9 @@ pub enum Input {
     Frame(pb::Frame),
     /// The answer to `Output::Fetch`: changes from the local log.
     Fetched(Vec<Change>),
-    /// `Output::Apply { batch }` is durable; `have` is what the site now holds.
+    /// `Output::Apply { batch }` is durable; `have` is what the site now
+    /// holds durably (it may include later batches already durable too).
+    /// Answers come in the order of the `Apply` outputs.
     Applied { batch: u64, have: VersionVector },
     /// The local log has grown (local writes, or changes from other peers).
     LocalAdvanced(VersionVector),
@@ -132,7 +145,9 @@ pub enum Output {
     /// `Input::FetchedRanges`.
     FetchRanges(RangeRequest),
     /// Apply these changes durably (skipping any already held), then answer
-    /// with `Input::Applied`. Batches must be applied in the order given.
+    /// with `Input::Applied`. Batches must be applied, and answered, in the
+    /// order given; the next may be handed to the store before the last is
+    /// answered (at most `max_applying` outstanding).
     Apply { batch: u64, changes: Vec<Change> },
     /// The peer has acknowledged holding (at least) this.
     PeerHas(VersionVector),
@@ -183,6 +198,9 @@ pub enum SessionError {
     UnaskedRange { origin: String, seq: u64 },
     #[error("peer named more than {MAX_ORIGINS} origins")]
     TooManyOrigins,
+    /// The shell answered an `Apply` out of order (a bug here, not the peer's).
+    #[error("store answered batch {got}, but the oldest batch being applied is {expected:?}")]
+    AppliedOutOfOrder { expected: Option<u64>, got: u64 },
 }
 
 /// Counters of one session.
@@ -202,6 +220,12 @@ pub struct SessionStats {
     pub stubs_received: u64,
     /// Ranges to refill dropped because the queue was full.
     pub refills_dropped: u64,
+    /// Most received batches in the store at once (handed over, not yet
+    /// durable); at most `max_applying`.
+    pub applying_peak: u64,
+    /// Times a received batch filled the store's share to `max_applying`,
+    /// so the next frame waited for the oldest to become durable.
+    pub applying_full: u64,
 }
 
 /// One side of a sync session.
@@ -224,6 +248,10 @@ pub struct SyncSession {
     last_batch_acked: u64,
     /// Last batch number received from the peer.
     last_batch_received: u64,
+    /// Received batches handed to the store and not yet durable, oldest
+    /// first; at most `max_applying` long while the shell heeds
+    /// `accepts_frames`.
+    applying: VecDeque<u64>,
     /// Everything we have told the peer we hold (in Hello, acks, or by
     /// sending it): the peer sends each origin's changes from just above
     /// this, so a received change above it + 1 is a gap.
@@ -262,6 +290,7 @@ impl SyncSession {
             last_batch_sent: 0,
             last_batch_acked: 0,
             last_batch_received: 0,
+            applying: VecDeque::new(),
             told: VersionVector::new(),
             in_flight_since: VecDeque::new(),
             closed: false,
@@ -341,10 +370,11 @@ impl SyncSession {
     }
 
     /// True when the peer's hello has arrived and nothing is in flight or
-    /// waiting to be sent.
+    /// waiting to be sent (acks of batches being applied included).
     pub fn is_idle(&self) -> bool {
         self.peer_hello
             && !self.fetching
+            && self.applying.is_empty()
             && self.last_batch_acked == self.last_batch_sent
             && !self.local.exceeds(&self.sent)
             && self.refill.is_empty()
@@ -353,6 +383,20 @@ impl SyncSession {
 
     pub fn stats(&self) -> &SessionStats {
         &self.stats
+    }
+
+    /// Received batches handed to the store and not yet answered.
+    pub fn applying(&self) -> u64 {
+        self.applying.len() as u64
+    }
+
+    /// False while `max_applying` received batches are in the store: the
+    /// shell should then read no frame from the peer until an
+    /// `Input::Applied` (a frame can carry a batch, one more `Apply`). The
+    /// peer's frames wait in the stream meanwhile, as they did when a
+    /// session applied one batch at a time.
+    pub fn accepts_frames(&self) -> bool {
+        self.applying() < self.config.max_applying.max(1)
     }
 
     pub fn chunk_stats(&self) -> &ChunkStats {
@@ -377,6 +421,19 @@ impl SyncSession {
             }
             Input::Fetched(changes) => self.on_fetched(changes, now_ms, out)?,
             Input::Applied { batch, have } => {
+                // Acks go out in batch order: the peer takes an ack of
+                // batch N as covering every batch up to N.
+                match self.applying.front() {
+                    Some(&oldest) if oldest == batch => {
+                        self.applying.pop_front();
+                    }
+                    oldest => {
+                        return Err(SessionError::AppliedOutOfOrder {
+                            expected: oldest.copied(),
+                            got: batch,
+                        });
+                    }
+                }
                 self.local.merge(&have);
                 self.told.merge(&self.local);
                 self.release_deferred();
@@ -472,6 +529,12 @@ impl SyncSession {
                     self.acked.advance(&c.origin, c.seq);
                 }
                 self.last_batch_received = b.batch;
+                self.applying.push_back(b.batch);
+                let applying = self.applying();
+                self.stats.applying_peak = self.stats.applying_peak.max(applying);
+                if applying >= self.config.max_applying.max(1) {
+                    self.stats.applying_full += 1;
+                }
                 self.stats.batches_received += 1;
                 self.stats.changes_received += b.changes.len() as u64;
                 out.push(Output::Apply {

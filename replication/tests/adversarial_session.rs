@@ -396,11 +396,14 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 fn config() -> impl Strategy<Value = SessionConfig> {
-    (1usize..5, 1usize..4096, 1u64..4).prop_map(|(max_batch_changes, max_batch_bytes, max_in_flight)| SessionConfig {
-        max_batch_changes,
-        max_batch_bytes,
-        max_in_flight,
-    })
+    (1usize..5, 1usize..4096, 1u64..4, 0u64..4).prop_map(
+        |(max_batch_changes, max_batch_bytes, max_in_flight, max_applying)| SessionConfig {
+            max_batch_changes,
+            max_batch_bytes,
+            max_in_flight,
+            max_applying,
+        },
+    )
 }
 
 fn range_set(ranges: &[(String, u64, u64)]) -> RangeSet {
@@ -614,11 +617,13 @@ fn extreme_claims_close_or_are_survived() {
         max_batch_changes: 1,
         max_batch_bytes: 10,
         max_in_flight: 1,
+        ..SessionConfig::default()
     };
     let two = SessionConfig {
         max_batch_changes: 1,
         max_batch_bytes: 10,
         max_in_flight: 2,
+        ..SessionConfig::default()
     };
     let cases: Vec<Vec<Step>> = vec![
         // An ack raising an origin to u64::MAX while a read of it is under way.
