@@ -826,10 +826,7 @@ impl Node {
     }
 
     /// The change log as of `txn`.
-    fn log_view(
-        &self,
-        txn: &ReadTransaction,
-    ) -> Result<store::LogView<redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>>, ReadError> {
+    fn log_view(&self, txn: &ReadTransaction) -> Result<store::ReadLogView, ReadError> {
         Ok(store::LogView {
             table: txn.open_table(CHANGES)?,
             log: self.inner.log.clone(),

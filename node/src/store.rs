@@ -220,6 +220,9 @@ pub(crate) trait Changes {
     fn change(&self, origin: &str, seq: u64) -> Result<Option<Change>, StorageError>;
 }
 
+/// A read transaction's `changes` table with the log it points into.
+pub(crate) type ReadLogView = LogView<redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>>;
+
 /// A `changes` table with the log it points into: how readers find changes.
 pub(crate) struct LogView<T> {
     pub table: T,
