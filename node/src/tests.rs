@@ -905,19 +905,23 @@ async fn acknowledged_writes_survive_a_crash_through_the_log() {
     assert!(held > 0);
 }
 
+/// Sites a and b (and their directories), both holding a document a
+/// inserted with `body`; returns the document as a wrote it.
+async fn shared_document(body: Value) -> ((tempfile::TempDir, tempfile::TempDir), Node, Node, Value) {
+    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let (a, b) = (open(da.path(), "a"), open(db.path(), "b"));
+    let doc = a.insert("entities", obj(body), &admin()).await.expect("insert");
+    b.apply(all_changes(&a)).await.expect("apply");
+    ((da, db), a, b, doc)
+}
+
 /// Two sites edit different fields of one document while apart: both edits
 /// survive the merge. Edits of the same field keep the later one, both stay
 /// in history, and the conflict is listed the same on both sites.
 #[tokio::test]
 async fn concurrent_field_edits_merge_and_same_field_edits_are_conflicts() {
-    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
-    let (a, b) = (open(da.path(), "a"), open(db.path(), "b"));
-    let doc = a
-        .insert("entities", obj(json!({"x": 0, "y": 0, "z": 0})), &admin())
-        .await
-        .expect("insert");
+    let (_dirs, a, b, doc) = shared_document(json!({"x": 0, "y": 0, "z": 0})).await;
     let id = doc["_id"].as_str().expect("id").to_owned();
-    b.apply(all_changes(&a)).await.expect("apply");
 
     a.update("entities", &id, json!({"$set": {"x": "a", "z": "a"}}), &admin())
         .await
@@ -969,14 +973,8 @@ fn stored_form(node: &Node, collection: &str, id: &str) -> u8 {
 /// as JSON. Both read back the same way, fields in key order, on every site.
 #[tokio::test]
 async fn a_current_document_is_a_reference_to_its_version_unless_merged() {
-    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
-    let (a, b) = (open(da.path(), "a"), open(db.path(), "b"));
-    let doc = a
-        .insert("entities", obj(json!({"z": 0, "y": 0, "x": 0})), &admin())
-        .await
-        .expect("insert");
+    let (dirs, a, b, doc) = shared_document(json!({"z": 0, "y": 0, "x": 0})).await;
     let id = doc["_id"].as_str().expect("id").to_owned();
-    b.apply(all_changes(&a)).await.expect("apply");
     assert_eq!(stored_form(&a, "entities", &id), 0, "a local insert is a reference");
     assert_eq!(stored_form(&b, "entities", &id), 0, "a peer's insert is a reference");
     let text = |v: &Value| serde_json::to_string(v).expect("text");
@@ -1008,7 +1006,7 @@ async fn a_current_document_is_a_reference_to_its_version_unless_merged() {
     assert_eq!(a.query("entities", &q).expect("query"), vec![ga.clone()]);
     assert_eq!(b.query("entities", &q).expect("query"), vec![gb]);
     drop(a);
-    let a = reopen(da.path(), "a").await;
+    let a = reopen(dirs.0.path(), "a").await;
     assert_eq!(text(&a.get("entities", &id).expect("a")), text(&ga), "after a restart");
 }
 
