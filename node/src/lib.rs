@@ -1433,14 +1433,7 @@ fn init_store(
     let (last, vv, secret, replayed, wal_epoch) = {
         let mut t = store::WriteTables::open(&txn, &config.site, wal.reader(), u64::MAX)?;
         t.now_ms = options.clock.now_ms();
-        let epoch = match t.meta.get(META_WAL_EPOCH).map_err(StorageError::from)? {
-            Some(v) => u64::from_be_bytes(
-                v.value()
-                    .try_into()
-                    .map_err(|_| StorageError("stored write-ahead log epoch is damaged".into()))?,
-            ),
-            None => 0,
-        };
+        let epoch = t.meta_u64(META_WAL_EPOCH, "write-ahead log epoch")?.unwrap_or(0);
         let stored = t
             .meta
             .get(META_SITE)
@@ -1457,23 +1450,9 @@ fn init_store(
             }
             None => t.set_meta(META_SITE, config.site.as_bytes())?,
         }
-        let last = match t.meta.get(META_HLC).map_err(StorageError::from)? {
-            Some(v) => Timestamp::from_raw(u64::from_be_bytes(
-                v.value()
-                    .try_into()
-                    .map_err(|_| StorageError("stored clock reading is damaged".into()))?,
-            )),
-            None => Timestamp::default(),
-        };
+        let last = Timestamp::from_raw(t.meta_u64(META_HLC, "clock reading")?.unwrap_or_default());
         // Groups acknowledged after the last checkpoint.
-        let from = match t.meta.get(META_WAL_FROM).map_err(StorageError::from)? {
-            Some(v) => u64::from_be_bytes(
-                v.value()
-                    .try_into()
-                    .map_err(|_| StorageError("stored log position is damaged".into()))?,
-            ),
-            None => 0,
-        };
+        let from = t.meta_u64(META_WAL_FROM, "log position")?.unwrap_or(0);
         let logged = wal.read_from(from).map_err(|e| StorageError(e.to_string()))?;
         let (records, end) = wal::parse_records(&logged, from, epoch);
         let (replayed, replayed_hlc) = t.replay(&records)?;

@@ -184,12 +184,13 @@ pub(crate) fn load_changes(values: &[Vec<u8>], log: &LogReader) -> Result<Vec<Ch
     let mut out = Vec::with_capacity(places.len());
     let mut i = 0;
     while i < places.len() {
-        let ChangePlace::Log { at: start, len } = places[i] else {
-            if let ChangePlace::Inline(bytes) = places[i] {
+        let (start, len) = match places[i] {
+            ChangePlace::Log { at, len } => (at, len),
+            ChangePlace::Inline(bytes) => {
                 out.push(decode_change(bytes)?);
+                i += 1;
+                continue;
             }
-            i += 1;
-            continue;
         };
         let mut end = start + len as u64;
         let mut j = i + 1;
@@ -1088,6 +1089,17 @@ impl<'t> WriteTables<'t> {
         self.flush_vv()?;
         self.log.clear();
         Ok((applied, max_hlc))
+    }
+
+    /// A `meta` entry holding a u64 (big-endian); `what` names it when damaged.
+    pub fn meta_u64(&self, key: &str, what: &str) -> Result<Option<u64>, StorageError> {
+        match self.meta.get(key)? {
+            Some(v) => match <[u8; 8]>::try_from(v.value()) {
+                Ok(b) => Ok(Some(u64::from_be_bytes(b))),
+                Err(_) => Err(StorageError(format!("stored {what} is damaged"))),
+            },
+            None => Ok(None),
+        }
     }
 
     pub fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), StorageError> {

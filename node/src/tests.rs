@@ -915,6 +915,13 @@ async fn shared_document(body: Value) -> ((tempfile::TempDir, tempfile::TempDir)
     ((da, db), a, b, doc)
 }
 
+/// Sites a and b each apply the changes the other made itself.
+async fn exchange_own_changes(a: &Node, b: &Node) {
+    let (from_a, from_b) = (from_origin(a, "a"), from_origin(b, "b"));
+    a.apply(from_b).await.expect("apply at a");
+    b.apply(from_a).await.expect("apply at b");
+}
+
 /// Two sites edit different fields of one document while apart: both edits
 /// survive the merge. Edits of the same field keep the later one, both stay
 /// in history, and the conflict is listed the same on both sites.
@@ -929,10 +936,7 @@ async fn concurrent_field_edits_merge_and_same_field_edits_are_conflicts() {
     b.update("entities", &id, json!({"$set": {"y": "b", "z": "b"}}), &admin())
         .await
         .expect("b");
-    let from = |n: &Node, o: &str| -> Vec<Change> { all_changes(n).into_iter().filter(|c| c.origin == o).collect() };
-    let (from_a, from_b) = (from(&a, "a"), from(&b, "b"));
-    a.apply(from_b).await.expect("apply at a");
-    b.apply(from_a).await.expect("apply at b");
+    exchange_own_changes(&a, &b).await;
     let (ga, gb) = (a.get("entities", &id).expect("a"), b.get("entities", &id).expect("b"));
     assert_eq!(ga, gb, "both sites show the same document");
     assert_eq!(ga["x"], "a", "a's edit of x survived");
@@ -992,10 +996,7 @@ async fn a_current_document_is_a_reference_to_its_version_unless_merged() {
     b.update("entities", &id, json!({"$set": {"y": "b"}}), &admin())
         .await
         .expect("b");
-    let from = |n: &Node, o: &str| -> Vec<Change> { all_changes(n).into_iter().filter(|c| c.origin == o).collect() };
-    let (from_a, from_b) = (from(&a, "a"), from(&b, "b"));
-    a.apply(from_b).await.expect("apply at a");
-    b.apply(from_a).await.expect("apply at b");
+    exchange_own_changes(&a, &b).await;
     // Whichever version is greater, one of the two sites had to merge.
     let forms = (stored_form(&a, "entities", &id), stored_form(&b, "entities", &id));
     assert!(forms.0 == b'{' || forms.1 == b'{', "{forms:?}");
