@@ -29,6 +29,7 @@ pub mod messaging;
 pub mod mongo;
 pub mod options;
 pub mod query;
+mod publisher;
 mod store;
 mod users;
 mod wal;
@@ -132,6 +133,10 @@ pub struct NodeStats {
     /// Bytes appended to the write-ahead log, and time spent syncing them.
     pub wal_bytes: AtomicU64,
     pub wal_nanos: AtomicU64,
+    /// Syncs of the log (one may cover several groups).
+    pub wal_syncs: AtomicU64,
+    /// Groups committed and waiting for the publisher when it last took them.
+    pub publish_queue: AtomicU64,
     /// Changes replayed from the write-ahead log when the node opened.
     pub wal_replayed: AtomicU64,
 }
@@ -145,7 +150,6 @@ pub struct Node {
 #[derive(Debug)]
 struct Inner {
     site: String,
-    db: Arc<Database>,
     writes: mpsc::Sender<Request>,
     vv: watch::Receiver<VersionVector>,
     token_secret: Vec<u8>,
@@ -157,6 +161,8 @@ struct Inner {
     fills: Arc<fills::FillNotices>,
     /// The log the `changes` table points into.
     log: wal::LogReader,
+    /// What readers read (see `publisher`).
+    snapshot: Arc<publisher::Snapshot>,
 }
 
 /// What `Node::open` reports besides the node.
@@ -252,18 +258,33 @@ impl Node {
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_BOUND);
         let signals = Arc::new(workitems::QueueSignals::default());
         let fills = Arc::new(fills::FillNotices::default());
+        let snapshot = Arc::new(publisher::Snapshot::new(db.begin_read().map_err(|e| storage_err(&e))?));
+        let failure = Arc::new(publisher::Failure::default());
+        let (publish_tx, publish_rx) = std::sync::mpsc::sync_channel(publisher::PUBLISH_QUEUE_BOUND);
+        let publisher = publisher::Publisher {
+            log: wal.reader(),
+            snapshot: snapshot.clone(),
+            published: vv_tx,
+            signals: signals.clone(),
+            fills: fills.clone(),
+            stats: stats.clone(),
+            failure: failure.clone(),
+        };
+        let publisher = std::thread::Builder::new()
+            .name("ocmesh-publisher".into())
+            .spawn(move || publisher.run(publish_rx))
+            .map_err(|e| OpenError::Storage(StorageError(format!("cannot start publisher thread: {e}"))))?;
         let writer = Writer {
             db: db.clone(),
             site: config.site.clone(),
             clock: Clock::resume(last_hlc, MAX_CLOCK_DRIFT_MS),
             vv,
-            published: vv_tx,
             stats: stats.clone(),
-            signals: signals.clone(),
-            fills: fills.clone(),
             wal,
             wal_epoch: init.wal_epoch,
-            failed: None,
+            failure,
+            publish: publish_tx,
+            publisher: Some(publisher),
             wall: options.clock.clone(),
             ids,
             docs: Default::default(),
@@ -295,7 +316,6 @@ impl Node {
         let node = Node {
             inner: Arc::new(Inner {
                 site: config.site,
-                db,
                 writes: tx,
                 vv: vv_rx,
                 token_secret,
@@ -306,6 +326,7 @@ impl Node {
                 signals,
                 fills,
                 log,
+                snapshot,
             }),
         };
         Ok(Opened {
@@ -821,8 +842,9 @@ impl Node {
         }
     }
 
-    fn read(&self) -> Result<ReadTransaction, ReadError> {
-        Ok(self.inner.db.begin_read()?)
+    /// redb as of the newest group whose log record is durable.
+    fn read(&self) -> Result<Arc<ReadTransaction>, ReadError> {
+        Ok(self.inner.snapshot.current())
     }
 
     /// The change log as of `txn`.
@@ -1347,7 +1369,7 @@ impl Node {
 
     /// The principal with this user id, if it can sign in here.
     pub fn principal_by_id(&self, id: &str) -> Result<Option<Principal>, AuthError> {
-        let txn = self.inner.db.begin_read().map_err(StorageError::from)?;
+        let txn = self.inner.snapshot.current();
         let table = txn.open_table(CREDENTIALS).map_err(StorageError::from)?;
         for entry in table.range::<&str>(..).map_err(StorageError::from)? {
             let (_, v) = entry.map_err(StorageError::from)?;
@@ -1360,7 +1382,7 @@ impl Node {
     }
 
     fn credential(&self, username: &str) -> Result<Option<Credential>, AuthError> {
-        let txn = self.inner.db.begin_read().map_err(StorageError::from)?;
+        let txn = self.inner.snapshot.current();
         let table = txn.open_table(CREDENTIALS).map_err(StorageError::from)?;
         let Some(v) = table.get(username).map_err(StorageError::from)? else {
             return Ok(None);

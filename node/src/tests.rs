@@ -808,7 +808,7 @@ async fn identical_file_content_is_stored_once() {
         );
     }
     assert_eq!(metas[0]["chunks"], metas[1]["chunks"]);
-    let txn = node.inner.db.begin_read().expect("read");
+    let txn = node.read().expect("read");
     let chunks = txn.open_table(store::CHUNKS).expect("table");
     use redb::ReadableTableMetadata;
     // 600,000 bytes = two full 256 KiB chunks and a tail, held once.
@@ -966,7 +966,7 @@ async fn concurrent_field_edits_merge_and_same_field_edits_are_conflicts() {
 /// The stored form of a current document: its first byte tells a
 /// reference to a version (0) from JSON (`{`).
 fn stored_form(node: &Node, collection: &str, id: &str) -> u8 {
-    let txn = node.inner.db.begin_read().expect("read");
+    let txn = node.read().expect("read");
     let docs = txn.open_table(store::DOCUMENTS).expect("table");
     let v = docs.get((collection, id)).expect("get").expect("stored");
     v.value()[0]

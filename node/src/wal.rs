@@ -106,6 +106,15 @@ impl LogReader {
         })?;
         Ok(out)
     }
+
+    /// Waits until every record written so far is on disk.
+    pub fn sync(&self) -> Result<(), WalError> {
+        self.file.sync_data().map_err(|source| WalError {
+            path: self.path.to_string(),
+            what: "cannot sync",
+            source,
+        })
+    }
 }
 
 /// The open log of a site.
@@ -244,7 +253,16 @@ impl Wal {
     }
 
     /// Appends one record and waits until it is on disk.
+    #[cfg(test)]
     pub fn append(&mut self, epoch: u64, payload: &[u8]) -> Result<(), WalError> {
+        self.write(epoch, payload)?;
+        self.reader.sync()
+    }
+
+    /// Appends one record without waiting for the disk: it is durable once
+    /// a later `LogReader::sync` returns, and must not be acknowledged
+    /// before.
+    pub fn write(&mut self, epoch: u64, payload: &[u8]) -> Result<(), WalError> {
         let mut record = Vec::with_capacity(HEADER + payload.len());
         record.extend_from_slice(&MAGIC);
         record.extend_from_slice(&epoch.to_le_bytes());
@@ -255,7 +273,6 @@ impl Wal {
             .file
             .write_all_at(&record, self.end)
             .map_err(self.err("cannot append"))?;
-        self.reader.file.sync_data().map_err(self.err("cannot sync"))?;
         self.end += record.len() as u64;
         self.since_checkpoint += record.len() as u64;
         Ok(())

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use redb::{Database, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable};
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use ocmesh_replication::change::validate;
 use ocmesh_replication::{Change, ChangeKind, Clock, Timestamp, VersionVector};
@@ -16,14 +16,11 @@ use ocmesh_replication::{Change, ChangeKind, Clock, Timestamp, VersionVector};
 use crate::error::{ApplyError, WriteError};
 use crate::ids::{IdGen, iso8601, validate_collection, validate_id};
 use crate::store::{Changes, LocalWrite, META_HLC, META_WAL_FROM, Source, StorageError, WriteTables, body_object};
+use crate::publisher::Committed;
 use crate::{NodeStats, Principal};
 
 /// Most requests committed together.
 const MAX_GROUP: usize = 512;
-/// How long, and how many times, the writer waits for more requests to
-/// join a group (see `Writer::run`).
-const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
-const GATHER_ROUNDS: usize = 4;
 
 /// A write to carry out.
 #[derive(Debug, Clone)]
@@ -212,7 +209,27 @@ pub struct ApplyReport {
     pub filled_ranges: ocmesh_replication::RangeSet,
 }
 
-type GroupDone = (Vec<Result<WriteDone, WriteError>>, Vec<String>);
+/// What a group came to, for the publisher.
+#[derive(Default)]
+struct GroupOutcome {
+    results: Vec<Result<WriteDone, WriteError>>,
+    /// Queues that got ready items.
+    readied: Vec<String>,
+    /// Whether the group's log record still needs a sync.
+    needs_sync: bool,
+    /// redb as of the group's commit, if it committed.
+    snapshot: Option<redb::ReadTransaction>,
+}
+
+impl GroupOutcome {
+    /// Every write of a group of `n` refused with `e`.
+    fn refused(n: usize, e: StorageError) -> Self {
+        GroupOutcome {
+            results: (0..n).map(|_| Err(WriteError::Storage(e.clone()))).collect(),
+            ..GroupOutcome::default()
+        }
+    }
+}
 
 impl WriteOp {
     /// Ops that write redb tables the write-ahead log does not carry; their
@@ -286,16 +303,19 @@ pub(crate) struct Writer {
     pub site: String,
     pub clock: Clock,
     pub vv: VersionVector,
-    pub published: watch::Sender<VersionVector>,
     pub stats: Arc<NodeStats>,
-    pub signals: Arc<crate::workitems::QueueSignals>,
-    pub fills: Arc<crate::fills::FillNotices>,
     pub wal: crate::wal::Wal,
     /// Epoch of the log records written since the last checkpoint.
     pub wal_epoch: u64,
-    /// Set when a group reached the log but not redb: later writes would
-    /// reuse its sequence numbers, so the writer refuses all until restart.
-    pub failed: Option<String>,
+    /// Set when a group reached the log but not redb (later writes would
+    /// reuse its sequence numbers), or when the log could not be synced:
+    /// the writer refuses all writes until restart. Shared with the
+    /// publisher.
+    pub failure: Arc<crate::publisher::Failure>,
+    /// Where committed groups go to be made durable and visible.
+    pub publish: std::sync::mpsc::SyncSender<Committed>,
+    /// The publisher's thread, joined at shutdown.
+    pub publisher: Option<std::thread::JoinHandle<()>>,
     /// The node's wall clock (see `crate::options`).
     pub wall: Arc<dyn crate::options::WallClock>,
     pub ids: IdGen,
@@ -306,47 +326,53 @@ pub(crate) struct Writer {
 impl Writer {
     /// Runs until every sender is gone.
     pub fn run(mut self, mut rx: mpsc::Receiver<Request>) {
-        let mut last_group = 0;
         while let Some(first) = rx.blocking_recv() {
+            // Whatever waits now joins this group. The writer does not wait
+            // for more: the publisher syncs the log under every group
+            // written while it was syncing the last, so small groups still
+            // share an fsync, and the writer's time goes to writing.
             let mut batch = vec![first];
-            let drain = |batch: &mut Vec<Request>, rx: &mut mpsc::Receiver<Request>| {
-                while batch.len() < MAX_GROUP {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
-            };
-            drain(&mut batch, &mut rx);
-            // Concurrent callers send their next write right after their
-            // last answer; a moment's wait lets them join this group instead
-            // of alternating between two half-size groups. A lone caller
-            // (last group of one) is not kept waiting.
-            if last_group > 1 {
-                for _ in 0..GATHER_ROUNDS {
-                    if batch.len() >= last_group || batch.len() >= MAX_GROUP {
-                        break;
-                    }
-                    let had = batch.len();
-                    std::thread::sleep(GATHER_WAIT);
-                    drain(&mut batch, &mut rx);
-                    if batch.len() == had {
-                        break;
-                    }
+            while batch.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
                 }
             }
-            last_group = batch.len();
             self.stats.writer_queue.store(rx.len() as u64, Ordering::Relaxed);
             let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
-            let results = self.commit_group(requests);
-            for (reply, result) in replies.into_iter().zip(results) {
-                // The caller may have gone away; the write stands regardless.
-                let _ = reply.send(result);
+            let vv_before = self.vv.clone();
+            let outcome = self.commit_group(requests);
+            let filled = outcome
+                .results
+                .iter()
+                .filter_map(|r| match r {
+                    Ok(WriteDone::Applied(report)) if !report.filled_ranges.is_empty() => {
+                        Some(report.filled_ranges.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            let committed = Committed {
+                needs_sync: outcome.needs_sync,
+                snapshot: outcome.snapshot,
+                vv: (self.vv != vv_before).then(|| self.vv.clone()),
+                readied: outcome.readied,
+                filled,
+                replies: replies.into_iter().zip(outcome.results).collect(),
+            };
+            if self.publish.send(committed).is_err() {
+                // The publisher is gone only if its thread died: nothing can
+                // be acknowledged any more.
+                self.fail("the publisher thread stopped".into());
             }
         }
-        // Clean shutdown: make everything durable in redb, so the next
-        // opening replays nothing.
-        if self.failed.is_none() {
+        // Clean shutdown: wait until every group is published, then make
+        // everything durable in redb, so the next opening replays nothing.
+        drop(self.publish);
+        if let Some(publisher) = self.publisher.take() {
+            let _ = publisher.join();
+        }
+        if self.failure.get().is_none() {
             let end = self.wal.end();
             let done = self.db.begin_write().map_err(StorageError::from).and_then(|txn| {
                 txn.open_table(crate::store::META)?
@@ -361,40 +387,25 @@ impl Writer {
 
     /// Executes a group of writes in one transaction. On a storage failure
     /// every write of the group fails and in-memory state is rolled back.
-    fn commit_group(&mut self, ops: Vec<WriteOp>) -> Vec<Result<WriteDone, WriteError>> {
+    fn commit_group(&mut self, ops: Vec<WriteOp>) -> GroupOutcome {
         self.commit_group_refusing(ops, Vec::new())
     }
 
     /// `commit_group`, answering the ops at the `refused` positions with
     /// their error instead of running them.
-    fn commit_group_refusing(
-        &mut self,
-        ops: Vec<WriteOp>,
-        mut refused: Vec<(usize, WriteError)>,
-    ) -> Vec<Result<WriteDone, WriteError>> {
+    fn commit_group_refusing(&mut self, ops: Vec<WriteOp>, mut refused: Vec<(usize, WriteError)>) -> GroupOutcome {
         let n = ops.len();
         // Only groups that could need a second run pay for a copy.
         let rerun = ops.iter().any(WriteOp::writes_several).then(|| ops.clone());
-        if let Some(why) = &self.failed {
-            return (0..n)
-                .map(|_| Err(WriteError::Storage(StorageError(why.clone()))))
-                .collect();
+        if let Some(why) = self.failure.get() {
+            return GroupOutcome::refused(n, StorageError(why));
         }
         let (clock, vv) = (self.clock.clone(), self.vv.clone());
         match self.try_commit_group(ops, &mut refused) {
-            Ok((results, readied)) => {
-                self.signals.ready(&readied);
-                for r in &results {
-                    if let Ok(WriteDone::Applied(report)) = r {
-                        self.fills.record(report.filled_ranges.clone());
-                    }
-                }
+            Ok(outcome) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.stats.writes.fetch_add(n as u64, Ordering::Relaxed);
-                if self.vv != *self.published.borrow() {
-                    self.published.send_replace(self.vv.clone());
-                }
-                results
+                outcome
             }
             Err(GroupFailure::Partial { index, error }) => {
                 self.clock = clock;
@@ -402,33 +413,36 @@ impl Writer {
                 refused.push((index, error));
                 match rerun {
                     Some(ops) => self.commit_group_refusing(ops, refused),
-                    None => {
-                        let e = StorageError("a refused write left changes behind and could not be rerun".into());
-                        (0..n).map(|_| Err(WriteError::Storage(e.clone()))).collect()
-                    }
+                    None => GroupOutcome::refused(
+                        n,
+                        StorageError("a refused write left changes behind and could not be rerun".into()),
+                    ),
                 }
             }
             Err(GroupFailure::Storage(e)) => {
                 tracing::error!(error = %e, writes = n, "commit failed; the group's writes are refused");
                 self.clock = clock;
                 self.vv = vv;
-                (0..n).map(|_| Err(WriteError::Storage(e.clone()))).collect()
+                GroupOutcome::refused(n, e)
             }
         }
     }
 
     /// Returns each write's result and the queues that got ready items.
     ///
-    /// Durability: a group's changes are appended to the log and synced,
-    /// then the group is committed to redb without syncing, unless it
-    /// writes outside the change log (indexes, chunks, credentials) or a
-    /// checkpoint is due; then the commit is durable and moves the point
-    /// a recovery replays from to the log's end.
+    /// Durability: a group's changes are appended to the log, then the
+    /// group is committed to redb without syncing, and the publisher syncs
+    /// the log before anyone sees the group. A group that writes outside
+    /// the change log (indexes, chunks, credentials), or when a checkpoint
+    /// is due, is committed durably instead, after syncing the log here
+    /// (redb must never durably point at log records a crash could tear);
+    /// a checkpoint also moves the point a recovery replays from to the
+    /// log's end.
     fn try_commit_group(
         &mut self,
         ops: Vec<WriteOp>,
         refused: &mut Vec<(usize, WriteError)>,
-    ) -> Result<GroupDone, GroupFailure> {
+    ) -> Result<GroupOutcome, GroupFailure> {
         let started = std::time::Instant::now();
         let wall_ms = self.wall.now_ms();
         let checkpoint = self.wal.checkpoint_due(wall_ms) || ops.iter().any(WriteOp::writes_outside_changes);
@@ -535,7 +549,10 @@ impl Writer {
                 self.docs = std::mem::take(&mut t.docs);
                 drop(t);
                 txn.abort()?;
-                return Ok((results, Vec::new()));
+                return Ok(GroupOutcome {
+                    results,
+                    ..GroupOutcome::default()
+                });
             }
             t.flush_vv()?;
             t.set_meta(META_HLC, &self.clock.last().raw().to_be_bytes())?;
@@ -559,14 +576,20 @@ impl Writer {
         // and once it holds the group, the group must reach redb too, or
         // later groups would reuse its sequence numbers.
         if !log.is_empty() {
+            if let Err(e) = self.wal.write(self.wal_epoch, &log) {
+                return Err(self.fail(e.to_string()).into());
+            }
+            self.stats.wal_bytes.fetch_add(log.len() as u64, Ordering::Relaxed);
+        }
+        if checkpoint {
+            // A durable commit may only point at synced records.
             let logging = std::time::Instant::now();
-            if let Err(e) = self.wal.append(self.wal_epoch, &log) {
+            if let Err(e) = self.wal.reader().sync() {
                 return Err(self.fail(e.to_string()).into());
             }
             self.stats
                 .wal_nanos
                 .fetch_add(logging.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            self.stats.wal_bytes.fetch_add(log.len() as u64, Ordering::Relaxed);
         }
         if let Err(e) = txn.commit() {
             if log.is_empty() {
@@ -578,18 +601,28 @@ impl Writer {
             self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
             self.wal.checkpointed(wall_ms);
         }
+        // What readers see once the publisher has synced the log.
+        let snapshot = match self.db.begin_read() {
+            Ok(txn) => txn,
+            Err(e) => return Err(self.fail(format!("cannot read the commit back: {e}")).into()),
+        };
         self.stats
             .commit_nanos
             .fetch_add(committing.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.docs = docs;
-        Ok((results, readied))
+        Ok(GroupOutcome {
+            results,
+            readied,
+            needs_sync: !log.is_empty() && !checkpoint,
+            snapshot: Some(snapshot),
+        })
     }
 
     /// Stops all further writes until restart, whose recovery replays the log.
     fn fail(&mut self, why: String) -> StorageError {
         let why = format!("the writer stopped: {why}; restart the node to recover from the write-ahead log");
         tracing::error!("{why}");
-        self.failed = Some(why.clone());
+        self.failure.set(why.clone());
         StorageError(why)
     }
 
