@@ -173,6 +173,13 @@ pub struct Opened {
     pub generated_admin_password: Option<String>,
 }
 
+/// A document the writer answered with, as the caller's own value. The
+/// copy, when the writer's cache still shares it, is made here, on the
+/// caller's thread.
+fn owned(doc: store::SharedDoc) -> Value {
+    Value::Object(Arc::unwrap_or_clone(doc))
+}
+
 fn is_valid_site(site: &str) -> bool {
     !site.is_empty()
         && site.len() <= 63
@@ -288,6 +295,7 @@ impl Node {
             wall: options.clock.clone(),
             ids,
             docs: Default::default(),
+            lookups: Default::default(),
         };
         let lease_tick = tx.downgrade();
         std::thread::Builder::new()
@@ -411,7 +419,7 @@ impl Node {
 
     async fn write_document(&self, op: WriteOp) -> Result<Value, WriteError> {
         match self.write(op).await? {
-            WriteDone::Document(v) => Ok(v),
+            WriteDone::Document(v) => Ok(owned(v)),
             _ => Err(WriteError::Closed),
         }
     }
@@ -456,7 +464,7 @@ impl Node {
 
     async fn write_documents(&self, op: WriteOp) -> Result<Vec<Value>, WriteError> {
         match self.write(op).await? {
-            WriteDone::Documents(d) => Ok(d),
+            WriteDone::Documents(d) => Ok(d.into_iter().map(owned).collect()),
             _ => Err(WriteError::Closed),
         }
     }
@@ -734,7 +742,7 @@ impl Node {
                 })
                 .await?
             {
-                WriteDone::Document(d) => return Ok(Some(d)),
+                WriteDone::Document(d) => return Ok(Some(owned(d))),
                 WriteDone::Nothing => {}
                 _ => return Err(WriteError::Closed),
             }

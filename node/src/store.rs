@@ -25,6 +25,8 @@
 //!   joins no history. When the change itself arrives later (a refill), it
 //!   replaces the stub and leaves this table.
 
+use std::sync::Arc;
+
 use prost::Message;
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde_json::{Map, Value};
@@ -372,62 +374,81 @@ fn apply_fields(
     (doc, false)
 }
 
+/// A parsed document shared between the writer's cache, the transaction
+/// and the caller's answer, so a transition does not copy it.
+pub(crate) type SharedDoc = Arc<Map<String, Value>>;
+
 /// What a local write hands to `WriteTables::append`: its body, and the
 /// current document it replaces, both already parsed.
 pub(crate) struct LocalWrite {
     pub body: Map<String, Value>,
-    pub old: Option<Map<String, Value>>,
+    pub old: Option<SharedDoc>,
     /// The (origin, hlc) of the document's first version, when it had any
     /// before this write (the writer looked up its history's ends already).
     pub first: Option<(String, u64)>,
 }
 
-/// Most entries of a `DocCache`.
-const DOC_CACHE_ENTRIES: usize = 1024;
+/// Most bytes (of the documents' JSON) a `DocCache` holds.
+const DOC_CACHE_BYTES: usize = 32 << 20;
 
 /// Current documents that this writer's local writes stored lately, as
 /// parsed maps: a work item's pop and its completion read back what the
-/// transition before wrote, which would otherwise be a B-tree read and a
-/// JSON parse each. It moves into a transaction's tables and back to the
-/// writer only once that transaction has committed, so whatever an aborted
-/// group wrote leaves with it; a peer's change to a document drops the
-/// document's entry.
+/// transition before wrote, which would otherwise be a B-tree read, a log
+/// read and a JSON parse each. Bounded by the documents' size, so a queue
+/// backed up by thousands of items still pops from memory. It moves into a
+/// transaction's tables and back to the writer only once that transaction
+/// has committed, so whatever an aborted group wrote leaves with it; a
+/// peer's change to a document drops the document's entry.
 #[derive(Default)]
 pub(crate) struct DocCache {
-    /// (collection, id) → (insertion number, stored document).
-    docs: std::collections::HashMap<(String, String), (u64, Map<String, Value>)>,
+    /// (collection, id) → (insertion number, size, stored document).
+    docs: std::collections::HashMap<(String, String), (u64, usize, SharedDoc)>,
     /// Insertion order, for eviction; an entry replaced later is skipped.
     order: std::collections::VecDeque<((String, String), u64)>,
     next: u64,
+    /// Sum of the sizes of the entries in `docs`.
+    bytes: usize,
 }
 
 impl DocCache {
-    fn get(&self, collection: &str, id: &str) -> Option<&Map<String, Value>> {
+    fn get(&self, collection: &str, id: &str) -> Option<&SharedDoc> {
         if self.docs.is_empty() {
             return None;
         }
         self.docs
             .get(&(collection.to_owned(), id.to_owned()))
-            .map(|(_, doc)| doc)
+            .map(|(_, _, doc)| doc)
     }
 
-    fn put(&mut self, collection: &str, id: &str, doc: Map<String, Value>) {
+    fn put(&mut self, collection: &str, id: &str, doc: SharedDoc, size: usize) {
         let key = (collection.to_owned(), id.to_owned());
         self.next += 1;
         self.order.push_back((key.clone(), self.next));
-        self.docs.insert(key, (self.next, doc));
-        while self.order.len() > DOC_CACHE_ENTRIES {
-            if let Some((old, n)) = self.order.pop_front()
-                && self.docs.get(&old).is_some_and(|(m, _)| *m == n)
+        self.bytes += size;
+        if let Some((_, replaced, _)) = self.docs.insert(key, (self.next, size, doc)) {
+            self.bytes -= replaced;
+        }
+        while self.bytes > DOC_CACHE_BYTES {
+            let Some((old, n)) = self.order.pop_front() else { break };
+            if self.docs.get(&old).is_some_and(|(m, _, _)| *m == n)
+                && let Some((_, size, _)) = self.docs.remove(&old)
             {
-                self.docs.remove(&old);
+                self.bytes -= size;
             }
+        }
+        // Entries replaced later leave stale places in `order`; drop them
+        // once they outnumber the live ones.
+        if self.order.len() > 2 * self.docs.len() + 1024 {
+            let docs = &self.docs;
+            self.order.retain(|(k, n)| docs.get(k).is_some_and(|(m, _, _)| m == n));
         }
     }
 
     fn remove(&mut self, collection: &str, id: &str) {
-        if !self.docs.is_empty() {
-            self.docs.remove(&(collection.to_owned(), id.to_owned()));
+        if !self.docs.is_empty()
+            && let Some((_, size, _)) = self.docs.remove(&(collection.to_owned(), id.to_owned()))
+        {
+            self.bytes -= size;
         }
     }
 }
@@ -484,8 +505,9 @@ pub(crate) struct WriteTables<'t> {
     /// Highest seq appended per origin, written to `version_vector` once
     /// per transaction by `flush_vv`.
     vv_pending: Vec<(String, u64)>,
-    /// Lookups repeated by most writes of a group, valid for this transaction.
-    pub cache: GroupCache,
+    /// Lookups repeated by most writes (see `Lookups`), lent to this
+    /// transaction.
+    pub cache: Lookups,
     /// This site's name: only items it owns enter its work-item tables.
     pub site: String,
     /// Peers' changes refused in this transaction (see `crate::authz`).
@@ -497,14 +519,17 @@ pub(crate) struct WriteTables<'t> {
     pub docs: DocCache,
 }
 
-/// What the writes of one group look up again and again. Whoever changes
-/// the underlying tables in the transaction clears the matching part.
+/// What writes look up again and again. Like `DocCache` it is lent to each
+/// transaction and returned to the writer only after that transaction
+/// committed; whoever changes the underlying tables clears the matching
+/// part (a queue document changed by anyone, here or at a peer, clears
+/// the queues; index definitions change only here).
 #[derive(Default)]
-pub(crate) struct GroupCache {
+pub(crate) struct Lookups {
     /// Collection → indexed fields (`index_defs`).
     pub indexed: std::collections::HashMap<String, Vec<String>>,
     /// Queue name → (queue document id, current queue document).
-    pub queues: std::collections::HashMap<String, (String, Map<String, Value>)>,
+    pub queues: std::collections::HashMap<String, (String, SharedDoc)>,
 }
 
 impl<'t> WriteTables<'t> {
@@ -538,7 +563,7 @@ impl<'t> WriteTables<'t> {
             log_base,
             log_file,
             vv_pending: Vec::new(),
-            cache: GroupCache::default(),
+            cache: Lookups::default(),
             site: site.to_owned(),
             refused: 0,
             now_ms: 0,
@@ -554,7 +579,7 @@ impl<'t> WriteTables<'t> {
     /// history length and, when this change became the current version, its
     /// view (`(0, None)` for a peer's change refused by `crate::authz`).
     /// A withheld stub takes its place in the log and in `withheld` only.
-    pub fn append(&mut self, change: &Change, source: Source) -> Result<(u64, Option<Value>), StorageError> {
+    pub fn append(&mut self, change: &Change, source: Source) -> Result<(u64, Option<SharedDoc>), StorageError> {
         self.append_encoded(change, None, source)
     }
 
@@ -564,7 +589,7 @@ impl<'t> WriteTables<'t> {
         change: &Change,
         encoded: Option<&[u8]>,
         source: Source,
-    ) -> Result<(u64, Option<Value>), StorageError> {
+    ) -> Result<(u64, Option<SharedDoc>), StorageError> {
         self.append_logged(change, encoded, None, source)
     }
 
@@ -575,7 +600,7 @@ impl<'t> WriteTables<'t> {
         encoded: Option<&[u8]>,
         logged_at: Option<(u64, usize)>,
         source: Source,
-    ) -> Result<(u64, Option<Value>), StorageError> {
+    ) -> Result<(u64, Option<SharedDoc>), StorageError> {
         self.log_change(change, encoded, logged_at)?;
         match self.vv_pending.iter_mut().find(|(o, _)| *o == change.origin) {
             Some(entry) => entry.1 = change.seq,
@@ -643,7 +668,7 @@ impl<'t> WriteTables<'t> {
         Ok(())
     }
 
-    fn join_history(&mut self, change: &Change, source: Source) -> Result<(u64, Option<Value>), StorageError> {
+    fn join_history(&mut self, change: &Change, source: Source) -> Result<(u64, Option<SharedDoc>), StorageError> {
         // A peer's change whose author lacked the right stays in the log only.
         if matches!(source, Source::Peer(_)) && crate::authz::refuse(self, change)?.is_some() {
             self.refused += 1;
@@ -720,7 +745,7 @@ impl<'t> WriteTables<'t> {
     /// so the current document is the old one with its fields applied.
     /// Anything else (a concurrent or late version) refolds the history.
     /// A document's first version needs no history read at all.
-    fn materialize(&mut self, change: &Change, source: Source) -> Result<(u64, Option<Value>), StorageError> {
+    fn materialize(&mut self, change: &Change, source: Source) -> Result<(u64, Option<SharedDoc>), StorageError> {
         let (collection, id) = (change.collection.as_str(), change.doc_id.as_str());
         let from_peer = matches!(source, Source::Peer(_));
         let deleted = change.kind == ChangeKind::Delete as i32;
@@ -733,7 +758,7 @@ impl<'t> WriteTables<'t> {
                 // A local change carries the newest HLC (the writer refused
                 // an older one), so it is the current version.
                 let len = match l.first {
-                    Some(_) => self.history_count(collection, id, l.old.as_ref())?,
+                    Some(_) => self.history_count(collection, id, l.old.as_deref())?,
                     None => 1,
                 };
                 (len, true, (!deleted).then_some(l.body), true, l.old, l.first)
@@ -773,7 +798,7 @@ impl<'t> WriteTables<'t> {
                     None => (1, None),
                     Some(_) => {
                         let old = self.current(collection, id)?;
-                        (self.history_count(collection, id, old.as_ref())?, old)
+                        (self.history_count(collection, id, old.as_deref())?, old)
                     }
                 };
                 let is_this = match &greatest {
@@ -795,7 +820,7 @@ impl<'t> WriteTables<'t> {
                     // `ocmesh_replication::merge`).
                     (Some(take_body(change, &mut body)?), true)
                 } else if is_this && builds_on_previous && !settles {
-                    apply_fields(change, take_body(change, &mut body)?, old.clone())
+                    apply_fields(change, take_body(change, &mut body)?, old.as_deref().cloned())
                 } else {
                     (self.refold(collection, id)?, false)
                 };
@@ -829,22 +854,25 @@ impl<'t> WriteTables<'t> {
                 // client's order, a peer's fold appends changed fields, and
                 // the stored bytes must not depend on which site wrote them.
                 doc.sort_keys();
-                let bytes = if verbatim {
-                    encode_doc_ref(len - 1, &change.origin, change.seq)
+                let (bytes, size) = if verbatim {
+                    (encode_doc_ref(len - 1, &change.origin, change.seq), change.body.len())
                 } else {
-                    serde_json::to_vec(&doc).map_err(|e| StorageError(e.to_string()))?
+                    let json = serde_json::to_vec(&doc).map_err(|e| StorageError(e.to_string()))?;
+                    let size = json.len();
+                    (json, size)
                 };
                 self.documents.insert((collection, id), bytes.as_slice())?;
+                let doc = Arc::new(doc);
                 if from_peer {
                     self.docs.remove(collection, id);
                 } else {
-                    self.docs.put(collection, id, doc.clone());
+                    self.docs.put(collection, id, doc.clone(), size);
                 }
                 Some(doc)
             }
         };
         for field in self.indexed_fields(collection)? {
-            self.reindex_map(collection, &field, id, old.as_ref(), new.as_ref())?;
+            self.reindex_map(collection, &field, id, old.as_deref(), new.as_deref())?;
         }
         if collection == crate::workitems::QUEUES {
             self.cache.queues.clear();
@@ -862,7 +890,7 @@ impl<'t> WriteTables<'t> {
                 fifo: first_hlc,
                 at: first_origin,
             };
-            crate::workitems::reindex(self, collection, id, old.as_ref(), new.as_ref(), created, now)?;
+            crate::workitems::reindex(self, collection, id, old.as_deref(), new.as_deref(), created, now)?;
         }
         if !is_this {
             return Ok((len, None));
@@ -870,12 +898,12 @@ impl<'t> WriteTables<'t> {
         Ok((
             len,
             Some(match new {
-                Some(doc) => Value::Object(doc),
+                Some(doc) => doc,
                 // A delete shows the document as it was deleted.
                 None => {
                     let mut doc = body_object(change)?;
                     doc.insert("_version".into(), Value::from(len - 1));
-                    Value::Object(doc)
+                    Arc::new(doc)
                 }
             }),
         ))
@@ -1026,12 +1054,12 @@ impl<'t> WriteTables<'t> {
         Ok(())
     }
 
-    pub fn current(&self, collection: &str, id: &str) -> Result<Option<Map<String, Value>>, StorageError> {
+    pub fn current(&self, collection: &str, id: &str) -> Result<Option<SharedDoc>, StorageError> {
         if let Some(doc) = self.docs.get(collection, id) {
             return Ok(Some(doc.clone()));
         }
         match self.documents.get((collection, id))? {
-            Some(g) => read_stored_doc(collection, id, g.value(), self).map(Some),
+            Some(g) => read_stored_doc(collection, id, g.value(), self).map(|d| Some(Arc::new(d))),
             None => Ok(None),
         }
     }

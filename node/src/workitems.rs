@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use crate::Principal;
 use crate::error::WriteError;
 use crate::ids::{iso8601, parse_iso8601};
-use crate::store::{ORIGIN_MAX, StorageError, WriteTables};
+use crate::store::{ORIGIN_MAX, SharedDoc, StorageError, WriteTables};
 use crate::writer::{WriteDone, Writer};
 
 pub const QUEUES: &str = "mq";
@@ -357,7 +357,7 @@ impl Writer {
         Ok((id, QueueSettings::from_doc(&doc)?))
     }
 
-    fn queue_doc(&self, t: &mut WriteTables<'_>, name: &str) -> Result<(String, Map<String, Value>), WriteError> {
+    fn queue_doc(&self, t: &mut WriteTables<'_>, name: &str) -> Result<(String, SharedDoc), WriteError> {
         if let Some(found) = t.cache.queues.get(name) {
             return Ok(found.clone());
         }
@@ -379,7 +379,7 @@ impl Writer {
         t: &mut WriteTables<'_>,
         name: &str,
         by: &Principal,
-    ) -> Result<(String, Map<String, Value>, QueueSettings), WriteError> {
+    ) -> Result<(String, SharedDoc, QueueSettings), WriteError> {
         let (id, doc) = self.queue_doc(t, name)?;
         match crate::writer::check(&doc, by, crate::acl::INVOKE, QUEUES, &id) {
             Ok(()) => {}
@@ -547,7 +547,7 @@ impl Writer {
         let Some(current) = t.current(ITEMS, &id)? else {
             return Err(StorageError(format!("ready work item {id} has no document")).into());
         };
-        let mut doc = current.clone();
+        let mut doc = (*current).clone();
         doc.insert("state".into(), "processing".into());
         doc.insert("lastrun".into(), iso8601(now).into());
         doc.insert("_leaseuntil".into(), iso8601(now + q.lease_ms).into());
@@ -580,7 +580,7 @@ impl Writer {
             Some(other) => return Err(WorkItemError::BadErrorType(other.to_owned()).into()),
         };
         let (current, q) = self.held_item(t, id, by)?;
-        let mut doc = current.clone();
+        let mut doc = (*current).clone();
         // A final state is final: completing again would route a second
         // copy to the next queue (a worker whose lease ran out, a retried
         // request), which is running the item's follow-up twice.
@@ -648,7 +648,7 @@ impl Writer {
         t: &mut WriteTables<'_>,
         id: &str,
         by: &Principal,
-    ) -> Result<(Map<String, Value>, QueueSettings), WriteError> {
+    ) -> Result<(SharedDoc, QueueSettings), WriteError> {
         let current = stored_item(t, id)?;
         if !crate::acl::allowed_map(&current, by, crate::acl::READ) {
             return Err(WorkItemError::NoItem(id.to_owned()).into());
@@ -690,7 +690,7 @@ impl Writer {
             }
             .into());
         }
-        let mut doc = current.clone();
+        let mut doc = (*current).clone();
         if let Some(p) = payload {
             doc.insert("payload".into(), Value::Object(p));
         }
@@ -723,7 +723,7 @@ impl Writer {
             .into());
         }
         let epoch = current.get(EPOCH_FIELD).and_then(Value::as_u64).unwrap_or(0) + 1;
-        let mut doc = current.clone();
+        let mut doc = (*current).clone();
         doc.insert(OWNER_FIELD.into(), self.site.clone().into());
         doc.insert(EPOCH_FIELD.into(), epoch.into());
         if state == "processing" {
@@ -770,7 +770,7 @@ impl Writer {
 }
 
 /// A work item's current document, for an id that must name one.
-fn stored_item(t: &WriteTables<'_>, id: &str) -> Result<Map<String, Value>, WriteError> {
+fn stored_item(t: &WriteTables<'_>, id: &str) -> Result<SharedDoc, WriteError> {
     crate::ids::validate_id(id)?;
     Ok(t.current(ITEMS, id)?
         .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?)

@@ -15,7 +15,9 @@ use ocmesh_replication::{Change, ChangeKind, Clock, Timestamp, VersionVector};
 
 use crate::error::{ApplyError, WriteError};
 use crate::ids::{IdGen, iso8601, validate_collection, validate_id};
-use crate::store::{Changes, LocalWrite, META_HLC, META_WAL_FROM, Source, StorageError, WriteTables, body_object};
+use crate::store::{
+    Changes, LocalWrite, META_HLC, META_WAL_FROM, SharedDoc, Source, StorageError, WriteTables, body_object,
+};
 use crate::publisher::Committed;
 use crate::{NodeStats, Principal};
 
@@ -183,9 +185,11 @@ impl Incoming {
 /// What a write produced.
 #[derive(Debug)]
 pub(crate) enum WriteDone {
-    Document(Value),
+    /// Shared with the writer's cache; the caller copies it on its own
+    /// thread if it needs its own.
+    Document(SharedDoc),
     Applied(ApplyReport),
-    Documents(Vec<Value>),
+    Documents(Vec<SharedDoc>),
     Nothing,
 }
 
@@ -321,6 +325,8 @@ pub(crate) struct Writer {
     pub ids: IdGen,
     /// Documents recent local writes stored (see `DocCache`).
     pub docs: crate::store::DocCache,
+    /// Queue documents and index definitions (see `Lookups`).
+    pub lookups: crate::store::Lookups,
 }
 
 impl Writer {
@@ -459,6 +465,7 @@ impl Writer {
             t.now_ms = wall_ms;
             // Lent to the transaction; returned only once it has committed.
             t.docs = std::mem::take(&mut self.docs);
+            t.cache = std::mem::take(&mut self.lookups);
             for (index, op) in ops.into_iter().enumerate() {
                 if let Some(at) = refused.iter().position(|(i, _)| *i == index) {
                     results.push(Err(refused.swap_remove(at).1));
@@ -547,6 +554,7 @@ impl Writer {
                 // (A refill of a withheld stub logs a change below the
                 // version vector: that is a change.)
                 self.docs = std::mem::take(&mut t.docs);
+                self.lookups = std::mem::take(&mut t.cache);
                 drop(t);
                 txn.abort()?;
                 return Ok(GroupOutcome {
@@ -566,7 +574,7 @@ impl Writer {
             }
             log = std::mem::take(&mut t.log);
             readied = std::mem::take(&mut t.readied);
-            docs = std::mem::take(&mut t.docs);
+            docs = (std::mem::take(&mut t.docs), std::mem::take(&mut t.cache));
         }
         let committing = std::time::Instant::now();
         self.stats
@@ -609,7 +617,7 @@ impl Writer {
         self.stats
             .commit_nanos
             .fetch_add(committing.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        self.docs = docs;
+        (self.docs, self.lookups) = docs;
         Ok(GroupOutcome {
             results,
             readied,
@@ -705,7 +713,7 @@ impl Writer {
         collection: String,
         id: String,
         mut doc: Map<String, Value>,
-        current: Map<String, Value>,
+        current: SharedDoc,
         by: &Principal,
     ) -> Result<WriteDone, WriteError> {
         match doc.get("_id") {
@@ -748,11 +756,11 @@ impl Writer {
     ) -> Result<WriteDone, WriteError> {
         validate_collection(&collection)?;
         validate_id(&id)?;
-        let Some(mut doc) = t.current(&collection, &id)? else {
+        let Some(current) = t.current(&collection, &id)? else {
             return Err(WriteError::NotFound { collection, id });
         };
-        check(&doc, by, crate::acl::DELETE, &collection, &id)?;
-        let current = doc.clone();
+        check(&current, by, crate::acl::DELETE, &collection, &id)?;
+        let mut doc = (*current).clone();
         let hlc = self.stamp();
         let now = Value::String(iso8601(hlc.physical_ms()));
         strip_store_fields(&mut doc);
@@ -771,10 +779,10 @@ impl Writer {
         collection: &str,
         id: &str,
         body: Map<String, Value>,
-        old: Option<Map<String, Value>>,
+        old: Option<SharedDoc>,
         hlc: Timestamp,
         by: &Principal,
-    ) -> Result<Value, WriteError> {
+    ) -> Result<SharedDoc, WriteError> {
         // Every site, this one included, must be able to read the body
         // back: a body past serde_json's depth limit or over the size peers
         // accept would be written once and then refused everywhere,
