@@ -28,8 +28,8 @@ pub mod messaging;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
 pub mod options;
-pub mod query;
 mod publisher;
+pub mod query;
 mod store;
 mod users;
 mod wal;

@@ -103,9 +103,7 @@ impl Publisher {
         while let Ok(first) = rx.recv() {
             let mut groups = vec![first];
             groups.extend(rx.try_iter().take(PUBLISH_QUEUE_BOUND));
-            self.stats
-                .publish_queue
-                .store(groups.len() as u64, Ordering::Relaxed);
+            self.stats.publish_queue.store(groups.len() as u64, Ordering::Relaxed);
             let synced = match self.failure.get() {
                 Some(why) => Err(why),
                 None if groups.iter().any(|g| g.needs_sync) => {
@@ -116,9 +114,8 @@ impl Publisher {
                         .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     self.stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
                     r.map_err(|e| {
-                        let why = format!(
-                            "the writer stopped: {e}; restart the node to recover from the write-ahead log"
-                        );
+                        let why =
+                            format!("the writer stopped: {e}; restart the node to recover from the write-ahead log");
                         tracing::error!("{why}");
                         self.failure.set(why.clone());
                         why

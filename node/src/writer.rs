@@ -15,10 +15,10 @@ use ocmesh_replication::{Change, ChangeKind, Clock, Timestamp, VersionVector};
 
 use crate::error::{ApplyError, WriteError};
 use crate::ids::{IdGen, iso8601, validate_collection, validate_id};
+use crate::publisher::Committed;
 use crate::store::{
     Changes, LocalWrite, META_HLC, META_WAL_FROM, SharedDoc, Source, StorageError, WriteTables, body_object,
 };
-use crate::publisher::Committed;
 use crate::{NodeStats, Principal};
 
 /// Most requests committed together.

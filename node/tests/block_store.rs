@@ -140,6 +140,20 @@ async fn a_store_that_fails_refuses_writes_and_loses_nothing_acknowledged() {
         .insert("things", obj(json!({"_id": "c".repeat(24), "n": 2})), &who)
         .await;
     assert!(refused.is_err(), "a write whose log commit failed is not acknowledged");
+    // redb took the group before the log's sync failed; readers still see
+    // only what was durable.
+    assert!(
+        node.get("things", &"c".repeat(24)).is_err(),
+        "a write whose log sync failed is never visible"
+    );
+    assert_eq!(node.get("things", &"b".repeat(24)).expect("still readable")["n"], 1);
+    let later = node
+        .insert("things", obj(json!({"_id": "d".repeat(24), "n": 3})), &who)
+        .await;
+    assert!(
+        later.is_err(),
+        "after a failed sync the writer refuses writes until restart"
+    );
     let restarted = open(&store.snapshot(), &clock);
     assert_eq!(
         restarted.get("things", &"b".repeat(24)).expect("acknowledged write")["n"],
