@@ -18,6 +18,7 @@
 pub mod acl;
 mod authz;
 pub mod blockfile;
+mod body_scan;
 pub mod disk;
 mod error;
 pub mod files;

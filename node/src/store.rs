@@ -344,6 +344,17 @@ fn take_body(change: &Change, parsed: &mut Option<Map<String, Value>>) -> Result
     }
 }
 
+/// Whether `change`, if it is the first version of its document held
+/// here, needs nothing of its body but the indexed fields: an insert
+/// outside the collections whose documents drive other tables (queues,
+/// work items, files).
+pub(crate) fn first_version_is_plain(change: &Change) -> bool {
+    change.kind == ChangeKind::Insert as i32
+        && !change.withheld
+        && ![crate::workitems::QUEUES, crate::workitems::ITEMS, crate::files::FILES]
+            .contains(&change.collection.as_str())
+}
+
 /// The greatest version's effect on the document before it, and whether
 /// the result is the change's body as written.
 fn apply_fields(
@@ -794,6 +805,9 @@ impl<'t> WriteTables<'t> {
                         ),
                     }
                 };
+                if greatest.is_none() && body.is_none() && first_version_is_plain(change) {
+                    return self.store_first_plain_version(change).map(|()| (1, None));
+                }
                 let (len, old) = match &greatest {
                     None => (1, None),
                     Some(_) => {
@@ -907,6 +921,31 @@ impl<'t> WriteTables<'t> {
                 }
             }),
         ))
+    }
+
+    /// A peer's first version of a plain document (see
+    /// `first_version_is_plain`), body unparsed: what `materialize` would
+    /// do with the whole body, from its indexed fields alone. No caller
+    /// reads the view of a peer's change, so none is made.
+    fn store_first_plain_version(&mut self, change: &Change) -> Result<(), StorageError> {
+        let (collection, id) = (change.collection.as_str(), change.doc_id.as_str());
+        let fields = self.indexed_fields(collection)?;
+        let wanted: Vec<&str> = fields.iter().map(String::as_str).collect();
+        let picked = crate::body_scan::pick(&change.body, &wanted).ok_or_else(|| {
+            StorageError(format!(
+                "stored change {}:{} has a body that is not a JSON object",
+                change.origin, change.seq
+            ))
+        })?;
+        self.documents.insert(
+            (collection, id),
+            encode_doc_ref(0, &change.origin, change.seq).as_slice(),
+        )?;
+        self.docs.remove(collection, id);
+        for field in &fields {
+            self.reindex_map(collection, field, id, None, Some(&picked))?;
+        }
+        Ok(())
     }
 
     /// Records the chunks a file document names that this site lacks.

@@ -915,6 +915,73 @@ async fn shared_document(body: Value) -> ((tempfile::TempDir, tempfile::TempDir)
     ((da, db), a, b, doc)
 }
 
+/// A peer's first versions are stored without parsing their bodies whole
+/// (`crate::body_scan`): b's indexes, among them one on a nested field,
+/// answer exactly as a scan does and as a's do, and b shows a's documents
+/// unchanged; a later update of one of them moves its entries.
+#[tokio::test]
+async fn a_peers_first_versions_are_indexed_from_their_fields_alone() {
+    use crate::query::{Filter, Query};
+    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let (a, b) = (open(da.path(), "a"), open(db.path(), "b"));
+    for node in [&a, &b] {
+        node.create_index("m", "spec.load").await.expect("index");
+        node.create_index("m", "tags").await.expect("index");
+    }
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let kinds = ["pump", "valve", "fan"];
+        let body = json!({
+            "_type": kinds[i % 3],
+            "note": "x\"y\u{e9}",
+            "spec": {"load": i % 7, "deep": [{"load": 1}]},
+            "tags": [format!("t{}", i % 4), "all"],
+        });
+        let d = a.insert("m", obj(body), &admin()).await.expect("insert");
+        ids.push(d["_id"].as_str().expect("id").to_owned());
+    }
+    b.apply(all_changes(&a)).await.expect("apply");
+    a.update(
+        "m",
+        &ids[0],
+        json!({"$set": {"spec": {"load": 99}, "_type": "fan"}}),
+        &admin(),
+    )
+    .await
+    .expect("update");
+    b.apply(from_origin(&a, "a")).await.expect("apply the update");
+    let all = Query {
+        top: 1000,
+        ..Query::default()
+    };
+    assert_eq!(a.query("m", &all).expect("a"), b.query("m", &all).expect("b"));
+    for f in [
+        json!({"_type": "pump"}),
+        json!({"_type": "fan", "spec.load": 99}),
+        json!({"spec.load": {"$in": [3, 4]}}),
+        json!({"tags": "t2"}),
+    ] {
+        let filter = Filter::parse(&f).expect("filter");
+        assert!(
+            !matches!(b.plan("m", &filter).expect("plan"), Plan::FullScan),
+            "{f} uses an index"
+        );
+        let q = Query {
+            filter,
+            top: 1000,
+            ..Query::default()
+        };
+        let planned = b.query("m", &q).expect("query");
+        assert!(!planned.is_empty(), "{f}");
+        assert_eq!(
+            planned,
+            q.run(b.query("m", &all).expect("all").into_iter()),
+            "filter {f}"
+        );
+        assert_eq!(planned, a.query("m", &q).expect("at a"), "filter {f}");
+    }
+}
+
 /// Sites a and b each apply the changes the other made itself.
 async fn exchange_own_changes(a: &Node, b: &Node) {
     let (from_a, from_b) = (from_origin(a, "a"), from_origin(b, "b"));

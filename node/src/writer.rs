@@ -164,8 +164,13 @@ pub(crate) enum WriteOp {
 pub(crate) struct Incoming {
     pub change: Change,
     pub encoded: Vec<u8>,
-    /// `None` for a withheld stub, or a body that is not a JSON object
-    /// (refused by the writer if the change is new here).
+    /// Whether the body is a JSON object (false for a withheld stub; a
+    /// new change without one is refused).
+    pub object: bool,
+    /// The parsed body, except for an insert into a plain collection: that
+    /// is most likely the document's first version, which the writer
+    /// stores as a reference to the change, reading only the indexed
+    /// fields (`crate::body_scan`); it parses the body itself if not.
     pub body: Option<Map<String, Value>>,
 }
 
@@ -173,12 +178,20 @@ impl Incoming {
     pub fn new(change: Change) -> Self {
         use prost::Message;
         let encoded = change.encode_to_vec();
-        let body = if change.withheld {
-            None
+        let (object, body) = if change.withheld {
+            (false, None)
+        } else if crate::store::first_version_is_plain(&change) {
+            (crate::body_scan::is_object(&change.body), None)
         } else {
-            body_object(&change).ok()
+            let body = body_object(&change).ok();
+            (body.is_some(), body)
         };
-        Incoming { change, encoded, body }
+        Incoming {
+            change,
+            encoded,
+            object,
+            body,
+        }
     }
 }
 
@@ -869,6 +882,7 @@ impl Writer {
             let Incoming {
                 change: c,
                 encoded,
+                object,
                 body,
             } = incoming;
             validate(&c).map_err(ApplyError::Invalid)?;
@@ -876,7 +890,7 @@ impl Writer {
             if c.seq <= held {
                 // The content of a change held here only as a stub.
                 if !c.withheld && c.seq <= self.vv.get(&c.origin) && t.is_withheld(&c.origin, c.seq)? {
-                    check_content(&c, body.is_some())?;
+                    check_content(&c, object)?;
                     fills.push(c);
                 } else {
                     report.duplicates += 1;
@@ -895,7 +909,7 @@ impl Writer {
                 .into());
             }
             if !c.withheld {
-                check_content(&c, body.is_some())?;
+                check_content(&c, object)?;
             }
             expect.advance(&c.origin, c.seq);
             fresh.push((c, encoded, body));
