@@ -265,6 +265,12 @@ async fn data_survives_restart() -> anyhow::Result<()> {
         "{metrics}"
     );
     assert_eq!(metrics["changes_held"], 1);
+    // The publisher's queue is shown with its bound.
+    assert!(
+        metrics["publish_queue"].is_u64() && metrics["wal_syncs"].is_u64(),
+        "{metrics}"
+    );
+    assert_eq!(metrics["publish_queue_bound"], 64, "{metrics}");
     let id = doc["_id"].as_str().unwrap_or_default().to_owned();
     s.stop();
     s.start().await?;
