@@ -67,8 +67,16 @@ impl Failure {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn set(&self, why: String) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why);
+    /// Stops all writes until restart, whose recovery replays the log;
+    /// returns the reason every refused write is given.
+    pub fn stop(&self, cause: impl std::fmt::Display) -> String {
+        let why = format!("the writer stopped: {cause}; restart the node to recover from the write-ahead log");
+        tracing::error!("{why}");
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(why.clone());
+        why
     }
 }
 
@@ -113,13 +121,7 @@ impl Publisher {
                         .wal_nanos
                         .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     self.stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
-                    r.map_err(|e| {
-                        let why =
-                            format!("the writer stopped: {e}; restart the node to recover from the write-ahead log");
-                        tracing::error!("{why}");
-                        self.failure.set(why.clone());
-                        why
-                    })
+                    r.map_err(|e| self.failure.stop(e))
                 }
                 None => Ok(()),
             };

@@ -254,11 +254,15 @@ impl Changes for WriteTables<'_> {
 pub(crate) fn body_object(change: &Change) -> Result<Map<String, Value>, StorageError> {
     match serde_json::from_slice(&change.body) {
         Ok(Value::Object(m)) => Ok(m),
-        _ => Err(StorageError(format!(
-            "stored change {}:{} has a body that is not a JSON object",
-            change.origin, change.seq
-        ))),
+        _ => Err(not_an_object(change)),
     }
+}
+
+fn not_an_object(change: &Change) -> StorageError {
+    StorageError(format!(
+        "stored change {}:{} has a body that is not a JSON object",
+        change.origin, change.seq
+    ))
 }
 
 /// The document a version shows, with its `_version` number.
@@ -931,12 +935,7 @@ impl<'t> WriteTables<'t> {
         let (collection, id) = (change.collection.as_str(), change.doc_id.as_str());
         let fields = self.indexed_fields(collection)?;
         let wanted: Vec<&str> = fields.iter().map(String::as_str).collect();
-        let picked = crate::body_scan::pick(&change.body, &wanted).ok_or_else(|| {
-            StorageError(format!(
-                "stored change {}:{} has a body that is not a JSON object",
-                change.origin, change.seq
-            ))
-        })?;
+        let picked = crate::body_scan::pick(&change.body, &wanted).ok_or_else(|| not_an_object(change))?;
         self.documents.insert(
             (collection, id),
             encode_doc_ref(0, &change.origin, change.seq).as_slice(),

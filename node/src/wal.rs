@@ -99,21 +99,25 @@ impl LogReader {
     /// `len` bytes at `offset`.
     pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, WalError> {
         let mut out = vec![0u8; len];
-        self.file.read_exact_at(&mut out, offset).map_err(|source| WalError {
-            path: self.path.to_string(),
-            what: "cannot read",
-            source,
-        })?;
+        self.file
+            .read_exact_at(&mut out, offset)
+            .map_err(self.err("cannot read"))?;
         Ok(out)
     }
 
     /// Waits until every record written so far is on disk.
     pub fn sync(&self) -> Result<(), WalError> {
-        self.file.sync_data().map_err(|source| WalError {
+        self.file.sync_data().map_err(self.err("cannot sync"))
+    }
+
+    /// Names the file in an I/O error; the path is copied only on error
+    /// (reads and appends are hot).
+    fn err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> WalError + '_ {
+        move |source| WalError {
             path: self.path.to_string(),
-            what: "cannot sync",
+            what,
             source,
-        })
+        }
     }
 }
 
@@ -211,9 +215,8 @@ impl Wal {
         Ok(Wal::opened(&path.display().to_string(), WalFile::Disk(file), now_ms))
     }
 
-    fn err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> WalError {
-        let path = self.reader.path.to_string();
-        move |source| WalError { path, what, source }
+    fn err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> WalError + '_ {
+        self.reader.err(what)
     }
 
     /// Everything in the file from `from` on (the records a recovery may

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use ocmesh_replication::change::validate;
 use ocmesh_replication::{Change, ChangeKind, Clock, Timestamp, VersionVector};
@@ -311,7 +311,7 @@ impl From<redb::StorageError> for GroupFailure {
 
 pub(crate) struct Request {
     pub op: WriteOp,
-    pub reply: oneshot::Sender<Result<WriteDone, WriteError>>,
+    pub reply: crate::publisher::Reply,
 }
 
 /// State only the writer thread touches.
@@ -641,10 +641,7 @@ impl Writer {
 
     /// Stops all further writes until restart, whose recovery replays the log.
     fn fail(&mut self, why: String) -> StorageError {
-        let why = format!("the writer stopped: {why}; restart the node to recover from the write-ahead log");
-        tracing::error!("{why}");
-        self.failure.set(why.clone());
-        StorageError(why)
+        StorageError(self.failure.stop(why))
     }
 
     /// Fresh HLC reading for a local write.
