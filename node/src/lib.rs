@@ -297,6 +297,7 @@ impl Node {
             ids,
             docs: Default::default(),
             lookups: Default::default(),
+            log_buf: Vec::new(),
         };
         let lease_tick = tx.downgrade();
         std::thread::Builder::new()

@@ -663,18 +663,15 @@ impl<'t> WriteTables<'t> {
         let (at, len) = match logged_at {
             Some(place) => place,
             None => {
-                let owned;
-                let bytes = match encoded {
-                    Some(b) => b,
-                    None => {
-                        owned = change.encode_to_vec();
-                        owned.as_slice()
-                    }
-                };
-                prost::encoding::encode_varint(bytes.len() as u64, &mut self.log);
+                // Encoded straight into the record: no buffer per change.
+                let len = encoded.map_or_else(|| change.encoded_len(), <[u8]>::len);
+                prost::encoding::encode_varint(len as u64, &mut self.log);
                 let at = self.log_base + self.log.len() as u64;
-                self.log.extend_from_slice(bytes);
-                (at, bytes.len())
+                match encoded {
+                    Some(bytes) => self.log.extend_from_slice(bytes),
+                    None => change.encode_raw(&mut self.log),
+                }
+                (at, len)
             }
         };
         let place = encode_place(at, len);

@@ -131,6 +131,9 @@ pub(crate) struct Wal {
     since_checkpoint: u64,
     /// Wall-clock ms (the node's clock) of the last checkpoint.
     last_checkpoint_ms: u64,
+    /// The record being written, kept between writes so that a group does
+    /// not allocate (and fault in) a fresh buffer.
+    record: Vec<u8>,
 }
 
 fn checksum(epoch: u64, payload: &[u8]) -> [u8; 8] {
@@ -196,6 +199,7 @@ impl Wal {
             end: 0,
             since_checkpoint: 0,
             last_checkpoint_ms: now_ms,
+            record: Vec::new(),
         }
     }
 
@@ -266,18 +270,20 @@ impl Wal {
     /// a later `LogReader::sync` returns, and must not be acknowledged
     /// before.
     pub fn write(&mut self, epoch: u64, payload: &[u8]) -> Result<(), WalError> {
-        let mut record = Vec::with_capacity(HEADER + payload.len());
+        let mut record = std::mem::take(&mut self.record);
+        record.clear();
+        record.reserve(HEADER + payload.len());
         record.extend_from_slice(&MAGIC);
         record.extend_from_slice(&epoch.to_le_bytes());
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         record.extend_from_slice(&checksum(epoch, payload));
         record.extend_from_slice(payload);
-        self.reader
-            .file
-            .write_all_at(&record, self.end)
-            .map_err(self.err("cannot append"))?;
-        self.end += record.len() as u64;
-        self.since_checkpoint += record.len() as u64;
+        let written = self.reader.file.write_all_at(&record, self.end);
+        let len = record.len() as u64;
+        self.record = record;
+        written.map_err(self.err("cannot append"))?;
+        self.end += len;
+        self.since_checkpoint += len;
         Ok(())
     }
 

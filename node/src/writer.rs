@@ -340,6 +340,9 @@ pub(crate) struct Writer {
     pub docs: crate::store::DocCache,
     /// Queue documents and index definitions (see `Lookups`).
     pub lookups: crate::store::Lookups,
+    /// The buffer a group's log record is built in, kept between groups
+    /// (a fresh one per group cost its growth and page faults each time).
+    pub log_buf: Vec<u8>,
 }
 
 impl Writer {
@@ -479,6 +482,7 @@ impl Writer {
             // Lent to the transaction; returned only once it has committed.
             t.docs = std::mem::take(&mut self.docs);
             t.cache = std::mem::take(&mut self.lookups);
+            t.log = std::mem::take(&mut self.log_buf);
             for (index, op) in ops.into_iter().enumerate() {
                 if let Some(at) = refused.iter().position(|(i, _)| *i == index) {
                     results.push(Err(refused.swap_remove(at).1));
@@ -568,6 +572,7 @@ impl Writer {
                 // version vector: that is a change.)
                 self.docs = std::mem::take(&mut t.docs);
                 self.lookups = std::mem::take(&mut t.cache);
+                self.log_buf = std::mem::take(&mut t.log);
                 drop(t);
                 txn.abort()?;
                 return Ok(GroupOutcome {
@@ -631,10 +636,13 @@ impl Writer {
             .commit_nanos
             .fetch_add(committing.elapsed().as_nanos() as u64, Ordering::Relaxed);
         (self.docs, self.lookups) = docs;
+        let needs_sync = !log.is_empty() && !checkpoint;
+        self.log_buf = log;
+        self.log_buf.clear();
         Ok(GroupOutcome {
             results,
             readied,
-            needs_sync: !log.is_empty() && !checkpoint,
+            needs_sync,
             snapshot: Some(snapshot),
         })
     }
