@@ -407,68 +407,93 @@ pub(crate) struct LocalWrite {
 const DOC_CACHE_BYTES: usize = 32 << 20;
 
 /// Current documents that this writer's local writes stored lately, as
-/// parsed maps: a work item's pop and its completion read back what the
-/// transition before wrote, which would otherwise be a B-tree read, a log
-/// read and a JSON parse each. Bounded by the documents' size, so a queue
+/// parsed maps, with the ends of their history: a work item's pop and its
+/// completion read back what the transition before wrote, which would
+/// otherwise be a B-tree read, a log read and a JSON parse each, plus a
+/// range over its versions. Bounded by the documents' size, so a queue
 /// backed up by thousands of items still pops from memory. It moves into a
 /// transaction's tables and back to the writer only once that transaction
 /// has committed, so whatever an aborted group wrote leaves with it; a
-/// peer's change to a document drops the document's entry.
+/// peer's change to a document drops the document's entry. Every version
+/// a document gains passes through `materialize`, which either replaces
+/// the entry or drops it, so the ends kept here are the history's.
 #[derive(Default)]
 pub(crate) struct DocCache {
-    /// (collection, id) → (insertion number, size, stored document).
-    docs: std::collections::HashMap<(String, String), (u64, usize, SharedDoc)>,
+    /// collection → id → entry. Looked up by `&str`: no key is built per
+    /// lookup.
+    docs: std::collections::HashMap<Arc<str>, std::collections::HashMap<Arc<str>, CachedDoc>>,
     /// Insertion order, for eviction; an entry replaced later is skipped.
-    order: std::collections::VecDeque<((String, String), u64)>,
+    order: std::collections::VecDeque<(Arc<str>, Arc<str>, u64)>,
     next: u64,
     /// Sum of the sizes of the entries in `docs`.
     bytes: usize,
+    entries: usize,
+}
+
+struct CachedDoc {
+    /// Insertion number (see `DocCache::order`).
+    n: u64,
+    size: usize,
+    doc: SharedDoc,
+    ends: HistoryEnds,
 }
 
 impl DocCache {
-    fn get(&self, collection: &str, id: &str) -> Option<&SharedDoc> {
-        if self.docs.is_empty() {
-            return None;
-        }
-        self.docs
-            .get(&(collection.to_owned(), id.to_owned()))
-            .map(|(_, _, doc)| doc)
+    fn entry(&self, collection: &str, id: &str) -> Option<&CachedDoc> {
+        self.docs.get(collection)?.get(id)
     }
 
-    fn put(&mut self, collection: &str, id: &str, doc: SharedDoc, size: usize) {
-        let key = (collection.to_owned(), id.to_owned());
+    fn get(&self, collection: &str, id: &str) -> Option<&SharedDoc> {
+        self.entry(collection, id).map(|e| &e.doc)
+    }
+
+    fn put(&mut self, collection: &str, id: &str, doc: SharedDoc, size: usize, ends: HistoryEnds) {
         self.next += 1;
-        self.order.push_back((key.clone(), self.next));
-        self.bytes += size;
-        if let Some((_, replaced, _)) = self.docs.insert(key, (self.next, size, doc)) {
-            self.bytes -= replaced;
+        let n = self.next;
+        let collection: Arc<str> = match self.docs.get_key_value(collection) {
+            Some((c, _)) => c.clone(),
+            None => collection.into(),
+        };
+        let by_id = self.docs.entry(collection.clone()).or_default();
+        let entry = CachedDoc { n, size, doc, ends };
+        let id = match by_id.get_key_value(id) {
+            Some((key, _)) => key.clone(),
+            None => id.into(),
+        };
+        match by_id.insert(id.clone(), entry) {
+            Some(replaced) => self.bytes -= replaced.size,
+            None => self.entries += 1,
         }
+        self.bytes += size;
+        self.order.push_back((collection, id, n));
         while self.bytes > DOC_CACHE_BYTES {
-            let Some((old, n)) = self.order.pop_front() else { break };
-            if self.docs.get(&old).is_some_and(|(m, _, _)| *m == n)
-                && let Some((_, size, _)) = self.docs.remove(&old)
-            {
-                self.bytes -= size;
+            let Some((c, id, n)) = self.order.pop_front() else { break };
+            if self.entry(&c, &id).is_some_and(|e| e.n == n) {
+                self.remove(&c, &id);
             }
         }
         // Entries replaced later leave stale places in `order`; drop them
         // once they outnumber the live ones.
-        if self.order.len() > 2 * self.docs.len() + 1024 {
+        if self.order.len() > 2 * self.entries + 1024 {
             let docs = &self.docs;
-            self.order.retain(|(k, n)| docs.get(k).is_some_and(|(m, _, _)| m == n));
+            self.order
+                .retain(|(c, id, n)| docs.get(c).and_then(|m| m.get(id)).is_some_and(|e| e.n == *n));
         }
     }
 
     fn remove(&mut self, collection: &str, id: &str) {
-        if !self.docs.is_empty()
-            && let Some((_, size, _)) = self.docs.remove(&(collection.to_owned(), id.to_owned()))
+        if let Some(by_id) = self.docs.get_mut(collection)
+            && let Some(e) = by_id.remove(id)
         {
-            self.bytes -= size;
+            self.bytes -= e.size;
+            self.entries -= 1;
         }
     }
 }
 
-/// See `WriteTables::history_ends`.
+/// The first version of a document, as (origin, hlc), and its greatest,
+/// as (hlc, origin): see `WriteTables::history_ends`.
+#[derive(Clone)]
 pub(crate) struct HistoryEnds {
     pub first: (String, u64),
     pub greatest: (u64, String),
@@ -881,7 +906,12 @@ impl<'t> WriteTables<'t> {
                 if from_peer {
                     self.docs.remove(collection, id);
                 } else {
-                    self.docs.put(collection, id, doc.clone(), size);
+                    // A local change is the greatest version (see above).
+                    let ends = HistoryEnds {
+                        first: (first_origin.to_owned(), first_hlc),
+                        greatest: (change.hlc, change.origin.clone()),
+                    };
+                    self.docs.put(collection, id, doc.clone(), size, ends);
                 }
                 Some(doc)
             }
@@ -1016,6 +1046,20 @@ impl<'t> WriteTables<'t> {
     /// The ends of a document's history, if it has any: the (origin, hlc)
     /// of its first version and the (hlc, origin) of its greatest.
     pub fn history_ends(&self, collection: &str, id: &str) -> Result<Option<HistoryEnds>, StorageError> {
+        if let Some(e) = self.docs.entry(collection, id) {
+            // Every test run checks the cached ends against the versions.
+            #[cfg(debug_assertions)]
+            {
+                let stored = self.stored_history_ends(collection, id)?;
+                let same = stored.as_ref().map(|s| (&s.first, &s.greatest)) == Some((&e.ends.first, &e.ends.greatest));
+                debug_assert!(same, "cached history ends of {collection}/{id} differ from its versions");
+            }
+            return Ok(Some(e.ends.clone()));
+        }
+        self.stored_history_ends(collection, id)
+    }
+
+    fn stored_history_ends(&self, collection: &str, id: &str) -> Result<Option<HistoryEnds>, StorageError> {
         let mut range = self
             .versions
             .range((collection, id, 0u64, "")..=(collection, id, u64::MAX, ORIGIN_MAX))?;

@@ -618,14 +618,18 @@ impl Writer {
                 route_to
             }
         };
-        let done = self.replace_current(t, ITEMS.into(), id.to_owned(), doc.clone(), current, by)?;
-        if let Some(target) = route {
+        // The routed copy's fields, taken before the item moves on.
+        let route = route.map(|target| {
             let mut copy = Map::new();
             for f in ["name", "payload", "priority", "files"] {
                 if let Some(v) = doc.get(f) {
                     copy.insert(f.into(), v.clone());
                 }
             }
+            (target, copy)
+        });
+        let done = self.replace_current(t, ITEMS.into(), id.to_owned(), doc, current, by)?;
+        if let Some((target, copy)) = route {
             // Routing is the node's act, whoever completed the item.
             // The completion stands whatever becomes of the copy: a copy
             // the target refuses is logged, never a half-written finish.
