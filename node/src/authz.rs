@@ -160,7 +160,7 @@ fn with_roles(t: &WriteTables<'_>, who: Principal) -> Result<Principal, StorageE
         }
     }
     let mut start = vec![who.id.clone(), acl::USERS_ROLE_ID.to_owned()];
-    if let Some(c) = t.credentials.get("admin")?
+    if let Some(c) = t.credentials.open()?.get("admin")?
         && let Ok(c) = serde_json::from_slice::<crate::users::Credential>(c.value())
         && c.id == who.id
     {

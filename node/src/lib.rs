@@ -1467,6 +1467,7 @@ fn init_store(
     let mut generated = None;
     let (last, vv, secret, replayed, wal_epoch) = {
         let mut t = store::WriteTables::open(&txn, &config.site, wal.reader(), u64::MAX)?;
+        t.create_all()?;
         t.now_ms = options.clock.now_ms();
         let epoch = t.meta_u64(META_WAL_EPOCH, "write-ahead log epoch")?.unwrap_or(0);
         let stored = t
@@ -1512,7 +1513,13 @@ fn init_store(
                 s.to_vec()
             }
         };
-        if options.create_admin && t.credentials.get("admin").map_err(StorageError::from)?.is_none() {
+        if options.create_admin
+            && t.credentials
+                .open()?
+                .get("admin")
+                .map_err(StorageError::from)?
+                .is_none()
+        {
             let password = match &config.admin_password {
                 Some(p) => p.clone(),
                 None => {
@@ -1530,6 +1537,7 @@ fn init_store(
             };
             let bytes = serde_json::to_vec(&cred).map_err(|e| OpenError::Credentials(e.to_string()))?;
             t.credentials
+                .open_mut()?
                 .insert("admin", bytes.as_slice())
                 .map_err(StorageError::from)?;
         }

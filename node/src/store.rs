@@ -467,7 +467,9 @@ impl DocCache {
         self.bytes += size;
         self.order.push_back((collection, id, n));
         while self.bytes > DOC_CACHE_BYTES {
-            let Some((c, id, n)) = self.order.pop_front() else { break };
+            let Some((c, id, n)) = self.order.pop_front() else {
+                break;
+            };
             if self.entry(&c, &id).is_some_and(|e| e.n == n) {
                 self.remove(&c, &id);
             }
@@ -513,6 +515,45 @@ fn shown_version(doc: &Map<String, Value>) -> Option<u64> {
     doc.get("_version").and_then(Value::as_u64)
 }
 
+/// A table opened on first use. Most groups touch a few of the store's
+/// tables, and redb looks each open table up in its table tree when it is
+/// opened, closed and committed.
+pub(crate) struct Lazy<'t, K: redb::Key + 'static, V: redb::Value + 'static> {
+    txn: &'t WriteTransaction,
+    definition: TableDefinition<'static, K, V>,
+    table: std::cell::OnceCell<Table<'t, K, V>>,
+}
+
+impl<'t, K: redb::Key + 'static, V: redb::Value + 'static> Lazy<'t, K, V> {
+    fn new(txn: &'t WriteTransaction, definition: TableDefinition<'static, K, V>) -> Self {
+        Lazy {
+            txn,
+            definition,
+            table: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The table, to read.
+    pub fn open(&self) -> Result<&Table<'t, K, V>, StorageError> {
+        if let Some(table) = self.table.get() {
+            return Ok(table);
+        }
+        let table = self.txn.open_table(self.definition)?;
+        Ok(self.table.get_or_init(|| table))
+    }
+
+    /// The table, to write.
+    pub fn open_mut(&mut self) -> Result<&mut Table<'t, K, V>, StorageError> {
+        if self.table.get().is_none() {
+            let table = self.txn.open_table(self.definition)?;
+            let _ = self.table.set(table);
+        }
+        self.table
+            .get_mut()
+            .ok_or_else(|| StorageError(format!("table {} did not open", self.definition)))
+    }
+}
+
 /// Open tables of one write transaction.
 pub(crate) struct WriteTables<'t> {
     pub meta: Table<'t, &'static str, &'static [u8]>,
@@ -520,18 +561,18 @@ pub(crate) struct WriteTables<'t> {
     pub vv: Table<'t, &'static str, u64>,
     pub versions: Table<'t, (&'static str, &'static str, u64, &'static str), u64>,
     pub documents: Table<'t, (&'static str, &'static str), &'static [u8]>,
-    pub history_len: Table<'t, (&'static str, &'static str), u64>,
-    pub credentials: Table<'t, &'static str, &'static [u8]>,
-    pub index_defs: Table<'t, (&'static str, &'static str), &'static [u8]>,
+    pub history_len: Lazy<'t, (&'static str, &'static str), u64>,
+    pub credentials: Lazy<'t, &'static str, &'static [u8]>,
+    pub index_defs: Lazy<'t, (&'static str, &'static str), &'static [u8]>,
     pub index: Table<'t, (&'static str, &'static str, &'static [u8], &'static str), ()>,
-    pub wi_queues: Table<'t, &'static str, &'static str>,
+    pub wi_queues: Lazy<'t, &'static str, &'static str>,
     pub wi_ready: Table<'t, (&'static str, u64, u64, &'static str), ()>,
     pub wi_delayed: Table<'t, (&'static str, u64, &'static str), (u64, u64)>,
     pub wi_leases: Table<'t, (u64, &'static str), ()>,
-    pub chunks: Table<'t, &'static [u8], &'static [u8]>,
-    pub chunks_wanted: Table<'t, &'static [u8], ()>,
-    pub conflicts: Table<'t, (&'static str, &'static str, &'static str, u64, u64), ()>,
-    pub withheld: Table<'t, (&'static str, u64), ()>,
+    pub chunks: Lazy<'t, &'static [u8], &'static [u8]>,
+    pub chunks_wanted: Lazy<'t, &'static [u8], ()>,
+    pub conflicts: Lazy<'t, (&'static str, &'static str, &'static str, u64, u64), ()>,
+    pub withheld: Lazy<'t, (&'static str, u64), ()>,
     /// Queues that got an item ready to pop in this transaction, once per
     /// item: poppers waiting on them are woken after the commit.
     pub readied: Vec<String>,
@@ -586,18 +627,18 @@ impl<'t> WriteTables<'t> {
             vv: txn.open_table(VV)?,
             versions: txn.open_table(VERSIONS)?,
             documents: txn.open_table(DOCUMENTS)?,
-            history_len: txn.open_table(HISTORY_LEN)?,
-            credentials: txn.open_table(CREDENTIALS)?,
-            index_defs: txn.open_table(INDEX_DEFS)?,
+            history_len: Lazy::new(txn, HISTORY_LEN),
+            credentials: Lazy::new(txn, CREDENTIALS),
+            index_defs: Lazy::new(txn, INDEX_DEFS),
             index: txn.open_table(INDEX)?,
-            wi_queues: txn.open_table(crate::workitems::WI_QUEUES)?,
+            wi_queues: Lazy::new(txn, crate::workitems::WI_QUEUES),
             wi_ready: txn.open_table(crate::workitems::WI_READY)?,
             wi_delayed: txn.open_table(crate::workitems::WI_DELAYED)?,
             wi_leases: txn.open_table(crate::workitems::WI_LEASES)?,
-            chunks: txn.open_table(CHUNKS)?,
-            chunks_wanted: txn.open_table(CHUNKS_WANTED)?,
-            conflicts: txn.open_table(CONFLICTS)?,
-            withheld: txn.open_table(WITHHELD)?,
+            chunks: Lazy::new(txn, CHUNKS),
+            chunks_wanted: Lazy::new(txn, CHUNKS_WANTED),
+            conflicts: Lazy::new(txn, CONFLICTS),
+            withheld: Lazy::new(txn, WITHHELD),
             readied: Vec::new(),
             log: Vec::new(),
             log_base,
@@ -609,6 +650,20 @@ impl<'t> WriteTables<'t> {
             now_ms: 0,
             docs: DocCache::default(),
         })
+    }
+
+    /// Creates every table that does not exist yet, so that readers find
+    /// them all (groups open the rarer ones only when they use them).
+    pub fn create_all(&mut self) -> Result<(), StorageError> {
+        self.history_len.open_mut()?;
+        self.credentials.open_mut()?;
+        self.index_defs.open_mut()?;
+        self.wi_queues.open_mut()?;
+        self.chunks.open_mut()?;
+        self.chunks_wanted.open_mut()?;
+        self.conflicts.open_mut()?;
+        self.withheld.open_mut()?;
+        Ok(())
     }
 
     /// Appends a change to the log and to its document's history, then
@@ -647,7 +702,9 @@ impl<'t> WriteTables<'t> {
             None => self.vv_pending.push((change.origin.clone(), change.seq)),
         }
         if change.withheld {
-            self.withheld.insert((change.origin.as_str(), change.seq), ())?;
+            self.withheld
+                .open_mut()?
+                .insert((change.origin.as_str(), change.seq), ())?;
             return Ok((0, None));
         }
         self.join_history(change, source)
@@ -655,7 +712,7 @@ impl<'t> WriteTables<'t> {
 
     /// Whether this site holds `origin`:`seq` only as a withheld stub.
     pub fn is_withheld(&self, origin: &str, seq: u64) -> Result<bool, StorageError> {
-        Ok(self.withheld.get((origin, seq))?.is_some())
+        Ok(self.withheld.open()?.get((origin, seq))?.is_some())
     }
 
     /// Replaces the withheld stub of `change` with the change itself and
@@ -668,7 +725,13 @@ impl<'t> WriteTables<'t> {
 
     /// `fill`, for a change already in the log at `logged_at`.
     fn fill_logged(&mut self, change: &Change, logged_at: Option<(u64, usize)>) -> Result<bool, StorageError> {
-        if change.withheld || self.withheld.remove((change.origin.as_str(), change.seq))?.is_none() {
+        if change.withheld
+            || self
+                .withheld
+                .open_mut()?
+                .remove((change.origin.as_str(), change.seq))?
+                .is_none()
+        {
             return Ok(false);
         }
         self.log_change(change, None, logged_at)?;
@@ -759,7 +822,7 @@ impl<'t> WriteTables<'t> {
         if let Some(v) = current.and_then(shown_version) {
             return Ok(v + 2);
         }
-        if let Some(n) = self.history_len.get((collection, id))? {
+        if let Some(n) = self.history_len.open()?.get((collection, id))? {
             return Ok(n.value() + 1);
         }
         let mut n = 0;
@@ -885,7 +948,7 @@ impl<'t> WriteTables<'t> {
                 }
                 self.docs.remove(collection, id);
                 // Only a deleted document keeps its history length here.
-                self.history_len.insert((collection, id), len)?;
+                self.history_len.open_mut()?.insert((collection, id), len)?;
                 None
             }
             Some(mut doc) => {
@@ -984,8 +1047,8 @@ impl<'t> WriteTables<'t> {
             let Some(hash) = crate::files::chunk_hash(h) else {
                 continue;
             };
-            if self.chunks.get(hash.as_slice())?.is_none() {
-                self.chunks_wanted.insert(hash.as_slice(), ())?;
+            if self.chunks.open()?.get(hash.as_slice())?.is_none() {
+                self.chunks_wanted.open_mut()?.insert(hash.as_slice(), ())?;
             }
         }
         Ok(())
@@ -1025,6 +1088,7 @@ impl<'t> WriteTables<'t> {
             let mut out = Vec::new();
             for entry in self
                 .conflicts
+                .open()?
                 .range((collection, id, "", 0u64, 0u64)..=(collection, id, ORIGIN_MAX, u64::MAX, u64::MAX))?
             {
                 let (k, _) = entry?;
@@ -1034,10 +1098,13 @@ impl<'t> WriteTables<'t> {
             out
         };
         for (field, kept, lost) in outdated {
-            self.conflicts.remove((collection, id, field.as_str(), kept, lost))?;
+            self.conflicts
+                .open_mut()?
+                .remove((collection, id, field.as_str(), kept, lost))?;
         }
         for c in &merged.conflicts {
             self.conflicts
+                .open_mut()?
                 .insert((collection, id, c.field.as_str(), c.kept, c.lost), ())?;
         }
         Ok(merged.doc)
@@ -1052,7 +1119,10 @@ impl<'t> WriteTables<'t> {
             {
                 let stored = self.stored_history_ends(collection, id)?;
                 let same = stored.as_ref().map(|s| (&s.first, &s.greatest)) == Some((&e.ends.first, &e.ends.greatest));
-                debug_assert!(same, "cached history ends of {collection}/{id} differ from its versions");
+                debug_assert!(
+                    same,
+                    "cached history ends of {collection}/{id} differ from its versions"
+                );
             }
             return Ok(Some(e.ends.clone()));
         }
@@ -1088,7 +1158,11 @@ impl<'t> WriteTables<'t> {
             return Ok(fields.clone());
         }
         let mut fields: Vec<String> = crate::index::ALWAYS_INDEXED.iter().map(|f| (*f).to_owned()).collect();
-        for entry in self.index_defs.range((collection, "")..=(collection, ORIGIN_MAX))? {
+        for entry in self
+            .index_defs
+            .open()?
+            .range((collection, "")..=(collection, ORIGIN_MAX))?
+        {
             let (k, _) = entry?;
             fields.push(k.value().1.to_owned());
         }

@@ -248,7 +248,7 @@ pub(crate) fn reindex(
         d.filter(|m| m.get("_type").and_then(Value::as_str) == Some(ty))
     }
     if collection == QUEUES {
-        let queues = &mut t.wi_queues;
+        let queues = t.wi_queues.open_mut()?;
         if let Some(name) = typed(old, QUEUE_TYPE).and_then(|m| m.get("name").and_then(Value::as_str)) {
             queues.remove(name)?;
         }
@@ -361,7 +361,7 @@ impl Writer {
         if let Some(found) = t.cache.queues.get(name) {
             return Ok(found.clone());
         }
-        let id = match t.wi_queues.get(name).map_err(StorageError::from)? {
+        let id = match t.wi_queues.open()?.get(name).map_err(StorageError::from)? {
             Some(id) => id.value().to_owned(),
             None => return Err(WorkItemError::NoQueue(name.to_owned()).into()),
         };

@@ -996,6 +996,7 @@ fn create_index(t: &mut WriteTables<'_>, collection: &str, field: &str) -> Resul
     }
     t.cache.indexed.remove(collection);
     t.index_defs
+        .open_mut()?
         .insert((collection, field), b"{}".as_slice())
         .map_err(StorageError::from)?;
     let docs: Vec<(String, Value)> = {
@@ -1028,6 +1029,7 @@ fn drop_index(t: &mut WriteTables<'_>, collection: &str, field: &str) -> Result<
     }
     t.cache.indexed.remove(collection);
     if t.index_defs
+        .open_mut()?
         .remove((collection, field))
         .map_err(StorageError::from)?
         .is_none()
@@ -1059,10 +1061,21 @@ fn drop_index(t: &mut WriteTables<'_>, collection: &str, field: &str) -> Result<
 }
 
 fn put_chunk(t: &mut WriteTables<'_>, hash: &[u8; 32], data: &[u8]) -> Result<WriteDone, WriteError> {
-    if t.chunks.get(hash.as_slice()).map_err(StorageError::from)?.is_none() {
-        t.chunks.insert(hash.as_slice(), data).map_err(StorageError::from)?;
+    if t.chunks
+        .open()?
+        .get(hash.as_slice())
+        .map_err(StorageError::from)?
+        .is_none()
+    {
+        t.chunks
+            .open_mut()?
+            .insert(hash.as_slice(), data)
+            .map_err(StorageError::from)?;
     }
-    t.chunks_wanted.remove(hash.as_slice()).map_err(StorageError::from)?;
+    t.chunks_wanted
+        .open_mut()?
+        .remove(hash.as_slice())
+        .map_err(StorageError::from)?;
     Ok(WriteDone::Nothing)
 }
 
@@ -1077,7 +1090,12 @@ impl Writer {
         let hashes = crate::files::chunk_hashes(&Value::Object(doc.clone()))
             .ok_or_else(|| StorageError("file metadata lists malformed chunk hashes".into()))?;
         for h in hashes {
-            if t.chunks.get(h.as_slice()).map_err(StorageError::from)?.is_none() {
+            if t.chunks
+                .open()?
+                .get(h.as_slice())
+                .map_err(StorageError::from)?
+                .is_none()
+            {
                 let name = doc
                     .get("filename")
                     .and_then(Value::as_str)
@@ -1124,6 +1142,7 @@ impl Writer {
             });
         }
         if t.credentials
+            .open()?
             .get(username.as_str())
             .map_err(StorageError::from)?
             .is_some()
@@ -1157,6 +1176,7 @@ impl Writer {
         };
         let bytes = serde_json::to_vec(&cred).map_err(|e| StorageError(e.to_string()))?;
         t.credentials
+            .open_mut()?
             .insert(username.as_str(), bytes.as_slice())
             .map_err(StorageError::from)?;
         Ok(done)
