@@ -6,6 +6,7 @@ mod bench_catchup;
 mod bench_crosssite;
 mod bench_openiap;
 mod config;
+mod status;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,8 @@ enum Command {
     /// Measure throughput and latency.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Show a running site's status (health, peers, store figures) from its REST API.
+    Status(status::StatusArgs),
     /// Run a simulation scenario (TOML) in virtual time and check the invariants.
     Sim {
         scenario: PathBuf,
@@ -125,6 +128,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(bench_catchup::raw_sink(s)),
+        Command::Status(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(status::run(args)),
         Command::Sim {
             scenario,
             seed,

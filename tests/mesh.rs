@@ -454,3 +454,41 @@ async fn a_replaced_document_has_the_same_bytes_at_both_sites() -> anyhow::Resul
     assert_eq!(at_a, at_b, "same document, different bytes");
     Ok(())
 }
+
+/// `ocmesh status` against a running site: its health, store figures and
+/// peers; a wrong password and an API that is not there are named errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_site_and_its_peers() -> anyhow::Result<()> {
+    let p = pair().await?;
+    wait_until(SYNC, "a and b connected", || peer_in_sync(&p.a, "site-b")).await?;
+    let status = |password: &str, api: String| {
+        let mut cmd = std::process::Command::new(common::bin());
+        common::hermetic(&mut cmd).args(["status", "--api", &api, "--password", password]);
+        cmd.output()
+    };
+    let out = status(common::PASSWORD, p.a.url(""))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("site site-a: ok"), "{text}");
+    assert!(text.contains("changes held"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("peer site-b (") && l.contains(": connected, 0 unacknowledged")),
+        "{text}"
+    );
+
+    let out = status("wrong", p.a.url(""))?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused the sign-in of user \"admin\""), "{err}");
+
+    let nowhere = format!("http://{}", free_tcp());
+    let out = status(common::PASSWORD, nowhere.clone())?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot reach the site's API at {nowhere}")),
+        "{err}"
+    );
+    Ok(())
+}
