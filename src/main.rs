@@ -86,6 +86,11 @@ enum CaCommand {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The tokio runtime a command runs on.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -103,35 +108,14 @@ fn main() -> anyhow::Result<()> {
                 println!("config ok");
                 return Ok(());
             }
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(run(settings))
+            runtime()?.block_on(run(settings))
         }
-        Command::Bench(BenchCommand::Workitems(b)) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(bench::run_workitems(b)),
-        Command::Bench(BenchCommand::Openiap(b)) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(bench_openiap::run(b)),
-        Command::Bench(BenchCommand::Crosssite(b)) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(bench_crosssite::run(b)),
-        Command::Bench(BenchCommand::Catchup(b)) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(bench_catchup::run(b)),
-        Command::Bench(BenchCommand::RawSink(s)) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(bench_catchup::raw_sink(s)),
-        Command::Status(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(status::run(args)),
+        Command::Bench(BenchCommand::Workitems(b)) => runtime()?.block_on(bench::run_workitems(b)),
+        Command::Bench(BenchCommand::Openiap(b)) => runtime()?.block_on(bench_openiap::run(b)),
+        Command::Bench(BenchCommand::Crosssite(b)) => runtime()?.block_on(bench_crosssite::run(b)),
+        Command::Bench(BenchCommand::Catchup(b)) => runtime()?.block_on(bench_catchup::run(b)),
+        Command::Bench(BenchCommand::RawSink(s)) => runtime()?.block_on(bench_catchup::raw_sink(s)),
+        Command::Status(args) => runtime()?.block_on(status::run(args)),
         Command::Sim {
             scenario,
             seed,

@@ -460,34 +460,46 @@ async fn a_replaced_document_has_the_same_bytes_at_both_sites() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_the_site_and_its_peers() -> anyhow::Result<()> {
     let p = pair().await?;
-    wait_until(SYNC, "a and b connected", || peer_in_sync(&p.a, "site-b")).await?;
-    let status = |password: &str, api: String| {
+    p.a.insert("entities", &json!({"name": "shown"})).await?;
+    wait_until(SYNC, "b holds a's document", || peer_in_sync(&p.a, "site-b")).await?;
+    // (success, stdout, stderr) of `ocmesh status`.
+    let status = |password: &str, api: String| -> anyhow::Result<(bool, String, String)> {
         let mut cmd = std::process::Command::new(common::bin());
         common::hermetic(&mut cmd).args(["status", "--api", &api, "--password", password]);
-        cmd.output()
+        let out = cmd.output()?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        Ok((out.status.success(), text(&out.stdout), text(&out.stderr)))
     };
-    let out = status(common::PASSWORD, p.a.url(""))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    let held = || async { anyhow::Ok(p.a.get("/api/v1/metrics").await?.1["changes_held"].as_u64()) };
+    let before = held().await?.unwrap_or_default();
+    let (ok, text, err) = status(common::PASSWORD, p.a.url(""))?;
+    let after = held().await?.unwrap_or_default();
+    assert!(ok, "{text} {err}");
     assert!(text.contains("site site-a: ok"), "{text}");
-    assert!(text.contains("changes held"), "{text}");
+    // The figure is the site's own, read between the two above.
+    let shown: u64 = text
+        .split("store: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no store line: {text}"));
+    assert!(
+        before >= 1 && (before..=after).contains(&shown),
+        "{before}..={after}: {text}"
+    );
     assert!(
         text.lines()
             .any(|l| l.starts_with("peer site-b (") && l.contains(": connected, 0 unacknowledged")),
         "{text}"
     );
 
-    let out = status("wrong", p.a.url(""))?;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("refused the sign-in of user \"admin\""), "{err}");
+    let (ok, _, err) = status("wrong", p.a.url(""))?;
+    assert!(!ok && err.contains("refused the sign-in of user \"admin\""), "{err}");
 
     let nowhere = format!("http://{}", free_tcp());
-    let out = status(common::PASSWORD, nowhere.clone())?;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, _, err) = status(common::PASSWORD, nowhere.clone())?;
     assert!(
-        err.contains(&format!("cannot reach the site's API at {nowhere}")),
+        !ok && err.contains(&format!("cannot reach the site's API at {nowhere}")),
         "{err}"
     );
     Ok(())

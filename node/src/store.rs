@@ -427,7 +427,6 @@ pub(crate) struct DocCache {
     next: u64,
     /// Sum of the sizes of the entries in `docs`.
     bytes: usize,
-    entries: usize,
 }
 
 struct CachedDoc {
@@ -460,9 +459,8 @@ impl DocCache {
             Some((key, _)) => key.clone(),
             None => id.into(),
         };
-        match by_id.insert(id.clone(), entry) {
-            Some(replaced) => self.bytes -= replaced.size,
-            None => self.entries += 1,
+        if let Some(replaced) = by_id.insert(id.clone(), entry) {
+            self.bytes -= replaced.size;
         }
         self.bytes += size;
         self.order.push_back((collection, id, n));
@@ -476,7 +474,8 @@ impl DocCache {
         }
         // Entries replaced later leave stale places in `order`; drop them
         // once they outnumber the live ones.
-        if self.order.len() > 2 * self.entries + 1024 {
+        let entries: usize = self.docs.values().map(|by_id| by_id.len()).sum();
+        if self.order.len() > 2 * entries + 1024 {
             let docs = &self.docs;
             self.order
                 .retain(|(c, id, n)| docs.get(c).and_then(|m| m.get(id)).is_some_and(|e| e.n == *n));
@@ -488,7 +487,6 @@ impl DocCache {
             && let Some(e) = by_id.remove(id)
         {
             self.bytes -= e.size;
-            self.entries -= 1;
         }
     }
 }
@@ -544,10 +542,7 @@ impl<'t, K: redb::Key + 'static, V: redb::Value + 'static> Lazy<'t, K, V> {
 
     /// The table, to write.
     pub fn open_mut(&mut self) -> Result<&mut Table<'t, K, V>, StorageError> {
-        if self.table.get().is_none() {
-            let table = self.txn.open_table(self.definition)?;
-            let _ = self.table.set(table);
-        }
+        self.open()?;
         self.table
             .get_mut()
             .ok_or_else(|| StorageError(format!("table {} did not open", self.definition)))
