@@ -266,8 +266,11 @@ impl Node {
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_BOUND);
         let signals = Arc::new(workitems::QueueSignals::default());
         let fills = Arc::new(fills::FillNotices::default());
-        let snapshot = Arc::new(publisher::Snapshot::new(db.begin_read().map_err(|e| storage_err(&e))?));
         let failure = Arc::new(publisher::Failure::default());
+        let snapshot = Arc::new(publisher::Snapshot::new(
+            db.begin_read().map_err(|e| storage_err(&e))?,
+            failure.clone(),
+        ));
         let (publish_tx, publish_rx) = std::sync::mpsc::sync_channel(publisher::PUBLISH_QUEUE_BOUND);
         let publisher = publisher::Publisher {
             log: wal.reader(),
@@ -292,6 +295,7 @@ impl Node {
             wal_epoch: init.wal_epoch,
             failure,
             publish: publish_tx,
+            txn_no: 0,
             publisher: Some(publisher),
             wall: options.clock.clone(),
             ids,

@@ -18,8 +18,8 @@
 //!   failed `fdatasync` may not fail again for the same lost pages); the
 //!   writer sees the failure and refuses all writes until restart.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use redb::ReadTransaction;
 use tokio::sync::{oneshot, watch};
@@ -37,24 +37,73 @@ pub(crate) const PUBLISH_QUEUE_BOUND: usize = 64;
 
 pub(crate) type Reply = oneshot::Sender<Result<WriteDone, WriteError>>;
 
-/// The read snapshot every reader starts from: the newest published group.
+/// The read snapshot every reader starts from: the newest published
+/// commit. A group may be acknowledged (its log record synced) before the
+/// redb commit that holds it is published, when the writer runs several
+/// groups in one transaction; a reader then waits for that commit, so a
+/// caller still reads its own write.
 #[derive(Debug)]
-pub(crate) struct Snapshot(Mutex<Arc<ReadTransaction>>);
+pub(crate) struct Snapshot {
+    visible: Mutex<Visible>,
+    published: Condvar,
+    /// The newest transaction an acknowledged write needs to be seen.
+    acked: AtomicU64,
+    failure: Arc<Failure>,
+}
+
+#[derive(Debug)]
+struct Visible {
+    txn: Arc<ReadTransaction>,
+    /// The writer's number of the transaction `txn` reads.
+    through: u64,
+}
 
 impl Snapshot {
-    pub fn new(first: ReadTransaction) -> Self {
-        Snapshot(Mutex::new(Arc::new(first)))
+    pub fn new(first: ReadTransaction, failure: Arc<Failure>) -> Self {
+        Snapshot {
+            visible: Mutex::new(Visible {
+                txn: Arc::new(first),
+                through: 0,
+            }),
+            published: Condvar::new(),
+            acked: AtomicU64::new(0),
+            failure,
+        }
     }
 
+    /// The newest snapshot, once it holds every acknowledged write. The
+    /// wait is short: the writer commits as soon as its queue runs dry, and
+    /// a transaction spans at most `MAX_SHARED_TIME`. After a failure the
+    /// writer commits nothing more; readers then get what was published
+    /// (a restart replays the rest from the log).
     pub fn current(&self) -> Arc<ReadTransaction> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let want = self.acked.load(Ordering::Acquire);
+        let mut v = self.visible.lock().unwrap_or_else(|p| p.into_inner());
+        while v.through < want && self.failure.get().is_none() {
+            v = self
+                .published
+                .wait_timeout(v, std::time::Duration::from_millis(5))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        v.txn.clone()
     }
 
-    fn set(&self, txn: Arc<ReadTransaction>) {
+    fn set(&self, txn: Arc<ReadTransaction>, through: u64) {
         // The old snapshot is dropped outside the lock (it may be the last
         // reference, and closing a transaction takes redb's own locks).
-        let old = std::mem::replace(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()), txn);
+        let old = {
+            let mut v = self.visible.lock().unwrap_or_else(|p| p.into_inner());
+            v.through = v.through.max(through);
+            std::mem::replace(&mut v.txn, txn)
+        };
+        self.published.notify_all();
         drop(old);
+    }
+
+    /// Callers are about to learn of writes that transaction `txn` holds.
+    fn acknowledging(&self, txn: u64) {
+        self.acked.fetch_max(txn, Ordering::AcqRel);
     }
 }
 
@@ -80,17 +129,25 @@ impl Failure {
     }
 }
 
-/// A group the writer committed, waiting to be published.
+/// A group the writer wrote, or a transaction it committed, waiting to be
+/// published.
+#[derive(Default)]
 pub(crate) struct Committed {
     /// Whether its log record may still be unsynced.
     pub needs_sync: bool,
-    /// redb as of this group's commit; `None` when it committed nothing.
+    /// redb as of the commit of transaction `txn`; `None` for a group of a
+    /// transaction still open, or one that committed nothing.
     pub snapshot: Option<ReadTransaction>,
-    /// The version vector after the group, when the group advanced it.
+    /// The writer's number of the transaction the group ran in.
+    pub txn: u64,
+    /// Whether the replies speak of writes in transaction `txn` (readers
+    /// must then see that commit before the callers are answered).
+    pub reads_txn: bool,
+    /// The version vector after the group, when it advanced.
     pub vv: Option<VersionVector>,
     /// Queues that got ready items.
     pub readied: Vec<String>,
-    /// Withheld stubs the group replaced.
+    /// Withheld stubs the commit replaced.
     pub filled: Vec<RangeSet>,
     pub replies: Vec<(Reply, Result<WriteDone, WriteError>)>,
 }
@@ -138,17 +195,23 @@ impl Publisher {
         }
     }
 
-    fn publish(&self, mut groups: Vec<Committed>) {
-        // Readers move to the newest snapshot before anyone is answered, so
-        // a caller reads its own write.
-        if let Some(txn) = groups.iter_mut().rev().find_map(|g| g.snapshot.take()) {
-            self.snapshot.set(Arc::new(txn));
-        }
-        let newest_vv = groups.iter().rev().find_map(|g| g.vv.clone());
-        if let Some(vv) = newest_vv {
-            self.published.send_replace(vv);
-        }
+    fn publish(&self, groups: Vec<Committed>) {
+        // In order: a commit's snapshot becomes the one readers read before
+        // anyone is answered, so a caller reads its own write; a group
+        // answered before its transaction's commit makes readers wait for it.
         for g in groups {
+            if let Some(txn) = g.snapshot {
+                self.snapshot.set(Arc::new(txn), g.txn);
+            }
+            // From here on a reader waits for the group's commit: whoever
+            // learns of the group (its callers, federation through the
+            // version vector) reads it.
+            if g.reads_txn {
+                self.snapshot.acknowledging(g.txn);
+            }
+            if let Some(vv) = g.vv {
+                self.published.send_replace(vv);
+            }
             self.signals.ready(&g.readied);
             for f in g.filled {
                 self.fills.record(f);
@@ -158,5 +221,68 @@ impl Publisher {
                 let _ = reply.send(result);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::{Database, ReadableDatabase, TableDefinition};
+
+    const T: TableDefinition<&str, u64> = TableDefinition::new("t");
+
+    fn db() -> (tempfile::TempDir, Database) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = Database::create(dir.path().join("db")).expect("db");
+        (dir, db)
+    }
+
+    fn put(db: &Database, v: u64) {
+        let txn = db.begin_write().expect("write");
+        txn.open_table(T).expect("table").insert("k", v).expect("insert");
+        txn.commit().expect("commit");
+    }
+
+    fn read(txn: &ReadTransaction) -> Option<u64> {
+        let table = txn.open_table(T).ok()?;
+        table.get("k").expect("get").map(|g| g.value())
+    }
+
+    #[test]
+    fn a_reader_waits_for_the_commit_holding_an_acknowledged_write() {
+        let (_dir, db) = db();
+        put(&db, 1);
+        let snapshot = Arc::new(Snapshot::new(db.begin_read().expect("read"), Arc::default()));
+        // Published and acknowledged through transaction 1: no wait.
+        snapshot.set(Arc::new(db.begin_read().expect("read")), 1);
+        snapshot.acknowledging(1);
+        assert_eq!(read(&snapshot.current()), Some(1));
+        // A write of transaction 2 is acknowledged before its commit is
+        // published: a reader must not get the older snapshot.
+        put(&db, 2);
+        let later = db.begin_read().expect("read");
+        snapshot.acknowledging(2);
+        let publishing = std::thread::spawn({
+            let snapshot = snapshot.clone();
+            move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                snapshot.set(Arc::new(later), 2);
+            }
+        });
+        let asked = std::time::Instant::now();
+        assert_eq!(read(&snapshot.current()), Some(2));
+        assert!(asked.elapsed() >= std::time::Duration::from_millis(40));
+        publishing.join().expect("join");
+    }
+
+    #[test]
+    fn after_a_failure_a_reader_gets_what_was_published() {
+        let (_dir, db) = db();
+        put(&db, 1);
+        let failure = Arc::new(Failure::default());
+        let snapshot = Snapshot::new(db.begin_read().expect("read"), failure.clone());
+        snapshot.acknowledging(3);
+        failure.stop("test");
+        assert_eq!(read(&snapshot.current()), Some(1));
     }
 }

@@ -1571,3 +1571,41 @@ async fn a_write_to_a_document_stamped_beyond_the_drift_bound_is_refused_clearly
         .await
         .expect("an unrelated write");
 }
+
+/// Concurrent writes share transactions (see `Writer::run_shared`) and are
+/// acknowledged before their commit is published: each caller must still
+/// read its own write at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_read_their_own_writes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let node = open(dir.path(), "a");
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40 {
+                let doc = node
+                    .insert("entities", obj(json!({"w": w, "i": i})), &admin())
+                    .await
+                    .expect("insert");
+                let id = doc["_id"].as_str().expect("id").to_owned();
+                assert_eq!(node.get("entities", &id).expect("get"), doc, "writer {w} write {i}");
+                let v1 = node
+                    .replace("entities", &id, obj(json!({"w": w, "i": i, "again": true})), &admin())
+                    .await
+                    .expect("replace");
+                assert_eq!(node.get("entities", &id).expect("get"), v1, "writer {w} write {i}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let stats = node.stats();
+    let (writes, commits) = (
+        stats.writes.load(Ordering::Relaxed),
+        stats.commits.load(Ordering::Relaxed),
+    );
+    assert!(writes >= 32 * 40 * 2, "{writes} writes");
+    println!("{writes} writes in {commits} commits");
+}

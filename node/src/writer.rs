@@ -24,6 +24,11 @@ use crate::{NodeStats, Principal};
 /// Most requests committed together.
 const MAX_GROUP: usize = 512;
 
+/// Most writes in a transaction several groups share, and the longest it
+/// stays open: readers wait for its commit (see `run_shared`).
+const MAX_SHARED_OPS: usize = 512;
+const MAX_SHARED_TIME: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// A write to carry out.
 #[derive(Debug, Clone)]
 pub(crate) enum WriteOp {
@@ -331,6 +336,9 @@ pub(crate) struct Writer {
     pub failure: Arc<crate::publisher::Failure>,
     /// Where committed groups go to be made durable and visible.
     pub publish: std::sync::mpsc::SyncSender<Committed>,
+    /// The number of the newest transaction begun (see
+    /// `publisher::Snapshot`).
+    pub txn_no: u64,
     /// The publisher's thread, joined at shutdown.
     pub publisher: Option<std::thread::JoinHandle<()>>,
     /// The node's wall clock (see `crate::options`).
@@ -348,45 +356,22 @@ pub(crate) struct Writer {
 impl Writer {
     /// Runs until every sender is gone.
     pub fn run(mut self, mut rx: mpsc::Receiver<Request>) {
-        while let Some(first) = rx.blocking_recv() {
-            // Whatever waits now joins this group. The writer does not wait
-            // for more: the publisher syncs the log under every group
-            // written while it was syncing the last, so small groups still
-            // share an fsync, and the writer's time goes to writing.
-            let mut batch = vec![first];
-            while batch.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
-            }
-            self.stats.writer_queue.store(rx.len() as u64, Ordering::Relaxed);
-            let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
-            let vv_before = self.vv.clone();
-            let outcome = self.commit_group(requests);
-            let filled = outcome
-                .results
-                .iter()
-                .filter_map(|r| match r {
-                    Ok(WriteDone::Applied(report)) if !report.filled_ranges.is_empty() => {
-                        Some(report.filled_ranges.clone())
-                    }
-                    _ => None,
-                })
-                .collect();
-            let committed = Committed {
-                needs_sync: outcome.needs_sync,
-                snapshot: outcome.snapshot,
-                vv: (self.vv != vv_before).then(|| self.vv.clone()),
-                readied: outcome.readied,
-                filled,
-                replies: replies.into_iter().zip(outcome.results).collect(),
+        let mut carried = None;
+        loop {
+            let batch = match carried.take() {
+                Some(batch) => batch,
+                None => match rx.blocking_recv() {
+                    Some(first) => self.gather(first, &mut rx),
+                    None => break,
+                },
             };
-            if self.publish.send(committed).is_err() {
-                // The publisher is gone only if its thread died: nothing can
-                // be acknowledged any more.
-                self.fail("the publisher thread stopped".into());
-            }
+            carried = match self.may_share(&batch) {
+                true => self.run_shared(batch, &mut rx),
+                false => {
+                    self.run_alone(batch);
+                    None
+                }
+            };
         }
         // Clean shutdown: wait until every group is published, then make
         // everything durable in redb, so the next opening replays nothing.
@@ -404,6 +389,225 @@ impl Writer {
             if let Err(e) = done {
                 tracing::warn!(error = %e, "final checkpoint failed; the log will be replayed");
             }
+        }
+    }
+
+    /// `first` and whatever waits behind it: the next group. The writer
+    /// does not wait for more: the publisher syncs the log under every
+    /// group written while it was syncing the last, so small groups still
+    /// share an fsync, and the writer's time goes to writing.
+    fn gather(&self, first: Request, rx: &mut mpsc::Receiver<Request>) -> Vec<Request> {
+        let mut batch = vec![first];
+        while batch.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        self.stats.writer_queue.store(rx.len() as u64, Ordering::Relaxed);
+        batch
+    }
+
+    /// Whether `batch` may run in a transaction shared with other groups:
+    /// not when a checkpoint is due (its commit is durable), nor when an op
+    /// writes outside the log (durable commit) or may fail after its first
+    /// change (its group is rerun after an abort, which must not take
+    /// other groups with it).
+    fn may_share(&self, batch: &[Request]) -> bool {
+        !self.wal.checkpoint_due(self.wall.now_ms())
+            && self.failure.get().is_none()
+            && batch
+                .iter()
+                .all(|r| !r.op.writes_outside_changes() && !r.op.writes_several())
+    }
+
+    /// One group in a transaction of its own.
+    fn run_alone(&mut self, batch: Vec<Request>) {
+        let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+        let vv_before = self.vv.clone();
+        self.txn_no += 1;
+        let outcome = self.commit_group(requests);
+        let filled = filled_ranges(&outcome.results);
+        self.send(Committed {
+            needs_sync: outcome.needs_sync,
+            snapshot: outcome.snapshot,
+            txn: self.txn_no,
+            reads_txn: false,
+            vv: (self.vv != vv_before).then(|| self.vv.clone()),
+            readied: outcome.readied,
+            filled,
+            replies: replies.into_iter().zip(outcome.results).collect(),
+        });
+    }
+
+    /// Runs `batch`, and the groups queued behind it, in one redb
+    /// transaction, which saves a commit, the tables' opening and their
+    /// copied pages per group. Each group's log record is written as soon
+    /// as the group has run, and the publisher answers its callers once
+    /// that record is synced; readers wait for the commit (see
+    /// `publisher::Snapshot`). The transaction commits when the queue runs
+    /// dry, after `MAX_SHARED_OPS` writes or `MAX_SHARED_TIME`, or before a
+    /// group that may not share it, which is returned to run next.
+    fn run_shared(&mut self, mut batch: Vec<Request>, rx: &mut mpsc::Receiver<Request>) -> Option<Vec<Request>> {
+        let started = std::time::Instant::now();
+        let opened = self.db.begin_write().map_err(StorageError::from).and_then(|mut txn| {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StorageError(e.to_string()))?;
+            Ok(txn)
+        });
+        let txn = match opened {
+            Ok(txn) => txn,
+            Err(e) => {
+                self.refuse(batch, e);
+                return None;
+            }
+        };
+        self.txn_no += 1;
+        let (mut filled, mut wrote, mut ops) = (Vec::new(), false, 0);
+        let mut carried = None;
+        let mut t = match WriteTables::open(&txn, &self.site, self.wal.reader(), self.wal.next_payload_at()) {
+            Ok(t) => t,
+            Err(e) => {
+                self.refuse(batch, e);
+                return None;
+            }
+        };
+        // Lent to the transaction; returned only once it has committed.
+        t.docs = std::mem::take(&mut self.docs);
+        t.cache = std::mem::take(&mut self.lookups);
+        t.log = std::mem::take(&mut self.log_buf);
+        loop {
+            let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+            let (clock, vv_before_group) = (self.clock.clone(), self.vv.clone());
+            t.now_ms = self.wall.now_ms();
+            let mut results = Vec::with_capacity(requests.len());
+            ops += requests.len();
+            for op in requests {
+                match self.run_op(&mut t, op) {
+                    Err(WriteError::Storage(e)) => {
+                        // A failed store poisons the transaction. Groups
+                        // already logged in it cannot be taken back: stop
+                        // until a restart replays them.
+                        let why = match wrote {
+                            false => {
+                                (self.clock, self.vv) = (clock, vv_before_group);
+                                e
+                            }
+                            true => self.fail(format!("{e} (in a transaction other groups were logged in)")),
+                        };
+                        drop(t);
+                        let _ = txn.abort();
+                        let n = replies.len();
+                        self.send(Committed {
+                            replies: replies.into_iter().zip(GroupOutcome::refused(n, why).results).collect(),
+                            ..Committed::default()
+                        });
+                        return None;
+                    }
+                    r => results.push(r),
+                }
+            }
+            let logged = !t.log.is_empty();
+            if logged {
+                if let Err(e) = self.wal.write(self.wal_epoch, &t.log) {
+                    let why = self.fail(e.to_string());
+                    drop(t);
+                    let _ = txn.abort();
+                    let n = replies.len();
+                    self.send(Committed {
+                        replies: replies.into_iter().zip(GroupOutcome::refused(n, why).results).collect(),
+                        ..Committed::default()
+                    });
+                    return None;
+                }
+                self.stats.wal_bytes.fetch_add(t.log.len() as u64, Ordering::Relaxed);
+                t.log.clear();
+                t.log_base = self.wal.next_payload_at();
+            }
+            wrote |= logged || self.vv != vv_before_group;
+            filled.extend(filled_ranges(&results));
+            self.stats.writes.fetch_add(results.len() as u64, Ordering::Relaxed);
+            self.send(Committed {
+                needs_sync: logged,
+                txn: self.txn_no,
+                reads_txn: wrote,
+                vv: (self.vv != vv_before_group).then(|| self.vv.clone()),
+                readied: std::mem::take(&mut t.readied),
+                replies: replies.into_iter().zip(results).collect(),
+                ..Committed::default()
+            });
+            if ops >= MAX_SHARED_OPS || started.elapsed() >= MAX_SHARED_TIME {
+                break;
+            }
+            let Ok(first) = rx.try_recv() else { break };
+            let next = self.gather(first, rx);
+            if !self.may_share(&next) {
+                carried = Some(next);
+                break;
+            }
+            batch = next;
+        }
+        let applied = std::time::Instant::now();
+        self.stats
+            .apply_nanos
+            .fetch_add(applied.duration_since(started).as_nanos() as u64, Ordering::Relaxed);
+        let (docs, lookups, log) = (
+            std::mem::take(&mut t.docs),
+            std::mem::take(&mut t.cache),
+            std::mem::take(&mut t.log),
+        );
+        if !wrote {
+            // Nothing changed (empty pops, refused writes): no commit.
+            drop(t);
+            let _ = txn.abort();
+            (self.docs, self.lookups, self.log_buf) = (docs, lookups, log);
+            return carried;
+        }
+        let finished = t
+            .flush_vv()
+            .and_then(|()| t.set_meta(META_HLC, &self.clock.last().raw().to_be_bytes()));
+        drop(t);
+        let committed = finished
+            .and_then(|()| txn.commit().map_err(StorageError::from))
+            .and_then(|()| self.db.begin_read().map_err(StorageError::from));
+        let snapshot = match committed {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                // The groups are in the log: a restart replays them.
+                self.fail(format!("{e} (after the log took the transaction's groups)"));
+                return carried;
+            }
+        };
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .commit_nanos
+            .fetch_add(applied.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        (self.docs, self.lookups, self.log_buf) = (docs, lookups, log);
+        self.send(Committed {
+            snapshot: Some(snapshot),
+            txn: self.txn_no,
+            filled,
+            ..Committed::default()
+        });
+        carried
+    }
+
+    /// Answers every write of `batch` with `e`, in order behind the groups
+    /// before it.
+    fn refuse(&mut self, batch: Vec<Request>, e: StorageError) {
+        let n = batch.len();
+        let results = GroupOutcome::refused(n, e).results;
+        self.send(Committed {
+            replies: batch.into_iter().map(|r| r.reply).zip(results).collect(),
+            ..Committed::default()
+        });
+    }
+
+    fn send(&mut self, c: Committed) {
+        if self.publish.send(c).is_err() {
+            // The publisher is gone only if its thread died: nothing can
+            // be acknowledged any more.
+            self.fail("the publisher thread stopped".into());
         }
     }
 
@@ -490,70 +694,7 @@ impl Writer {
                 }
                 let several = op.writes_several();
                 let appended_before = self.vv.get(&self.site);
-                let r = match op {
-                    WriteOp::Insert { collection, doc, by } => self.insert(&mut t, collection, doc, &by),
-                    WriteOp::Replace {
-                        collection,
-                        id,
-                        doc,
-                        by,
-                    } => self.replace(&mut t, collection, id, doc, &by),
-                    WriteOp::Delete { collection, id, by } => self.delete(&mut t, collection, id, &by),
-                    WriteOp::Apply { changes } => self.apply(&mut t, changes).map(WriteDone::Applied),
-                    WriteOp::CreateIndex { collection, field } => create_index(&mut t, &collection, &field),
-                    WriteOp::DropIndex { collection, field } => drop_index(&mut t, &collection, &field),
-                    WriteOp::AddQueue { doc, by } => self.add_queue(&mut t, doc, &by),
-                    WriteOp::UpdateQueue { name, doc, by } => self.update_queue(&mut t, &name, doc, &by),
-                    WriteOp::DeleteQueue { name, by } => self.delete_queue(&mut t, &name, &by),
-                    WriteOp::PurgeQueue { name, delete_queue, by } => {
-                        self.purge_queue(&mut t, &name, delete_queue, &by)
-                    }
-                    WriteOp::PushItems { queue, items, by } => self.push(&mut t, &queue, items, &by),
-                    WriteOp::PopItem { queue, by } => self.pop(&mut t, &queue, &by),
-                    WriteOp::FinishItem {
-                        id,
-                        state,
-                        errortype,
-                        errormessage,
-                        payload,
-                        by,
-                    } => self.finish(&mut t, &id, &state, errortype.as_deref(), errormessage, payload, &by),
-                    WriteOp::DeleteItem { id, by } => self.delete_item(&mut t, &id, &by),
-                    WriteOp::TakeoverItem { id, by } => self.takeover(&mut t, &id, &by),
-                    WriteOp::ExpireLeases => self.expire_leases(&mut t, &crate::system_principal()),
-                    WriteOp::UpdateOne {
-                        collection,
-                        id,
-                        update,
-                        by,
-                    } => self.update_one(&mut t, collection, id, &update, &by),
-                    WriteOp::UpdateMany {
-                        collection,
-                        filter,
-                        update,
-                        by,
-                    } => self.update_many(&mut t, collection, &filter, &update, &by),
-                    WriteOp::InsertMany { collection, docs, by } => self.insert_many(&mut t, collection, docs, &by),
-                    WriteOp::InsertOrUpdate {
-                        collection,
-                        doc,
-                        uniqueness,
-                        by,
-                    } => self.insert_or_update(&mut t, collection, doc, &uniqueness, &by),
-                    WriteOp::DeleteMany { collection, filter, by } => {
-                        self.delete_many(&mut t, collection, &filter, &by)
-                    }
-                    WriteOp::Recover { collection, id, by } => self.recover(&mut t, collection, id, &by),
-                    WriteOp::PutChunk { hash, data } => put_chunk(&mut t, &hash, &data),
-                    WriteOp::CreateFile { doc, by } => self.create_file(&mut t, doc, &by),
-                    WriteOp::DeleteFile { id, by } => self.delete_file(&mut t, id, &by),
-                    WriteOp::CreateUser {
-                        username,
-                        name,
-                        hash,
-                        by,
-                    } => self.create_user(&mut t, username, name, hash, &by),
-                };
+                let r = self.run_op(&mut t, op);
                 // A storage failure poisons the transaction: give up on the group.
                 let r = match r {
                     Err(WriteError::Storage(e)) => return Err(GroupFailure::Storage(e)),
@@ -645,6 +786,70 @@ impl Writer {
             needs_sync,
             snapshot: Some(snapshot),
         })
+    }
+
+    /// Carries out one write inside the open transaction.
+    fn run_op(&mut self, t: &mut WriteTables<'_>, op: WriteOp) -> Result<WriteDone, WriteError> {
+        match op {
+            WriteOp::Insert { collection, doc, by } => self.insert(t, collection, doc, &by),
+            WriteOp::Replace {
+                collection,
+                id,
+                doc,
+                by,
+            } => self.replace(t, collection, id, doc, &by),
+            WriteOp::Delete { collection, id, by } => self.delete(t, collection, id, &by),
+            WriteOp::Apply { changes } => self.apply(t, changes).map(WriteDone::Applied),
+            WriteOp::CreateIndex { collection, field } => create_index(t, &collection, &field),
+            WriteOp::DropIndex { collection, field } => drop_index(t, &collection, &field),
+            WriteOp::AddQueue { doc, by } => self.add_queue(t, doc, &by),
+            WriteOp::UpdateQueue { name, doc, by } => self.update_queue(t, &name, doc, &by),
+            WriteOp::DeleteQueue { name, by } => self.delete_queue(t, &name, &by),
+            WriteOp::PurgeQueue { name, delete_queue, by } => self.purge_queue(t, &name, delete_queue, &by),
+            WriteOp::PushItems { queue, items, by } => self.push(t, &queue, items, &by),
+            WriteOp::PopItem { queue, by } => self.pop(t, &queue, &by),
+            WriteOp::FinishItem {
+                id,
+                state,
+                errortype,
+                errormessage,
+                payload,
+                by,
+            } => self.finish(t, &id, &state, errortype.as_deref(), errormessage, payload, &by),
+            WriteOp::DeleteItem { id, by } => self.delete_item(t, &id, &by),
+            WriteOp::TakeoverItem { id, by } => self.takeover(t, &id, &by),
+            WriteOp::ExpireLeases => self.expire_leases(t, &crate::system_principal()),
+            WriteOp::UpdateOne {
+                collection,
+                id,
+                update,
+                by,
+            } => self.update_one(t, collection, id, &update, &by),
+            WriteOp::UpdateMany {
+                collection,
+                filter,
+                update,
+                by,
+            } => self.update_many(t, collection, &filter, &update, &by),
+            WriteOp::InsertMany { collection, docs, by } => self.insert_many(t, collection, docs, &by),
+            WriteOp::InsertOrUpdate {
+                collection,
+                doc,
+                uniqueness,
+                by,
+            } => self.insert_or_update(t, collection, doc, &uniqueness, &by),
+            WriteOp::DeleteMany { collection, filter, by } => self.delete_many(t, collection, &filter, &by),
+            WriteOp::Recover { collection, id, by } => self.recover(t, collection, id, &by),
+            WriteOp::PutChunk { hash, data } => put_chunk(t, &hash, &data),
+            WriteOp::CreateFile { doc, by } => self.create_file(t, doc, &by),
+            WriteOp::DeleteFile { id, by } => self.delete_file(t, id, &by),
+            WriteOp::CreateUser {
+                username,
+                name,
+                hash,
+                by,
+            } => self.create_user(t, username, name, hash, &by),
+        }
     }
 
     /// Stops all further writes until restart, whose recovery replays the log.
@@ -1422,6 +1627,17 @@ impl Writer {
 }
 
 /// Fields the store assigns; a client's values for them are dropped.
+/// The withheld stubs a group's writes replaced.
+fn filled_ranges(results: &[Result<WriteDone, WriteError>]) -> Vec<ocmesh_replication::RangeSet> {
+    results
+        .iter()
+        .filter_map(|r| match r {
+            Ok(WriteDone::Applied(report)) if !report.filled_ranges.is_empty() => Some(report.filled_ranges.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn strip_store_fields(doc: &mut Map<String, Value>) {
     for f in ["_version", "_deleted", "_deletedby", "_deletedbyid"] {
         doc.remove(f);
