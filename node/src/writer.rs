@@ -458,7 +458,7 @@ impl Writer {
         let txn = match opened {
             Ok(txn) => txn,
             Err(e) => {
-                self.refuse(batch, e);
+                self.refuse(batch.into_iter().map(|r| r.reply).collect(), e);
                 return None;
             }
         };
@@ -468,7 +468,7 @@ impl Writer {
         let mut t = match WriteTables::open(&txn, &self.site, self.wal.reader(), self.wal.next_payload_at()) {
             Ok(t) => t,
             Err(e) => {
-                self.refuse(batch, e);
+                self.refuse(batch.into_iter().map(|r| r.reply).collect(), e);
                 return None;
             }
         };
@@ -497,11 +497,7 @@ impl Writer {
                         };
                         drop(t);
                         let _ = txn.abort();
-                        let n = replies.len();
-                        self.send(Committed {
-                            replies: replies.into_iter().zip(GroupOutcome::refused(n, why).results).collect(),
-                            ..Committed::default()
-                        });
+                        self.refuse(replies, why);
                         return None;
                     }
                     r => results.push(r),
@@ -513,11 +509,7 @@ impl Writer {
                     let why = self.fail(e.to_string());
                     drop(t);
                     let _ = txn.abort();
-                    let n = replies.len();
-                    self.send(Committed {
-                        replies: replies.into_iter().zip(GroupOutcome::refused(n, why).results).collect(),
-                        ..Committed::default()
-                    });
+                    self.refuse(replies, why);
                     return None;
                 }
                 self.stats.wal_bytes.fetch_add(t.log.len() as u64, Ordering::Relaxed);
@@ -592,13 +584,12 @@ impl Writer {
         carried
     }
 
-    /// Answers every write of `batch` with `e`, in order behind the groups
-    /// before it.
-    fn refuse(&mut self, batch: Vec<Request>, e: StorageError) {
-        let n = batch.len();
-        let results = GroupOutcome::refused(n, e).results;
+    /// Answers every caller in `replies` with `e`, in order behind the
+    /// groups before them.
+    fn refuse(&mut self, replies: Vec<crate::publisher::Reply>, e: StorageError) {
+        let results = GroupOutcome::refused(replies.len(), e).results;
         self.send(Committed {
-            replies: batch.into_iter().map(|r| r.reply).zip(results).collect(),
+            replies: replies.into_iter().zip(results).collect(),
             ..Committed::default()
         });
     }
