@@ -92,7 +92,9 @@ async fn kill_9_under_mixed_load_loses_nothing() -> anyhow::Result<()> {
                         let r = c
                             .post(format!("{base}/api/v1/collections/entities/documents"))
                             .basic_auth("admin", Some(PASSWORD))
-                            .json(&json!({"i": i}))
+                            // Padded, so the log passes the few MiB after
+                            // which it keeps zeros ahead of its end before the kill.
+                            .json(&json!({"i": i, "pad": "d".repeat(32 << 10)}))
                             .send()
                             .await;
                         match r {
@@ -125,6 +127,17 @@ async fn kill_9_under_mixed_load_loses_nothing() -> anyhow::Result<()> {
     for t in tasks {
         t.await?;
     }
+    // The kill hit a log with zeros written ahead of its end (once it held
+    // more than a few MiB): the restart below must find every record
+    // anyway.
+    let log = std::fs::read(site.data.join("ocmesh.wal"))?;
+    let zeros_ahead = log.len() > 1 << 20 && log[log.len() - (1 << 20)..].iter().all(|b| *b == 0);
+    println!("log at the kill: {} bytes, zeros ahead: {zeros_ahead}", log.len());
+    assert!(
+        zeros_ahead || log.len() < 12 << 20,
+        "a log of {} bytes has no zeros ahead of its end",
+        log.len()
+    );
     let acked = Arc::try_unwrap(acked).map_err(|_| anyhow::anyhow!("tasks still hold the log"))?;
     let acked = acked.into_inner().map_err(|_| anyhow::anyhow!("poisoned"))?;
 
