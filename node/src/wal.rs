@@ -571,4 +571,35 @@ mod tests {
             vec![&b"after the zeros"[..]]
         );
     }
+
+    #[test]
+    fn records_that_outrun_the_zeros_are_never_written_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal");
+        let mut wal = Wal::open(&path, 0).expect("open");
+        // Records of 3 MiB and a few bytes, alternating, with no pause:
+        // the big ones pass the zeros' end while the helper is filling.
+        let big: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8 + 1).collect();
+        let mut sent = Vec::new();
+        for i in 0..24u32 {
+            let payload = if i % 2 == 0 {
+                big.clone()
+            } else {
+                i.to_le_bytes().to_vec()
+            };
+            wal.write(5, &payload).expect("write");
+            sent.push(payload);
+        }
+        wal.reader().sync().expect("sync");
+        let end = wal.end();
+        drop(wal);
+        let wal = Wal::open(&path, 0).expect("reopen");
+        let content = wal.read_from(0).expect("read");
+        let (records, found_end) = parse_records(&content, 0, 5);
+        assert_eq!(found_end, end);
+        assert_eq!(records.len(), sent.len());
+        for (r, p) in records.iter().zip(&sent) {
+            assert!(r.payload == p.as_slice(), "record at {} damaged", r.at);
+        }
+    }
 }
