@@ -367,13 +367,9 @@ impl Wal {
                 what: "cannot open",
                 source,
             })?;
-        let len = file.metadata().map_err(|source| WalError {
-            path: path.display().to_string(),
-            what: "cannot stat",
-            source,
-        })?;
         let mut wal = Wal::opened(&path.display().to_string(), WalFile::Disk(file), now_ms);
-        wal.ahead = ZeroAhead::start(path, len.len());
+        let len = wal.reader.file.len().map_err(wal.err("cannot stat"))?;
+        wal.ahead = ZeroAhead::start(path, len);
         Ok(wal)
     }
 
@@ -552,7 +548,7 @@ mod tests {
         );
         drop(wal);
         // Every record is found, and the zeros end the log.
-        let wal = Wal::open(&path, 0).expect("reopen");
+        let mut wal = Wal::open(&path, 0).expect("reopen");
         let content = wal.read_from(0).expect("read");
         let (records, found_end) = parse_records(&content, 0, 3);
         assert_eq!(records.len(), n);
@@ -560,7 +556,6 @@ mod tests {
         assert!(content[end as usize..].iter().all(|b| *b == 0));
         // A new epoch written over the zeros reads back, and the zeros
         // after it still end the log.
-        let mut wal = wal;
         wal.set_end(end);
         wal.append(4, b"after the zeros").expect("append");
         drop(wal);
