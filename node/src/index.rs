@@ -4,8 +4,9 @@
 //! narrow the candidates; the filter is always applied to the documents
 //! they yield, so an index can never change a query's answer.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
+use crate::edit::Fields;
 use crate::query::value::{resolve, split_path};
 
 /// Fields indexed in every collection.
@@ -44,12 +45,13 @@ pub fn keys_for(doc: &Value, field: &str) -> Vec<Vec<u8>> {
     keys_of_found(found)
 }
 
-/// `keys_for` on a document's fields, without wrapping them in a `Value`.
-pub fn keys_for_map(doc: &Map<String, Value>, field: &str) -> Vec<Vec<u8>> {
+/// `keys_for` on a document's fields, however it is held (see
+/// `crate::edit`), without wrapping them in a `Value`.
+pub(crate) fn keys_for_fields(doc: &dyn Fields, field: &str) -> Vec<Vec<u8>> {
     let path = split_path(field);
     let mut found = Vec::new();
     if let Some((first, rest)) = path.split_first()
-        && let Some(child) = doc.get(first)
+        && let Some(child) = doc.field(first)
     {
         resolve(child, rest, &mut found);
     }
@@ -91,7 +93,7 @@ mod tests {
         assert_eq!(keys_for(&doc, "o.p"), vec![vec![6, 1]]);
         let map = doc.as_object().expect("object");
         for field in ["tags", "o.p", "n", "missing"] {
-            assert_eq!(keys_for_map(map, field), keys_for(&doc, field), "{field}");
+            assert_eq!(keys_for_fields(map, field), keys_for(&doc, field), "{field}");
         }
         assert!(keys_for(&doc, "missing").is_empty());
         assert_eq!(key_of(&json!(1)), key_of(&json!(1.0)));

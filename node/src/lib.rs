@@ -20,6 +20,7 @@ mod authz;
 pub mod blockfile;
 mod body_scan;
 pub mod disk;
+mod edit;
 mod error;
 pub mod files;
 pub mod fills;

@@ -33,6 +33,7 @@ use serde_json::{Map, Value};
 
 use ocmesh_replication::{Change, ChangeKind, Timestamp, VersionVector};
 
+use crate::edit::{Fields, Prior};
 use crate::wal::LogReader;
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -397,7 +398,7 @@ pub(crate) type SharedDoc = Arc<Map<String, Value>>;
 /// current document it replaces, both already parsed.
 pub(crate) struct LocalWrite {
     pub body: Map<String, Value>,
-    pub old: Option<SharedDoc>,
+    pub old: Option<Prior>,
     /// The (origin, hlc) of the document's first version, when it had any
     /// before this write (the writer looked up its history's ends already).
     pub first: Option<(String, u64)>,
@@ -482,12 +483,10 @@ impl DocCache {
         }
     }
 
-    fn remove(&mut self, collection: &str, id: &str) {
-        if let Some(by_id) = self.docs.get_mut(collection)
-            && let Some(e) = by_id.remove(id)
-        {
-            self.bytes -= e.size;
-        }
+    fn remove(&mut self, collection: &str, id: &str) -> Option<CachedDoc> {
+        let e = self.docs.get_mut(collection)?.remove(id)?;
+        self.bytes -= e.size;
+        Some(e)
     }
 }
 
@@ -509,8 +508,8 @@ pub(crate) enum Source {
 }
 
 /// The version number a stored current document shows.
-fn shown_version(doc: &Map<String, Value>) -> Option<u64> {
-    doc.get("_version").and_then(Value::as_u64)
+fn shown_version(doc: &dyn Fields) -> Option<u64> {
+    doc.field("_version").and_then(Value::as_u64)
 }
 
 /// A table opened on first use. Most groups touch a few of the store's
@@ -808,12 +807,7 @@ impl<'t> WriteTables<'t> {
     /// A current document shows it as `_version` + 1 (before the addition),
     /// so `history_len` holds it only for documents whose current state is
     /// deleted; counting the history is the last resort.
-    fn history_count(
-        &self,
-        collection: &str,
-        id: &str,
-        current: Option<&Map<String, Value>>,
-    ) -> Result<u64, StorageError> {
+    fn history_count(&self, collection: &str, id: &str, current: Option<&dyn Fields>) -> Result<u64, StorageError> {
         if let Some(v) = current.and_then(shown_version) {
             return Ok(v + 2);
         }
@@ -853,7 +847,10 @@ impl<'t> WriteTables<'t> {
                 // A local change carries the newest HLC (the writer refused
                 // an older one), so it is the current version.
                 let len = match l.first {
-                    Some(_) => self.history_count(collection, id, l.old.as_deref())?,
+                    Some(_) => {
+                        let old = l.old.as_ref().map(|o| o.view(&l.body));
+                        self.history_count(collection, id, old.as_ref().map(|o| o as &dyn Fields))?
+                    }
                     None => 1,
                 };
                 (len, true, (!deleted).then_some(l.body), true, l.old, l.first)
@@ -896,7 +893,8 @@ impl<'t> WriteTables<'t> {
                     None => (1, None),
                     Some(_) => {
                         let old = self.current(collection, id)?;
-                        (self.history_count(collection, id, old.as_deref())?, old)
+                        let len = self.history_count(collection, id, old.as_deref().map(|o| o as &dyn Fields))?;
+                        (len, old.map(Prior::Whole))
                     }
                 };
                 let is_this = match &greatest {
@@ -918,7 +916,11 @@ impl<'t> WriteTables<'t> {
                     // `ocmesh_replication::merge`).
                     (Some(take_body(change, &mut body)?), true)
                 } else if is_this && builds_on_previous && !settles {
-                    apply_fields(change, take_body(change, &mut body)?, old.as_deref().cloned())
+                    let old = match &old {
+                        Some(Prior::Whole(doc)) => Some((**doc).clone()),
+                        _ => None,
+                    };
+                    apply_fields(change, take_body(change, &mut body)?, old)
                 } else {
                     (self.refold(collection, id)?, false)
                 };
@@ -961,7 +963,10 @@ impl<'t> WriteTables<'t> {
                 };
                 self.documents.insert((collection, id), bytes.as_slice())?;
                 let doc = Arc::new(doc);
-                if from_peer {
+                if from_peer || crate::workitems::finished_item(collection, &doc) {
+                    // A finished item is rarely written again: keeping it
+                    // would only cost its eviction later, and the caller
+                    // its own copy of the answer.
                     self.docs.remove(collection, id);
                 } else {
                     // A local change is the greatest version (see above).
@@ -974,8 +979,14 @@ impl<'t> WriteTables<'t> {
                 Some(doc)
             }
         };
+        // The document before, seen through the new one when the write
+        // edited it (`_version`, set above, is in the edit's undo list).
+        let no_doc = Map::new();
+        let old_view = old.as_ref().map(|o| o.view(new.as_deref().unwrap_or(&no_doc)));
+        let old_fields = old_view.as_ref().map(|o| o as &dyn Fields);
+        let new_fields = new.as_deref().map(|n| n as &dyn Fields);
         for field in self.indexed_fields(collection)? {
-            self.reindex_map(collection, &field, id, old.as_deref(), new.as_deref())?;
+            self.reindex_map(collection, &field, id, old_fields, new_fields)?;
         }
         if collection == crate::workitems::QUEUES {
             self.cache.queues.clear();
@@ -993,7 +1004,7 @@ impl<'t> WriteTables<'t> {
                 fifo: first_hlc,
                 at: first_origin,
             };
-            crate::workitems::reindex(self, collection, id, old.as_deref(), new.as_deref(), created, now)?;
+            crate::workitems::reindex(self, collection, id, old_fields, new_fields, created, now)?;
         }
         if !is_this {
             return Ok((len, None));
@@ -1027,7 +1038,7 @@ impl<'t> WriteTables<'t> {
         )?;
         self.docs.remove(collection, id);
         for field in &fields {
-            self.reindex_map(collection, field, id, None, Some(&picked))?;
+            self.reindex_map(collection, field, id, None, Some(&picked as &dyn Fields))?;
         }
         Ok(())
     }
@@ -1108,20 +1119,32 @@ impl<'t> WriteTables<'t> {
     /// The ends of a document's history, if it has any: the (origin, hlc)
     /// of its first version and the (hlc, origin) of its greatest.
     pub fn history_ends(&self, collection: &str, id: &str) -> Result<Option<HistoryEnds>, StorageError> {
-        if let Some(e) = self.docs.entry(collection, id) {
-            // Every test run checks the cached ends against the versions.
-            #[cfg(debug_assertions)]
-            {
-                let stored = self.stored_history_ends(collection, id)?;
-                let same = stored.as_ref().map(|s| (&s.first, &s.greatest)) == Some((&e.ends.first, &e.ends.greatest));
-                debug_assert!(
-                    same,
-                    "cached history ends of {collection}/{id} differ from its versions"
-                );
-            }
-            return Ok(Some(e.ends.clone()));
+        let cached = self.docs.entry(collection, id).map(|e| e.ends.clone());
+        self.history_ends_or(collection, id, cached)
+    }
+
+    /// `history_ends`, when the caller may know them already (`known`,
+    /// from the cache): read from the versions only when it does not.
+    pub fn history_ends_or(
+        &self,
+        collection: &str,
+        id: &str,
+        known: Option<HistoryEnds>,
+    ) -> Result<Option<HistoryEnds>, StorageError> {
+        let Some(ends) = known else {
+            return self.stored_history_ends(collection, id);
+        };
+        // Every test run checks the cached ends against the versions.
+        #[cfg(debug_assertions)]
+        {
+            let stored = self.stored_history_ends(collection, id)?;
+            let same = stored.as_ref().map(|s| (&s.first, &s.greatest)) == Some((&ends.first, &ends.greatest));
+            debug_assert!(
+                same,
+                "cached history ends of {collection}/{id} differ from its versions"
+            );
         }
-        self.stored_history_ends(collection, id)
+        Ok(Some(ends))
     }
 
     fn stored_history_ends(&self, collection: &str, id: &str) -> Result<Option<HistoryEnds>, StorageError> {
@@ -1178,8 +1201,8 @@ impl<'t> WriteTables<'t> {
             collection,
             field,
             id,
-            old.and_then(Value::as_object),
-            new.and_then(Value::as_object),
+            old.and_then(Value::as_object).map(|m| m as &dyn Fields),
+            new.and_then(Value::as_object).map(|m| m as &dyn Fields),
         )
     }
 
@@ -1188,11 +1211,11 @@ impl<'t> WriteTables<'t> {
         collection: &str,
         field: &str,
         id: &str,
-        old: Option<&Map<String, Value>>,
-        new: Option<&Map<String, Value>>,
+        old: Option<&dyn Fields>,
+        new: Option<&dyn Fields>,
     ) -> Result<(), StorageError> {
-        let old_keys = old.map(|d| crate::index::keys_for_map(d, field)).unwrap_or_default();
-        let new_keys = new.map(|d| crate::index::keys_for_map(d, field)).unwrap_or_default();
+        let old_keys = old.map(|d| crate::index::keys_for_fields(d, field)).unwrap_or_default();
+        let new_keys = new.map(|d| crate::index::keys_for_fields(d, field)).unwrap_or_default();
         for k in old_keys.iter().filter(|k| !new_keys.contains(k)) {
             self.index.remove((collection, field, k.as_slice(), id))?;
         }
@@ -1210,6 +1233,21 @@ impl<'t> WriteTables<'t> {
             Some(g) => read_stored_doc(collection, id, g.value(), self).map(|d| Some(Arc::new(d))),
             None => Ok(None),
         }
+    }
+
+    /// The current document to edit (see `crate::edit`), with its history's
+    /// ends when the cache had them. It leaves the cache, so that a write
+    /// whose document nobody else holds any more owns it without a copy;
+    /// the write puts its new version back.
+    pub fn take_current(
+        &mut self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Option<(Map<String, Value>, Option<HistoryEnds>)>, StorageError> {
+        if let Some(e) = self.docs.remove(collection, id) {
+            return Ok(Some((Arc::unwrap_or_clone(e.doc), Some(e.ends))));
+        }
+        Ok(self.current(collection, id)?.map(|d| (Arc::unwrap_or_clone(d), None)))
     }
 
     /// Writes the version vector entries of the changes appended so far.

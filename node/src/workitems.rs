@@ -12,9 +12,10 @@ use redb::{ReadableTable, TableDefinition};
 use serde_json::{Map, Value, json};
 
 use crate::Principal;
+use crate::edit::{Edit, Fields};
 use crate::error::WriteError;
 use crate::ids::{iso8601, parse_iso8601};
-use crate::store::{ORIGIN_MAX, SharedDoc, StorageError, WriteTables};
+use crate::store::{HistoryEnds, ORIGIN_MAX, SharedDoc, StorageError, WriteTables};
 use crate::writer::{WriteDone, Writer};
 
 pub const QUEUES: &str = "mq";
@@ -209,18 +210,26 @@ fn is_site_name(s: &str) -> bool {
 
 /// The site that owns an item: its `_owner`, or for items pushed before
 /// ownership was recorded, the site whose version created it.
-pub(crate) fn owner_of<'d>(doc: &'d Map<String, Value>, created_at: &'d str) -> &'d str {
-    doc.get(OWNER_FIELD).and_then(Value::as_str).unwrap_or(created_at)
+pub(crate) fn owner_of<'d>(doc: &'d dyn Fields, created_at: &'d str) -> &'d str {
+    doc.field(OWNER_FIELD).and_then(Value::as_str).unwrap_or(created_at)
+}
+
+/// Whether `doc`, of `collection`, is a work item in a final state.
+pub(crate) fn finished_item(collection: &str, doc: &Map<String, Value>) -> bool {
+    collection == ITEMS && matches!(doc.get("state").and_then(Value::as_str), Some("successful" | "failed"))
 }
 
 /// Sort key of a priority: lower numbers first, negatives before positives.
-fn priority_key(doc: &Map<String, Value>) -> u64 {
-    let p = doc.get("priority").and_then(Value::as_i64).unwrap_or(DEFAULT_PRIORITY);
+fn priority_key(doc: &dyn Fields) -> u64 {
+    let p = doc
+        .field("priority")
+        .and_then(Value::as_i64)
+        .unwrap_or(DEFAULT_PRIORITY);
     (p as u64) ^ (1 << 63)
 }
 
-fn time_field(doc: &Map<String, Value>, field: &str) -> Option<u64> {
-    doc.get(field).and_then(Value::as_str).and_then(parse_iso8601)
+fn time_field(doc: &dyn Fields, field: &str) -> Option<u64> {
+    doc.field(field).and_then(Value::as_str).and_then(parse_iso8601)
 }
 
 /// Where a document's first version came from.
@@ -238,21 +247,21 @@ pub(crate) fn reindex(
     t: &mut WriteTables<'_>,
     collection: &str,
     id: &str,
-    old: Option<&Map<String, Value>>,
-    new: Option<&Map<String, Value>>,
+    old: Option<&dyn Fields>,
+    new: Option<&dyn Fields>,
     created: Created<'_>,
     now_ms: u64,
 ) -> Result<(), StorageError> {
     let fifo = created.fifo;
-    fn typed<'d>(d: Option<&'d Map<String, Value>>, ty: &str) -> Option<&'d Map<String, Value>> {
-        d.filter(|m| m.get("_type").and_then(Value::as_str) == Some(ty))
+    fn typed<'d>(d: Option<&'d dyn Fields>, ty: &str) -> Option<&'d dyn Fields> {
+        d.filter(|m| m.field("_type").and_then(Value::as_str) == Some(ty))
     }
     if collection == QUEUES {
         let queues = t.wi_queues.open_mut()?;
-        if let Some(name) = typed(old, QUEUE_TYPE).and_then(|m| m.get("name").and_then(Value::as_str)) {
+        if let Some(name) = typed(old, QUEUE_TYPE).and_then(|m| m.field("name").and_then(Value::as_str)) {
             queues.remove(name)?;
         }
-        if let Some(name) = typed(new, QUEUE_TYPE).and_then(|m| m.get("name").and_then(Value::as_str)) {
+        if let Some(name) = typed(new, QUEUE_TYPE).and_then(|m| m.field("name").and_then(Value::as_str)) {
             queues.insert(name, id)?;
         }
         return Ok(());
@@ -261,13 +270,13 @@ pub(crate) fn reindex(
         return Ok(());
     }
     let site = t.site.as_str();
-    let old = old.filter(|m| owner_of(m, created.at) == site);
-    let new = new.filter(|m| owner_of(m, created.at) == site);
+    let old = old.filter(|m| owner_of(*m, created.at) == site);
+    let new = new.filter(|m| owner_of(*m, created.at) == site);
     let (ready, delayed, leases) = (&mut t.wi_ready, &mut t.wi_delayed, &mut t.wi_leases);
     if let Some(o) = typed(old, ITEM_TYPE) {
-        let queue = o.get("wiq").and_then(Value::as_str).unwrap_or_default();
+        let queue = o.field("wiq").and_then(Value::as_str).unwrap_or_default();
         // Only `new` items sit in ready/delayed, only `processing` ones in leases.
-        match o.get("state").and_then(Value::as_str) {
+        match o.field("state").and_then(Value::as_str) {
             Some("new") => {
                 ready.remove((queue, priority_key(o), fifo, id))?;
                 if let Some(at) = time_field(o, "nextrun") {
@@ -283,8 +292,8 @@ pub(crate) fn reindex(
         }
     }
     if let Some(n) = typed(new, ITEM_TYPE) {
-        let queue = n.get("wiq").and_then(Value::as_str).unwrap_or_default();
-        match n.get("state").and_then(Value::as_str) {
+        let queue = n.field("wiq").and_then(Value::as_str).unwrap_or_default();
+        match n.field("state").and_then(Value::as_str) {
             Some("new") => match time_field(n, "nextrun") {
                 Some(at) if at > now_ms => {
                     delayed.insert((queue, at, id), (priority_key(n), fifo))?;
@@ -544,14 +553,14 @@ impl Writer {
         let Some(id) = t.first_ready(queue)? else {
             return Ok(WriteDone::Nothing);
         };
-        let Some(current) = t.current(ITEMS, &id)? else {
+        let Some((doc, ends)) = t.take_current(ITEMS, &id)? else {
             return Err(StorageError(format!("ready work item {id} has no document")).into());
         };
-        let mut doc = (*current).clone();
-        doc.insert("state".into(), "processing".into());
-        doc.insert("lastrun".into(), iso8601(now).into());
-        doc.insert("_leaseuntil".into(), iso8601(now + q.lease_ms).into());
-        self.replace_current(t, ITEMS.into(), id, doc, current, by)
+        let mut edit = Edit::new(doc);
+        edit.set("state", "processing".into());
+        edit.set("lastrun", iso8601(now).into());
+        edit.set("_leaseuntil", iso8601(now + q.lease_ms).into());
+        self.edit_current(t, ITEMS, id, edit, ends, by)
     }
 
     /// Records the end of an item's work and routes or retries it.
@@ -580,7 +589,6 @@ impl Writer {
             Some(other) => return Err(WorkItemError::BadErrorType(other.to_owned()).into()),
         };
         let (current, q) = self.held_item(t, id, by)?;
-        let mut doc = (*current).clone();
         // A final state is final: completing again would route a second
         // copy to the next queue (a worker whose lease ran out, a retried
         // request), which is running the item's follow-up twice.
@@ -592,29 +600,28 @@ impl Writer {
             }
             .into());
         }
+        drop(current);
+        let (mut edit, ends) = take_item(t, id)?;
         if let Some(p) = payload {
-            doc.insert("payload".into(), Value::Object(p));
+            edit.set("payload", Value::Object(p));
         }
-        let retries = doc.get("retries").and_then(Value::as_u64).unwrap_or(0);
+        let retries = edit.get("retries").and_then(Value::as_u64).unwrap_or(0);
         let retries_after = if success || business { retries } else { retries + 1 };
         let now = self.wall.now_ms();
-        doc.remove("_leaseuntil");
+        edit.remove("_leaseuntil");
         if !success {
-            doc.insert(
-                "errortype".into(),
-                (if business { "business" } else { "application" }).into(),
-            );
-            doc.insert("errormessage".into(), errormessage.unwrap_or_default().into());
-            doc.insert("retries".into(), retries_after.into());
+            edit.set("errortype", (if business { "business" } else { "application" }).into());
+            edit.set("errormessage", errormessage.unwrap_or_default().into());
+            edit.set("retries", retries_after.into());
         }
-        let route = match outcome(&q, &doc, success, business, retries_after, now) {
+        let route = match outcome(&q, &edit.doc, success, business, retries_after, now) {
             Outcome::Retry { nextrun_ms } => {
-                doc.insert("state".into(), "new".into());
-                doc.insert("nextrun".into(), iso8601(nextrun_ms).into());
+                edit.set("state", "new".into());
+                edit.set("nextrun", iso8601(nextrun_ms).into());
                 None
             }
             Outcome::Final { state, route_to } => {
-                doc.insert("state".into(), state.into());
+                edit.set("state", state.into());
                 route_to
             }
         };
@@ -622,13 +629,13 @@ impl Writer {
         let route = route.map(|target| {
             let mut copy = Map::new();
             for f in ["name", "payload", "priority", "files"] {
-                if let Some(v) = doc.get(f) {
+                if let Some(v) = edit.get(f) {
                     copy.insert(f.into(), v.clone());
                 }
             }
             (target, copy)
         });
-        let done = self.replace_current(t, ITEMS.into(), id.to_owned(), doc, current, by)?;
+        let done = self.edit_current(t, ITEMS, id.to_owned(), edit, ends, by)?;
         if let Some((target, copy)) = route {
             // Routing is the node's act, whoever completed the item.
             // The completion stands whatever becomes of the copy: a copy
@@ -694,12 +701,13 @@ impl Writer {
             }
             .into());
         }
-        let mut doc = (*current).clone();
+        drop(current);
+        let (mut edit, ends) = take_item(t, id)?;
         if let Some(p) = payload {
-            doc.insert("payload".into(), Value::Object(p));
+            edit.set("payload", Value::Object(p));
         }
-        doc.insert("_leaseuntil".into(), iso8601(self.wall.now_ms() + q.lease_ms).into());
-        self.replace_current(t, ITEMS.into(), id.to_owned(), doc, current, by)
+        edit.set("_leaseuntil", iso8601(self.wall.now_ms() + q.lease_ms).into());
+        self.edit_current(t, ITEMS, id.to_owned(), edit, ends, by)
     }
 
     /// An operator's forced move of an item to this site, for when its
@@ -778,6 +786,15 @@ fn stored_item(t: &WriteTables<'_>, id: &str) -> Result<SharedDoc, WriteError> {
     crate::ids::validate_id(id)?;
     Ok(t.current(ITEMS, id)?
         .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?)
+}
+
+/// The stored item `id` to edit in place (see `crate::edit`), and its
+/// history's ends when cached.
+fn take_item(t: &mut WriteTables<'_>, id: &str) -> Result<(Edit, Option<HistoryEnds>), WriteError> {
+    let (doc, ends) = t
+        .take_current(ITEMS, id)?
+        .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?;
+    Ok((Edit::new(doc), ends))
 }
 
 /// The owner of a stored item (see [`owner_of`]).

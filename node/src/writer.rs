@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use ocmesh_replication::change::validate;
 use ocmesh_replication::{Change, ChangeKind, Clock, Timestamp, VersionVector};
 
+use crate::edit::{Edit, Prior};
 use crate::error::{ApplyError, WriteError};
 use crate::ids::{IdGen, iso8601, validate_collection, validate_id};
 use crate::publisher::Committed;
@@ -957,7 +958,43 @@ impl Writer {
             }
         }
         stamp_modified(&mut doc, Value::String(iso8601(hlc.physical_ms())), by);
-        self.local_change(t, ChangeKind::Update, &collection, &id, doc, Some(current), hlc, by)
+        self.local_change(
+            t,
+            ChangeKind::Update,
+            &collection,
+            &id,
+            doc,
+            Some(Prior::Whole(current)),
+            hlc,
+            by,
+        )
+        .map(WriteDone::Document)
+    }
+
+    /// Stores `edit` (of the document `take_current` handed out) as the
+    /// document's next version: `replace_current` for a write that changes
+    /// the stored document itself, which has its id, ACL and creation
+    /// fields already, without a copy of the old document (see
+    /// `crate::edit`). The caller has checked the rights.
+    pub(crate) fn edit_current(
+        &mut self,
+        t: &mut WriteTables<'_>,
+        collection: &str,
+        id: String,
+        mut edit: Edit,
+        ends: Option<crate::store::HistoryEnds>,
+        by: &Principal,
+    ) -> Result<WriteDone, WriteError> {
+        let hlc = self.stamp();
+        for f in STORE_FIELDS {
+            edit.remove(f);
+        }
+        edit.set("_modified", Value::String(iso8601(hlc.physical_ms())));
+        edit.set("_modifiedby", by.name.clone().into());
+        edit.set("_modifiedbyid", by.id.clone().into());
+        let Edit { doc, undo } = edit;
+        let old = Prior::Edited { undo, ends };
+        self.local_change(t, ChangeKind::Update, collection, &id, doc, Some(old), hlc, by)
             .map(WriteDone::Document)
     }
 
@@ -980,8 +1017,17 @@ impl Writer {
         strip_store_fields(&mut doc);
         doc.insert("_deleted".into(), now.clone());
         stamp_modified(&mut doc, now, by);
-        self.local_change(t, ChangeKind::Delete, &collection, &id, doc, Some(current), hlc, by)
-            .map(WriteDone::Document)
+        self.local_change(
+            t,
+            ChangeKind::Delete,
+            &collection,
+            &id,
+            doc,
+            Some(Prior::Whole(current)),
+            hlc,
+            by,
+        )
+        .map(WriteDone::Document)
     }
 
     /// Appends one local change and returns the version it made.
@@ -993,7 +1039,7 @@ impl Writer {
         collection: &str,
         id: &str,
         body: Map<String, Value>,
-        old: Option<SharedDoc>,
+        mut old: Option<Prior>,
         hlc: Timestamp,
         by: &Principal,
     ) -> Result<SharedDoc, WriteError> {
@@ -1025,13 +1071,16 @@ impl Writer {
         // other fields at another site survives the merge.
         let fields = match (kind, &old) {
             (ChangeKind::Update, Some(old)) => {
-                let mut f = ocmesh_replication::merge::changed_fields(old, &body);
+                let mut f = old.changed_fields(&body);
                 f.retain(|f| f != "_version");
                 Some(f)
             }
             _ => None,
         };
-        let ends = t.history_ends(collection, id)?;
+        let ends = match &mut old {
+            Some(Prior::Edited { ends, .. }) if ends.is_some() => t.history_ends_or(collection, id, ends.take())?,
+            _ => t.history_ends(collection, id)?,
+        };
         let (first, greatest) = match ends {
             Some(e) => (Some(e.first), Some(e.greatest)),
             None => (None, None),
@@ -1629,8 +1678,11 @@ fn filled_ranges(results: &[Result<WriteDone, WriteError>]) -> Vec<ocmesh_replic
         .collect()
 }
 
+/// Fields the store sets itself, never taken from a written body.
+const STORE_FIELDS: [&str; 4] = ["_version", "_deleted", "_deletedby", "_deletedbyid"];
+
 fn strip_store_fields(doc: &mut Map<String, Value>) {
-    for f in ["_version", "_deleted", "_deletedby", "_deletedbyid"] {
+    for f in STORE_FIELDS {
         doc.remove(f);
     }
 }

@@ -22,18 +22,21 @@ pub const MAX_BODY_DEPTH: usize = 100;
 /// object. Iterative, so any depth is measured without recursion.
 pub fn depth(value: &serde_json::Value) -> usize {
     use serde_json::Value;
+    fn nested(v: &&Value) -> bool {
+        matches!(v, Value::Array(_) | Value::Object(_))
+    }
+    if !nested(&value) {
+        return 0;
+    }
+    // Only arrays and objects go on the stack: a scalar adds no level, and
+    // most values of a document are scalars.
     let mut deepest = 0;
     let mut stack = vec![(value, 1usize)];
     while let Some((v, level)) = stack.pop() {
+        deepest = deepest.max(level);
         match v {
-            Value::Array(items) => {
-                deepest = deepest.max(level);
-                stack.extend(items.iter().map(|i| (i, level + 1)));
-            }
-            Value::Object(m) => {
-                deepest = deepest.max(level);
-                stack.extend(m.values().map(|i| (i, level + 1)));
-            }
+            Value::Array(items) => stack.extend(items.iter().filter(nested).map(|i| (i, level + 1))),
+            Value::Object(m) => stack.extend(m.values().filter(nested).map(|i| (i, level + 1))),
             _ => {}
         }
     }
