@@ -46,17 +46,19 @@ impl Undo {
 }
 
 /// A document being changed, which remembers what it replaced.
-#[derive(Debug)]
 pub(crate) struct Edit {
     pub doc: Map<String, Value>,
     pub undo: Undo,
+    /// The document's history's ends, when the writer had them at hand.
+    pub ends: Option<HistoryEnds>,
 }
 
 impl Edit {
-    pub fn new(doc: Map<String, Value>) -> Self {
+    pub fn new(doc: Map<String, Value>, ends: Option<HistoryEnds>) -> Self {
         Edit {
             doc,
             undo: Undo::default(),
+            ends,
         }
     }
 
@@ -178,7 +180,7 @@ mod tests {
             for (f, v) in start {
                 before.insert(NAMES[f].into(), v.into());
             }
-            let mut edit = Edit::new(before.clone());
+            let mut edit = Edit::new(before.clone(), None);
             for s in steps {
                 match s {
                     Step::Set(f, v) => edit.set(NAMES[f], v.into()),
@@ -186,7 +188,7 @@ mod tests {
                     Step::Remove(f) => edit.remove(NAMES[f]),
                 }
             }
-            let Edit { doc, undo } = edit;
+            let Edit { doc, undo, .. } = edit;
             let prior = Prior::Edited { undo, ends: None };
             let old = prior.view(&doc);
             for name in NAMES.iter().chain(["absent"].iter()) {
@@ -207,12 +209,12 @@ mod tests {
 
     #[test]
     fn a_field_set_twice_remembers_its_first_value() {
-        let mut edit = Edit::new(obj(json!({"state": "new", "n": 1})));
+        let mut edit = Edit::new(obj(json!({"state": "new", "n": 1})), None);
         edit.set("state", "processing".into());
         edit.set("state", "successful".into());
         edit.remove("n");
         edit.set("n", 5.into());
-        let Edit { doc, undo } = edit;
+        let Edit { doc, undo, .. } = edit;
         let old = Undone { new: &doc, undo: &undo };
         assert_eq!(old.field("state"), Some(&json!("new")));
         assert_eq!(old.field("n"), Some(&json!(1)));

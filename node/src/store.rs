@@ -33,7 +33,7 @@ use serde_json::{Map, Value};
 
 use ocmesh_replication::{Change, ChangeKind, Timestamp, VersionVector};
 
-use crate::edit::{Fields, Prior};
+use crate::edit::{Edit, Fields, Prior};
 use crate::wal::LogReader;
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -1239,15 +1239,13 @@ impl<'t> WriteTables<'t> {
     /// ends when the cache had them. It leaves the cache, so that a write
     /// whose document nobody else holds any more owns it without a copy;
     /// the write puts its new version back.
-    pub fn take_current(
-        &mut self,
-        collection: &str,
-        id: &str,
-    ) -> Result<Option<(Map<String, Value>, Option<HistoryEnds>)>, StorageError> {
+    pub fn take_current(&mut self, collection: &str, id: &str) -> Result<Option<Edit>, StorageError> {
         if let Some(e) = self.docs.remove(collection, id) {
-            return Ok(Some((Arc::unwrap_or_clone(e.doc), Some(e.ends))));
+            return Ok(Some(Edit::new(Arc::unwrap_or_clone(e.doc), Some(e.ends))));
         }
-        Ok(self.current(collection, id)?.map(|d| (Arc::unwrap_or_clone(d), None)))
+        Ok(self
+            .current(collection, id)?
+            .map(|d| Edit::new(Arc::unwrap_or_clone(d), None)))
     }
 
     /// Writes the version vector entries of the changes appended so far.

@@ -15,7 +15,7 @@ use crate::Principal;
 use crate::edit::{Edit, Fields};
 use crate::error::WriteError;
 use crate::ids::{iso8601, parse_iso8601};
-use crate::store::{HistoryEnds, ORIGIN_MAX, SharedDoc, StorageError, WriteTables};
+use crate::store::{ORIGIN_MAX, SharedDoc, StorageError, WriteTables};
 use crate::writer::{WriteDone, Writer};
 
 pub const QUEUES: &str = "mq";
@@ -553,14 +553,13 @@ impl Writer {
         let Some(id) = t.first_ready(queue)? else {
             return Ok(WriteDone::Nothing);
         };
-        let Some((doc, ends)) = t.take_current(ITEMS, &id)? else {
+        let Some(mut edit) = t.take_current(ITEMS, &id)? else {
             return Err(StorageError(format!("ready work item {id} has no document")).into());
         };
-        let mut edit = Edit::new(doc);
         edit.set("state", "processing".into());
         edit.set("lastrun", iso8601(now).into());
         edit.set("_leaseuntil", iso8601(now + q.lease_ms).into());
-        self.edit_current(t, ITEMS, id, edit, ends, by)
+        self.edit_current(t, ITEMS, id, edit, by)
     }
 
     /// Records the end of an item's work and routes or retries it.
@@ -601,7 +600,7 @@ impl Writer {
             .into());
         }
         drop(current);
-        let (mut edit, ends) = take_item(t, id)?;
+        let mut edit = take_item(t, id)?;
         if let Some(p) = payload {
             edit.set("payload", Value::Object(p));
         }
@@ -635,7 +634,7 @@ impl Writer {
             }
             (target, copy)
         });
-        let done = self.edit_current(t, ITEMS, id.to_owned(), edit, ends, by)?;
+        let done = self.edit_current(t, ITEMS, id.to_owned(), edit, by)?;
         if let Some((target, copy)) = route {
             // Routing is the node's act, whoever completed the item.
             // The completion stands whatever becomes of the copy: a copy
@@ -702,12 +701,12 @@ impl Writer {
             .into());
         }
         drop(current);
-        let (mut edit, ends) = take_item(t, id)?;
+        let mut edit = take_item(t, id)?;
         if let Some(p) = payload {
             edit.set("payload", Value::Object(p));
         }
         edit.set("_leaseuntil", iso8601(self.wall.now_ms() + q.lease_ms).into());
-        self.edit_current(t, ITEMS, id.to_owned(), edit, ends, by)
+        self.edit_current(t, ITEMS, id.to_owned(), edit, by)
     }
 
     /// An operator's forced move of an item to this site, for when its
@@ -788,13 +787,10 @@ fn stored_item(t: &WriteTables<'_>, id: &str) -> Result<SharedDoc, WriteError> {
         .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?)
 }
 
-/// The stored item `id` to edit in place (see `crate::edit`), and its
-/// history's ends when cached.
-fn take_item(t: &mut WriteTables<'_>, id: &str) -> Result<(Edit, Option<HistoryEnds>), WriteError> {
-    let (doc, ends) = t
-        .take_current(ITEMS, id)?
-        .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?;
-    Ok((Edit::new(doc), ends))
+/// The stored item `id` to edit in place (see `crate::edit`).
+fn take_item(t: &mut WriteTables<'_>, id: &str) -> Result<Edit, WriteError> {
+    Ok(t.take_current(ITEMS, id)?
+        .ok_or_else(|| WorkItemError::NoItem(id.to_owned()))?)
 }
 
 /// The owner of a stored item (see [`owner_of`]).

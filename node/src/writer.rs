@@ -982,7 +982,6 @@ impl Writer {
         collection: &str,
         id: String,
         mut edit: Edit,
-        ends: Option<crate::store::HistoryEnds>,
         by: &Principal,
     ) -> Result<WriteDone, WriteError> {
         let hlc = self.stamp();
@@ -992,7 +991,7 @@ impl Writer {
         edit.set("_modified", Value::String(iso8601(hlc.physical_ms())));
         edit.set("_modifiedby", by.name.clone().into());
         edit.set("_modifiedbyid", by.id.clone().into());
-        let Edit { doc, undo } = edit;
+        let Edit { doc, undo, ends } = edit;
         let old = Prior::Edited { undo, ends };
         self.local_change(t, ChangeKind::Update, collection, &id, doc, Some(old), hlc, by)
             .map(WriteDone::Document)
