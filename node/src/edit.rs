@@ -66,15 +66,30 @@ impl Edit {
         self.doc.get(name)
     }
 
+    /// Sets a field; a new one goes where key order puts it (see
+    /// `insert_in_order`).
     pub fn set(&mut self, name: &str, value: Value) {
-        let old = self.doc.insert(name.to_owned(), value);
+        let old = insert_in_order(&mut self.doc, name, value);
         self.undo.record(name, old);
     }
 
+    /// Removes a field, keeping the others in their order.
     pub fn remove(&mut self, name: &str) {
-        let old = self.doc.remove(name);
+        let old = self.doc.shift_remove(name);
         self.undo.record(name, old);
     }
+}
+
+/// Sets `name` in `doc`: in place when present, else where key order puts
+/// it, so a document stored in key order stays so and need not be sorted
+/// again (which rehashes every key).
+pub(crate) fn insert_in_order(doc: &mut Map<String, Value>, name: &str, value: Value) -> Option<Value> {
+    if let Some(slot) = doc.get_mut(name) {
+        return Some(std::mem::replace(slot, value));
+    }
+    let at = doc.keys().take_while(|k| k.as_str() < name).count();
+    doc.shift_insert(at, name.to_owned(), value);
+    None
 }
 
 /// An edited document as it was before the edit.
@@ -205,6 +220,21 @@ mod tests {
                 prop_assert_eq!(whole_view.field(name), before.get(name), "{}", name);
             }
         }
+    }
+
+    #[test]
+    fn edits_of_a_document_in_key_order_keep_it_in_key_order() {
+        let mut edit = Edit::new(obj(json!({"_id": "x", "_version": 2, "b": 1, "state": "new"})), None);
+        edit.remove("_version");
+        edit.set("lastrun", "now".into());
+        edit.set("_leaseuntil", "later".into());
+        edit.set("state", "processing".into());
+        edit.set("a", 0.into());
+        let keys: Vec<&str> = edit.doc.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["_id", "_leaseuntil", "a", "b", "lastrun", "state"]);
+        insert_in_order(&mut edit.doc, "_version", 3.into());
+        assert!(edit.doc.keys().is_sorted());
+        assert_eq!(edit.doc.get("_version"), Some(&json!(3)));
     }
 
     #[test]

@@ -421,8 +421,10 @@ const DOC_CACHE_BYTES: usize = 32 << 20;
 #[derive(Default)]
 pub(crate) struct DocCache {
     /// collection → id → entry. Looked up by `&str`: no key is built per
-    /// lookup.
-    docs: std::collections::HashMap<Arc<str>, std::collections::HashMap<Arc<str>, CachedDoc>>,
+    /// lookup. foldhash, not SipHash: hashing ids was a few percent of the
+    /// writer's time, and foldhash's per-process seed still keeps chosen
+    /// ids from colliding at will.
+    docs: foldhash::HashMap<Arc<str>, foldhash::HashMap<Arc<str>, CachedDoc>>,
     /// Insertion order, for eviction; an entry replaced later is skipped.
     order: std::collections::VecDeque<(Arc<str>, Arc<str>, u64)>,
     next: u64,
@@ -949,11 +951,14 @@ impl<'t> WriteTables<'t> {
                 None
             }
             Some(mut doc) => {
-                doc.insert("_version".into(), Value::from(len - 1));
+                crate::edit::insert_in_order(&mut doc, "_version", Value::from(len - 1));
                 // One field order on every site: the writer holds its
                 // client's order, a peer's fold appends changed fields, and
                 // the stored bytes must not depend on which site wrote them.
-                doc.sort_keys();
+                // (An edit of a stored document keeps it in order.)
+                if !doc.keys().is_sorted() {
+                    doc.sort_keys();
+                }
                 let (bytes, size) = if verbatim {
                     (encode_doc_ref(len - 1, &change.origin, change.seq), change.body.len())
                 } else {
