@@ -153,6 +153,8 @@ pub struct Node {
 struct Inner {
     site: String,
     writes: mpsc::Sender<Request>,
+    /// Wakes the writer when it waits for more writes (`writer::Doorbell`).
+    bell: Arc<writer::Doorbell>,
     vv: watch::Receiver<VersionVector>,
     token_secret: Vec<u8>,
     verified: VerifiedCache,
@@ -268,9 +270,11 @@ impl Node {
         let signals = Arc::new(workitems::QueueSignals::default());
         let fills = Arc::new(fills::FillNotices::default());
         let failure = Arc::new(publisher::Failure::default());
+        let bell = Arc::new(writer::Doorbell::default());
         let snapshot = Arc::new(publisher::Snapshot::new(
             db.begin_read().map_err(|e| storage_err(&e))?,
             failure.clone(),
+            bell.clone(),
         ));
         let (publish_tx, publish_rx) = std::sync::mpsc::sync_channel(publisher::PUBLISH_QUEUE_BOUND);
         let publisher = publisher::Publisher {
@@ -303,12 +307,15 @@ impl Node {
             docs: Default::default(),
             lookups: Default::default(),
             log_buf: Vec::new(),
+            bell: bell.clone(),
         };
         let lease_tick = tx.downgrade();
-        std::thread::Builder::new()
+        let writer_thread = std::thread::Builder::new()
             .name("ocmesh-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| OpenError::Storage(StorageError(format!("cannot start writer thread: {e}"))))?;
+        bell.set_writer(writer_thread.thread().clone());
+        let lease_bell = bell.clone();
         // Returns expired work-item leases to their queues, once a second,
         // for as long as the node is open.
         if options.lease_thread {
@@ -320,10 +327,15 @@ impl Node {
                         let Some(tx) = lease_tick.upgrade() else { return };
                         let (reply, _) = oneshot::channel();
                         // A full queue means the writer is busy: try next tick.
-                        let _ = tx.try_send(Request {
-                            op: WriteOp::ExpireLeases,
-                            reply,
-                        });
+                        if tx
+                            .try_send(Request {
+                                op: WriteOp::ExpireLeases,
+                                reply,
+                            })
+                            .is_ok()
+                        {
+                            lease_bell.ring();
+                        }
                     }
                 })
                 .map_err(|e| OpenError::Storage(StorageError(format!("cannot start lease thread: {e}"))))?;
@@ -332,6 +344,7 @@ impl Node {
             inner: Arc::new(Inner {
                 site: config.site,
                 writes: tx,
+                bell,
                 vv: vv_rx,
                 token_secret,
                 verified: VerifiedCache::new(),
@@ -424,6 +437,7 @@ impl Node {
             .send(Request { op, reply })
             .await
             .map_err(|_| WriteError::Closed)?;
+        self.inner.bell.ring();
         rx.await.map_err(|_| WriteError::Closed)?
     }
 

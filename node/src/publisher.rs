@@ -49,6 +49,7 @@ pub(crate) struct Snapshot {
     /// The newest transaction an acknowledged write needs to be seen.
     acked: AtomicU64,
     failure: Arc<Failure>,
+    bell: Arc<crate::writer::Doorbell>,
 }
 
 #[derive(Debug)]
@@ -59,7 +60,7 @@ struct Visible {
 }
 
 impl Snapshot {
-    pub fn new(first: ReadTransaction, failure: Arc<Failure>) -> Self {
+    pub fn new(first: ReadTransaction, failure: Arc<Failure>, bell: Arc<crate::writer::Doorbell>) -> Self {
         Snapshot {
             visible: Mutex::new(Visible {
                 txn: Arc::new(first),
@@ -68,17 +69,24 @@ impl Snapshot {
             published: Condvar::new(),
             acked: AtomicU64::new(0),
             failure,
+            bell,
         }
     }
 
     /// The newest snapshot, once it holds every acknowledged write. The
-    /// wait is short: the writer commits as soon as its queue runs dry, and
-    /// a transaction spans at most `MAX_SHARED_TIME`. After a failure the
+    /// wait is short: a waiting reader asks the writer to commit the open
+    /// transaction as soon as the group it is running ends, and a
+    /// transaction spans at most `MAX_SHARED_TIME`. After a failure the
     /// writer commits nothing more; readers then get what was published
     /// (a restart replays the rest from the log).
     pub fn current(&self) -> Arc<ReadTransaction> {
         let want = self.acked.load(Ordering::Acquire);
         let mut v = self.visible.lock().unwrap_or_else(|p| p.into_inner());
+        if v.through < want {
+            // The writer may be holding the transaction open for more
+            // writes: no reason to, once a reader waits.
+            self.bell.ask_commit();
+        }
         while v.through < want && self.failure.get().is_none() {
             v = self
                 .published
@@ -252,7 +260,11 @@ mod tests {
     fn a_reader_waits_for_the_commit_holding_an_acknowledged_write() {
         let (_dir, db) = db();
         put(&db, 1);
-        let snapshot = Arc::new(Snapshot::new(db.begin_read().expect("read"), Arc::default()));
+        let snapshot = Arc::new(Snapshot::new(
+            db.begin_read().expect("read"),
+            Arc::default(),
+            Arc::default(),
+        ));
         // Published and acknowledged through transaction 1: no wait.
         snapshot.set(Arc::new(db.begin_read().expect("read")), 1);
         snapshot.acknowledging(1);
@@ -280,7 +292,7 @@ mod tests {
         let (_dir, db) = db();
         put(&db, 1);
         let failure = Arc::new(Failure::default());
-        let snapshot = Snapshot::new(db.begin_read().expect("read"), failure.clone());
+        let snapshot = Snapshot::new(db.begin_read().expect("read"), failure.clone(), Arc::default());
         snapshot.acknowledging(3);
         failure.stop("test");
         assert_eq!(read(&snapshot.current()), Some(1));
