@@ -1027,17 +1027,9 @@ impl Writer {
             }
         }
         stamp_modified(&mut doc, Value::String(iso8601(hlc.physical_ms())), by);
-        self.local_change(
-            t,
-            ChangeKind::Update,
-            &collection,
-            &id,
-            doc,
-            Some(Prior::Whole(current)),
-            hlc,
-            by,
-        )
-        .map(WriteDone::Document)
+        let old = Some(Prior::Whole(current));
+        self.local_change(t, ChangeKind::Update, &collection, &id, doc, old, hlc, by)
+            .map(WriteDone::Document)
     }
 
     /// Stores `edit` (of the document `take_current` handed out) as the
@@ -1085,17 +1077,9 @@ impl Writer {
         strip_store_fields(&mut doc);
         doc.insert("_deleted".into(), now.clone());
         stamp_modified(&mut doc, now, by);
-        self.local_change(
-            t,
-            ChangeKind::Delete,
-            &collection,
-            &id,
-            doc,
-            Some(Prior::Whole(current)),
-            hlc,
-            by,
-        )
-        .map(WriteDone::Document)
+        let old = Some(Prior::Whole(current));
+        self.local_change(t, ChangeKind::Delete, &collection, &id, doc, old, hlc, by)
+            .map(WriteDone::Document)
     }
 
     /// Appends one local change and returns the version it made.
