@@ -449,7 +449,16 @@ impl DocCache {
         self.entry(collection, id).map(|e| &e.doc)
     }
 
-    fn put(&mut self, collection: &str, id: &str, doc: SharedDoc, size: usize, ends: HistoryEnds) {
+    /// Keeps `doc`, evicting the oldest entries to make room; with
+    /// `only_if_room`, keeps it only if it fits without evicting any.
+    fn put(&mut self, collection: &str, id: &str, doc: SharedDoc, size: usize, ends: HistoryEnds, only_if_room: bool) {
+        if only_if_room {
+            let replaced = self.entry(collection, id).map_or(0, |e| e.size);
+            if self.bytes - replaced + size > DOC_CACHE_BYTES {
+                self.remove(collection, id);
+                return;
+            }
+        }
         self.next += 1;
         let n = self.next;
         let collection: Arc<str> = match self.docs.get_key_value(collection) {
@@ -979,7 +988,11 @@ impl<'t> WriteTables<'t> {
                         first: (first_origin.to_owned(), first_hlc),
                         greatest: (change.hlc, change.origin.clone()),
                     };
-                    self.docs.put(collection, id, doc.clone(), size, ends);
+                    // Waiting items are popped oldest first: once the cache
+                    // is full, keeping the ones it holds beats evicting
+                    // them, the next to be popped, for the newest.
+                    let only_if_room = crate::workitems::waiting_item(collection, &doc);
+                    self.docs.put(collection, id, doc.clone(), size, ends, only_if_room);
                 }
                 Some(doc)
             }
@@ -1329,6 +1342,37 @@ impl<'t> WriteTables<'t> {
 mod tests {
     use super::*;
     use crate::disk::{FileId, MemDisk};
+
+    #[test]
+    fn the_cache_evicts_its_oldest_but_admits_waiting_items_only_into_room() {
+        let ends = || HistoryEnds {
+            first: ("a".into(), 1),
+            greatest: (1, "a".into()),
+        };
+        let doc = || Arc::new(Map::new());
+        let quarter = DOC_CACHE_BYTES / 4;
+        let mut cache = DocCache::default();
+        for id in ["1", "2", "3", "4"] {
+            cache.put("c", id, doc(), quarter, ends(), true);
+        }
+        // Full: a waiting item that does not fit is not kept, and keeps
+        // none of its older version either; the oldest stay.
+        cache.put("c", "5", doc(), quarter, ends(), true);
+        assert!(cache.get("c", "5").is_none());
+        // A new version of a cached item fits in its own place.
+        cache.put("c", "2", doc(), quarter, ends(), true);
+        assert!(cache.get("c", "2").is_some());
+        cache.put("c", "3", doc(), quarter + 1, ends(), true);
+        assert!(cache.get("c", "3").is_none());
+        assert_eq!(cache.bytes, 3 * quarter);
+        // Anything else makes room by evicting the oldest entry.
+        cache.put("c", "6", doc(), quarter, ends(), false);
+        cache.put("c", "7", doc(), quarter, ends(), false);
+        assert!(cache.get("c", "1").is_none());
+        assert!(cache.get("c", "2").is_some() && cache.get("c", "4").is_some());
+        assert!(cache.get("c", "6").is_some() && cache.get("c", "7").is_some());
+        assert_eq!(cache.bytes, 4 * quarter);
+    }
 
     fn change(seq: u64, body: &str) -> Change {
         Change {

@@ -219,6 +219,11 @@ pub(crate) fn finished_item(collection: &str, doc: &Map<String, Value>) -> bool 
     collection == ITEMS && matches!(doc.get("state").and_then(Value::as_str), Some("successful" | "failed"))
 }
 
+/// Whether `doc`, of `collection`, is a work item waiting in its queue.
+pub(crate) fn waiting_item(collection: &str, doc: &Map<String, Value>) -> bool {
+    collection == ITEMS && doc.get("state").and_then(Value::as_str) == Some("new")
+}
+
 /// Sort key of a priority: lower numbers first, negatives before positives.
 fn priority_key(doc: &dyn Fields) -> u64 {
     let p = doc
