@@ -1,7 +1,8 @@
 //! The single writer: every write of the site goes through one thread that
 //! groups the requests waiting in its queue into one redb transaction and
 //! one fsync (group commit), then answers each. A write is answered only
-//! after its commit is durable.
+//! after its log record is durable, and no reader sees it before the redb
+//! commit holding it is published behind that sync.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -484,9 +485,10 @@ impl Writer {
     /// copied pages per group. Each group's log record is written as soon
     /// as the group has run, and the publisher answers its callers once
     /// that record is synced; readers wait for the commit (see
-    /// `publisher::Snapshot`). The transaction commits when the queue runs
-    /// dry, after `MAX_SHARED_OPS` writes or `MAX_SHARED_TIME`, or before a
-    /// group that may not share it, which is returned to run next.
+    /// `publisher::Snapshot`). The transaction commits when the queue stays
+    /// dry for `IDLE_WAIT` or a reader waits for it (`next_shared`), after
+    /// `MAX_SHARED_OPS` writes or `MAX_SHARED_TIME`, or before a group that
+    /// may not share it, which is returned to run next.
     fn run_shared(&mut self, mut batch: Vec<Request>, rx: &mut mpsc::Receiver<Request>) -> Option<Vec<Request>> {
         let started = std::time::Instant::now();
         let opened = self.db.begin_write().map_err(StorageError::from).and_then(|mut txn| {
