@@ -92,9 +92,10 @@ pub(crate) fn insert_in_order(doc: &mut Map<String, Value>, name: &str, value: V
     None
 }
 
-/// An edited document as it was before the edit.
+/// An edited document as it was before the edit: `new` (none when the
+/// write deleted it) with the undo list's fields put back.
 pub(crate) struct Undone<'a> {
-    pub new: &'a Map<String, Value>,
+    pub new: Option<&'a Map<String, Value>>,
     pub undo: &'a Undo,
 }
 
@@ -102,7 +103,7 @@ impl Fields for Undone<'_> {
     fn field(&self, name: &str) -> Option<&Value> {
         match self.undo.get(name) {
             Some(old) => old.as_ref(),
-            None => self.new.get(name),
+            None => self.new?.get(name),
         }
     }
 }
@@ -120,11 +121,11 @@ impl Prior {
     /// The old document, given the new one an `Edited` prior was made from
     /// (with any field the store sets itself, such as `_version`, in its
     /// undo list).
-    pub fn view<'a>(&'a self, new: &'a Map<String, Value>) -> Undone<'a> {
+    pub fn view<'a>(&'a self, new: Option<&'a Map<String, Value>>) -> Undone<'a> {
         static NOTHING: Undo = Undo(Vec::new());
         match self {
             Prior::Whole(doc) => Undone {
-                new: doc,
+                new: Some(doc),
                 undo: &NOTHING,
             },
             Prior::Edited { undo, .. } => Undone { new, undo },
@@ -205,7 +206,7 @@ mod tests {
             }
             let Edit { doc, undo, .. } = edit;
             let prior = Prior::Edited { undo, ends: None };
-            let old = prior.view(&doc);
+            let old = prior.view(Some(&doc));
             for name in NAMES.iter().chain(["absent"].iter()) {
                 prop_assert_eq!(old.field(name), before.get(*name), "{}", name);
             }
@@ -215,7 +216,7 @@ mod tests {
             expected.sort();
             prop_assert_eq!(changed, expected);
             let whole = Prior::Whole(std::sync::Arc::new(before.clone()));
-            let whole_view = whole.view(&doc);
+            let whole_view = whole.view(Some(&doc));
             for name in NAMES {
                 prop_assert_eq!(whole_view.field(name), before.get(name), "{}", name);
             }
@@ -245,7 +246,10 @@ mod tests {
         edit.remove("n");
         edit.set("n", 5.into());
         let Edit { doc, undo, .. } = edit;
-        let old = Undone { new: &doc, undo: &undo };
+        let old = Undone {
+            new: Some(&doc),
+            undo: &undo,
+        };
         assert_eq!(old.field("state"), Some(&json!("new")));
         assert_eq!(old.field("n"), Some(&json!(1)));
         assert_eq!(doc.get("state"), Some(&json!("successful")));

@@ -315,10 +315,10 @@ impl Node {
             .spawn(move || writer.run(rx))
             .map_err(|e| OpenError::Storage(StorageError(format!("cannot start writer thread: {e}"))))?;
         bell.set_writer(writer_thread.thread().clone());
-        let lease_bell = bell.clone();
         // Returns expired work-item leases to their queues, once a second,
         // for as long as the node is open.
         if options.lease_thread {
+            let lease_bell = bell.clone();
             std::thread::Builder::new()
                 .name("ocmesh-leases".into())
                 .spawn(move || {

@@ -859,7 +859,7 @@ impl<'t> WriteTables<'t> {
                 // an older one), so it is the current version.
                 let len = match l.first {
                     Some(_) => {
-                        let old = l.old.as_ref().map(|o| o.view(&l.body));
+                        let old = l.old.as_ref().map(|o| o.view(Some(&l.body)));
                         self.history_count(collection, id, old.as_ref().map(|o| o as &dyn Fields))?
                     }
                     None => 1,
@@ -977,7 +977,8 @@ impl<'t> WriteTables<'t> {
                 };
                 self.documents.insert((collection, id), bytes.as_slice())?;
                 let doc = Arc::new(doc);
-                if from_peer || crate::workitems::finished_item(collection, &doc) {
+                let item_state = crate::workitems::item_state(collection, &doc);
+                if from_peer || matches!(item_state, Some("successful" | "failed")) {
                     // A finished item is rarely written again: keeping it
                     // would only cost its eviction later, and the caller
                     // its own copy of the answer.
@@ -991,7 +992,7 @@ impl<'t> WriteTables<'t> {
                     // Waiting items are popped oldest first: once the cache
                     // is full, keeping the ones it holds beats evicting
                     // them, the next to be popped, for the newest.
-                    let only_if_room = crate::workitems::waiting_item(collection, &doc);
+                    let only_if_room = item_state == Some("new");
                     self.docs.put(collection, id, doc.clone(), size, ends, only_if_room);
                 }
                 Some(doc)
@@ -999,8 +1000,7 @@ impl<'t> WriteTables<'t> {
         };
         // The document before, seen through the new one when the write
         // edited it (`_version`, set above, is in the edit's undo list).
-        let no_doc = Map::new();
-        let old_view = old.as_ref().map(|o| o.view(new.as_deref().unwrap_or(&no_doc)));
+        let old_view = old.as_ref().map(|o| o.view(new.as_deref()));
         let old_fields = old_view.as_ref().map(|o| o as &dyn Fields);
         let new_fields = new.as_deref().map(|n| n as &dyn Fields);
         for field in self.indexed_fields(collection)? {

@@ -16,12 +16,14 @@
 //! session 11) carry XXH3-64 of the payload seeded with the epoch, `OMW1`
 //! records (still read) the first 8 bytes of BLAKE3 over epoch and
 //! payload. A torn write is an accident, not an attack, so a fast
-//! non-cryptographic hash does: BLAKE3 took 6-7% of the writer's time. Recovery reads records of the
-//! current epoch from the checkpointed offset until the first that is torn
-//! or damaged: a record is synced before its writes are acknowledged, so
-//! only unacknowledged writes can be lost with a torn tail. Each opening
-//! starts a new epoch at the end of the intact records, so whatever a torn
-//! write left past that end is never mistaken for a record later.
+//! non-cryptographic hash does: BLAKE3 took 6-7% of the writer's time.
+//!
+//! Recovery reads records of the current epoch from the checkpointed
+//! offset until the first that is torn or damaged: a record is synced
+//! before its writes are acknowledged, so only unacknowledged writes can
+//! be lost with a torn tail. Each opening starts a new epoch at the end of
+//! the intact records, so whatever a torn write left past that end is
+//! never mistaken for a record later.
 //!
 //! Once a process has logged a few MiB, a helper thread keeps zeros
 //! written (and synced) ahead of the log's end (`ZeroAhead`): a sync of a

@@ -214,14 +214,12 @@ pub(crate) fn owner_of<'d>(doc: &'d dyn Fields, created_at: &'d str) -> &'d str 
     doc.field(OWNER_FIELD).and_then(Value::as_str).unwrap_or(created_at)
 }
 
-/// Whether `doc`, of `collection`, is a work item in a final state.
-pub(crate) fn finished_item(collection: &str, doc: &Map<String, Value>) -> bool {
-    collection == ITEMS && matches!(doc.get("state").and_then(Value::as_str), Some("successful" | "failed"))
-}
-
-/// Whether `doc`, of `collection`, is a work item waiting in its queue.
-pub(crate) fn waiting_item(collection: &str, doc: &Map<String, Value>) -> bool {
-    collection == ITEMS && doc.get("state").and_then(Value::as_str) == Some("new")
+/// The state of `doc` when it is a work item (`doc` is of `collection`).
+pub(crate) fn item_state<'d>(collection: &str, doc: &'d Map<String, Value>) -> Option<&'d str> {
+    match collection {
+        ITEMS => doc.get("state").and_then(Value::as_str),
+        _ => None,
+    }
 }
 
 /// Sort key of a priority: lower numbers first, negatives before positives.

@@ -1051,9 +1051,9 @@ impl Writer {
         for f in STORE_FIELDS {
             edit.remove(f);
         }
-        edit.set("_modified", Value::String(iso8601(hlc.physical_ms())));
-        edit.set("_modifiedby", by.name.clone().into());
-        edit.set("_modifiedbyid", by.id.clone().into());
+        for (field, value) in modified_fields(Value::String(iso8601(hlc.physical_ms())), by) {
+            edit.set(field, value);
+        }
         let Edit { doc, undo, ends } = edit;
         let old = Prior::Edited { undo, ends };
         self.local_change(t, ChangeKind::Update, collection, &id, doc, Some(old), hlc, by)
@@ -1741,8 +1741,17 @@ fn strip_store_fields(doc: &mut Map<String, Value>) {
     }
 }
 
+/// The fields that record a document's last change: when and by whom.
+fn modified_fields(now: Value, by: &Principal) -> [(&'static str, Value); 3] {
+    [
+        ("_modified", now),
+        ("_modifiedby", by.name.clone().into()),
+        ("_modifiedbyid", by.id.clone().into()),
+    ]
+}
+
 fn stamp_modified(doc: &mut Map<String, Value>, now: Value, by: &Principal) {
-    doc.insert("_modified".into(), now);
-    doc.insert("_modifiedby".into(), by.name.clone().into());
-    doc.insert("_modifiedbyid".into(), by.id.clone().into());
+    for (field, value) in modified_fields(now, by) {
+        doc.insert(field.into(), value);
+    }
 }
