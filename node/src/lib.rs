@@ -26,6 +26,7 @@ pub mod files;
 pub mod fills;
 pub mod ids;
 mod index;
+mod json_out;
 pub mod messaging;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
@@ -308,6 +309,7 @@ impl Node {
             lookups: Default::default(),
             log_buf: Vec::new(),
             bell: bell.clone(),
+            last_body_len: 0,
         };
         let lease_tick = tx.downgrade();
         let writer_thread = std::thread::Builder::new()
