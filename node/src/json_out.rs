@@ -151,7 +151,7 @@ mod tests {
                 let encoded = encode_body(&body, max, 0);
                 assert_eq!(encoded.is_ok(), measured <= max, "levels {levels}, max {max}");
                 if let Ok(bytes) = encoded {
-                    assert_eq!(bytes, serde_json::to_vec(&body).unwrap());
+                    assert_eq!(bytes, serde_json::to_vec(&body).expect("serde_json encodes"));
                 }
             }
         }
@@ -166,7 +166,10 @@ mod tests {
                     s.replace_range(at..at + 1, "\n");
                 }
                 let body: Map<String, Value> = [(s.clone(), Value::String(s))].into_iter().collect();
-                assert_eq!(encode_body(&body, 100, 16).unwrap(), serde_json::to_vec(&body).unwrap());
+                assert_eq!(
+                    encode_body(&body, 100, 16).expect("within the limit"),
+                    serde_json::to_vec(&body).expect("serde_json encodes")
+                );
             }
         }
     }
@@ -181,7 +184,7 @@ mod tests {
             match encode_body(&body, max, 0) {
                 Ok(bytes) => {
                     prop_assert!(within);
-                    prop_assert_eq!(bytes, serde_json::to_vec(&body).unwrap());
+                    prop_assert_eq!(bytes, serde_json::to_vec(&body).expect("serde_json encodes"));
                 }
                 Err(TooDeep) => prop_assert!(!within),
             }
