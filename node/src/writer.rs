@@ -1105,8 +1105,10 @@ impl Writer {
         // stalling replication behind it.
         use ocmesh_replication::change::{MAX_BODY_BYTES, MAX_BODY_DEPTH, depth};
         // The last body's size, with room to grow, spares the buffer its
-        // regrowth: bodies written one after another tend to be alike.
-        let guess = self.last_body_len + self.last_body_len / 4;
+        // regrowth: bodies written one after another tend to be alike. (At
+        // most 64 KiB: a huge body must not make the next small one
+        // allocate as much.)
+        let guess = (self.last_body_len + self.last_body_len / 4).min(64 << 10);
         let Ok(bytes) = crate::json_out::encode_body(&body, MAX_BODY_DEPTH, guess) else {
             return Err(WriteError::TooDeep {
                 collection: collection.to_owned(),
