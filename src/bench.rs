@@ -177,6 +177,16 @@ pub async fn workitems_ocmesh(b: &WorkItemBench) -> anyhow::Result<Figures> {
         stats.wal_syncs.load(Ordering::Relaxed),
         stats.wal_nanos.load(Ordering::Relaxed) as f64 / 1e6
     );
+    let per_write = |sum: &AtomicU64, count: &AtomicU64| {
+        sum.load(Ordering::Relaxed) as f64 / 1e3 / count.load(Ordering::Relaxed).max(1) as f64
+    };
+    println!(
+        "  per acknowledged write: {:.0} µs until its log record was written (waiting for the writer, then its group), {:.0} µs more until synced, {:.0} µs more until answered; {:.0} µs round trip at the caller",
+        per_write(&stats.until_logged_nanos, &stats.answered),
+        per_write(&stats.until_synced_nanos, &stats.answered),
+        per_write(&stats.until_answered_nanos, &stats.answered),
+        per_write(&stats.round_trip_nanos, &stats.round_trips),
+    );
     Ok(Figures::from_latencies(lat, elapsed))
 }
 

@@ -142,6 +142,19 @@ pub struct NodeStats {
     pub publish_queue: AtomicU64,
     /// Changes replayed from the write-ahead log when the node opened.
     pub wal_replayed: AtomicU64,
+    /// Where an acknowledged write's time goes, summed over `answered`
+    /// writes: from its queueing until its group's log record was written
+    /// (waiting for the writer, then for its group to run), until that
+    /// record was synced (the sync in flight, then its own), and until its
+    /// caller was answered.
+    pub answered: AtomicU64,
+    pub until_logged_nanos: AtomicU64,
+    pub until_synced_nanos: AtomicU64,
+    pub until_answered_nanos: AtomicU64,
+    /// Round trips of `Node`'s writes as their callers saw them (the above
+    /// and the wake-up of the caller; reads and refused writes included).
+    pub round_trips: AtomicU64,
+    pub round_trip_nanos: AtomicU64,
 }
 
 /// A running site. Cheap to clone.
@@ -333,6 +346,7 @@ impl Node {
                             .try_send(Request {
                                 op: WriteOp::ExpireLeases,
                                 reply,
+                                queued_ns: publisher::mono_ns(),
                             })
                             .is_ok()
                         {
@@ -399,6 +413,12 @@ impl Node {
             "publish_queue": s.publish_queue.load(Relaxed),
             "publish_queue_bound": publisher::PUBLISH_QUEUE_BOUND,
             "wal_replayed": s.wal_replayed.load(Relaxed),
+            "answered_writes": s.answered.load(Relaxed),
+            "until_logged_ms": s.until_logged_nanos.load(Relaxed) / 1_000_000,
+            "until_synced_ms": s.until_synced_nanos.load(Relaxed) / 1_000_000,
+            "until_answered_ms": s.until_answered_nanos.load(Relaxed) / 1_000_000,
+            "round_trips": s.round_trips.load(Relaxed),
+            "round_trip_ms": s.round_trip_nanos.load(Relaxed) / 1_000_000,
             "remote_applied": s.remote_applied.load(Relaxed),
             "remote_duplicates": s.remote_duplicates.load(Relaxed),
             "clock_clamped": s.clock_clamped.load(Relaxed),
@@ -434,13 +454,21 @@ impl Node {
 
     async fn write(&self, op: WriteOp) -> Result<WriteDone, WriteError> {
         let (reply, rx) = oneshot::channel();
+        let queued_ns = publisher::mono_ns();
         self.inner
             .writes
-            .send(Request { op, reply })
+            .send(Request { op, reply, queued_ns })
             .await
             .map_err(|_| WriteError::Closed)?;
         self.inner.bell.ring();
-        rx.await.map_err(|_| WriteError::Closed)?
+        let answer = rx.await.map_err(|_| WriteError::Closed)?;
+        let stats = &self.inner.stats;
+        stats.round_trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats.round_trip_nanos.fetch_add(
+            publisher::mono_ns().saturating_sub(queued_ns),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        answer
     }
 
     async fn write_document(&self, op: WriteOp) -> Result<Value, WriteError> {

@@ -137,10 +137,21 @@ impl Failure {
     }
 }
 
+/// Nanoseconds on one monotonic clock since this process first read it:
+/// the moments a write's round trip is timed by (see `NodeStats`).
+pub(crate) fn mono_ns() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    u64::try_from(START.get_or_init(std::time::Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// A group the writer wrote, or a transaction it committed, waiting to be
 /// published.
 #[derive(Default)]
 pub(crate) struct Committed {
+    /// The sum of the moments its requests were queued, and the moment
+    /// the writer handed it over (`mono_ns`).
+    pub queued: u128,
+    pub logged_ns: u64,
     /// Whether its log record may still be unsynced.
     pub needs_sync: bool,
     /// redb as of the commit of transaction `txn`; `None` for a group of a
@@ -191,7 +202,14 @@ impl Publisher {
                 None => Ok(()),
             };
             match synced {
-                Ok(()) => self.publish(groups),
+                Ok(()) => {
+                    let synced_ns = mono_ns();
+                    for g in &groups {
+                        let waited = g.replies.len() as u64 * synced_ns.saturating_sub(g.logged_ns);
+                        self.stats.until_synced_nanos.fetch_add(waited, Ordering::Relaxed);
+                    }
+                    self.publish(groups, synced_ns)
+                }
                 Err(why) => {
                     for g in groups {
                         for (reply, _) in g.replies {
@@ -203,7 +221,7 @@ impl Publisher {
         }
     }
 
-    fn publish(&self, groups: Vec<Committed>) {
+    fn publish(&self, groups: Vec<Committed>, synced_ns: u64) {
         // In order: a commit's snapshot becomes the one readers read before
         // anyone is answered, so a caller reads its own write; a group
         // answered before its transaction's commit makes readers wait for it.
@@ -224,10 +242,14 @@ impl Publisher {
             for f in g.filled {
                 self.fills.record(f);
             }
+            let answered = g.replies.len() as u64;
             for (reply, result) in g.replies {
                 // The caller may have gone away; the write stands regardless.
                 let _ = reply.send(result);
             }
+            let waited = answered * mono_ns().saturating_sub(synced_ns);
+            self.stats.until_answered_nanos.fetch_add(waited, Ordering::Relaxed);
+            self.stats.answered.fetch_add(answered, Ordering::Relaxed);
         }
     }
 }

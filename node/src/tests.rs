@@ -364,6 +364,19 @@ async fn concurrent_writers_share_commits_and_read_their_own_writes() {
     assert_eq!(writes, 1280);
     assert!(commits < writes / 2, "{commits} commits for {writes} writes");
     assert_eq!(node.version_vector().get("a"), 1280);
+    // Every acknowledged write's time is split into its stages.
+    let m = node.metrics();
+    assert!(m["answered_writes"].as_u64() >= Some(1280), "{m}");
+    assert!(m["round_trips"].as_u64() >= Some(1280), "{m}");
+    let stats = node.stats();
+    for (stage, nanos) in [
+        ("until logged", &stats.until_logged_nanos),
+        ("until synced", &stats.until_synced_nanos),
+        ("until answered", &stats.until_answered_nanos),
+        ("round trip", &stats.round_trip_nanos),
+    ] {
+        assert!(nanos.load(Ordering::Relaxed) > 0, "{stage}: {m}");
+    }
 }
 
 #[tokio::test]

@@ -355,6 +355,15 @@ impl From<redb::StorageError> for GroupFailure {
 pub(crate) struct Request {
     pub op: WriteOp,
     pub reply: crate::publisher::Reply,
+    /// When it was queued (`publisher::mono_ns`).
+    pub queued_ns: u64,
+}
+
+/// A batch's operations, its callers, and the sum of when they queued.
+fn unzip_batch(batch: Vec<Request>) -> (Vec<WriteOp>, Vec<crate::publisher::Reply>, u128) {
+    let queued = batch.iter().map(|r| u128::from(r.queued_ns)).sum();
+    let (ops, replies) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+    (ops, replies, queued)
 }
 
 /// State only the writer thread touches.
@@ -465,7 +474,7 @@ impl Writer {
 
     /// One group in a transaction of its own.
     fn run_alone(&mut self, batch: Vec<Request>) {
-        let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+        let (requests, replies, queued) = unzip_batch(batch);
         let vv_before = self.vv.clone();
         self.txn_no += 1;
         let outcome = self.commit_group(requests);
@@ -479,6 +488,8 @@ impl Writer {
             readied: outcome.readied,
             filled,
             replies: replies.into_iter().zip(outcome.results).collect(),
+            queued,
+            ..Committed::default()
         });
     }
 
@@ -522,7 +533,7 @@ impl Writer {
         t.cache = std::mem::take(&mut self.lookups);
         t.log = std::mem::take(&mut self.log_buf);
         loop {
-            let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+            let (requests, replies, queued) = unzip_batch(batch);
             let (clock, vv_before_group) = (self.clock.clone(), self.vv.clone());
             t.now_ms = self.wall.now_ms();
             let mut results = Vec::with_capacity(requests.len());
@@ -571,6 +582,7 @@ impl Writer {
                 vv: (self.vv != vv_before_group).then(|| self.vv.clone()),
                 readied: std::mem::take(&mut t.readied),
                 replies: replies.into_iter().zip(results).collect(),
+                queued,
                 ..Committed::default()
             });
             if ops >= MAX_SHARED_OPS || started.elapsed() >= MAX_SHARED_TIME {
@@ -668,7 +680,14 @@ impl Writer {
         });
     }
 
-    fn send(&mut self, c: Committed) {
+    fn send(&mut self, mut c: Committed) {
+        if !c.replies.is_empty() {
+            c.logged_ns = crate::publisher::mono_ns();
+            let waited = (c.replies.len() as u128 * u128::from(c.logged_ns)).saturating_sub(c.queued);
+            self.stats
+                .until_logged_nanos
+                .fetch_add(u64::try_from(waited).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
         if self.publish.send(c).is_err() {
             // The publisher is gone only if its thread died: nothing can
             // be acknowledged any more.
