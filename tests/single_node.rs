@@ -17,6 +17,21 @@ async fn site() -> anyhow::Result<(Site, tempfile::TempDir)> {
     Ok((s, root))
 }
 
+/// A site whose picked HTTP port was taken before it started gets another
+/// one instead of failing the test that started it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_http_port_is_picked_again() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let mut s = Site::single(root.path(), "moved");
+    s.http = taken.local_addr()?;
+    s.start().await?;
+    assert_ne!(s.http, taken.local_addr()?);
+    assert!(std::fs::read_to_string(&s.log)?.contains("cannot listen for HTTP on"));
+    s.stop();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication() -> anyhow::Result<()> {
     let (s, _root) = site().await?;

@@ -135,8 +135,23 @@ impl Site {
         }
     }
 
-    /// Starts the process and waits for `/health`.
+    /// Starts the process and waits for `/health`. An HTTP port picked
+    /// for it that something else took in the meantime (another test's
+    /// site, or a connection given it as its own port) is picked again.
     pub async fn start(&mut self) -> anyhow::Result<()> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.start_once().await {
+                Err(e) if self.addr_flags && attempts < 4 && e.to_string().contains("cannot listen for HTTP on") => {
+                    self.http = free_tcp();
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn start_once(&mut self) -> anyhow::Result<()> {
         if self.child.is_some() {
             bail!("{} is already running", self.name);
         }
@@ -432,7 +447,9 @@ pub fn hermetic(cmd: &mut Command) -> &mut Command {
             cmd.env_remove(k);
         }
     }
-    cmd.env("OCMESH_GRPC", "127.0.0.1:0")
+    // An error's message, not a backtrace of it, must end a site's log:
+    // a failed start shows only the log's last lines.
+    cmd.env("OCMESH_GRPC", "127.0.0.1:0").env("RUST_LIB_BACKTRACE", "0")
 }
 
 /// Polls `check` every 100 ms until it returns true or `timeout` passes.
