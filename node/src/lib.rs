@@ -152,7 +152,8 @@ pub struct NodeStats {
     pub until_synced_nanos: AtomicU64,
     pub until_answered_nanos: AtomicU64,
     /// Round trips of `Node`'s writes as their callers saw them (the above
-    /// and the wake-up of the caller; reads and refused writes included).
+    /// and the wake-up of the caller; empty pops and refused writes
+    /// included).
     pub round_trips: AtomicU64,
     pub round_trip_nanos: AtomicU64,
 }
