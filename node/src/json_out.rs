@@ -34,6 +34,10 @@ pub(crate) fn encode_body(body: &Map<String, Value>, max_depth: usize, capacity:
 }
 
 fn write_value(out: &mut Vec<u8>, value: &Value, depth: usize, max_depth: usize) -> Result<(), TooDeep> {
+    // An array or object here sits one level below `depth`.
+    if matches!(value, Value::Array(_) | Value::Object(_)) && depth >= max_depth {
+        return Err(TooDeep);
+    }
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
@@ -41,9 +45,6 @@ fn write_value(out: &mut Vec<u8>, value: &Value, depth: usize, max_depth: usize)
         Value::Number(n) => serde_json_into(out, n),
         Value::String(s) => write_str(out, s),
         Value::Array(items) => {
-            if depth >= max_depth {
-                return Err(TooDeep);
-            }
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
@@ -53,12 +54,7 @@ fn write_value(out: &mut Vec<u8>, value: &Value, depth: usize, max_depth: usize)
             }
             out.push(b']');
         }
-        Value::Object(map) => {
-            if depth >= max_depth {
-                return Err(TooDeep);
-            }
-            write_object(out, map, depth + 1, max_depth)?;
-        }
+        Value::Object(map) => write_object(out, map, depth + 1, max_depth)?,
     }
     Ok(())
 }
