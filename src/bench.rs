@@ -158,6 +158,14 @@ pub async fn workitems_ocmesh(b: &WorkItemBench) -> anyhow::Result<Figures> {
     for p in pushers {
         p.await??;
     }
+    // The cycle has two phases: pushers and poppers together, then
+    // poppers alone draining the queue (latency-bound: 16 callers, two
+    // durable round trips per item). Their figures differ, so both show.
+    let (pushed_at, done_then, at_push_end) = (
+        started.elapsed(),
+        done.load(Ordering::Relaxed),
+        Stages::of(&node.stats()),
+    );
     let mut lat = Vec::new();
     for p in poppers {
         lat.extend(p.await??);
@@ -177,17 +185,62 @@ pub async fn workitems_ocmesh(b: &WorkItemBench) -> anyhow::Result<Figures> {
         stats.wal_syncs.load(Ordering::Relaxed),
         stats.wal_nanos.load(Ordering::Relaxed) as f64 / 1e6
     );
-    let per_write = |sum: &AtomicU64, count: &AtomicU64| {
-        sum.load(Ordering::Relaxed) as f64 / 1e3 / count.load(Ordering::Relaxed).max(1) as f64
-    };
+    let at_end = Stages::of(&stats);
+    println!("  per acknowledged write: {}", at_end.since(&Stages::default()));
     println!(
-        "  per acknowledged write: {:.0} µs until its log record was written (waiting for the writer, then its group), {:.0} µs more until synced, {:.0} µs more until answered; {:.0} µs round trip at the caller",
-        per_write(&stats.until_logged_nanos, &stats.answered),
-        per_write(&stats.until_synced_nanos, &stats.answered),
-        per_write(&stats.until_answered_nanos, &stats.answered),
-        per_write(&stats.round_trip_nanos, &stats.round_trips),
+        "  while pushing ({:.2} s, {done_then} items done): {}",
+        pushed_at.as_secs_f64(),
+        at_push_end.since(&Stages::default())
+    );
+    println!(
+        "  after the pushers ({:.2} s): {}",
+        (elapsed - pushed_at).as_secs_f64(),
+        at_end.since(&at_push_end)
     );
     Ok(Figures::from_latencies(lat, elapsed))
+}
+
+/// The node's sums of where its acknowledged writes spent their time (see
+/// `NodeStats`), read at one moment.
+#[derive(Default)]
+struct Stages {
+    answered: u64,
+    until_logged: u64,
+    until_synced: u64,
+    until_answered: u64,
+    round_trips: u64,
+    round_trip: u64,
+    syncs: u64,
+}
+
+impl Stages {
+    fn of(s: &ocmesh_node::NodeStats) -> Stages {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stages {
+            answered: n(&s.answered),
+            until_logged: n(&s.until_logged_nanos),
+            until_synced: n(&s.until_synced_nanos),
+            until_answered: n(&s.until_answered_nanos),
+            round_trips: n(&s.round_trips),
+            round_trip: n(&s.round_trip_nanos),
+            syncs: n(&s.wal_syncs),
+        }
+    }
+
+    /// What happened between `before` and `self`, per write.
+    fn since(&self, before: &Stages) -> String {
+        let answered = self.answered.saturating_sub(before.answered).max(1) as f64;
+        let us = |now: u64, then: u64| now.saturating_sub(then) as f64 / 1e3 / answered;
+        let round_trips = self.round_trips.saturating_sub(before.round_trips).max(1) as f64;
+        format!(
+            "{:.0} µs until its log record was written (waiting for the writer, then its group), {:.0} µs more until synced, {:.0} µs more until answered; {:.0} µs round trip at the caller; {:.1} writes per log sync",
+            us(self.until_logged, before.until_logged),
+            us(self.until_synced, before.until_synced),
+            us(self.until_answered, before.until_answered),
+            self.round_trip.saturating_sub(before.round_trip) as f64 / 1e3 / round_trips,
+            answered / self.syncs.saturating_sub(before.syncs).max(1) as f64,
+        )
+    }
 }
 
 /// Pop latency on a queue holding `depth` items: it must not grow with depth.

@@ -1232,6 +1232,14 @@ impl<'t> WriteTables<'t> {
         old: Option<&dyn Fields>,
         new: Option<&dyn Fields>,
     ) -> Result<(), StorageError> {
+        // An edit that leaves the field's top-level value as it was leaves
+        // its keys as they were (most work-item transitions and `_type`).
+        if let (Some(o), Some(n)) = (old, new) {
+            let top = field.split('.').next().unwrap_or(field);
+            if o.field(top) == n.field(top) {
+                return Ok(());
+            }
+        }
         let old_keys = old.map(|d| crate::index::keys_for_fields(d, field)).unwrap_or_default();
         let new_keys = new.map(|d| crate::index::keys_for_fields(d, field)).unwrap_or_default();
         for k in old_keys.iter().filter(|k| !new_keys.contains(k)) {

@@ -466,8 +466,29 @@ async fn indexes_answer_like_a_scan_and_follow_every_write() {
         .await
         .expect("replace");
     node.delete("m", &ids[1], &admin()).await.expect("delete");
+    // Updates that leave an indexed field alone keep its entries; updates
+    // of a nested path under an indexed top-level field move them.
+    node.create_index("m", "spec.size").await.expect("index");
+    for id in &ids[2..40] {
+        node.update("m", id, json!({"$set": {"note": "seen"}}), &admin())
+            .await
+            .expect("update");
+    }
+    node.update("m", &ids[5], json!({"$set": {"spec": {"size": 1}}}), &admin())
+        .await
+        .expect("update");
+    node.update("m", &ids[5], json!({"$set": {"spec.size": 2}}), &admin())
+        .await
+        .expect("update");
+    node.update("m", &ids[6], json!({"$set": {"load": 77}}), &admin())
+        .await
+        .expect("update");
 
     let filters = [
+        json!({"spec.size": 2}),
+        json!({"spec.size": 1}),
+        json!({"load": 77}),
+        json!({"load": 6}),
         json!({"_type": "pump"}),
         json!({"_type": "fan", "load": 99}),
         json!({"load": {"$in": [3, 4]}, "_type": {"$ne": "valve"}}),
@@ -511,6 +532,7 @@ async fn indexes_answer_like_a_scan_and_follow_every_write() {
         Err(WriteError::BadIndex(_))
     ));
     node.drop_index("m", "load").await.expect("drop");
+    node.drop_index("m", "spec.size").await.expect("drop");
     assert!(matches!(
         node.drop_index("m", "load").await,
         Err(WriteError::BadIndex(_))
