@@ -164,7 +164,7 @@ pub async fn workitems_ocmesh(b: &WorkItemBench) -> anyhow::Result<Figures> {
     let (pushed_at, done_then, at_push_end) = (
         started.elapsed(),
         done.load(Ordering::Relaxed),
-        Stages::of(&node.stats()),
+        Stages::of(node.stats()),
     );
     let mut lat = Vec::new();
     for p in poppers {
@@ -185,7 +185,7 @@ pub async fn workitems_ocmesh(b: &WorkItemBench) -> anyhow::Result<Figures> {
         stats.wal_syncs.load(Ordering::Relaxed),
         stats.wal_nanos.load(Ordering::Relaxed) as f64 / 1e6
     );
-    let at_end = Stages::of(&stats);
+    let at_end = Stages::of(stats);
     println!("  per acknowledged write: {}", at_end.since(&Stages::default()));
     println!(
         "  while pushing ({:.2} s, {done_then} items done): {}",
