@@ -81,12 +81,30 @@ impl Snapshot {
     /// (a restart replays the rest from the log).
     pub fn current(&self) -> Arc<ReadTransaction> {
         let want = self.acked.load(Ordering::Acquire);
-        let mut v = self.visible.lock().unwrap_or_else(|p| p.into_inner());
-        if v.through < want {
-            // The writer may be holding the transaction open for more
-            // writes: no reason to, once a reader waits.
-            self.bell.ask_commit();
+        {
+            let v = self.visible.lock().unwrap_or_else(|p| p.into_inner());
+            if v.through >= want {
+                return v.txn.clone();
+            }
         }
+        // The writer may be holding the transaction open for more writes:
+        // no reason to, once a reader waits.
+        self.bell.ask_commit();
+        // Readers are called from async handlers: on a multi-threaded
+        // runtime, the worker's other tasks move elsewhere while this one
+        // waits, instead of waiting with it.
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        match on_worker {
+            true => tokio::task::block_in_place(|| self.wait_for(want)),
+            false => self.wait_for(want),
+        }
+    }
+
+    /// The newest snapshot once it reads transaction `want`, or after a
+    /// failure whatever was published.
+    fn wait_for(&self, want: u64) -> Arc<ReadTransaction> {
+        let mut v = self.visible.lock().unwrap_or_else(|p| p.into_inner());
         while v.through < want && self.failure.get().is_none() {
             v = self
                 .published
@@ -307,6 +325,46 @@ mod tests {
         assert_eq!(read(&snapshot.current()), Some(2));
         assert!(asked.elapsed() >= std::time::Duration::from_millis(40));
         publishing.join().expect("join");
+    }
+
+    /// A reader waiting for a commit on a runtime worker does not hold up
+    /// the other tasks of that worker (the runtime has just one here).
+    #[test]
+    fn a_waiting_reader_lets_the_workers_other_tasks_run() {
+        let (_dir, db) = db();
+        put(&db, 1);
+        let snapshot = Arc::new(Snapshot::new(
+            db.begin_read().expect("read"),
+            Arc::default(),
+            Arc::default(),
+        ));
+        snapshot.acknowledging(1);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let other_ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let published = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = rt.spawn({
+            let snapshot = snapshot.clone();
+            async move { read(&snapshot.current()) }
+        });
+        // The reader is waiting on the only worker before the other task comes.
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let other = rt.spawn({
+            let (other_ran, published) = (other_ran.clone(), published.clone());
+            async move {
+                // Runs while the reader waits, before the commit is published.
+                other_ran.store(!published.load(Ordering::SeqCst), Ordering::SeqCst);
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        published.store(true, Ordering::SeqCst);
+        snapshot.set(Arc::new(db.begin_read().expect("read")), 1);
+        assert_eq!(rt.block_on(reader).expect("reader"), Some(1));
+        rt.block_on(other).expect("other");
+        assert!(other_ran.load(Ordering::SeqCst), "the other task waited for the reader");
     }
 
     #[test]
