@@ -291,6 +291,18 @@ mod tests {
         txn.commit().expect("commit");
     }
 
+    /// A database holding 1, and a snapshot of it that readers start from.
+    fn db_at_one() -> (tempfile::TempDir, Database, Arc<Snapshot>) {
+        let (dir, db) = db();
+        put(&db, 1);
+        let snapshot = Arc::new(Snapshot::new(
+            db.begin_read().expect("read"),
+            Arc::default(),
+            Arc::default(),
+        ));
+        (dir, db, snapshot)
+    }
+
     fn read(txn: &ReadTransaction) -> Option<u64> {
         let table = txn.open_table(T).ok()?;
         table.get("k").expect("get").map(|g| g.value())
@@ -298,13 +310,7 @@ mod tests {
 
     #[test]
     fn a_reader_waits_for_the_commit_holding_an_acknowledged_write() {
-        let (_dir, db) = db();
-        put(&db, 1);
-        let snapshot = Arc::new(Snapshot::new(
-            db.begin_read().expect("read"),
-            Arc::default(),
-            Arc::default(),
-        ));
+        let (_dir, db, snapshot) = db_at_one();
         // Published and acknowledged through transaction 1: no wait.
         snapshot.set(Arc::new(db.begin_read().expect("read")), 1);
         snapshot.acknowledging(1);
@@ -331,13 +337,7 @@ mod tests {
     /// the other tasks of that worker (the runtime has just one here).
     #[test]
     fn a_waiting_reader_lets_the_workers_other_tasks_run() {
-        let (_dir, db) = db();
-        put(&db, 1);
-        let snapshot = Arc::new(Snapshot::new(
-            db.begin_read().expect("read"),
-            Arc::default(),
-            Arc::default(),
-        ));
+        let (_dir, db, snapshot) = db_at_one();
         snapshot.acknowledging(1);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
