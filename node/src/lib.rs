@@ -463,12 +463,12 @@ impl Node {
             .map_err(|_| WriteError::Closed)?;
         self.inner.bell.ring();
         let answer = rx.await.map_err(|_| WriteError::Closed)?;
+        use std::sync::atomic::Ordering::Relaxed;
         let stats = &self.inner.stats;
-        stats.round_trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        stats.round_trip_nanos.fetch_add(
-            publisher::mono_ns().saturating_sub(queued_ns),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        stats.round_trips.fetch_add(1, Relaxed);
+        stats
+            .round_trip_nanos
+            .fetch_add(publisher::mono_ns().saturating_sub(queued_ns), Relaxed);
         answer
     }
 

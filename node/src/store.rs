@@ -1235,7 +1235,7 @@ impl<'t> WriteTables<'t> {
         // An edit that leaves the field's top-level value as it was leaves
         // its keys as they were (most work-item transitions and `_type`).
         if let (Some(o), Some(n)) = (old, new) {
-            let top = field.split('.').next().unwrap_or(field);
+            let top = field.split_once('.').map_or(field, |(top, _)| top);
             if o.field(top) == n.field(top) {
                 return Ok(());
             }
