@@ -291,15 +291,12 @@ mod tests {
         txn.commit().expect("commit");
     }
 
-    /// A database holding 1, and a snapshot of it that readers start from.
-    fn db_at_one() -> (tempfile::TempDir, Database, Arc<Snapshot>) {
+    /// A database holding 1, and a snapshot of it that readers start from
+    /// (waiting readers ring `bell`).
+    fn db_at_one(bell: Arc<crate::writer::Doorbell>) -> (tempfile::TempDir, Database, Arc<Snapshot>) {
         let (dir, db) = db();
         put(&db, 1);
-        let snapshot = Arc::new(Snapshot::new(
-            db.begin_read().expect("read"),
-            Arc::default(),
-            Arc::default(),
-        ));
+        let snapshot = Arc::new(Snapshot::new(db.begin_read().expect("read"), Arc::default(), bell));
         (dir, db, snapshot)
     }
 
@@ -310,7 +307,7 @@ mod tests {
 
     #[test]
     fn a_reader_waits_for_the_commit_holding_an_acknowledged_write() {
-        let (_dir, db, snapshot) = db_at_one();
+        let (_dir, db, snapshot) = db_at_one(Arc::default());
         // Published and acknowledged through transaction 1: no wait.
         snapshot.set(Arc::new(db.begin_read().expect("read")), 1);
         snapshot.acknowledging(1);
@@ -337,34 +334,43 @@ mod tests {
     /// the other tasks of that worker (the runtime has just one here).
     #[test]
     fn a_waiting_reader_lets_the_workers_other_tasks_run() {
-        let (_dir, db, snapshot) = db_at_one();
+        let (_dir, db) = db();
+        put(&db, 1);
+        let bell = Arc::new(crate::writer::Doorbell::default());
+        let snapshot = Arc::new(Snapshot::new(
+            db.begin_read().expect("read"),
+            Arc::default(),
+            bell.clone(),
+        ));
         snapshot.acknowledging(1);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
-        let other_ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let published = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let within = |done: &dyn Fn() -> bool| {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !done() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            done()
+        };
         let reader = rt.spawn({
             let snapshot = snapshot.clone();
             async move { read(&snapshot.current()) }
         });
-        // The reader is waiting on the only worker before the other task comes.
-        std::thread::sleep(std::time::Duration::from_millis(30));
+        // The reader asks for the commit just before it waits, on the only worker.
+        assert!(within(&|| bell.commit_asked()), "the reader never waited");
+        let other_ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let other = rt.spawn({
-            let (other_ran, published) = (other_ran.clone(), published.clone());
-            async move {
-                // Runs while the reader waits, before the commit is published.
-                other_ran.store(!published.load(Ordering::SeqCst), Ordering::SeqCst);
-            }
+            let other_ran = other_ran.clone();
+            async move { other_ran.store(true, Ordering::SeqCst) }
         });
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        published.store(true, Ordering::SeqCst);
+        let ran_while_waiting = within(&|| other_ran.load(Ordering::SeqCst));
         snapshot.set(Arc::new(db.begin_read().expect("read")), 1);
         assert_eq!(rt.block_on(reader).expect("reader"), Some(1));
         rt.block_on(other).expect("other");
-        assert!(other_ran.load(Ordering::SeqCst), "the other task waited for the reader");
+        assert!(ran_while_waiting, "the other task waited for the reader");
     }
 
     #[test]

@@ -65,6 +65,11 @@ impl Doorbell {
         self.commit_now.store(true, Ordering::Release);
         self.ring();
     }
+    /// Whether a reader asked for a commit not yet taken up.
+    #[cfg(test)]
+    pub fn commit_asked(&self) -> bool {
+        self.commit_now.load(Ordering::Acquire)
+    }
 }
 
 /// A write to carry out.
